@@ -1,0 +1,21 @@
+//! Domain types shared by every berth crate: validated user and server names,
+//! the server lifecycle state machine, and JupyterHub-style scopes.
+//!
+//! This crate must not depend on IO, tokio, SQL or HTTP: everything here is
+//! plain data and pure functions, tested with tables.
+#![forbid(unsafe_code)]
+
+pub mod names;
+pub mod scopes;
+pub mod state;
+
+pub use names::{NameError, ServerName, UserName};
+pub use scopes::{Scope, ScopeSet, Target};
+pub use state::{ServerState, Transition, TransitionError};
+
+/// The JupyterHub REST API version berth implements. Clients such as
+/// `jupyterhub-idle-culler` and `jupyterhub-singleuser` compare against it.
+pub const JUPYTERHUB_API_VERSION: &str = "6.1.1";
+
+/// berth's own version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,254 @@
+//! The store's behaviour, run against SQLite and against PostgreSQL.
+//!
+//! PostgreSQL comes from `BERTH_TEST_POSTGRES_URL`, which the project's test
+//! command (`scripts/test`) sets after starting a throw-away cluster. Without
+//! it the PostgreSQL half fails and says so: it is never silently skipped.
+
+use berth_core::ServerState;
+use berth_store::*;
+
+async fn sqlite() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_in_dir(dir.path()).await.unwrap();
+    (store, dir)
+}
+
+/// A fresh database on the test PostgreSQL server, dropped at the end.
+async fn postgres() -> (Store, PgDb) {
+    let base = std::env::var("BERTH_TEST_POSTGRES_URL").expect(
+        "BERTH_TEST_POSTGRES_URL is not set: run the tests through scripts/test, which starts PostgreSQL",
+    );
+    let name = format!("berth_test_{}_{}", std::process::id(), rand_suffix());
+    let admin = Store::raw_connect(&base).await;
+    admin.execute_raw(&format!("CREATE DATABASE {name}")).await;
+    let url = format!("{}/{}", base.trim_end_matches('/'), name);
+    let store = Store::open(&url).await.unwrap();
+    (store, PgDb { base, name })
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+        + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+}
+
+struct PgDb {
+    base: String,
+    name: String,
+}
+
+impl PgDb {
+    async fn drop_db(self, store: Store) {
+        store.close().await;
+        let admin = Store::raw_connect(&self.base).await;
+        admin.execute_raw(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
+    }
+}
+
+/// A connection to the server's maintenance database, for CREATE/DROP DATABASE.
+trait RawConnect {
+    async fn raw_connect(url: &str) -> RawPg;
+}
+impl RawConnect for Store {
+    async fn raw_connect(url: &str) -> RawPg {
+        sqlx::any::install_default_drivers();
+        RawPg(sqlx::AnyPool::connect(url).await.expect("connect to the test PostgreSQL server"))
+    }
+}
+struct RawPg(sqlx::AnyPool);
+impl RawPg {
+    async fn execute_raw(&self, sql: &str) {
+        sqlx::query(sql).execute(&self.0).await.unwrap();
+    }
+}
+
+macro_rules! both {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn sqlite() {
+                let (store, _dir) = super::sqlite().await;
+                $body(&store).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                let (store, db) = super::postgres().await;
+                $body(&store).await;
+                db.drop_db(store).await;
+            }
+        }
+    };
+}
+
+fn new_user(name: &str) -> NewUser {
+    NewUser { name: name.into(), admin: false, authorized: false, password_hash: Some("$argon2id$x".into()) }
+}
+
+async fn users_crud(s: &Store) {
+    let u = s.create_user(&new_user("alice")).await.unwrap();
+    assert_eq!(u.name, "alice");
+    assert!(!u.authorized && !u.admin);
+    assert!(matches!(s.create_user(&new_user("alice")).await, Err(StoreError::Conflict { .. })));
+    s.set_authorized("alice", true).await.unwrap();
+    s.set_admin("alice", true).await.unwrap();
+    let u = s.get_user("alice").await.unwrap().unwrap();
+    assert!(u.authorized && u.admin);
+    assert!(matches!(s.set_admin("nobody", true).await, Err(StoreError::NotFound { .. })));
+    s.rename_user("alice", "alicia").await.unwrap();
+    assert!(s.get_user("alice").await.unwrap().is_none());
+    s.delete_user("alicia").await.unwrap();
+    assert!(matches!(s.delete_user("alicia").await, Err(StoreError::NotFound { .. })));
+}
+both!(users_crud_, users_crud);
+
+async fn listing(s: &Store) {
+    for i in 0..25 {
+        s.create_user(&new_user(&format!("u{i:02}"))).await.unwrap();
+    }
+    s.create_user(&new_user("zed")).await.unwrap();
+    let (page, total) = s.list_users(&UserQuery { offset: 10, limit: 5, ..Default::default() }).await.unwrap();
+    assert_eq!(total, 26);
+    assert_eq!(page.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["u10", "u11", "u12", "u13", "u14"]);
+    let (page, total) = s
+        .list_users(&UserQuery { name_prefix: Some("u1".into()), limit: 100, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(total, 10);
+    assert_eq!(page.len(), 10);
+    let (_, total) =
+        s.list_users(&UserQuery { name_prefix: Some("%".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(total, 0);
+
+    let mut srv = Server::new("zed", "");
+    srv.state = ServerState::Running;
+    s.put_server(&srv).await.unwrap();
+    let (ready, _) = s.list_users(&UserQuery { state: StateFilter::Ready, ..Default::default() }).await.unwrap();
+    assert_eq!(ready.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["zed"]);
+    let (_, inactive) = s.list_users(&UserQuery { state: StateFilter::Inactive, ..Default::default() }).await.unwrap();
+    assert_eq!(inactive, 25);
+}
+both!(listing_, listing);
+
+async fn sessions_and_passwords(s: &Store) {
+    s.create_user(&new_user("bob")).await.unwrap();
+    s.create_session("h1", "p1", "bob").await.unwrap();
+    s.create_session("h2", "p2", "bob").await.unwrap();
+    let (sess, user) = s.get_session("h1").await.unwrap().unwrap();
+    assert_eq!((sess.public_id.as_str(), user.name.as_str()), ("p1", "bob"));
+    // A password change keeps the session that made it and revokes the rest.
+    s.set_password("bob", "$argon2id$new", Some("h1")).await.unwrap();
+    assert!(s.get_session("h1").await.unwrap().is_some());
+    assert!(s.get_session("h2").await.unwrap().is_none());
+    s.revoke_session("h1").await.unwrap();
+    assert!(s.get_session("h1").await.unwrap().is_none());
+    // Lock-out bookkeeping.
+    s.record_login_failure("bob", 5, 1000, Some(2000)).await.unwrap();
+    let u = s.get_user("bob").await.unwrap().unwrap();
+    assert_eq!((u.failed_logins, u.locked_until), (5, Some(2000)));
+    s.record_login_success("bob", 3000).await.unwrap();
+    let u = s.get_user("bob").await.unwrap().unwrap();
+    assert_eq!((u.failed_logins, u.locked_until, u.last_activity), (0, None, Some(3000)));
+    // Deleting the user takes the sessions with it.
+    s.create_session("h3", "p3", "bob").await.unwrap();
+    s.delete_user("bob").await.unwrap();
+    assert!(s.get_session("h3").await.unwrap().is_none());
+}
+both!(sessions_, sessions_and_passwords);
+
+async fn tokens(s: &Store) {
+    s.create_user(&new_user("carol")).await.unwrap();
+    let t = s
+        .create_token(&NewToken {
+            hash: "abc".into(),
+            user: "carol".into(),
+            kind: TokenKind::Api,
+            server: None,
+            scopes: vec!["read:users".into()],
+            note: "ci".into(),
+            expires_at: Some(10),
+            session_id: None,
+            oauth_client: None,
+        })
+        .await
+        .unwrap();
+    let (found, owner) = s.find_token("abc").await.unwrap().unwrap();
+    assert_eq!((found.id.as_str(), owner.name.as_str()), (t.id.as_str(), "carol"));
+    assert_eq!(found.scopes, vec!["read:users".to_string()]);
+    assert!(found.is_expired(11) && !found.is_expired(9));
+    assert_eq!(s.list_tokens("carol").await.unwrap().len(), 1);
+    s.touch_tokens(&[(t.id.clone(), 77)]).await.unwrap();
+    assert_eq!(s.get_token("carol", &t.id).await.unwrap().unwrap().last_activity, Some(77));
+    assert_eq!(s.delete_expired_tokens(11).await.unwrap(), 1);
+    assert!(s.find_token("abc").await.unwrap().is_none());
+}
+both!(tokens_, tokens);
+
+async fn servers_and_oauth(s: &Store) {
+    s.create_user(&new_user("dan")).await.unwrap();
+    let mut srv = Server::new("dan", "lab");
+    srv.state = ServerState::Starting;
+    srv.spawner_state = r#"{"pid":1}"#.into();
+    s.put_server(&srv).await.unwrap();
+    srv.state = ServerState::Running;
+    s.put_server(&srv).await.unwrap();
+    assert_eq!(s.get_server("dan", "lab").await.unwrap().unwrap(), srv);
+    assert_eq!(s.count_active_servers().await.unwrap(), 1);
+    s.touch_servers(&[("dan".into(), "lab".into(), 500)]).await.unwrap();
+    s.touch_servers(&[("dan".into(), "lab".into(), 400)]).await.unwrap();
+    assert_eq!(s.get_server("dan", "lab").await.unwrap().unwrap().last_activity, Some(500));
+    assert_eq!(s.servers_of(&["dan".into()]).await.unwrap().len(), 1);
+
+    let client = OAuthClient {
+        id: "jupyterhub-user-dan-lab".into(),
+        secret_hash: "h".into(),
+        redirect_uri: "/user/dan/lab/oauth_callback".into(),
+        user: "dan".into(),
+        server: "lab".into(),
+    };
+    s.put_oauth_client(&client).await.unwrap();
+    let code = OAuthCode {
+        code_hash: "c1".into(),
+        client_id: client.id.clone(),
+        user: "dan".into(),
+        session_id: None,
+        redirect_uri: client.redirect_uri.clone(),
+        code_challenge: Some("x".into()),
+        scopes: vec!["access:servers!server=dan/lab".into()],
+        expires_at: i64::MAX,
+    };
+    s.put_oauth_code(&code).await.unwrap();
+    assert!(s.take_oauth_code("c1").await.unwrap().is_some());
+    assert!(s.take_oauth_code("c1").await.unwrap().is_none(), "codes are single-use");
+    s.delete_oauth_client(&client.id).await.unwrap();
+    assert!(s.get_oauth_client(&client.id).await.unwrap().is_none());
+    s.add_event("dan", "start", "dan/lab", "").await.unwrap();
+    assert_eq!(s.recent_events(10).await.unwrap().len(), 1);
+}
+both!(servers_, servers_and_oauth);
+
+#[tokio::test]
+async fn sqlite_is_wal_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open_in_dir(dir.path()).await.unwrap();
+        s.create_user(&new_user("erin")).await.unwrap();
+        s.close().await;
+    }
+    assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
+    let s = Store::open_in_dir(dir.path()).await.unwrap();
+    assert_eq!(s.schema_version().await.unwrap(), 1);
+    assert!(s.get_user("erin").await.unwrap().is_some());
+    let mode: String = s.journal_mode().await.unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn corrupt_sqlite_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("berth.sqlite"), vec![0x42u8; 8192]).unwrap();
+    let err = Store::open_in_dir(dir.path()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("berth.sqlite"), "{err}");
+}
