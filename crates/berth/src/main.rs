@@ -1,1 +1,225 @@
-fn main() {}
+//! The `berth` binary: command line, logging, exit codes. Everything else
+//! lives in the library crates; `berth_server::App` wires them together.
+#![forbid(unsafe_code)]
+
+mod users;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use berth_server::{App, Config, ConfigError, Sources, StartError};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for an invalid configuration or command line (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "berth", version, about = "A multi-user ML workstation in one binary: hub, proxy, spawners and SSH gateway.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Default)]
+struct Common {
+    /// TOML configuration file.
+    #[arg(long, env = "BERTH_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Directory for berth's state (default ./berth-data).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Database URL (default: SQLite in the data directory).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub, the proxy and everything else on one port.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address and port to listen on (default 0.0.0.0:27015).
+        #[arg(long)]
+        bind: Option<String>,
+    },
+    /// Check or print the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Manage accounts from the command line (works while berth runs).
+    User {
+        #[command(subcommand)]
+        command: users::UserCommand,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load the configuration from every layer and report the first problem.
+    Check,
+    /// Print a complete configuration file with every default.
+    Defaults,
+    /// Print the configuration reference (Markdown).
+    Reference,
+}
+
+/// Errors sorted by the exit code they deserve.
+enum Failure {
+    Config(String),
+    Runtime(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Config(e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(e)
+    }
+}
+
+impl From<StartError> for Failure {
+    fn from(e: StartError) -> Self {
+        Failure::Runtime(e.into())
+    }
+}
+
+fn load_config(common: &Common, extra: &[(&str, Option<String>)]) -> Result<Config, ConfigError> {
+    let mut sources = Sources::from_process_env();
+    sources.file = common.config.clone();
+    let mut flags: Vec<(String, String)> = Vec::new();
+    if let Some(d) = &common.data_dir {
+        flags.push(("data_dir".into(), d.display().to_string()));
+    }
+    if let Some(u) = &common.database_url {
+        flags.push(("database_url".into(), u.clone()));
+    }
+    for (k, v) in extra {
+        if let Some(v) = v {
+            flags.push(((*k).to_string(), v.clone()));
+        }
+    }
+    sources.flags = flags;
+    Config::load(&sources)
+}
+
+fn init_logging(filter: &str) -> Result<(), Failure> {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| Failure::Config(format!("invalid value for `log`: {e}")))?;
+    tracing_subscriber::fmt().with_env_filter(env_filter).with_writer(std::io::stderr).with_target(false).init();
+    Ok(())
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+    token.cancel();
+}
+
+async fn serve(common: Common, bind: Option<String>) -> Result<(), Failure> {
+    let config = load_config(&common, &[("bind", bind)])?;
+    init_logging(&config.log)?;
+    let app = App::build(config).await?;
+    let listener = app.bind().await?;
+    let token = CancellationToken::new();
+    tokio::spawn(shutdown_signal(token.clone()));
+    app.serve(listener, token).await?;
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Serve { common, bind } => serve(common, bind).await,
+        Command::Config { command, common } => match command {
+            ConfigCommand::Check => {
+                let c = load_config(&common, &[])?;
+                println!("configuration OK: listening on {}, data in {}, database {}", c.bind, c.data_dir.display(), redact(&c.database_url()));
+                Ok(())
+            }
+            ConfigCommand::Defaults => {
+                print!("{}", Config::defaults_toml());
+                Ok(())
+            }
+            ConfigCommand::Reference => {
+                print!("{}", Config::reference_markdown());
+                Ok(())
+            }
+        },
+        Command::User { command, common } => {
+            let config = load_config(&common, &[])?;
+            init_logging("warn")?;
+            let store = berth_server::open_store(&config).await.context("opening the database")?;
+            let result = users::run(command, &config, &store).await;
+            store.close().await;
+            result.map_err(Failure::Runtime)
+        }
+    }
+}
+
+fn redact(url: &str) -> String {
+    match url.split_once("://").and_then(|(s, rest)| rest.split_once('@').map(|(cred, host)| (s, cred, host))) {
+        Some((s, cred, host)) => {
+            let user = cred.split(':').next().unwrap_or("");
+            format!("{s}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("berth").build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("berth: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(m)) => {
+            eprintln!("berth: {m}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("berth: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

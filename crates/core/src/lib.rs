@@ -19,3 +19,18 @@ pub const JUPYTERHUB_API_VERSION: &str = "6.1.1";
 
 /// berth's own version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Serde for `Duration` fields written as whole seconds in configuration.
+pub mod serde_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}

@@ -615,6 +615,14 @@ impl Store {
         rows.iter().map(Server::from_row).collect()
     }
 
+    pub async fn count_active_servers_of(&self, user: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM servers WHERE user_name = $1 AND state <> 'stopped'")
+            .bind(user)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
     pub async fn count_active_servers(&self) -> Result<i64> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM servers WHERE state <> 'stopped'").fetch_one(&self.pool).await?;
         Ok(row.try_get("n")?)

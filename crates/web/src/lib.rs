@@ -1,1 +1,151 @@
-//! placeholder
+//! berth's web front: the hub's pages (server-rendered), its REST API in
+//! JupyterHub's shapes, the OAuth2 provider single-user servers log in
+//! through, and the server lifecycle those call into.
+//!
+//! It must not know SQL (it goes through `berth_store::Store`). Requests are
+//! authenticated once, in [`caller::authenticate`], which also enforces the
+//! XSRF rules; handlers receive a resolved [`caller::Caller`].
+#![forbid(unsafe_code)]
+
+pub mod accounts;
+pub mod activity;
+pub mod api;
+pub mod caller;
+pub mod cookies;
+pub mod error;
+pub mod html;
+pub mod model;
+pub mod tokens;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use berth_auth::{Secret, Signer};
+use berth_store::Store;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+pub use error::{ApiError, ApiResult};
+
+/// The `[hub]` section of berth's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// URL prefix of everything berth serves; the hub lives at `<base_url>hub/`.
+    pub base_url: String,
+    /// The admin's user name: their own sign-up is authorized and made admin at once.
+    pub admin: String,
+    /// Largest request body the hub accepts, in bytes (proxied bodies are streamed and not limited).
+    pub max_body_bytes: u64,
+    /// Set `Secure` on cookies (berth turns this on when it serves TLS).
+    pub secure_cookies: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { base_url: "/".into(), admin: "admin".into(), max_body_bytes: 1024 * 1024, secure_cookies: false }
+    }
+}
+
+/// Everything request handlers share.
+pub struct Hub {
+    pub cfg: Config,
+    pub auth: berth_auth::Config,
+    pub store: Store,
+    pub signer: Signer,
+    pub activity: activity::Activity,
+    /// Password hashes in flight at once: a login storm must not take every
+    /// core from the requests around it.
+    pub hash_permits: Semaphore,
+    /// Failed log-ins for names that do not exist, so they lock like real ones.
+    unknown_failures: Mutex<HashMap<String, (i64, Option<i64>, Option<i64>)>>,
+}
+
+pub type SharedHub = Arc<Hub>;
+
+impl Hub {
+    pub fn new(cfg: Config, auth: berth_auth::Config, store: Store, cookie_secret: &Secret) -> Hub {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Hub {
+            cfg,
+            auth,
+            store,
+            signer: Signer::new(cookie_secret),
+            activity: activity::Activity::default(),
+            hash_permits: Semaphore::new(cores.saturating_sub(1).max(1)),
+            unknown_failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `<base_url>hub/`
+    pub fn hub_prefix(&self) -> String {
+        format!("{}hub/", self.cfg.base_url)
+    }
+
+    /// Hashes a password off the async runtime.
+    pub async fn hash_password(&self, password: String) -> ApiResult<String> {
+        let _permit = self.hash_permits.acquire().await.map_err(ApiError::internal)?;
+        let cost = self.auth.hash_cost();
+        tokio::task::spawn_blocking(move || berth_auth::password::hash(&password, cost))
+            .await
+            .map_err(ApiError::internal)
+    }
+
+    /// Verifies a password off the async runtime; `None` hash spends the same time.
+    pub async fn verify_password(
+        &self,
+        stored: Option<String>,
+        password: String,
+    ) -> ApiResult<berth_auth::Verified> {
+        let _permit = self.hash_permits.acquire().await.map_err(ApiError::internal)?;
+        let cost = self.auth.hash_cost();
+        tokio::task::spawn_blocking(move || match stored {
+            Some(h) => berth_auth::password::verify(&h, &password, cost),
+            None => {
+                berth_auth::password::verify_dummy(&password, cost);
+                berth_auth::Verified::Wrong
+            }
+        })
+        .await
+        .map_err(ApiError::internal)
+    }
+}
+
+/// The hub's routes, under `<base_url>hub/`.
+pub fn router(hub: SharedHub) -> Router {
+    let max_body = hub.cfg.max_body_bytes as usize;
+    let hub_routes = Router::new()
+        .route("/", get(accounts::root))
+        .route("/home", get(accounts::home))
+        .route("/signup", get(accounts::signup_page).post(accounts::signup))
+        .route("/login", get(accounts::login_page).post(accounts::login))
+        .route("/logout", get(accounts::logout).post(accounts::logout))
+        .route("/change-password", get(accounts::change_password_page).post(accounts::change_password))
+        .route(
+            "/change-password/{name}",
+            get(accounts::admin_password_page).post(accounts::admin_password),
+        )
+        .route("/authorize", get(accounts::authorize_page))
+        .route("/authorize/{name}", post(accounts::authorize_action))
+        .route("/admin", get(accounts::admin_redirect))
+        .route("/token", get(tokens::token_page).post(tokens::token_create))
+        .route("/token/{id}/revoke", post(tokens::token_revoke))
+        .route("/api/", get(api::version))
+        .nest("/api", api::router());
+    let base = hub.cfg.base_url.clone();
+    let mount = format!("{}hub", base);
+    let mut app = Router::new().nest(&mount, hub_routes);
+    if base != "/" {
+        // `<base>` alone goes to the hub too.
+        app = app.route(&base, get(accounts::root));
+    } else {
+        app = app.route("/", get(accounts::root));
+    }
+    app.fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(hub.clone(), caller::authenticate))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(hub)
+}

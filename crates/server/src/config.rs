@@ -1,0 +1,380 @@
+//! berth's configuration tree and its layers: defaults → TOML file →
+//! environment (`BERTH_*`, and the original deployment's names as aliases) →
+//! command-line flags. Unknown keys and invalid values are errors that name
+//! the key; the binary exits with code 64 on them.
+//!
+//! Sources are passed in ([`Sources`]), never read from the process here, so
+//! tests hand in a map instead of mutating the environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use toml::Value;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub log: String,
+    pub hub: berth_web::Config,
+    pub auth: berth_auth::Config,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: SocketAddr::from(([0, 0, 0, 0], 27015)),
+            data_dir: PathBuf::from("./berth-data"),
+            database_url: String::new(),
+            log: "info".into(),
+            hub: berth_web::Config::default(),
+            auth: berth_auth::Config::default(),
+        }
+    }
+}
+
+/// Every key: its path, the environment variables that set it (first wins),
+/// and what it means. The configuration reference is generated from this.
+pub const KEYS: &[(&str, &[&str], &str)] = &[
+    ("bind", &["BERTH_BIND"], "Address and port for the hub, its API and every proxied server (HTTP and HTTPS on one port)."),
+    ("data_dir", &["BERTH_DATA_DIR"], "Directory for berth's state: the SQLite database, the cookie secret, certificates, logs."),
+    ("database_url", &["BERTH_DATABASE_URL"], "Database URL; empty means SQLite in the data directory. `postgres://user:pass@host/db` selects PostgreSQL."),
+    ("log", &["BERTH_LOG"], "Log filter, e.g. `info` or `berth_web=debug,info`."),
+    ("hub.base_url", &["BERTH_BASE_URL", "JUPYTERHUB_BASE_URL"], "URL prefix of everything berth serves; the hub is at `<base_url>hub/`."),
+    ("hub.admin", &["BERTH_ADMIN", "JUPYTERHUB_ADMIN"], "The admin's user name: their own sign-up is authorized and made admin at once."),
+    ("hub.max_body_bytes", &["BERTH_MAX_BODY_BYTES"], "Largest request body the hub accepts (413 beyond); proxied bodies are streamed and not limited."),
+    ("hub.secure_cookies", &["BERTH_SECURE_COOKIES"], "Mark cookies `Secure` (on by itself when berth serves TLS; set it behind a TLS-terminating proxy)."),
+    ("auth.signup", &["BERTH_SIGNUP"], "Whether people may sign up; new accounts wait for an admin's approval."),
+    ("auth.min_password_length", &["BERTH_MIN_PASSWORD_LENGTH"], "Shortest password accepted."),
+    ("auth.refuse_common_passwords", &["BERTH_REFUSE_COMMON_PASSWORDS"], "Refuse passwords from a list of the most common leaked ones."),
+    ("auth.lockout_attempts", &["BERTH_LOCKOUT_ATTEMPTS"], "Failed log-ins before an account must wait; 0 turns lock-out off."),
+    ("auth.lockout_seconds", &["BERTH_LOCKOUT_SECONDS"], "How long a locked account waits, in seconds."),
+    ("auth.session_max_age_seconds", &["BERTH_SESSION_MAX_AGE_SECONDS"], "Lifetime of a log-in session, in seconds."),
+    ("auth.argon2_memory_kib", &["BERTH_ARGON2_MEMORY_KIB"], "argon2id memory cost in KiB for password hashes."),
+    ("auth.argon2_iterations", &["BERTH_ARGON2_ITERATIONS"], "argon2id passes for password hashes."),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("the configuration file {path} is not valid TOML: {message}")]
+    Parse { path: String, message: String },
+    #[error("unknown configuration key `{key}` (in {source_name})")]
+    UnknownKey { key: String, source_name: String },
+    #[error("invalid value for `{key}` (from {source_name}): {message}")]
+    Invalid { key: String, source_name: String, message: String },
+}
+
+/// Where values come from, in increasing precedence after the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    /// (key path, value) pairs from flags.
+    pub flags: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// The process environment's berth-related variables.
+    pub fn from_process_env() -> Sources {
+        let names: Vec<&str> = KEYS.iter().flat_map(|(_, envs, _)| envs.iter().copied()).collect();
+        let env = std::env::vars().filter(|(k, _)| names.contains(&k.as_str())).collect();
+        Sources { env, ..Default::default() }
+    }
+}
+
+fn lookup<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(root, |v, k| v.get(k))
+}
+
+fn lookup_mut<'a>(root: &'a mut Value, path: &str) -> Option<&'a mut Value> {
+    path.split('.').try_fold(root, |v, k| v.get_mut(k))
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a number",
+        Value::Boolean(_) => "true or false",
+        Value::Datetime(_) => "a date",
+        Value::Array(_) => "a list",
+        Value::Table(_) => "a table",
+    }
+}
+
+/// Merges `file` into `base`, refusing keys `base` does not have and values
+/// of another type.
+fn merge(base: &mut Value, file: &Value, prefix: &str, source_name: &str) -> Result<(), ConfigError> {
+    let (Value::Table(b), Value::Table(f)) = (base, file) else { return Ok(()) };
+    for (k, v) in f {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let Some(slot) = b.get_mut(k) else {
+            return Err(ConfigError::UnknownKey { key, source_name: source_name.into() });
+        };
+        match (&*slot, v) {
+            (Value::Table(_), Value::Table(_)) => merge(slot, v, &key, source_name)?,
+            (Value::Table(_), _) => {
+                return Err(ConfigError::Invalid {
+                    key,
+                    source_name: source_name.into(),
+                    message: format!("expected a table, found {}", type_name(v)),
+                })
+            }
+            (d, v) if std::mem::discriminant(d) == std::mem::discriminant(v) => *slot = v.clone(),
+            (d, v) => {
+                return Err(ConfigError::Invalid {
+                    key,
+                    source_name: source_name.into(),
+                    message: format!("expected {}, found {}", type_name(d), type_name(v)),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets one key from text (environment or flag), typed like its default.
+fn set_text(root: &mut Value, key: &str, raw: &str, source_name: &str) -> Result<(), ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { key: key.into(), source_name: source_name.into(), message };
+    let slot = lookup_mut(root, key).ok_or_else(|| ConfigError::UnknownKey { key: key.into(), source_name: source_name.into() })?;
+    *slot = match slot {
+        Value::String(_) => Value::String(raw.to_string()),
+        Value::Integer(_) => Value::Integer(
+            raw.trim().parse::<i64>().map_err(|_| invalid(format!("expected an integer, found {raw:?}")))?,
+        ),
+        Value::Boolean(_) => Value::Boolean(match raw.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" | "" => false,
+            _ => return Err(invalid(format!("expected true or false, found {raw:?}"))),
+        }),
+        other => return Err(invalid(format!("cannot be set from text (it is {})", type_name(other)))),
+    };
+    Ok(())
+}
+
+impl Config {
+    /// Builds the configuration from its layers and checks it.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut root = Value::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
+            key: "(defaults)".into(),
+            source_name: "defaults".into(),
+            message: e.to_string(),
+        })?;
+        if let Some(path) = &sources.file {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Read { path: shown.clone(), message: e.to_string() })?;
+            let file: Value = toml::from_str(&text)
+                .map_err(|e| ConfigError::Parse { path: shown.clone(), message: e.to_string().trim().replace('\n', " ") })?;
+            merge(&mut root, &file, "", &shown)?;
+        }
+        for (key, envs, _) in KEYS {
+            // BERTH_* first: an explicit berth setting beats a legacy alias.
+            if let Some((name, v)) = envs.iter().find_map(|e| sources.env.get(*e).map(|v| (*e, v))) {
+                set_text(&mut root, key, v, &format!("environment variable {name}"))?;
+            }
+        }
+        for (key, v) in &sources.flags {
+            set_text(&mut root, key, v, &format!("flag for {key}"))?;
+        }
+        let cfg: Config = root.try_into().map_err(|e: toml::de::Error| {
+            let msg = e.to_string();
+            let key = KEYS.iter().map(|k| k.0).find(|k| msg.contains(k.rsplit('.').next().unwrap_or(k))).unwrap_or("(unknown)");
+            ConfigError::Invalid { key: key.into(), source_name: "configuration".into(), message: msg.trim().replace('\n', " ") }
+        })?;
+        cfg.normalized()
+    }
+
+    fn normalized(mut self) -> Result<Config, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid { key: key.into(), source_name: "configuration".into(), message };
+        let mut base = self.hub.base_url.trim().to_string();
+        if !base.starts_with('/') {
+            base.insert(0, '/');
+        }
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        if base.contains("//") || base.contains(['?', '#', ' ', '\\']) {
+            return Err(invalid("hub.base_url", format!("{:?} is not a URL path prefix like /jupyter/", self.hub.base_url)));
+        }
+        self.hub.base_url = base;
+        berth_core::UserName::parse(&self.hub.admin).map_err(|e| invalid("hub.admin", e.to_string()))?;
+        if self.hub.max_body_bytes < 1024 {
+            return Err(invalid("hub.max_body_bytes", "must be at least 1024".into()));
+        }
+        if self.auth.min_password_length == 0 || self.auth.min_password_length > 1024 {
+            return Err(invalid("auth.min_password_length", "must be between 1 and 1024".into()));
+        }
+        if self.auth.argon2_memory_kib < 8 || self.auth.argon2_iterations == 0 {
+            return Err(invalid("auth.argon2_memory_kib", "argon2 needs at least 8 KiB and 1 iteration".into()));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty".into()));
+        }
+        if !self.database_url.is_empty()
+            && !["sqlite:", "postgres://", "postgresql://"].iter().any(|p| self.database_url.starts_with(p))
+        {
+            return Err(invalid("database_url", "must start with sqlite:, postgres:// or postgresql://".into()));
+        }
+        tracing_filter_ok(&self.log).map_err(|m| invalid("log", m))?;
+        Ok(self)
+    }
+
+    /// The database URL in effect.
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("berth.sqlite").display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    /// The defaults as a commented TOML file (`berth config defaults`).
+    pub fn defaults_toml() -> String {
+        let root = Value::try_from(Config::default()).unwrap_or(Value::Table(Default::default()));
+        let mut out = String::from("# berth configuration: every key with its default.\n# Layers: defaults, this file (--config / BERTH_CONFIG), environment, flags.\n");
+        let mut section = "";
+        for (key, envs, doc) in KEYS {
+            let (sec, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+            if sec != section {
+                out.push_str(&format!("\n[{sec}]\n"));
+                section = sec;
+            }
+            let value = lookup(&root, key).map(|v| v.to_string()).unwrap_or_default();
+            out.push_str(&format!("\n# {doc}\n# Environment: {}\n{leaf} = {value}\n", envs.join(", ")));
+        }
+        out
+    }
+
+    /// The configuration reference in Markdown (`docs/configuration.md`).
+    pub fn reference_markdown() -> String {
+        let root = Value::try_from(Config::default()).unwrap_or(Value::Table(Default::default()));
+        let mut out = String::from(
+            "# Configuration reference\n\n<!-- generated by `berth config reference`; a test fails when it drifts -->\n\n\
+             Layers, later ones winning: built-in defaults, the TOML file given by `--config` or `BERTH_CONFIG`, \
+             environment variables, command-line flags. Unknown keys and invalid values stop berth with exit code 64 \
+             and name the key. `berth config defaults` prints a complete file; `berth config check` checks one.\n\n\
+             | key | default | environment | meaning |\n| --- | --- | --- | --- |\n",
+        );
+        for (key, envs, doc) in KEYS {
+            let value = lookup(&root, key).map(|v| v.to_string()).unwrap_or_default();
+            let envs: Vec<String> = envs.iter().map(|e| format!("`{e}`")).collect();
+            out.push_str(&format!("| `{key}` | `{value}` | {} | {doc} |\n", envs.join(", ")));
+        }
+        out
+    }
+}
+
+fn tracing_filter_ok(s: &str) -> Result<(), String> {
+    if s.trim().is_empty() {
+        return Err("must not be empty (try `info`)".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaves(v: &Value, prefix: &str, out: &mut Vec<String>) {
+        if let Value::Table(t) = v {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                if v.is_table() {
+                    leaves(v, &key, out);
+                } else {
+                    out.push(key);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_key_is_documented_and_every_documented_key_exists() {
+        let root = Value::try_from(Config::default()).unwrap();
+        let mut all = Vec::new();
+        leaves(&root, "", &mut all);
+        let documented: Vec<&str> = KEYS.iter().map(|k| k.0).collect();
+        for k in &all {
+            assert!(documented.contains(&k.as_str()), "{k} has no entry in KEYS");
+        }
+        for k in documented {
+            assert!(all.iter().any(|a| a == k), "KEYS names {k}, which Config lacks");
+        }
+    }
+
+    fn file(text: &str) -> (tempfile::TempDir, Sources) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("berth.toml");
+        std::fs::write(&p, text).unwrap();
+        (dir, Sources { file: Some(p), ..Default::default() })
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let (_d, mut s) = file("bind = \"127.0.0.1:9000\"\n[hub]\nadmin = \"root\"\n");
+        s.env.insert("JUPYTERHUB_ADMIN".into(), "legacy".into());
+        s.env.insert("BERTH_LOCKOUT_ATTEMPTS".into(), "3".into());
+        s.env.insert("JUPYTERHUB_BASE_URL".into(), "jupyter".into());
+        s.flags.push(("bind".into(), "127.0.0.1:9001".into()));
+        let c = Config::load(&s).unwrap();
+        assert_eq!(c.bind.port(), 9001);
+        assert_eq!(c.hub.admin, "legacy", "environment beats file");
+        assert_eq!(c.auth.lockout_attempts, 3);
+        assert_eq!(c.hub.base_url, "/jupyter/");
+        let mut s2 = s.clone();
+        s2.env.insert("BERTH_ADMIN".into(), "chief".into());
+        assert_eq!(Config::load(&s2).unwrap().hub.admin, "chief", "BERTH_* beats the legacy alias");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("colour = 1", "`colour`"),
+            ("[hub]\nadmn = \"x\"", "`hub.admn`"),
+            ("[auth]\nlockout_attempts = \"five\"", "`auth.lockout_attempts`"),
+            ("bind = \"not an address\"", "`bind`"),
+            ("[hub]\nadmin = \"Bad Name\"", "`hub.admin`"),
+            ("hub = 3", "`hub`"),
+        ];
+        for (text, key) in cases {
+            let (_d, s) = file(text);
+            let err = Config::load(&s).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} -> {err}");
+        }
+        let (_d, s) = file("this is = not toml [");
+        assert!(matches!(Config::load(&s), Err(ConfigError::Parse { .. })));
+        let mut s = Sources::default();
+        s.env.insert("BERTH_LOCKOUT_SECONDS".into(), "ten".into());
+        let err = Config::load(&s).unwrap_err().to_string();
+        assert!(err.contains("BERTH_LOCKOUT_SECONDS") && err.contains("auth.lockout_seconds"), "{err}");
+    }
+
+    #[test]
+    fn defaults_file_round_trips() {
+        let (_d, s) = file(&Config::defaults_toml());
+        let c = Config::load(&s).unwrap();
+        assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&Config::default()).unwrap());
+    }
+
+    #[test]
+    fn reference_doc_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        if std::env::var_os("BERTH_REGENERATE").is_some() {
+            std::fs::write(path, Config::reference_markdown()).unwrap();
+            return;
+        }
+        assert_eq!(
+            committed,
+            Config::reference_markdown(),
+            "docs/configuration.md is out of date: run `BERTH_REGENERATE=1 cargo test -p berth-server reference_doc`"
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! Server-rendered pages: one layout, escaping done in one place.
+
+use axum::response::Html;
+
+/// Escapes text for HTML bodies and attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = r#"
+*{box-sizing:border-box}body{margin:0;font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1d2330;background:#f5f6f8}
+header{background:#1d2330;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.2rem;align-items:center}
+header a{color:#cfd6e4;text-decoration:none}header a:hover{color:#fff}header .brand{font-weight:700;color:#fff;font-size:1.1rem}
+header .who{margin-left:auto;display:flex;gap:.8rem;align-items:center}header form{margin:0}
+header button{background:none;border:1px solid #56607a;color:#cfd6e4;border-radius:4px;padding:.15rem .6rem;cursor:pointer}
+main{max-width:960px;margin:1.5rem auto;padding:0 1rem}
+.card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:1.2rem 1.4rem;margin-bottom:1rem}
+h1{font-size:1.4rem;margin:.2rem 0 1rem}h2{font-size:1.1rem}
+label{display:block;margin:.6rem 0 .2rem;font-weight:600}
+input[type=text],input[type=password],input[type=number],select{width:100%;max-width:24rem;padding:.45rem .6rem;border:1px solid #c5cbd6;border-radius:4px;font:inherit}
+button,.button{background:#2f6fde;color:#fff;border:0;border-radius:4px;padding:.45rem 1rem;font:inherit;cursor:pointer;text-decoration:none;display:inline-block}
+button.secondary{background:#e8ebf0;color:#1d2330}button.danger{background:#c8372d}
+.alert{padding:.6rem .9rem;border-radius:6px;margin:.8rem 0}.alert p{margin:0}
+.alert-success{background:#e3f4e6;border:1px solid #a9d8b1}.alert-info{background:#e5effc;border:1px solid #aac6ee}
+.alert-danger{background:#fbe7e5;border:1px solid #eeb1aa}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.4rem .5rem;border-bottom:1px solid #e6e9ef;vertical-align:middle}
+td form{display:inline;margin:0}td button{padding:.2rem .6rem;font-size:.85rem}
+.muted{color:#6b7385}.badge{display:inline-block;padding:0 .45rem;border-radius:10px;font-size:.8rem;background:#e8ebf0}
+.badge.ok{background:#e3f4e6}.badge.warn{background:#fdf1d8}code{background:#eef0f4;padding:.1rem .3rem;border-radius:3px;word-break:break-all}
+.progress{height:1.2rem;background:#e8ebf0;border-radius:6px;overflow:hidden}.progress>div{height:100%;background:#2f6fde;width:0;transition:width .3s}
+"#;
+
+/// Who the page is shown to, for the header.
+pub struct Viewer<'a> {
+    pub name: &'a str,
+    pub admin: bool,
+    pub xsrf: &'a str,
+}
+
+/// A full page with the header, navigation and the viewer's name.
+pub fn page(base: &str, title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> Html<String> {
+    let nav = match viewer {
+        Some(v) => {
+            let admin = if v.admin {
+                format!(r#"<a href="{base}hub/authorize">Users</a>"#)
+            } else {
+                String::new()
+            };
+            format!(
+                r#"<a href="{base}hub/home">Home</a><a href="{base}hub/token">Tokens</a>{admin}
+<span class="who"><span>{name}</span><a href="{base}hub/change-password">Change password</a>
+<form method="post" action="{base}hub/logout"><input type="hidden" name="_xsrf" value="{xsrf}"><button type="submit">Log out</button></form></span>"#,
+                name = esc(v.name),
+                xsrf = esc(v.xsrf),
+            )
+        }
+        None => format!(
+            r#"<span class="who"><a href="{base}hub/login">Log in</a><a href="{base}hub/signup">Sign up</a></span>"#
+        ),
+    };
+    Html(format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{title} · berth</title><style>{STYLE}</style></head><body>
+<header><a class="brand" href="{base}hub/">berth</a>{nav}</header>
+<main>{body}</main></body></html>"#,
+        title = esc(title),
+    ))
+}
+
+/// A page without navigation (errors).
+pub fn bare_page(title: &str, body: &str) -> Html<String> {
+    Html(format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{} · berth</title><style>{STYLE}</style></head><body>
+<header><span class="brand">berth</span></header><main><div class="card">{body}</div></main></body></html>"#,
+        esc(title)
+    ))
+}
+
+#[derive(Clone, Copy)]
+pub enum Level {
+    Success,
+    Info,
+    Danger,
+}
+
+/// An alert in NativeAuthenticator's markup, so scripts that read it work.
+pub fn alert(level: Level, msg: &str) -> String {
+    let class = match level {
+        Level::Success => "success",
+        Level::Info => "info",
+        Level::Danger => "danger",
+    };
+    format!(r#"<div class="alert alert-{class}" role="alert"><p>{}</p></div>"#, esc(msg))
+}
+
+pub fn xsrf_input(token: &str) -> String {
+    format!(r#"<input type="hidden" name="_xsrf" value="{}">"#, esc(token))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(super::esc(r#"<a href="x">'&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+    }
+}

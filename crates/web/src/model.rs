@@ -1,0 +1,132 @@
+//! JSON models in JupyterHub's shapes.
+
+use berth_core::{ScopeSet, ServerState, Target};
+use berth_store::{Server, Token, User};
+use serde_json::{json, Value};
+
+/// Unix milliseconds as JupyterHub's ISO 8601 `…Z`.
+pub fn iso(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+pub fn iso_opt(ms: Option<i64>) -> Value {
+    ms.map(|m| Value::String(iso(m))).unwrap_or(Value::Null)
+}
+
+/// Parses JupyterHub's timestamps (`2026-11-22T06:12:46.254673Z`, with or without offset).
+pub fn parse_iso(s: &str) -> Option<i64> {
+    use time::format_description::well_known::Rfc3339;
+    let t = time::OffsetDateTime::parse(s, &Rfc3339)
+        .or_else(|_| time::OffsetDateTime::parse(&format!("{s}Z"), &Rfc3339))
+        .ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+pub fn server_url(base: &str, user: &str, server: &str) -> String {
+    if server.is_empty() {
+        format!("{base}user/{user}/")
+    } else {
+        format!("{base}user/{user}/{server}/")
+    }
+}
+
+pub fn progress_url(base: &str, user: &str, server: &str) -> String {
+    if server.is_empty() {
+        format!("{base}hub/api/users/{user}/server/progress")
+    } else {
+        format!("{base}hub/api/users/{user}/servers/{server}/progress")
+    }
+}
+
+pub fn server_model(base: &str, s: &Server, with_state: bool) -> Value {
+    let mut m = json!({
+        "name": s.name,
+        "display_name": s.name,
+        "full_name": format!("{}/{}", s.user, s.name),
+        "last_activity": iso_opt(s.last_activity.or(s.started)),
+        "started": iso_opt(s.started),
+        "pending": s.state.pending(),
+        "ready": s.state == ServerState::Running,
+        "stopped": s.state == ServerState::Stopped,
+        "url": server_url(base, &s.user, &s.name),
+        "user_options": serde_json::from_str::<Value>(&s.user_options).unwrap_or_else(|_| json!({})),
+        "progress_url": progress_url(base, &s.user, &s.name),
+        "full_url": Value::Null,
+        "full_progress_url": Value::Null,
+        "template": s.template,
+        "last_error": s.last_error,
+    });
+    if with_state {
+        m["state"] = serde_json::from_str::<Value>(&s.spawner_state).unwrap_or_else(|_| json!({}));
+    }
+    m
+}
+
+/// The user model, filtered by what `scopes` may read.
+pub fn user_model(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet) -> Value {
+    let target = Target::User(&u.name);
+    if !scopes.allows("read:users", target) {
+        let mut m = json!({"kind": "user", "name": u.name});
+        if scopes.allows("read:users:activity", target) {
+            m["last_activity"] = iso_opt(u.last_activity);
+        }
+        return m;
+    }
+    let active: Vec<&Server> = servers.iter().filter(|s| s.user == u.name && s.state.is_active()).collect();
+    let default = active.iter().find(|s| s.name.is_empty());
+    let mut m = json!({
+        "kind": "user",
+        "name": u.name,
+        "admin": u.admin,
+        "authorized": u.authorized,
+        "groups": [],
+        "roles": if u.admin { vec!["admin", "user"] } else { vec!["user"] },
+        "created": iso(u.created),
+        "last_activity": iso_opt(u.last_activity),
+        "server": default.filter(|s| s.state == ServerState::Running).map(|s| server_url(base, &s.user, "")),
+        "pending": default.and_then(|s| s.state.pending()),
+        "auth_state": Value::Null,
+        "user_info": Value::Null,
+    });
+    if scopes.allows("read:servers", target) {
+        let with_state = scopes.allows("admin:server_state", target);
+        let servers: serde_json::Map<String, Value> =
+            active.iter().map(|s| (s.name.clone(), server_model(base, s, with_state))).collect();
+        m["servers"] = Value::Object(servers);
+    }
+    m
+}
+
+pub fn token_model(t: &Token, owner: &berth_store::User) -> Value {
+    let expanded = crate::caller::token_scopes(t, owner).to_strings();
+    json!({
+        "user": t.user,
+        "id": t.id,
+        "kind": "api_token",
+        "roles": [],
+        "scopes": expanded,
+        "created": iso(t.created),
+        "last_activity": iso_opt(t.last_activity),
+        "expires_at": iso_opt(t.expires_at),
+        "note": t.note,
+        "session_id": t.session_id,
+        "oauth_client": t.oauth_client.clone().unwrap_or_else(|| "JupyterHub".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_round_trip() {
+        let s = iso(1_700_000_000_123);
+        assert_eq!(s, "2023-11-14T22:13:20.123Z");
+        assert_eq!(parse_iso(&s), Some(1_700_000_000_123));
+        assert_eq!(parse_iso("2026-11-22T06:12:46.254673Z"), Some(1_795_328_966_254));
+        assert_eq!(parse_iso("2026-11-22T06:12:46.254673"), Some(1_795_328_966_254));
+        assert_eq!(parse_iso("yesterday"), None);
+    }
+}
