@@ -15,7 +15,7 @@ const HIERARCHY: &[(&str, &[&str])] = &[
     ("users", &["read:users", "users:activity"]),
     ("delete:users", &[]),
     ("list:users", &["read:users:name"]),
-    ("read:users", &["read:users:name", "read:users:groups", "read:users:activity"]),
+    ("read:users", &["list:users", "read:users:name", "read:users:groups", "read:users:activity"]),
     ("read:users:name", &[]),
     ("read:users:groups", &[]),
     ("read:users:activity", &[]),

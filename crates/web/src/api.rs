@@ -105,7 +105,9 @@ async fn list_users(
     headers: HeaderMap,
     Query(p): Query<ListParams>,
 ) -> ApiResult<Json<Value>> {
-    c.require("list:users", Target::Hub)?;
+    if !c.allows("list:users", Target::Hub) {
+        return list_named_users(&hub, &c).await;
+    }
     let paginated = headers
         .get(axum::http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -147,6 +149,32 @@ async fn list_users(
         "items": items,
         "_pagination": {"offset": offset, "limit": limit, "total": total, "next": next},
     })))
+}
+
+/// For callers whose `list:users` is limited to named users: those users.
+async fn list_named_users(hub: &SharedHub, c: &Caller) -> ApiResult<Json<Value>> {
+    let mut names: Vec<String> = c
+        .scopes
+        .iter()
+        .filter(|s| s.name == "list:users")
+        .filter_map(|s| match &s.filter {
+            berth_core::scopes::Filter::User(u) => Some(u.clone()),
+            _ => None,
+        })
+        .collect();
+    if names.is_empty() {
+        return Err(ApiError::forbidden("Action is not authorized with current scopes; requires any of [list:users]"));
+    }
+    names.sort();
+    names.dedup();
+    let mut items = Vec::new();
+    let servers = hub.store.servers_of(&names).await?;
+    for n in &names {
+        if let Some(u) = hub.store.get_user(n).await? {
+            items.push(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes));
+        }
+    }
+    Ok(Json(Value::Array(items)))
 }
 
 /// Looks up a user the caller may see: 403 before 404, so names do not leak.
