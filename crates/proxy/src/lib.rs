@@ -1,1 +1,16 @@
-//! placeholder
+//! The one-port reverse proxy: a route table read without locks (snapshots
+//! swapped on change), an HTTP/1.1 forwarder with pooled upstream
+//! connections, streamed bodies and WebSocket upgrades, and TLS accept on
+//! the same port as plain HTTP.
+//!
+//! Must not know the store or the web framework: the server decides who may
+//! pass (its `Authorize` step runs before [`Forwarder::forward`]) and renders
+//! the errors this crate classifies.
+#![forbid(unsafe_code)]
+
+mod forward;
+mod routes;
+pub mod tls;
+
+pub use forward::{strip_cookies, Forwarder, ForwarderConfig, Peer, ProxyError};
+pub use routes::{contains_dot_segments, Route, RouteTable};

@@ -1,1 +1,112 @@
-//! placeholder
+//! The `Spawner` contract — start, stop, poll, and saved state so a
+//! restarted hub can re-adopt what runs — plus progress events and the
+//! local-process spawner. Failure-mode fakes for tests live behind the
+//! `test-util` feature.
+//!
+//! Must not know the store or HTTP: the hub hands in a [`SpawnSpec`] and keeps
+//! the [`Started::state`] it gets back.
+#![forbid(unsafe_code)]
+
+pub mod local;
+#[cfg(feature = "test-util")]
+pub mod fake;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub use local::LocalSpawner;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the hub asks a spawner to run.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    pub user: String,
+    /// "" for the default server.
+    pub server: String,
+    /// The single-user environment (`JUPYTERHUB_*`), and anything else to pass.
+    pub env: BTreeMap<String, String>,
+    /// Command line; empty means the spawner's default.
+    pub cmd: Vec<String>,
+    /// The URL path prefix the server must answer under (`/user/alice/`).
+    pub prefix: String,
+    pub template: String,
+}
+
+/// A progress event, as JupyterHub's progress stream carries them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Progress {
+    pub progress: u8,
+    pub message: String,
+}
+
+pub type ProgressTx = mpsc::UnboundedSender<Progress>;
+
+/// What a successful start returns.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// Where the server answers, e.g. `http://127.0.0.1:45241`.
+    pub target: String,
+    /// Saved state (JSON) that lets `poll` and `stop` find the server again
+    /// after the hub restarts.
+    pub state: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Running,
+    /// Gone; with what is known about why.
+    Exited(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("the server's saved state is unusable: {0}")]
+    BadState(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Grace periods for stopping: interrupt, then terminate, then kill.
+#[derive(Debug, Clone, Copy)]
+pub struct StopGrace {
+    pub interrupt: Duration,
+    pub terminate: Duration,
+}
+
+impl Default for StopGrace {
+    fn default() -> Self {
+        StopGrace { interrupt: Duration::from_secs(10), terminate: Duration::from_secs(5) }
+    }
+}
+
+pub trait Spawner: Send + Sync + 'static {
+    fn kind(&self) -> &'static str;
+
+    /// Starts the server and returns where it will answer. Returning does not
+    /// mean ready: the hub polls the target until it answers.
+    fn start(&self, spec: SpawnSpec, progress: ProgressTx) -> BoxFuture<'_, Result<Started, SpawnError>>;
+
+    /// Stops the server recorded in `state`; stopping one that is gone is not an error.
+    fn stop<'a>(&'a self, state: &'a serde_json::Value, grace: StopGrace) -> BoxFuture<'a, Result<(), SpawnError>>;
+
+    /// Whether the server recorded in `state` still runs.
+    fn poll<'a>(&'a self, state: &'a serde_json::Value) -> BoxFuture<'a, Result<Status, SpawnError>>;
+
+    /// Where the server recorded in `state` answers.
+    fn target(&self, state: &serde_json::Value) -> Option<String> {
+        state.get("target").and_then(|t| t.as_str()).map(str::to_string)
+    }
+
+    /// The tail of the server's own output, if the spawner keeps it.
+    fn logs<'a>(&'a self, _user: &'a str, _server: &'a str) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async { None })
+    }
+}

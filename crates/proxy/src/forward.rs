@@ -1,0 +1,271 @@
+//! Forwarding one request to its upstream: hop-by-hop headers removed,
+//! `X-Forwarded-*` added, bodies streamed both ways, upgrades (WebSocket)
+//! spliced, errors classified by where they came from.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::Route;
+
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    pub connect_timeout: Duration,
+    /// Time to wait for the upstream's response head.
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        ForwarderConfig {
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(300),
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_host: 64,
+        }
+    }
+}
+
+/// Where a proxy error came from, for the status and the page the server shows.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Nothing listens at the target: the server has stopped or crashed.
+    #[error("the server at {target} refused the connection")]
+    Refused { target: String },
+    #[error("the server at {target} did not answer within {secs} s")]
+    Timeout { target: String, secs: u64 },
+    #[error("the server at {target} failed: {message}")]
+    Upstream { target: String, message: String },
+    /// The request itself cannot be forwarded (bad target URI and such).
+    #[error("cannot forward the request: {0}")]
+    Downstream(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Refused { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Downstream(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Who sent the request, for `X-Forwarded-*`.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub local_port: u16,
+}
+
+pub struct Forwarder {
+    client: Client<HttpConnector, Incoming>,
+    cfg: ForwarderConfig,
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        && h.contains_key(header::UPGRADE)
+}
+
+fn remove_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .filter(|n| n != "upgrade")
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        if keep_upgrade && (*n == "connection" || *n == "upgrade") {
+            continue;
+        }
+        h.remove(*n);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Removes the named cookies from the `Cookie` header(s), keeping the rest.
+pub fn strip_cookies(h: &mut HeaderMap, names: &[&str]) {
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';').map(|c| c.trim().to_string()).collect::<Vec<_>>())
+        .filter(|c| !c.is_empty())
+        .filter(|c| {
+            let name = c.split('=').next().unwrap_or("").trim();
+            !names.contains(&name)
+        })
+        .collect();
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+impl Forwarder {
+    pub fn new(cfg: ForwarderConfig) -> Forwarder {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .build(connector);
+        Forwarder { client, cfg }
+    }
+
+    /// Forwards `req` to `route`'s target, path unchanged.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        route: &Route,
+        peer: Peer,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let upgrade = is_upgrade(req.headers());
+        let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let uri: Uri = format!("{}{}", route.target, path_and_query)
+            .parse()
+            .map_err(|e| ProxyError::Downstream(format!("bad upstream URI: {e}")))?;
+        let original_host = req.headers().get(header::HOST).cloned();
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_11;
+        let downstream_upgrade = if upgrade { Some(hyper::upgrade::on(&mut req)) } else { None };
+        {
+            let h = req.headers_mut();
+            remove_hop_by_hop(h, upgrade);
+            let proto = if peer.tls { "https" } else { "http" };
+            let ip = peer.addr.ip().to_string();
+            let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                h.insert("x-forwarded-for", v);
+            }
+            h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+            if let Ok(v) = HeaderValue::from_str(&peer.local_port.to_string()) {
+                h.insert("x-forwarded-port", v);
+            }
+            if let Some(host) = original_host {
+                h.insert("x-forwarded-host", host.clone());
+                h.insert(header::HOST, host);
+            }
+        }
+
+        let target = route.target.clone();
+        let secs = self.cfg.response_timeout.as_secs();
+        let mut resp = match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
+            Err(_) => return Err(ProxyError::Timeout { target, secs }),
+            Ok(Err(e)) if e.is_connect() => {
+                let msg = format!("{e:?}");
+                return Err(if msg.contains("timed out") || msg.contains("TimedOut") {
+                    ProxyError::Timeout { target, secs: self.cfg.connect_timeout.as_secs() }
+                } else {
+                    ProxyError::Refused { target }
+                });
+            }
+            Ok(Err(e)) => {
+                let mut message = e.to_string();
+                if let Some(src) = std::error::Error::source(&e) {
+                    message = format!("{message}: {src}");
+                }
+                return Err(ProxyError::Upstream { target, message });
+            }
+            Ok(Ok(r)) => r,
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down) = downstream_upgrade {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(down, up) {
+                        Ok((d, u)) => {
+                            let mut d = TokioIo::new(d);
+                            let mut u = TokioIo::new(u);
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                                tracing::debug!(error = %e, "upgraded connection ended");
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    }
+                });
+            }
+        } else {
+            remove_hop_by_hop(resp.headers_mut(), false);
+        }
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_named_cookies_only() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("berth-session=s; _xsrf=x; jupyterhub-user-al=t"));
+        h.append(header::COOKIE, HeaderValue::from_static("berth-session=again"));
+        strip_cookies(&mut h, &["berth-session"]);
+        assert_eq!(h.get(header::COOKIE).unwrap(), "_xsrf=x; jupyterhub-user-al=t");
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("berth-session=s"));
+        strip_cookies(&mut h, &["berth-session"]);
+        assert!(h.get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none() && h.get(header::CONNECTION).is_none());
+        assert!(h.get("x-kept").is_some());
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+    }
+}

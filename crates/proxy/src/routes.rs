@@ -1,0 +1,139 @@
+//! The route table: `/user/<name>/[<server>/]` prefixes to upstream targets.
+//! Readers take a snapshot (`ArcSwap::load`) and never wait for writers; a
+//! change builds a new table and swaps it in, so changing one route never
+//! disturbs requests or connections on another.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Path prefix with trailing slash, e.g. `/user/alice/` or `/user/alice/lab/`.
+    pub prefix: String,
+    /// `http://host:port` of the upstream.
+    pub target: String,
+    pub user: String,
+    pub server: String,
+}
+
+#[derive(Default)]
+pub struct RouteTable {
+    routes: ArcSwap<Vec<Arc<Route>>>,
+}
+
+impl RouteTable {
+    pub fn new() -> RouteTable {
+        RouteTable::default()
+    }
+
+    /// Adds or replaces the route for `route.prefix`.
+    pub fn insert(&self, route: Route) {
+        self.routes.rcu(|cur| {
+            let mut next: Vec<Arc<Route>> = cur.iter().filter(|r| r.prefix != route.prefix).cloned().collect();
+            next.push(Arc::new(route.clone()));
+            // Longest prefix first: the first match is the most specific.
+            next.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then_with(|| a.prefix.cmp(&b.prefix)));
+            next
+        });
+    }
+
+    pub fn remove(&self, prefix: &str) {
+        self.routes.rcu(|cur| cur.iter().filter(|r| r.prefix != prefix).cloned().collect::<Vec<_>>());
+    }
+
+    /// The most specific route for a path. `/user/alice` (no slash) matches
+    /// `/user/alice/` too.
+    pub fn lookup(&self, path: &str) -> Option<Arc<Route>> {
+        let snapshot = self.routes.load();
+        snapshot
+            .iter()
+            .find(|r| path.starts_with(r.prefix.as_str()) || path == &r.prefix[..r.prefix.len() - 1])
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Route>> {
+        self.routes.load().iter().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Whether a raw path has `.` or `..` segments, literally or percent-encoded.
+/// Such paths are refused before routing: `/user/bob/../alice/` must not
+/// reach anything but an error.
+pub fn contains_dot_segments(path: &str) -> bool {
+    let decoded = percent_decode(path);
+    decoded.split(['/', '\\']).any(|seg| seg == "." || seg == "..")
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(b) = hex {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, target: &str) -> Route {
+        Route { prefix: prefix.into(), target: target.into(), user: "u".into(), server: String::new() }
+    }
+
+    #[test]
+    fn most_specific_prefix_wins() {
+        let t = RouteTable::new();
+        t.insert(route("/user/alice/", "http://a"));
+        t.insert(route("/user/alice/lab/", "http://b"));
+        t.insert(route("/user/al/", "http://c"));
+        let cases: &[(&str, Option<&str>)] = &[
+            ("/user/alice/api/status", Some("http://a")),
+            ("/user/alice/lab/api/status", Some("http://b")),
+            ("/user/alice/lab", Some("http://b")),
+            ("/user/alice", Some("http://a")),
+            ("/user/alice/labx/", Some("http://a")),
+            ("/user/al/x", Some("http://c")),
+            ("/user/alicex/", None),
+            ("/user/bob/", None),
+            ("/hub/", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(t.lookup(path).map(|r| r.target.clone()).as_deref(), *want, "{path}");
+        }
+        t.remove("/user/alice/lab/");
+        assert_eq!(t.lookup("/user/alice/lab/x").unwrap().target, "http://a");
+        t.insert(route("/user/alice/", "http://a2"));
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.lookup("/user/alice/").unwrap().target, "http://a2");
+    }
+
+    #[test]
+    fn dot_segments() {
+        for p in ["/user/bob/../alice/", "/user/bob/%2e%2e/alice/", "/user/bob/%2E%2E/alice", "/user/./x", "/user/bob/..%2falice/", "/a/..\\b"] {
+            assert!(contains_dot_segments(p), "{p}");
+        }
+        for p in ["/user/alice/", "/user/alice/a..b/", "/user/alice/.hidden", "/user/alice/%"] {
+            assert!(!contains_dot_segments(p), "{p}");
+        }
+    }
+}
