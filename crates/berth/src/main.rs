@@ -44,6 +44,18 @@ enum Command {
         /// Address and port to listen on (default 0.0.0.0:27015).
         #[arg(long)]
         bind: Option<String>,
+        /// Where servers run: auto, local or docker.
+        #[arg(long)]
+        spawner: Option<String>,
+        /// TLS on the same port: auto (generated certificate authority) or off.
+        #[arg(long)]
+        tls: Option<String>,
+        /// PEM certificate chain to serve (with --tls-key).
+        #[arg(long)]
+        tls_cert: Option<String>,
+        /// PEM private key for --tls-cert.
+        #[arg(long)]
+        tls_key: Option<String>,
     },
     /// Check or print the configuration.
     Config {
@@ -145,8 +157,25 @@ async fn shutdown_signal(token: CancellationToken) {
     token.cancel();
 }
 
-async fn serve(common: Common, bind: Option<String>) -> Result<(), Failure> {
-    let config = load_config(&common, &[("bind", bind)])?;
+struct ServeFlags {
+    bind: Option<String>,
+    spawner: Option<String>,
+    tls: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+}
+
+async fn serve(common: Common, f: ServeFlags) -> Result<(), Failure> {
+    let config = load_config(
+        &common,
+        &[
+            ("bind", f.bind),
+            ("spawner.kind", f.spawner),
+            ("tls.mode", f.tls),
+            ("tls.cert", f.tls_cert),
+            ("tls.key", f.tls_key),
+        ],
+    )?;
     init_logging(&config.log)?;
     let app = App::build(config).await?;
     let listener = app.bind().await?;
@@ -158,7 +187,9 @@ async fn serve(common: Common, bind: Option<String>) -> Result<(), Failure> {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Serve { common, bind } => serve(common, bind).await,
+        Command::Serve { common, bind, spawner, tls, tls_cert, tls_key } => {
+            serve(common, ServeFlags { bind, spawner, tls, tls_cert, tls_key }).await
+        }
         Command::Config { command, common } => match command {
             ConfigCommand::Check => {
                 let c = load_config(&common, &[])?;

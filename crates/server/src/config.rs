@@ -22,6 +22,52 @@ pub struct Config {
     pub log: String,
     pub hub: berth_web::Config,
     pub auth: berth_auth::Config,
+    pub spawner: berth_web::servers::Config,
+    pub proxy: ProxyConfig,
+    pub tls: TlsConfig,
+}
+
+/// The `[proxy]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    #[serde(with = "berth_core::serde_secs")]
+    pub connect_timeout_seconds: std::time::Duration,
+    #[serde(with = "berth_core::serde_secs")]
+    pub response_timeout_seconds: std::time::Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        let d = berth_proxy::ForwarderConfig::default();
+        ProxyConfig { connect_timeout_seconds: d.connect_timeout, response_timeout_seconds: d.response_timeout }
+    }
+}
+
+/// The `[tls]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// `off`, or `auto` for a generated certificate authority; `cert` and `key` select files.
+    pub mode: String,
+    pub cert: String,
+    pub key: String,
+    /// Extra host names and addresses for the generated certificate (comma-separated).
+    pub names: String,
+    /// `Strict-Transport-Security` max-age; 0 sends none.
+    pub hsts_seconds: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig { mode: "off".into(), cert: String::new(), key: String::new(), names: String::new(), hsts_seconds: 0 }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.mode == "auto" || !self.cert.is_empty()
+    }
 }
 
 impl Default for Config {
@@ -33,6 +79,9 @@ impl Default for Config {
             log: "info".into(),
             hub: berth_web::Config::default(),
             auth: berth_auth::Config::default(),
+            spawner: berth_web::servers::Config::default(),
+            proxy: ProxyConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -56,6 +105,23 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("auth.session_max_age_seconds", &["BERTH_SESSION_MAX_AGE_SECONDS"], "Lifetime of a log-in session, in seconds."),
     ("auth.argon2_memory_kib", &["BERTH_ARGON2_MEMORY_KIB"], "argon2id memory cost in KiB for password hashes."),
     ("auth.argon2_iterations", &["BERTH_ARGON2_ITERATIONS"], "argon2id passes for password hashes."),
+    ("spawner.kind", &["BERTH_SPAWNER"], "`auto`, `local` or `docker`. `auto` picks Docker when its engine answers, else local (the Docker spawner is not built yet, so `auto` is local for now)."),
+    ("spawner.local_cmd", &["BERTH_LOCAL_CMD"], "The local spawner's command line; the first word is looked up on PATH."),
+    ("spawner.provision", &["BERTH_PROVISION"], "When `jupyterhub-singleuser` is not installed, make a virtualenv with JupyterLab under the data directory on the first start."),
+    ("spawner.start_timeout_seconds", &["BERTH_START_TIMEOUT"], "Time from a start request until the server must answer; then it is stopped and the reason shown."),
+    ("spawner.stop_grace_seconds", &["BERTH_STOP_GRACE"], "Seconds after SIGINT before SIGTERM, and after SIGTERM before SIGKILL."),
+    ("spawner.max_concurrent_starts", &["BERTH_MAX_CONCURRENT_STARTS"], "Servers that may be starting at once; more are refused with a message."),
+    ("spawner.max_running", &["BERTH_MAX_RUNNING"], "Servers that may run at once; 0 means no limit."),
+    ("spawner.max_named_servers", &["BERTH_MAX_NAMED_SERVERS"], "Named servers a user may have besides the default one."),
+    ("spawner.stop_on_shutdown", &["BERTH_STOP_ON_SHUTDOWN"], "Stop every server when berth shuts down; by default they keep running and are re-adopted."),
+    ("spawner.poll_interval_seconds", &["BERTH_POLL_INTERVAL"], "Seconds between checks that running servers are alive."),
+    ("proxy.connect_timeout_seconds", &["BERTH_PROXY_CONNECT_TIMEOUT"], "Time to connect to a server before the proxy gives up."),
+    ("proxy.response_timeout_seconds", &["BERTH_PROXY_RESPONSE_TIMEOUT"], "Time a server may take to start answering before the proxy answers 504."),
+    ("tls.mode", &["BERTH_TLS"], "`off` or `auto` (generate and keep a certificate authority and server certificate in the data directory)."),
+    ("tls.cert", &["BERTH_TLS_CERT"], "PEM certificate chain to serve (with `tls.key`); reloaded when it changes or on SIGHUP."),
+    ("tls.key", &["BERTH_TLS_KEY"], "PEM private key for `tls.cert`."),
+    ("tls.names", &["BERTH_TLS_NAMES"], "Comma-separated extra host names or addresses for the generated certificate."),
+    ("tls.hsts_seconds", &["BERTH_HSTS_SECONDS"], "Strict-Transport-Security max-age sent over TLS; 0 sends none."),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +289,22 @@ impl Config {
             return Err(invalid("database_url", "must start with sqlite:, postgres:// or postgresql://".into()));
         }
         tracing_filter_ok(&self.log).map_err(|m| invalid("log", m))?;
+        if !["auto", "local", "docker"].contains(&self.spawner.kind.as_str()) {
+            return Err(invalid("spawner.kind", format!("{:?} is not auto, local or docker", self.spawner.kind)));
+        }
+        if self.spawner.local_cmd.split_whitespace().next().is_none() {
+            return Err(invalid("spawner.local_cmd", "must name a command".into()));
+        }
+        if self.spawner.start_timeout_seconds.is_zero() {
+            return Err(invalid("spawner.start_timeout_seconds", "must be at least 1".into()));
+        }
+        if !["off", "auto"].contains(&self.tls.mode.as_str()) {
+            return Err(invalid("tls.mode", format!("{:?} is not off or auto", self.tls.mode)));
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            let key = if self.tls.cert.is_empty() { "tls.cert" } else { "tls.key" };
+            return Err(invalid(key, "tls.cert and tls.key go together".into()));
+        }
         Ok(self)
     }
 

@@ -1,7 +1,10 @@
 //! Background jobs. Each has the shape `async fn run(hub, shutdown)` and is
 //! owned by the server's task tracker.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use berth_proxy::tls::TlsState;
 
 use berth_store::now_ms;
 use berth_web::SharedHub;
@@ -9,9 +12,56 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub fn spawn_all(tasks: &TaskTracker, hub: SharedHub, shutdown: CancellationToken) {
+pub fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<TlsState>>, shutdown: CancellationToken) {
     tasks.spawn(flush_activity(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "activity")));
-    tasks.spawn(expire_tokens(hub, shutdown).instrument(tracing::info_span!("job", name = "token-expiry")));
+    tasks.spawn(expire_tokens(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "token-expiry")));
+    tasks.spawn(poll_servers(hub, shutdown.clone()).instrument(tracing::info_span!("job", name = "poll")));
+    if let Some(tls) = tls {
+        tasks.spawn(reload_tls(tls, shutdown).instrument(tracing::info_span!("job", name = "tls-reload")));
+    }
+}
+
+/// Marks servers that died as stopped, with the reason.
+async fn poll_servers(hub: SharedHub, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(hub.servers.cfg.poll_interval_seconds.max(Duration::from_secs(1)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        hub.servers.poll_all().await;
+    }
+}
+
+/// Reloads the operator's certificate when its file changes, or on SIGHUP.
+async fn reload_tls(tls: Arc<TlsState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let force = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => false,
+            _ = hangup => true,
+        };
+        match tls.reload(force) {
+            Ok(true) => tracing::info!("reloaded the TLS certificate"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "could not reload the TLS certificate; still serving the previous one"),
+        }
+    }
 }
 
 /// Writes last-used times collected in memory every few seconds.

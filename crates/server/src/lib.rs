@@ -13,14 +13,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use berth_auth::Secret;
+use berth_proxy::tls::{CertSource, TlsState};
+use berth_proxy::{contains_dot_segments, strip_cookies, Forwarder, ForwarderConfig, Peer, ProxyError, RouteTable};
+use berth_spawner::local::LocalConfig;
+use berth_spawner::{LocalSpawner, Spawner};
 use berth_store::Store;
+use berth_web::activity::Activity;
+use berth_web::servers::Servers;
 use berth_web::{Hub, SharedHub};
+use http::{HeaderValue, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -37,6 +45,12 @@ pub enum StartError {
     Store(#[from] berth_store::StoreError),
     #[error("cannot listen on {addr}: {message}")]
     Bind { addr: SocketAddr, message: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot re-adopt recorded servers: {0}")]
+    Reconcile(String),
 }
 
 /// Prepares the data directory: exists, is writable.
@@ -88,18 +102,109 @@ pub async fn open_store(config: &Config) -> Result<Store, StartError> {
 pub struct App {
     pub config: Config,
     pub hub: SharedHub,
+    shared: Arc<Shared>,
+}
+
+/// What each connection needs.
+struct Shared {
+    hub: SharedHub,
     router: Router,
+    forwarder: Forwarder,
+    routes: Arc<RouteTable>,
+    user_prefix: String,
+    hub_api_prefix: String,
+    tls: Option<Arc<TlsState>>,
+    hsts: Option<HeaderValue>,
+}
+
+fn build_spawner(config: &Config) -> Result<Arc<dyn Spawner>, StartError> {
+    match config.spawner.kind.as_str() {
+        "docker" => Err(StartError::Unsupported(
+            "the Docker spawner is not built yet; use --spawner local (or auto)".into(),
+        )),
+        _ => {
+            let cmd: Vec<String> = config.spawner.local_cmd.split_whitespace().map(str::to_string).collect();
+            Ok(Arc::new(LocalSpawner::new(LocalConfig {
+                cmd,
+                data_dir: config.data_dir.clone(),
+                provision: config.spawner.provision,
+                provision_packages: vec!["jupyterhub".into(), "jupyterlab".into()],
+            })))
+        }
+    }
+}
+
+fn tls_names(config: &Config) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if let Ok(h) = std::fs::read_to_string("/etc/hostname") {
+        let h = h.trim();
+        if !h.is_empty() {
+            names.push(h.to_string());
+        }
+    }
+    let ip = config.bind.ip();
+    if !ip.is_unspecified() {
+        names.push(ip.to_string());
+    }
+    names.extend(config.tls.names.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string));
+    names.sort();
+    names.dedup();
+    names
 }
 
 impl App {
-    pub async fn build(config: Config) -> Result<App, StartError> {
+    pub async fn build(mut config: Config) -> Result<App, StartError> {
         let store = open_store(&config).await?;
         let secret = load_cookie_secret(&config.data_dir)?;
-        let mut hub_cfg = config.hub.clone();
-        hub_cfg.base_url = config.hub.base_url.clone();
-        let hub = Arc::new(Hub::new(hub_cfg, config.auth.clone(), store, &secret));
+        let tls = if config.tls.enabled() {
+            let source = if config.tls.cert.is_empty() {
+                CertSource::Auto { dir: config.data_dir.join("tls"), names: tls_names(&config) }
+            } else {
+                CertSource::Files { cert: config.tls.cert.clone().into(), key: config.tls.key.clone().into() }
+            };
+            let state = TlsState::load(source).map_err(|e| StartError::Tls(e.to_string()))?;
+            config.hub.secure_cookies = true;
+            Some(Arc::new(state))
+        } else {
+            None
+        };
+        let spawner = build_spawner(&config)?;
+        let routes = Arc::new(RouteTable::new());
+        let activity = Arc::new(Activity::default());
+        let servers = Arc::new(Servers::new(
+            config.spawner.clone(),
+            store.clone(),
+            spawner,
+            routes.clone(),
+            activity.clone(),
+            &config.hub.base_url,
+        ));
+        let hub = Arc::new(Hub::new(config.hub.clone(), config.auth.clone(), store, &secret, servers, activity));
         let router = berth_web::router(hub.clone());
-        Ok(App { config, hub, router })
+        let forwarder = Forwarder::new(ForwarderConfig {
+            connect_timeout: config.proxy.connect_timeout_seconds,
+            response_timeout: config.proxy.response_timeout_seconds,
+            ..ForwarderConfig::default()
+        });
+        let hsts = (tls.is_some() && config.tls.hsts_seconds > 0)
+            .then(|| HeaderValue::from_str(&format!("max-age={}", config.tls.hsts_seconds)).ok())
+            .flatten();
+        let shared = Arc::new(Shared {
+            hub: hub.clone(),
+            router,
+            forwarder,
+            routes,
+            user_prefix: format!("{}user/", config.hub.base_url),
+            hub_api_prefix: format!("{}hub/api", config.hub.base_url),
+            tls,
+            hsts,
+        });
+        Ok(App { config, hub, shared })
+    }
+
+    /// The TLS certificate's fingerprint and CA (auto mode), when TLS is on.
+    pub fn tls_info(&self) -> Option<(String, Option<String>)> {
+        self.shared.tls.as_ref().map(|t| (t.fingerprint.clone(), t.ca_pem.clone()))
     }
 
     /// Binds the configured address, with a clear error when it is taken.
@@ -120,15 +225,31 @@ impl App {
     }
 
     /// Serves until `shutdown` is cancelled, then drains connections and
-    /// writes what is buffered.
+    /// writes what is buffered. Recorded servers are re-adopted and their
+    /// routes restored before the first connection is accepted.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
         let local = listener.local_addr().map_err(|e| StartError::Bind { addr: self.config.bind, message: e.to_string() })?;
+        let hub = self.hub.clone();
+        hub.servers.set_api_url(format!("http://127.0.0.1:{}{}hub/api", local.port(), self.config.hub.base_url));
+        let (adopted, vanished) = hub.servers.reconcile().await.map_err(|e| StartError::Reconcile(e.to_string()))?;
+        if adopted + vanished > 0 {
+            tracing::info!(adopted, vanished, "servers reconciled");
+        }
         let tasks = TaskTracker::new();
-        jobs::spawn_all(&tasks, self.hub.clone(), shutdown.clone());
+        jobs::spawn_all(&tasks, hub.clone(), self.shared.tls.clone(), shutdown.clone());
 
+        let scheme = if self.shared.tls.is_some() { "https" } else { "http" };
+        if let Some(t) = &self.shared.tls {
+            let what = if t.ca_pem.is_some() {
+                format!("certificate authority {}", self.config.data_dir.join("tls").join("ca.pem").display())
+            } else {
+                "certificate".to_string()
+            };
+            println!("berth TLS {what}, SHA-256 fingerprint {}", t.fingerprint);
+        }
         // The one line scripts and tests wait for.
-        println!("berth listening on http://{local}");
-        tracing::info!(%local, "listening");
+        println!("berth listening on {scheme}://{local}");
+        tracing::info!(%local, spawner = hub.servers.spawner_kind(), "listening");
 
         loop {
             let (stream, peer) = tokio::select! {
@@ -144,29 +265,10 @@ impl App {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let router = self.router.clone();
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let router = router.clone();
-                async move { Ok::<_, Infallible>(router.oneshot(req.map(axum::body::Body::new)).await.unwrap_or_else(|e| match e {})) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
+            let shared = self.shared.clone();
             let stop = shutdown.clone();
             tasks.spawn(async move {
-                let mut conn = std::pin::pin!(conn);
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stop.cancelled() => {
-                        // Finish the request in flight, then close.
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = result {
+                if let Err(e) = serve_connection(shared, stream, peer, local.port(), stop).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             });
@@ -177,11 +279,139 @@ impl App {
         if tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await.is_err() {
             tracing::warn!("some connections did not finish within 10 s; closing them");
         }
-        if let Err(e) = self.hub.activity.flush(&self.hub.store).await {
+        if self.config.spawner.stop_on_shutdown {
+            tracing::info!("stopping every server (spawner.stop_on_shutdown)");
+            hub.servers.stop_all().await;
+        }
+        if let Err(e) = hub.activity.flush(&hub.store).await {
             tracing::warn!(error = %e, "could not write the last activity times");
         }
-        self.hub.store.close().await;
+        hub.store.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local_port: u16,
+    stop: CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    match &shared.tls {
+        Some(tls) if berth_proxy::tls::peek_is_tls(&stream).await? => {
+            let acceptor = tls.acceptor();
+            let stream = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await??;
+            let p = Peer { addr: peer, tls: true, local_port };
+            drive(shared, TokioIo::new(stream), p, stop).await
+        }
+        _ => {
+            let p = Peer { addr: peer, tls: false, local_port };
+            drive(shared, TokioIo::new(stream), p, stop).await
+        }
+    }
+}
+
+async fn drive<I>(shared: Arc<Shared>, io: I, peer: Peer, stop: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(shared, req, peer).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(io, svc)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r?,
+        _ = stop.cancelled() => {
+            // Finish the request in flight, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await?
+        }
+    }
+    Ok(())
+}
+
+/// Where plain HTTP goes when TLS is on: the same URL over https. Loopback
+/// calls to the hub API (local single-user servers) are served as they are.
+fn https_redirect(req: &hyper::Request<Incoming>, local_port: u16) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("localhost:{local_port}"));
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let location = format!("https://{host}{path}");
+    Response::builder()
+        .status(StatusCode::PERMANENT_REDIRECT)
+        .header(http::header::LOCATION, location.clone())
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(format!("berth serves HTTPS on this port: {location}\n")))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+async fn handle(shared: Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Peer) -> Response<Body> {
+    if shared.tls.is_some() && !peer.tls {
+        let internal = peer.addr.ip().is_loopback() && req.uri().path().starts_with(&shared.hub_api_prefix);
+        if !internal {
+            return https_redirect(&req, peer.local_port);
+        }
+    }
+    let mut resp = if req.uri().path().starts_with(&shared.user_prefix) {
+        proxy(&shared, req, peer).await
+    } else {
+        req.extensions_mut().insert(ConnectInfo(peer.addr));
+        shared.router.clone().oneshot(req.map(Body::new)).await.unwrap_or_else(|e| match e {})
+    };
+    if let (Some(h), true) = (&shared.hsts, peer.tls) {
+        resp.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, h.clone());
+    }
+    resp
+}
+
+async fn proxy(shared: &Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Peer) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if contains_dot_segments(&path) {
+        return berth_web::edge::bad_path();
+    }
+    let Some(route) = shared.routes.lookup(&path) else {
+        // No route: the hub answers (the server is not running).
+        req.extensions_mut().insert(ConnectInfo(peer.addr));
+        return shared.router.clone().oneshot(req.map(Body::new)).await.unwrap_or_else(|e| match e {});
+    };
+    let (parts, body) = req.into_parts();
+    if let Err(denied) = berth_web::edge::authorize(&shared.hub, &parts, &route.user, &route.server).await {
+        return denied;
+    }
+    let mut req = hyper::Request::from_parts(parts, body);
+    strip_cookies(req.headers_mut(), berth_web::edge::STRIPPED_COOKIES);
+    match shared.forwarder.forward(req, &route, peer).await {
+        Ok(resp) => resp.map(Body::new),
+        Err(e) => {
+            if matches!(e, ProxyError::Refused { .. }) {
+                let hub = shared.hub.clone();
+                let (u, s) = (route.user.clone(), route.server.clone());
+                tokio::spawn(async move { hub.servers.check(&u, &s).await });
+            }
+            tracing::warn!(user = %route.user, server = %route.server, error = %e, "proxy error");
+            let status = e.status();
+            let message = match &e {
+                ProxyError::Refused { .. } => format!("{}'s server is not answering; berth is checking on it. Reload in a moment.", route.user),
+                other => other.to_string(),
+            };
+            let body = serde_json::json!({"status": status.as_u16(), "message": message}).to_string();
+            Response::builder()
+                .status(status)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body))
+                .unwrap_or_else(|_| Response::new(Body::empty()))
+        }
     }
 }

@@ -90,6 +90,10 @@ pub async fn home(State(hub): State<SharedHub>, user: PageUser) -> Html<String> 
             ));
         }
     }
+    match crate::spawn::home_servers(&hub, &user).await {
+        Ok(cards) => body.push_str(&cards),
+        Err(e) => body.push_str(&alert(Level::Danger, &e.message)),
+    }
     body.push_str(&format!(
         r#"<div class="card"><h2>Your account</h2><p>API tokens for scripts and JupyterHub clients: <a href="{base}hub/token">Tokens</a>.</p></div>"#
     ));
@@ -622,6 +626,7 @@ pub async fn authorize_action(
             }
             hub.store.set_authorized(&name, false).await.map_err(|e| page_err(e.into()))?;
             hub.store.revoke_user_sessions(&name).await.map_err(|e| page_err(e.into()))?;
+            hub.servers.stop_all_of(&name).await;
             format!("{name} is no longer authorized")
         }
         "make-admin" => {
@@ -639,6 +644,7 @@ pub async fn authorize_action(
             if name == me {
                 return Err(ApiError::bad_request("Cannot delete yourself!").page());
             }
+            hub.servers.stop_all_of(&name).await;
             hub.store.delete_user(&name).await.map_err(|e| page_err(e.into()))?;
             format!("{name} was deleted")
         }

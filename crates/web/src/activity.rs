@@ -11,6 +11,7 @@ pub struct Activity {
     tokens: Mutex<HashMap<String, i64>>,
     sessions: Mutex<HashMap<String, i64>>,
     servers: Mutex<HashMap<(String, String), i64>>,
+    users: Mutex<HashMap<String, i64>>,
 }
 
 impl Activity {
@@ -23,6 +24,15 @@ impl Activity {
     pub fn session(&self, id_hash: &str, at: i64) {
         if let Ok(mut m) = self.sessions.lock() {
             m.insert(id_hash.to_string(), at);
+        }
+    }
+
+    pub fn user(&self, name: &str, at: i64) {
+        if let Ok(mut m) = self.users.lock() {
+            let e = m.entry(name.to_string()).or_insert(at);
+            if *e < at {
+                *e = at;
+            }
         }
     }
 
@@ -45,6 +55,10 @@ impl Activity {
             .lock()
             .map(|mut m| m.drain().map(|((u, s), t)| (u, s, t)).collect())
             .unwrap_or_default();
+        let users: Vec<(String, i64)> = self.users.lock().map(|mut m| m.drain().collect()).unwrap_or_default();
+        for (u, t) in &users {
+            store.touch_user_activity(u, *t).await?;
+        }
         store.touch_tokens(&tokens).await?;
         store.touch_sessions(&sessions).await?;
         store.touch_servers(&servers).await?;

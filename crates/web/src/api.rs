@@ -4,7 +4,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use berth_core::{Target, UserName};
 use berth_store::{NewUser, StateFilter, UserQuery};
@@ -26,6 +26,16 @@ pub fn router() -> Router<SharedHub> {
         .route("/users/{name}", get(get_user).post(create_user).patch(patch_user).delete(delete_user))
         .route("/users/{name}/tokens", get(list_tokens).post(post_token))
         .route("/users/{name}/tokens/{id}", get(get_token).delete(delete_token))
+        .route("/users/{name}/server", post(crate::spawn::api_start_default).delete(crate::spawn::api_stop_default))
+        .route("/users/{name}/server/progress", get(crate::spawn::api_progress_default))
+        .route(
+            "/users/{name}/servers/{server}",
+            post(crate::spawn::api_start_named).delete(crate::spawn::api_stop_named),
+        )
+        .route("/users/{name}/servers/{server}/progress", get(crate::spawn::api_progress_named))
+        .route("/users/{name}/activity", post(crate::spawn::api_activity))
+        .route("/oauth2/authorize", get(crate::oauth::authorize))
+        .route("/oauth2/token", post(crate::oauth::token))
         .fallback(not_found)
 }
 
@@ -329,6 +339,7 @@ async fn delete_user(
     if hub.store.get_user(&name).await?.is_none() {
         return Err(ApiError::not_found(format!("No such user: {name}")));
     }
+    hub.servers.stop_all_of(&name).await;
     hub.store.delete_user(&name).await?;
     let _ = hub.store.add_event(c.name(), "user-delete", &name, "api").await;
     Ok(StatusCode::NO_CONTENT)

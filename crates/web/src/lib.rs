@@ -14,7 +14,11 @@ pub mod caller;
 pub mod cookies;
 pub mod error;
 pub mod html;
+pub mod edge;
 pub mod model;
+pub mod oauth;
+pub mod servers;
+pub mod spawn;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -56,7 +60,8 @@ pub struct Hub {
     pub auth: berth_auth::Config,
     pub store: Store,
     pub signer: Signer,
-    pub activity: activity::Activity,
+    pub activity: Arc<activity::Activity>,
+    pub servers: Arc<servers::Servers>,
     /// Password hashes in flight at once: a login storm must not take every
     /// core from the requests around it.
     pub hash_permits: Semaphore,
@@ -67,14 +72,22 @@ pub struct Hub {
 pub type SharedHub = Arc<Hub>;
 
 impl Hub {
-    pub fn new(cfg: Config, auth: berth_auth::Config, store: Store, cookie_secret: &Secret) -> Hub {
+    pub fn new(
+        cfg: Config,
+        auth: berth_auth::Config,
+        store: Store,
+        cookie_secret: &Secret,
+        servers: Arc<servers::Servers>,
+        activity: Arc<activity::Activity>,
+    ) -> Hub {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Hub {
             cfg,
             auth,
             store,
             signer: Signer::new(cookie_secret),
-            activity: activity::Activity::default(),
+            activity,
+            servers,
             hash_permits: Semaphore::new(cores.saturating_sub(1).max(1)),
             unknown_failures: Mutex::new(HashMap::new()),
         }
@@ -133,11 +146,25 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/admin", get(accounts::admin_redirect))
         .route("/token", get(tokens::token_page).post(tokens::token_create))
         .route("/token/{id}/revoke", post(tokens::token_revoke))
+        .route("/spawn", get(spawn::spawn_page).post(spawn::spawn_post))
+        .route("/spawn/{user}", get(spawn::spawn_page_user).post(spawn::spawn_post_user))
+        .route("/spawn/{user}/{server}", get(spawn::spawn_page_named).post(spawn::spawn_post_named))
+        .route("/spawn-named", post(spawn::spawn_named_form))
+        .route("/spawn-pending/{user}", get(spawn::pending_page))
+        .route("/spawn-pending/{user}/{server}", get(spawn::pending_page_named))
+        .route("/stop/{user}", post(spawn::stop_post))
+        .route("/stop/{user}/{server}", post(spawn::stop_post_named))
+        .route("/logs/{user}", get(spawn::logs_page))
+        .route("/logs/{user}/{server}", get(spawn::logs_page_named))
+        .route("/user/{*rest}", axum::routing::any(spawn::hub_user_redirect))
         .route("/api/", get(api::version))
         .nest("/api", api::router());
     let base = hub.cfg.base_url.clone();
     let mount = format!("{}hub", base);
-    let mut app = Router::new().nest(&mount, hub_routes);
+    let mut app = Router::new()
+        .nest(&mount, hub_routes)
+        // Reached only when the proxy has no route: the server is not running.
+        .route(&format!("{base}user/{{*rest}}"), axum::routing::any(spawn::not_running));
     if base != "/" {
         // `<base>` alone goes to the hub too.
         app = app.route(&base, get(accounts::root));

@@ -1,0 +1,620 @@
+//! The server lifecycle: start, readiness, stop, re-adoption and polling,
+//! recorded in the store as one state machine (`berth_core::ServerState`)
+//! and mirrored into the proxy's route table.
+//!
+//! Every transition goes through [`Servers::transition`], which checks the
+//! move against the state machine and writes the record, so the store never
+//! holds a state the machine does not allow.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use berth_auth::{hash_token, new_token};
+use berth_core::{ScopeSet, ServerState, Transition};
+use berth_proxy::{Route, RouteTable};
+use berth_spawner::{Progress, SpawnSpec, Spawner, Status, StopGrace};
+use berth_store::{now_ms, NewToken, OAuthClient, Server, Store, TokenKind};
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, Semaphore};
+
+use crate::activity::Activity;
+use crate::model::server_url;
+
+/// The `[spawner]` section of berth's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `auto` (Docker when its engine answers, else local), `local` or `docker`.
+    pub kind: String,
+    /// The local spawner's command line.
+    pub local_cmd: String,
+    /// Provide `jupyterhub-singleuser` in a virtualenv under the data directory when it is not installed.
+    pub provision: bool,
+    /// Time from a start request until the server must answer.
+    #[serde(with = "berth_core::serde_secs")]
+    pub start_timeout_seconds: Duration,
+    /// Seconds between SIGINT and SIGTERM, and between SIGTERM and SIGKILL, when stopping.
+    #[serde(with = "berth_core::serde_secs")]
+    pub stop_grace_seconds: Duration,
+    /// Servers that may be starting at once.
+    pub max_concurrent_starts: u32,
+    /// Servers that may run at once on this hub; 0 means no limit.
+    pub max_running: u32,
+    /// Named servers a user may have besides the default one.
+    pub max_named_servers: u32,
+    /// Stop every server when berth shuts down (otherwise they keep running and are re-adopted).
+    pub stop_on_shutdown: bool,
+    /// Seconds between checks that running servers are still alive.
+    #[serde(with = "berth_core::serde_secs")]
+    pub poll_interval_seconds: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kind: "auto".into(),
+            local_cmd: "jupyterhub-singleuser".into(),
+            provision: true,
+            start_timeout_seconds: Duration::from_secs(120),
+            stop_grace_seconds: Duration::from_secs(10),
+            max_concurrent_starts: 20,
+            max_running: 0,
+            max_named_servers: 5,
+            stop_on_shutdown: false,
+            poll_interval_seconds: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Limit(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] berth_store::StoreError),
+}
+
+/// One server's progress events, replayed to late subscribers.
+pub struct ProgressLog {
+    events: Mutex<Vec<Value>>,
+    tx: broadcast::Sender<Value>,
+}
+
+impl ProgressLog {
+    fn new() -> Arc<ProgressLog> {
+        let (tx, _) = broadcast::channel(256);
+        Arc::new(ProgressLog { events: Mutex::new(Vec::new()), tx })
+    }
+
+    fn push(&self, ev: Value) {
+        if let Ok(mut e) = self.events.lock() {
+            e.push(ev.clone());
+        }
+        let _ = self.tx.send(ev);
+    }
+
+    /// Events so far, and a receiver for the ones after them.
+    pub fn subscribe(&self) -> (Vec<Value>, broadcast::Receiver<Value>) {
+        let rx = self.tx.subscribe();
+        let past = self.events.lock().map(|e| e.clone()).unwrap_or_default();
+        (past, rx)
+    }
+
+    pub fn is_finished(ev: &Value) -> bool {
+        ev.get("ready").and_then(|v| v.as_bool()).unwrap_or(false)
+            || ev.get("failed").and_then(|v| v.as_bool()).unwrap_or(false)
+    }
+}
+
+pub fn client_id(user: &str, server: &str) -> String {
+    if server.is_empty() {
+        format!("jupyterhub-user-{user}")
+    } else {
+        format!("jupyterhub-user-{user}-{server}")
+    }
+}
+
+fn key(user: &str, server: &str) -> (String, String) {
+    (user.to_string(), server.to_string())
+}
+
+fn describe(user: &str, server: &str) -> String {
+    if server.is_empty() {
+        user.to_string()
+    } else {
+        format!("{user}/{server}")
+    }
+}
+
+pub struct Servers {
+    pub cfg: Config,
+    store: Store,
+    spawner: Arc<dyn Spawner>,
+    pub routes: Arc<RouteTable>,
+    activity: Arc<Activity>,
+    base_url: String,
+    /// `http://127.0.0.1:<port><base>hub/api`, known once the listener is bound.
+    api_url: RwLock<String>,
+    busy: Mutex<HashSet<(String, String)>>,
+    progress: Mutex<HashMap<(String, String), Arc<ProgressLog>>>,
+    starts: Arc<Semaphore>,
+    http: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Servers {
+    pub fn new(
+        cfg: Config,
+        store: Store,
+        spawner: Arc<dyn Spawner>,
+        routes: Arc<RouteTable>,
+        activity: Arc<Activity>,
+        base_url: &str,
+    ) -> Servers {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let starts = Arc::new(Semaphore::new(cfg.max_concurrent_starts.max(1) as usize));
+        Servers {
+            cfg,
+            store,
+            spawner,
+            routes,
+            activity,
+            base_url: base_url.to_string(),
+            api_url: RwLock::new(String::new()),
+            busy: Mutex::new(HashSet::new()),
+            progress: Mutex::new(HashMap::new()),
+            starts,
+            http: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    pub fn spawner_kind(&self) -> &'static str {
+        self.spawner.kind()
+    }
+
+    pub fn set_api_url(&self, url: String) {
+        if let Ok(mut u) = self.api_url.write() {
+            *u = url;
+        }
+    }
+
+    fn api_url(&self) -> String {
+        self.api_url.read().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    pub fn prefix(&self, user: &str, server: &str) -> String {
+        server_url(&self.base_url, user, server)
+    }
+
+    pub fn progress_log(&self, user: &str, server: &str) -> Option<Arc<ProgressLog>> {
+        self.progress.lock().ok().and_then(|m| m.get(&key(user, server)).cloned())
+    }
+
+    fn new_progress(&self, user: &str, server: &str) -> Arc<ProgressLog> {
+        let log = ProgressLog::new();
+        if let Ok(mut m) = self.progress.lock() {
+            m.insert(key(user, server), log.clone());
+        }
+        log
+    }
+
+    fn claim(&self, user: &str, server: &str) -> bool {
+        self.busy.lock().map(|mut b| b.insert(key(user, server))).unwrap_or(false)
+    }
+
+    fn release(&self, user: &str, server: &str) {
+        if let Ok(mut b) = self.busy.lock() {
+            b.remove(&key(user, server));
+        }
+    }
+
+    /// Applies a transition and writes the record; illegal moves are refused.
+    async fn transition(&self, s: &mut Server, t: Transition) -> Result<(), StartError> {
+        let next = s.state.apply(t).map_err(|e| StartError::Refused(e.to_string()))?;
+        s.state = next;
+        self.store.put_server(s).await?;
+        Ok(())
+    }
+
+    /// Requests a start. Returns once the start is under way; progress goes
+    /// to the server's progress log, the outcome to the store.
+    pub async fn start(self: &Arc<Self>, user: &str, server: &str, user_options: Value) -> Result<(), StartError> {
+        let what = describe(user, server);
+        let owner = self.store.get_user(user).await?.ok_or_else(|| StartError::NotFound(format!("No such user: {user}")))?;
+        if !owner.authorized {
+            return Err(StartError::Refused(format!("{user} is not authorized")));
+        }
+        if !self.claim(user, server) {
+            return Err(StartError::Refused(format!("{what} is pending, try again once it has finished")));
+        }
+        let result = self.start_claimed(user, server, user_options).await;
+        if result.is_err() {
+            self.release(user, server);
+        }
+        result
+    }
+
+    async fn start_claimed(self: &Arc<Self>, user: &str, server: &str, user_options: Value) -> Result<(), StartError> {
+        let what = describe(user, server);
+        let mut record = self.store.get_server(user, server).await?.unwrap_or_else(|| Server::new(user, server));
+        match record.state {
+            ServerState::Running => return Err(StartError::Refused(format!("{what} is already running"))),
+            ServerState::Starting => return Err(StartError::Refused(format!("{what} is pending spawn"))),
+            ServerState::Stopping => return Err(StartError::Refused(format!("{what} is pending stop"))),
+            ServerState::Stopped => {}
+        }
+        if !server.is_empty() && self.store.get_server(user, server).await?.is_none() {
+            let named = self.store.list_servers(Some(user)).await?.iter().filter(|s| !s.name.is_empty()).count();
+            if named as u32 >= self.cfg.max_named_servers {
+                return Err(StartError::Limit(format!(
+                    "{user} already has {named} named servers (the limit is {}); delete one first",
+                    self.cfg.max_named_servers
+                )));
+            }
+        }
+        if self.cfg.max_running > 0 && self.store.count_active_servers().await? >= self.cfg.max_running as i64 {
+            return Err(StartError::Limit(format!(
+                "this hub runs its maximum of {} servers; try again when one stops",
+                self.cfg.max_running
+            )));
+        }
+        let permit = self.starts.clone().try_acquire_owned().map_err(|_| {
+            StartError::Limit(format!(
+                "{} servers are starting at once, the most this hub allows; try again in a moment",
+                self.cfg.max_concurrent_starts
+            ))
+        })?;
+
+        // The server's own credentials: an API token and an OAuth client.
+        let secret = new_token();
+        let cid = client_id(user, server);
+        self.store.delete_server_tokens(user, server, &cid).await?;
+        self.store
+            .create_token(&NewToken {
+                hash: hash_token(secret.expose()),
+                user: user.to_string(),
+                kind: TokenKind::Server,
+                server: Some(server.to_string()),
+                scopes: ScopeSet::for_server(user, server).to_strings(),
+                note: format!("server {what}"),
+                expires_at: None,
+                session_id: None,
+                oauth_client: None,
+            })
+            .await?;
+        let prefix = self.prefix(user, server);
+        self.store
+            .put_oauth_client(&OAuthClient {
+                id: cid.clone(),
+                secret_hash: hash_token(secret.expose()),
+                redirect_uri: format!("{prefix}oauth_callback"),
+                user: user.to_string(),
+                server: server.to_string(),
+            })
+            .await?;
+
+        record.last_error = None;
+        record.started = Some(now_ms());
+        record.last_activity = None;
+        record.url = None;
+        record.spawner_state = "{}".into();
+        record.user_options = user_options.to_string();
+        self.transition(&mut record, Transition::Start).await?;
+        let log = self.new_progress(user, server);
+        log.push(json!({"progress": 0, "message": "Server requested"}));
+        let _ = self.store.add_event(user, "start", &what, "").await;
+
+        let api = self.api_url();
+        let access = json!([format!("access:servers!server={user}/{server}"), format!("access:servers!user={user}")]).to_string();
+        let mut env = BTreeMap::new();
+        for (k, v) in [
+            ("JUPYTERHUB_API_TOKEN", secret.expose().to_string()),
+            ("JPY_API_TOKEN", secret.expose().to_string()),
+            ("JUPYTERHUB_CLIENT_ID", cid),
+            ("JUPYTERHUB_API_URL", api.clone()),
+            ("JUPYTERHUB_ACTIVITY_URL", format!("{api}/users/{user}/activity")),
+            ("JUPYTERHUB_BASE_URL", self.base_url.clone()),
+            ("JUPYTERHUB_SERVICE_PREFIX", prefix.clone()),
+            ("JUPYTERHUB_USER", user.to_string()),
+            ("JUPYTERHUB_SERVER_NAME", server.to_string()),
+            ("JUPYTERHUB_OAUTH_CALLBACK_URL", format!("{prefix}oauth_callback")),
+            ("JUPYTERHUB_OAUTH_ACCESS_SCOPES", access.clone()),
+            ("JUPYTERHUB_OAUTH_SCOPES", access),
+            ("JUPYTERHUB_OAUTH_CLIENT_ALLOWED_SCOPES", "[]".into()),
+            ("JUPYTERHUB_HOST", String::new()),
+            ("JUPYTERHUB_PUBLIC_URL", String::new()),
+            ("JUPYTERHUB_PUBLIC_HUB_URL", String::new()),
+            ("JUPYTERHUB_COOKIE_HOST_PREFIX_ENABLED", "0".into()),
+        ] {
+            env.insert(k.to_string(), v);
+        }
+        let spec = SpawnSpec {
+            user: user.to_string(),
+            server: server.to_string(),
+            env,
+            cmd: Vec::new(),
+            prefix,
+            template: record.template.clone(),
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            me.run_start(record, spec, log).await;
+        });
+        Ok(())
+    }
+
+    async fn run_start(self: Arc<Self>, mut record: Server, spec: SpawnSpec, log: Arc<ProgressLog>) {
+        let user = record.user.clone();
+        let server = record.name.clone();
+        let what = describe(&user, &server);
+        let deadline = tokio::time::Instant::now() + self.cfg.start_timeout_seconds;
+        let outcome = self.spawn_and_wait(&mut record, spec, &log, deadline).await;
+        match outcome {
+            Ok(target) => {
+                let url = self.prefix(&user, &server);
+                self.routes.insert(Route { prefix: url.clone(), target, user: user.clone(), server: server.clone() });
+                record.url = Some(url.clone());
+                if let Err(e) = self.transition(&mut record, Transition::Ready).await {
+                    tracing::error!(server = %what, error = %e, "could not record the ready server");
+                }
+                log.push(json!({
+                    "progress": 100,
+                    "ready": true,
+                    "message": format!("Server ready at {url}"),
+                    "html_message": format!("Server ready at <a href=\"{url}\">{url}</a>"),
+                    "url": url,
+                }));
+                tracing::info!(server = %what, "server ready");
+            }
+            Err(reason) => {
+                tracing::warn!(server = %what, %reason, "server failed to start");
+                if let Ok(state) = serde_json::from_str::<Value>(&record.spawner_state) {
+                    if state.as_object().is_some_and(|o| !o.is_empty()) {
+                        let _ = self.spawner.stop(&state, self.grace()).await;
+                    }
+                }
+                let _ = self.store.delete_server_tokens(&user, &server, &client_id(&user, &server)).await;
+                let _ = self.store.delete_oauth_client(&client_id(&user, &server)).await;
+                record.last_error = Some(reason.clone());
+                record.url = None;
+                if let Err(e) = self.transition(&mut record, Transition::Fail).await {
+                    tracing::error!(server = %what, error = %e, "could not record the failed start");
+                }
+                let _ = self.store.add_event(&user, "start-failed", &what, &reason).await;
+                log.push(json!({"progress": 100, "failed": true, "message": format!("Spawn failed: {reason}")}));
+            }
+        }
+        self.release(&user, &server);
+    }
+
+    async fn spawn_and_wait(
+        &self,
+        record: &mut Server,
+        spec: SpawnSpec,
+        log: &Arc<ProgressLog>,
+        deadline: tokio::time::Instant,
+    ) -> Result<String, String> {
+        let timeout = self.cfg.start_timeout_seconds.as_secs();
+        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+        let fwd_log = log.clone();
+        let forwarder = tokio::spawn(async move {
+            while let Some(p) = prx.recv().await {
+                fwd_log.push(json!({"progress": p.progress.min(99), "message": p.message}));
+            }
+        });
+        log.push(json!({"progress": 10, "message": "Spawning server..."}));
+        let started = match tokio::time::timeout_at(deadline, self.spawner.start(spec.clone(), ptx)).await {
+            Err(_) => return Err(format!("the server did not start within {timeout} s")),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Ok(s)) => s,
+        };
+        forwarder.abort();
+        record.spawner_state = started.state.to_string();
+        if let Err(e) = self.store.put_server(record).await {
+            return Err(format!("could not record the server: {e}"));
+        }
+        log.push(json!({"progress": 50, "message": "Waiting for the server to answer..."}));
+        let probe = format!("{}{}api", started.target, spec.prefix);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), self.http.get(probe.parse().map_err(|e| format!("bad target {probe}: {e}"))?)).await {
+                if resp.status().as_u16() < 500 {
+                    return Ok(started.target);
+                }
+            }
+            match self.spawner.poll(&started.state).await {
+                Ok(Status::Exited(why)) => {
+                    let tail = self.spawner.logs(&spec.user, &spec.server).await.map(|l| last_lines(&l, 3)).unwrap_or_default();
+                    return Err(if tail.is_empty() { why } else { format!("{why}; its last output: {tail}") });
+                }
+                Ok(Status::Running) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if tokio::time::Instant::now() + delay > deadline {
+                return Err(format!("the server did not answer at {probe} within {timeout} s"));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn grace(&self) -> StopGrace {
+        StopGrace { interrupt: self.cfg.stop_grace_seconds, terminate: self.cfg.stop_grace_seconds }
+    }
+
+    /// Stops a server. Returns `true` when it finished within `wait`, `false`
+    /// when it goes on in the background.
+    pub async fn stop(self: &Arc<Self>, user: &str, server: &str, wait: Duration) -> Result<bool, StartError> {
+        let what = describe(user, server);
+        let record = self.store.get_server(user, server).await?.ok_or_else(|| StartError::NotFound(format!("{what} has no server")))?;
+        match record.state {
+            ServerState::Stopped => return Ok(true),
+            ServerState::Stopping => return Ok(false),
+            ServerState::Starting | ServerState::Running => {}
+        }
+        let me = self.clone();
+        let user_s = user.to_string();
+        let server_s = server.to_string();
+        let task = tokio::spawn(async move { me.stop_now(&user_s, &server_s, "stop").await });
+        match tokio::time::timeout(wait, task).await {
+            Ok(Ok(r)) => r.map(|_| true),
+            Ok(Err(e)) => Err(StartError::Refused(format!("stopping {what} failed: {e}"))),
+            Err(_) => Ok(false),
+        }
+    }
+
+    async fn stop_now(&self, user: &str, server: &str, why: &str) -> Result<(), StartError> {
+        let what = describe(user, server);
+        let Some(mut record) = self.store.get_server(user, server).await? else { return Ok(()) };
+        if record.state == ServerState::Stopped {
+            return Ok(());
+        }
+        // The route goes first: nothing reaches a server that is going away.
+        self.routes.remove(&self.prefix(user, server));
+        if record.state != ServerState::Stopping {
+            self.transition(&mut record, Transition::Stop).await?;
+        }
+        if let Ok(state) = serde_json::from_str::<Value>(&record.spawner_state) {
+            if state.as_object().is_some_and(|o| !o.is_empty()) {
+                if let Err(e) = self.spawner.stop(&state, self.grace()).await {
+                    tracing::warn!(server = %what, error = %e, "stopping failed; marking it stopped anyway");
+                }
+            }
+        }
+        self.store.delete_server_tokens(user, server, &client_id(user, server)).await?;
+        self.store.delete_oauth_client(&client_id(user, server)).await?;
+        record.url = None;
+        self.transition(&mut record, Transition::Stopped).await?;
+        self.activity.server(user, server, now_ms());
+        let _ = self.store.add_event(user, why, &what, "").await;
+        tracing::info!(server = %what, "server stopped");
+        Ok(())
+    }
+
+    /// Records a server found dead, with the reason.
+    async fn mark_vanished(&self, mut record: Server, reason: &str) {
+        let what = describe(&record.user, &record.name);
+        self.routes.remove(&self.prefix(&record.user, &record.name));
+        let cid = client_id(&record.user, &record.name);
+        let _ = self.store.delete_server_tokens(&record.user, &record.name, &cid).await;
+        let _ = self.store.delete_oauth_client(&cid).await;
+        record.last_error = Some(reason.to_string());
+        record.url = None;
+        if let Err(e) = self.transition(&mut record, Transition::Vanished).await {
+            tracing::warn!(server = %what, error = %e, "could not record the vanished server");
+        }
+        let _ = self.store.add_event(&record.user, "vanished", &what, reason).await;
+        tracing::warn!(server = %what, %reason, "server is gone");
+    }
+
+    /// Checks one server now (the proxy found its target refusing connections).
+    pub async fn check(&self, user: &str, server: &str) {
+        if self.busy.lock().map(|b| b.contains(&key(user, server))).unwrap_or(true) {
+            return;
+        }
+        let Ok(Some(record)) = self.store.get_server(user, server).await else { return };
+        if record.state != ServerState::Running {
+            return;
+        }
+        let Ok(state) = serde_json::from_str::<Value>(&record.spawner_state) else { return };
+        if let Ok(Status::Exited(why)) = self.spawner.poll(&state).await {
+            self.mark_vanished(record, &why).await;
+        }
+    }
+
+    /// At start-up, before the listener accepts: re-adopt what still runs,
+    /// restore its routes, and mark what vanished as stopped.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(usize, usize), StartError> {
+        let (mut adopted, mut vanished) = (0, 0);
+        for record in self.store.list_servers(None).await? {
+            if record.state == ServerState::Stopped {
+                continue;
+            }
+            let state: Value = serde_json::from_str(&record.spawner_state).unwrap_or_else(|_| json!({}));
+            let status = if state.as_object().is_some_and(|o| !o.is_empty()) {
+                self.spawner.poll(&state).await.unwrap_or_else(|e| Status::Exited(e.to_string()))
+            } else {
+                Status::Exited("it had not started when berth stopped".into())
+            };
+            match (status, self.spawner.target(&state)) {
+                (Status::Running, Some(target)) if record.state != ServerState::Stopping => {
+                    let prefix = self.prefix(&record.user, &record.name);
+                    self.routes.insert(Route { prefix: prefix.clone(), target, user: record.user.clone(), server: record.name.clone() });
+                    let mut record = record;
+                    if record.state == ServerState::Starting {
+                        record.url = Some(prefix);
+                        let _ = self.transition(&mut record, Transition::Ready).await;
+                    }
+                    tracing::info!(server = %describe(&record.user, &record.name), "re-adopted a running server");
+                    adopted += 1;
+                }
+                (Status::Running, _) => {
+                    // It was stopping: finish the job.
+                    let _ = self.stop_now(&record.user, &record.name, "stop").await;
+                    vanished += 1;
+                }
+                (Status::Exited(why), _) => {
+                    self.mark_vanished(record, &format!("stopped while berth was not running: {why}")).await;
+                    vanished += 1;
+                }
+            }
+        }
+        Ok((adopted, vanished))
+    }
+
+    /// One round of the poll job: running servers that died are marked stopped.
+    pub async fn poll_all(&self) {
+        let Ok(records) = self.store.list_servers(None).await else { return };
+        for r in records.into_iter().filter(|r| r.state == ServerState::Running) {
+            self.check(&r.user, &r.name).await;
+        }
+    }
+
+    /// Stops every active server (on shutdown, when configured).
+    pub async fn stop_all(&self) {
+        let Ok(records) = self.store.list_servers(None).await else { return };
+        for r in records.into_iter().filter(|r| r.state.is_active()) {
+            let _ = self.stop_now(&r.user, &r.name, "stop").await;
+        }
+    }
+
+    /// Stops every server of one user (before the account is deleted or unauthorized).
+    pub async fn stop_all_of(&self, user: &str) {
+        let Ok(records) = self.store.list_servers(Some(user)).await else { return };
+        for r in records.into_iter().filter(|r| r.state.is_active()) {
+            let _ = self.stop_now(&r.user, &r.name, "stop").await;
+        }
+    }
+
+    /// Deletes a stopped named server's record.
+    pub async fn remove(&self, user: &str, server: &str) -> Result<(), StartError> {
+        if let Some(r) = self.store.get_server(user, server).await? {
+            if r.state != ServerState::Stopped {
+                return Err(StartError::Refused(format!("{} is not stopped", describe(user, server))));
+            }
+            self.store.delete_server(user, server).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn logs(&self, user: &str, server: &str) -> Option<String> {
+        self.spawner.logs(user, server).await
+    }
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
