@@ -114,6 +114,22 @@ impl Drop for Berth {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        kill_processes_under(&self.data_dir);
+    }
+}
+
+/// Kills every process whose working directory is under `dir`: the servers
+/// (and their kernels) a test's berth started, which outlive berth by design.
+pub fn kill_processes_under(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else { return };
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) {
+            if cwd.starts_with(&dir) {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+        }
     }
 }
 
@@ -275,4 +291,230 @@ where
 
 pub fn api_client() -> Client {
     Client::builder().redirect(Policy::none()).timeout(Duration::from_secs(60)).build().expect("client")
+}
+
+/// The virtualenv with the real `jupyterhub-singleuser` (scripts/test makes it).
+pub fn singleuser_cmd() -> String {
+    let venv = std::env::var("BERTH_TEST_VENV")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../.build/venv").to_string());
+    let cmd = format!("{venv}/bin/jupyterhub-singleuser");
+    assert!(
+        Path::new(&cmd).is_file(),
+        "{cmd} is missing: run the tests through scripts/test, which installs jupyterhub from PyPI"
+    );
+    cmd
+}
+
+pub fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Signs up the admin and `user`, authorizes `user`, logs both in.
+pub async fn admin_and_user(b: &Berth, user: &str, password: &str) -> (Browser, Browser) {
+    let admin = Browser::new(&b.url);
+    admin.signup("admin", "admin-pass-42x").await;
+    admin.login_ok("admin", "admin-pass-42x").await;
+    let u = Browser::new(&b.url);
+    u.signup(user, password).await;
+    let r = admin.submit("/hub/authorize", &format!("/hub/authorize/{user}"), &[("action", "authorize")]).await;
+    assert!(r.status().is_redirection(), "authorize {user}: {}", r.status());
+    u.login_ok(user, password).await;
+    (admin, u)
+}
+
+/// Starts `user`'s default server through the pages and waits for the
+/// progress stream's final event, which it returns.
+pub async fn start_via_pages(b: &Browser, user: &str) -> serde_json::Value {
+    let r = b.submit("/hub/home", &format!("/hub/spawn/{user}"), &[]).await;
+    assert_eq!(r.status(), StatusCode::FOUND, "spawn: {}", r.status());
+    assert_eq!(r.headers()["location"], format!("/hub/spawn-pending/{user}").as_str());
+    let (status, page) = b.get_text(&format!("/hub/spawn-pending/{user}")).await;
+    assert!(status.is_success() || status.is_redirection(), "{status}");
+    if status.is_success() {
+        assert!(page.contains("EventSource"), "the pending page follows the progress stream");
+    }
+    wait_progress(b, &format!("/hub/api/users/{user}/server/progress")).await
+}
+
+/// Reads a progress event stream to its end and returns the last event.
+pub async fn wait_progress(b: &Browser, path: &str) -> serde_json::Value {
+    use futures_util::StreamExt;
+    let r = b.api(reqwest::Method::GET, path).send().await.expect("progress");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut stream = r.bytes_stream();
+    let mut buf = String::new();
+    let mut last = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline.into(), stream.next()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        while let Some(i) = buf.find("\n\n") {
+            let frame: String = buf.drain(..i + 2).collect();
+            for line in frame.lines() {
+                if let Some(data) = line.strip_prefix("data:") {
+                    last = serde_json::from_str(data.trim()).expect("event JSON");
+                }
+            }
+        }
+        if last.get("ready").is_some() || last.get("failed").is_some() {
+            break;
+        }
+    }
+    last
+}
+
+/// Follows redirects by hand (so each hop's cookies land in the jar) until a
+/// non-redirect answer; returns it and the final path.
+pub async fn follow(b: &Browser, path: &str) -> (Response, String) {
+    let mut url = b.url(path);
+    for _ in 0..10 {
+        let r = b.client.get(&url).header("Accept", "text/html").send().await.expect("GET");
+        if !r.status().is_redirection() {
+            return (r, url);
+        }
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        url = if loc.starts_with("http") { loc } else { b.url(&loc) };
+    }
+    panic!("too many redirects from {path}");
+}
+
+/// The resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+impl Browser {
+    /// A browser that trusts the given certificate authority (for HTTPS tests).
+    pub fn with_ca(base: &str, ca_pem: &str) -> Browser {
+        let jar = Arc::new(Jar::default());
+        let client = Client::builder()
+            .cookie_provider(jar.clone())
+            .redirect(Policy::none())
+            .timeout(Duration::from_secs(60))
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA PEM"))
+            .build()
+            .expect("client");
+        Browser { base: base.trim_end_matches('/').to_string(), jar, client }
+    }
+}
+
+/// A Jupyter kernel driven over its WebSocket channels through berth.
+pub mod kernel {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use reqwest::Method;
+    use serde_json::{json, Value};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// Starts a kernel through `/user/<user>/api/kernels` (cookie + XSRF header).
+    pub async fn start(b: &Browser, user: &str) -> String {
+        let prefix = format!("/user/{user}/");
+        let xsrf = b.cookie(&prefix, "_xsrf").expect("the single-user server's _xsrf cookie");
+        let r = b
+            .client
+            .request(Method::POST, b.url(&format!("{prefix}api/kernels")))
+            .header("X-XSRFToken", xsrf)
+            .json(&json!({"name": "python3"}))
+            .send()
+            .await
+            .expect("POST kernels");
+        assert_eq!(r.status(), StatusCode::CREATED, "start kernel: {}", r.text().await.unwrap_or_default());
+        let v: Value = r.json().await.expect("kernel JSON");
+        v["id"].as_str().expect("kernel id").to_string()
+    }
+
+    /// Runs `code` in the kernel and returns its `text/plain` result.
+    /// `tls`: the CA to trust when the base URL is https.
+    pub async fn run(b: &Browser, user: &str, kernel: &str, code: &str, tls: Option<&str>) -> String {
+        let prefix = format!("/user/{user}/");
+        let url = Url::parse(&b.url(&format!("{prefix}api/kernels/{kernel}/channels?session_id=berthtest"))).unwrap();
+        let cookie = b.jar.cookies(&url).expect("cookies for the server");
+        let ws_url = url.as_str().replacen("http", "ws", 1);
+        let mut req = ws_url.into_client_request().expect("ws request");
+        req.headers_mut().insert("Cookie", cookie);
+        let host = url.host_str().unwrap().to_string();
+        let port = url.port().unwrap();
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.expect("tcp");
+        let msg_id = format!("berth-{}", std::process::id());
+        let request = json!({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": "berthtest", "username": user, "version": "5.3", "date": "2026-11-22T00:00:00Z"},
+            "parent_header": {}, "metadata": {},
+            "content": {"code": code, "silent": false, "store_history": true, "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
+            "channel": "shell", "buffers": []
+        });
+        match tls {
+            None => {
+                let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.expect("websocket handshake");
+                assert_eq!(resp.status().as_u16(), 101);
+                exchange(ws, request, &msg_id).await
+            }
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls_pemfile::certs(&mut ca.as_bytes()) {
+                    roots.add(c.expect("CA cert")).expect("add CA");
+                }
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let cfg = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+                let name = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
+                let tls_stream = connector.connect(name, tcp).await.expect("TLS handshake");
+                let (ws, resp) = tokio_tungstenite::client_async(req, tls_stream).await.expect("websocket handshake");
+                assert_eq!(resp.status().as_u16(), 101);
+                exchange(ws, request, &msg_id).await
+            }
+        }
+    }
+
+    async fn exchange<S>(mut ws: tokio_tungstenite::WebSocketStream<S>, request: Value, msg_id: &str) -> String
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        ws.send(Message::Text(request.to_string().into())).await.expect("send");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let msg = tokio::time::timeout_at(deadline.into(), ws.next()).await.expect("no result within 60 s");
+            let Some(Ok(Message::Text(t))) = msg else { continue };
+            let v: Value = serde_json::from_str(t.as_ref()).expect("kernel JSON");
+            if v["parent_header"]["msg_id"] != msg_id {
+                continue;
+            }
+            match v["msg_type"].as_str() {
+                Some("execute_result") => {
+                    let _ = ws.close(None).await;
+                    return v["content"]["data"]["text/plain"].as_str().unwrap_or_default().to_string();
+                }
+                Some("error") => panic!("kernel error: {}", v["content"]),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Browser {
+    /// The `Cookie` header this browser would send to `path`.
+    pub fn jar_cookie_header(&self, path: &str) -> String {
+        let url = Url::parse(&self.url(path)).expect("url");
+        self.jar.cookies(&url).and_then(|h| h.to_str().ok().map(str::to_string)).unwrap_or_default()
+    }
+}
+
+/// Sends a GET with the path exactly as given (no normalization) and returns the status.
+pub async fn raw_get(base: &str, path: &str, cookie: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
