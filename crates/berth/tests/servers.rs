@@ -135,7 +135,9 @@ async fn kill9_berth_then_restart_keeps_the_server_and_its_kernel() {
     b.kill9_and_restart();
     let alice = Browser { base: b.url.clone(), ..alice };
     let r = alice.get("/user/alice/api/status").await;
-    assert_eq!(r.status(), StatusCode::OK, "the re-adopted server answers through the restored route");
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::OK, "the re-adopted server answers through the restored route: {body}\n{}", b.log());
     assert_eq!(kernel::run(&alice, "alice", &kernel, "x + 1", None).await, "41", "same kernel, same state");
     let me: Value = alice.api(Method::GET, "/hub/api/users/alice").send().await.unwrap().json().await.unwrap();
     assert_eq!(me["servers"][""]["started"], pid_before, "not restarted");

@@ -24,6 +24,9 @@ pub struct Berth {
     pub args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
     pub stderr_log: PathBuf,
+    /// Kill the servers this berth started when dropped (off for the
+    /// instance a restart replaces: its servers belong to the next one).
+    cleanup: bool,
 }
 
 impl Berth {
@@ -82,7 +85,7 @@ impl Berth {
                 panic!("berth did not start listening within 60 s; its log:\n{log}");
             }
         };
-        Berth { child, url, data_dir: data_dir.to_path_buf(), env, args, _tmp: None, stderr_log }
+        Berth { child, url, data_dir: data_dir.to_path_buf(), env, args, _tmp: None, stderr_log, cleanup: true }
     }
 
     /// kill -9, then start again on the same data directory.
@@ -92,7 +95,8 @@ impl Berth {
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let args: Vec<&str> = self.args.iter().map(|s| s.as_str()).collect();
         let next = Berth::spawn_in(&self.data_dir, &env, &args);
-        let old = std::mem::replace(self, next);
+        let mut old = std::mem::replace(self, next);
+        old.cleanup = false;
         self._tmp = old.take_tmp();
     }
 
@@ -114,7 +118,9 @@ impl Drop for Berth {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        kill_processes_under(&self.data_dir);
+        if self.cleanup {
+            kill_processes_under(&self.data_dir);
+        }
     }
 }
 

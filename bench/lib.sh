@@ -1,0 +1,63 @@
+# Shared helpers for the benchmark scripts (sourced).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD=${BERTH_BUILD_DIR:-$ROOT/.build}
+
+need_pkg() { # need_pkg COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return
+    echo "installing $2" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >&2
+}
+
+build_release() {
+    (cd "$ROOT" && cargo build --release -q -p berth -p berth-bench >&2)
+    BERTH=$ROOT/target/release/berth
+}
+
+# start_berth DATA_DIR [ENV=VALUE...]: starts berth on a free loopback port;
+# sets BERTH_PID and URL.
+start_berth() {
+    local data=$1; shift
+    local out=$data.out
+    env "$@" "$BERTH" serve --bind 127.0.0.1:0 --data-dir "$data" >"$out" 2>"$data.err" &
+    BERTH_PID=$!
+    for _ in $(seq 1 200); do
+        URL=$(sed -n 's/^berth listening on //p' "$out" | head -1)
+        [ -n "$URL" ] && return 0
+        sleep 0.05
+    done
+    echo "berth did not start:" >&2; cat "$data.err" >&2; exit 1
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# login_token URL USER PASSWORD: logs in with a cookie jar and prints a new API token.
+login_token() {
+    local url=$1 user=$2 pw=$3 jar
+    jar=$(mktemp)
+    curl -s -c "$jar" "$url/hub/login" >/dev/null
+    local x; x=$(awk '$6=="_xsrf" {print $7}' "$jar" | tail -1)
+    curl -s -b "$jar" -c "$jar" "$url/hub/login?next=" --data-urlencode "_xsrf=$x" \
+        --data-urlencode "username=$user" --data-urlencode "password=$pw" -o /dev/null
+    x=$(awk '$6=="_xsrf" {print $7}' "$jar" | tail -1)
+    curl -s -b "$jar" -H "X-XSRFToken: $x" -X POST "$url/hub/api/users/$user/tokens" -d '{"note":"bench"}' |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
+    rm -f "$jar"
+}
+
+# wrk_summary: reads wrk --latency output on stdin, prints "req/s p50 p99".
+wrk_summary() {
+    python3 -c '
+import re, sys
+t = sys.stdin.read()
+def ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    n, u = float(m.group(1)), m.group(2)
+    return n / 1000 if u == "us" else n * 1000 if u == "s" else n
+rps = re.search(r"Requests/sec:\s+([\d.]+)", t).group(1)
+p50 = re.search(r"50%\s+(\S+)", t).group(1)
+p99 = re.search(r"99%\s+(\S+)", t).group(1)
+errs = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+print(f"{float(rps):.0f} {ms(p50):.3f} {ms(p99):.3f} {errs.group(1) if errs else 0}")
+'
+}

@@ -1,0 +1,2 @@
+//! Benchmark helpers (not part of berth): see `bench/`.
+#![forbid(unsafe_code)]
