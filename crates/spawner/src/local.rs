@@ -46,12 +46,14 @@ pub struct LocalSpawner {
     cfg: LocalConfig,
     /// Exit reasons of children this process started (it reaps them).
     exited: Arc<Mutex<HashMap<u32, String>>>,
+    /// Children this process started and has not yet reaped.
+    children: Arc<Mutex<std::collections::HashSet<u32>>>,
     provision_lock: tokio::sync::Mutex<()>,
 }
 
 impl LocalSpawner {
     pub fn new(cfg: LocalConfig) -> LocalSpawner {
-        LocalSpawner { cfg, exited: Arc::default(), provision_lock: tokio::sync::Mutex::new(()) }
+        LocalSpawner { cfg, exited: Arc::default(), children: Arc::default(), provision_lock: tokio::sync::Mutex::new(()) }
     }
 
     fn log_path(&self, user: &str, server: &str) -> PathBuf {
@@ -229,6 +231,10 @@ impl Spawner for LocalSpawner {
             tracing::info!(user = %spec.user, server = %spec.server, pid, port, log = %log_path.display(), "started local server");
             // Reap the child when it exits, and remember why.
             let exited = self.exited.clone();
+            let children = self.children.clone();
+            if let Ok(mut c) = children.lock() {
+                c.insert(pid);
+            }
             tokio::spawn(async move {
                 let why = match child.wait().await {
                     Ok(status) => format!("the server exited ({status})"),
@@ -236,6 +242,9 @@ impl Spawner for LocalSpawner {
                 };
                 if let Ok(mut m) = exited.lock() {
                     m.insert(pid, why);
+                }
+                if let Ok(mut c) = children.lock() {
+                    c.remove(&pid);
                 }
             });
             Ok(Started {
@@ -275,6 +284,14 @@ impl Spawner for LocalSpawner {
             let (pid, started) = state_pid(state)?;
             if alive(pid, started) {
                 return Ok(Status::Running);
+            }
+            // Our own child: give the reaper a moment to record its exit status.
+            for _ in 0..100 {
+                let ours = self.children.lock().map(|c| c.contains(&pid)).unwrap_or(false);
+                if !ours {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let why = self.exited.lock().ok().and_then(|m| m.get(&pid).cloned());
             Ok(Status::Exited(why.unwrap_or_else(|| "the server process is gone".into())))
