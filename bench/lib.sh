@@ -45,18 +45,22 @@ login_token() {
     rm -f "$jar"
 }
 
-# wrk_summary: reads wrk --latency output on stdin, prints "req/s p50 p99".
+# wrk_summary: reads wrk --latency output on stdin (kept in $BUILD/bench-logs),
+# prints "req/s p50 p99 errors".
 wrk_summary() {
-    python3 -c '
+    mkdir -p "$BUILD/bench-logs"
+    tee -a "$BUILD/bench-logs/wrk.log" | python3 -c '
 import re, sys
 t = sys.stdin.read()
 def ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", v)
+    if not m:
+        return float("nan")
     n, u = float(m.group(1)), m.group(2)
-    return n / 1000 if u == "us" else n * 1000 if u == "s" else n
+    return n / 1000 if u == "us" else n * 1000 if u == "s" else n * 60000 if u == "m" else n
 rps = re.search(r"Requests/sec:\s+([\d.]+)", t).group(1)
-p50 = re.search(r"50%\s+(\S+)", t).group(1)
-p99 = re.search(r"99%\s+(\S+)", t).group(1)
+p50 = re.search(r"^\s+50%\s+(\S+)", t, re.M).group(1)
+p99 = re.search(r"^\s+99%\s+(\S+)", t, re.M).group(1)
 errs = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
 print(f"{float(rps):.0f} {ms(p50):.3f} {ms(p99):.3f} {errs.group(1) if errs else 0}")
 '

@@ -6,6 +6,7 @@
 //! tokens arrive hashed, passwords as PHC strings.
 #![forbid(unsafe_code)]
 
+mod directory;
 mod migrations;
 mod records;
 
@@ -47,6 +48,12 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Bumped by every change that can take a credential's power away
+    /// (revocations, deletions, demotions), so caches of authenticated
+    /// callers know to forget.
+    auth_generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Users and servers, read from memory (see `directory.rs`).
+    dir: std::sync::Arc<std::sync::RwLock<directory::Directory>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -143,7 +150,7 @@ impl Store {
             .connect(&connect_url)
             .await
             .map_err(|source| classify_open(&shown, source))?;
-        let store = Store { pool, backend };
+        let store = Store { pool, backend, auth_generation: Default::default(), dir: Default::default() };
         store.migrate().await.map_err(|e| match e {
             StoreError::Db(source) => classify_open(&shown, source),
             other => other,
@@ -163,6 +170,15 @@ impl Store {
         }
         let row = sqlx::query("PRAGMA journal_mode").fetch_one(&self.pool).await?;
         Ok(row.try_get::<String, _>(0)?)
+    }
+
+    /// See the field: changes whenever cached authentication may be stale.
+    pub fn auth_generation(&self) -> u64 {
+        self.auth_generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn auth_changed(&self) {
+        self.auth_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn backend(&self) -> Backend {
@@ -234,10 +250,11 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         }
+        self.directory_changed(&[u.name.as_str()]).await?;
         self.get_user(&u.name).await?.ok_or_else(|| StoreError::NotFound { what: format!("user {}", u.name) })
     }
 
-    pub async fn get_user(&self, name: &str) -> Result<Option<User>> {
+    pub(crate) async fn get_user_db(&self, name: &str) -> Result<Option<User>> {
         let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE name = $1"))
             .bind(name)
             .fetch_optional(&self.pool)
@@ -245,59 +262,14 @@ impl Store {
         row.map(|r| User::from_row(&r)).transpose()
     }
 
-    pub async fn count_users(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM users").fetch_one(&self.pool).await?;
-        Ok(row.try_get::<i64, _>("n")?)
-    }
-
-    /// Users in name order, filtered, with the total before offset/limit.
-    pub async fn list_users(&self, q: &UserQuery) -> Result<(Vec<User>, i64)> {
-        let mut conds: Vec<String> = Vec::new();
-        let mut like = None;
-        if let Some(prefix) = q.name_prefix.as_deref().filter(|p| !p.is_empty()) {
-            if !prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
-                return Ok((Vec::new(), 0));
-            }
-            like = Some(format!("{prefix}%"));
-            conds.push("name LIKE $1".into());
-        }
-        match q.state {
-            StateFilter::Any => {}
-            StateFilter::Ready => conds.push(
-                "EXISTS (SELECT 1 FROM servers s WHERE s.user_name = users.name AND s.state = 'running')".into(),
-            ),
-            StateFilter::Active => conds.push(
-                "EXISTS (SELECT 1 FROM servers s WHERE s.user_name = users.name AND s.state <> 'stopped')".into(),
-            ),
-            StateFilter::Inactive => conds.push(
-                "NOT EXISTS (SELECT 1 FROM servers s WHERE s.user_name = users.name AND s.state <> 'stopped')"
-                    .into(),
-            ),
-        }
-        if let Some(a) = q.authorized {
-            conds.push(format!("authorized = {}", b(a)));
-        }
-        let where_ = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
-        let (lim, off) = if like.is_some() { ("$2", "$3") } else { ("$1", "$2") };
-        let sql = format!("SELECT {USER_COLS} FROM users {where_} ORDER BY name LIMIT {lim} OFFSET {off}");
-        let count_sql = format!("SELECT COUNT(*) AS n FROM users {where_}");
-        let mut query = sqlx::query(&sql);
-        let mut count = sqlx::query(&count_sql);
-        if let Some(l) = &like {
-            query = query.bind(l.clone());
-            count = count.bind(l.clone());
-        }
-        let rows = query.bind(q.limit).bind(q.offset).fetch_all(&self.pool).await?;
-        let total: i64 = count.fetch_one(&self.pool).await?.try_get("n")?;
-        let users = rows.iter().map(User::from_row).collect::<Result<Vec<_>>>()?;
-        Ok((users, total))
-    }
 
     pub async fn set_authorized(&self, name: &str, authorized: bool) -> Result<()> {
+        self.auth_changed();
         self.update_one("UPDATE users SET authorized = $2 WHERE name = $1", name, b(authorized)).await
     }
 
     pub async fn set_admin(&self, name: &str, admin: bool) -> Result<()> {
+        self.auth_changed();
         self.update_one("UPDATE users SET admin = $2 WHERE name = $1", name, b(admin)).await
     }
 
@@ -306,12 +278,14 @@ impl Store {
         if r.rows_affected() == 0 {
             return Err(StoreError::NotFound { what: format!("user {name}") });
         }
+        self.directory_changed(&[name]).await?;
         Ok(())
     }
 
     /// Sets a new password hash, clears the lock-out, and revokes every
     /// session of the user but `keep_session` (the one that changed it).
     pub async fn set_password(&self, name: &str, hash: &str, keep_session: Option<&str>) -> Result<()> {
+        self.auth_changed();
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE users SET password_hash = $2, failed_logins = 0, locked_until = NULL WHERE name = $1",
@@ -329,6 +303,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.directory_changed(&[name]).await?;
         Ok(())
     }
 
@@ -340,6 +315,7 @@ impl Store {
             .bind(hash)
             .execute(&self.pool)
             .await?;
+        self.directory_changed(&[name]).await?;
         Ok(())
     }
 
@@ -351,6 +327,7 @@ impl Store {
             .bind(locked_until)
             .execute(&self.pool)
             .await?;
+        self.directory_changed(&[name]).await?;
         Ok(())
     }
 
@@ -364,6 +341,7 @@ impl Store {
         .bind(at)
         .execute(&self.pool)
         .await?;
+        self.directory_changed(&[name]).await?;
         Ok(())
     }
 
@@ -373,14 +351,16 @@ impl Store {
             .bind(at)
             .execute(&self.pool)
             .await?;
+        self.directory_changed(&[name]).await?;
         Ok(())
     }
 
     pub async fn rename_user(&self, old: &str, new: &str) -> Result<()> {
+        self.auth_changed();
         let r = sqlx::query("UPDATE users SET name = $2 WHERE name = $1").bind(old).bind(new).execute(&self.pool).await;
         match r {
             Ok(r) if r.rows_affected() == 0 => Err(StoreError::NotFound { what: format!("user {old}") }),
-            Ok(_) => Ok(()),
+            Ok(_) => self.directory_changed(&[old, new]).await,
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict { what: format!("user {new}") }),
             Err(e) => Err(e.into()),
         }
@@ -388,11 +368,12 @@ impl Store {
 
     /// Deletes the user; sessions, tokens, servers and OAuth rows go with it.
     pub async fn delete_user(&self, name: &str) -> Result<()> {
+        self.auth_changed();
         let r = sqlx::query("DELETE FROM users WHERE name = $1").bind(name).execute(&self.pool).await?;
         if r.rows_affected() == 0 {
             return Err(StoreError::NotFound { what: format!("user {name}") });
         }
-        Ok(())
+        self.directory_changed(&[name]).await
     }
 
     // ------------------------------------------------------------- sessions
@@ -452,11 +433,13 @@ impl Store {
     }
 
     pub async fn revoke_session(&self, id_hash: &str) -> Result<()> {
+        self.auth_changed();
         sqlx::query("UPDATE sessions SET revoked = 1 WHERE id_hash = $1").bind(id_hash).execute(&self.pool).await?;
         Ok(())
     }
 
     pub async fn revoke_user_sessions(&self, user: &str) -> Result<()> {
+        self.auth_changed();
         sqlx::query("UPDATE sessions SET revoked = 1 WHERE user_name = $1").bind(user).execute(&self.pool).await?;
         Ok(())
     }
@@ -519,6 +502,7 @@ impl Store {
     }
 
     pub async fn delete_token(&self, user: &str, id: &str) -> Result<()> {
+        self.auth_changed();
         let r = sqlx::query("DELETE FROM tokens WHERE user_name = $1 AND id = $2")
             .bind(user)
             .bind(id)
@@ -533,6 +517,7 @@ impl Store {
     /// Deletes the tokens a server held (its own API token and the OAuth
     /// access tokens issued to its client).
     pub async fn delete_server_tokens(&self, user: &str, server: &str, client_id: &str) -> Result<()> {
+        self.auth_changed();
         sqlx::query(
             "DELETE FROM tokens WHERE user_name = $1 AND ((kind = 'server' AND server_name = $2) OR oauth_client = $3)",
         )
@@ -545,6 +530,7 @@ impl Store {
     }
 
     pub async fn delete_expired_tokens(&self, now: i64) -> Result<u64> {
+        self.auth_changed();
         let r = sqlx::query("DELETE FROM tokens WHERE expires_at IS NOT NULL AND expires_at < $1")
             .bind(now)
             .execute(&self.pool)
@@ -571,16 +557,7 @@ impl Store {
 
     // -------------------------------------------------------------- servers
 
-    pub async fn get_server(&self, user: &str, name: &str) -> Result<Option<Server>> {
-        let row = sqlx::query(&format!("SELECT {SERVER_COLS} FROM servers WHERE user_name = $1 AND name = $2"))
-            .bind(user)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| Server::from_row(&r)).transpose()
-    }
-
-    pub async fn list_servers(&self, user: Option<&str>) -> Result<Vec<Server>> {
+    pub(crate) async fn list_servers_db(&self, user: Option<&str>) -> Result<Vec<Server>> {
         let rows = match user {
             Some(u) => {
                 sqlx::query(&format!("SELECT {SERVER_COLS} FROM servers WHERE user_name = $1 ORDER BY name"))
@@ -595,37 +572,6 @@ impl Store {
             }
         };
         rows.iter().map(Server::from_row).collect()
-    }
-
-    /// Servers of many users at once, for list endpoints.
-    pub async fn servers_of(&self, users: &[String]) -> Result<Vec<Server>> {
-        if users.is_empty() {
-            return Ok(Vec::new());
-        }
-        let placeholders: Vec<String> = (1..=users.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "SELECT {SERVER_COLS} FROM servers WHERE state <> 'stopped' AND user_name IN ({}) ORDER BY user_name, name",
-            placeholders.join(", ")
-        );
-        let mut q = sqlx::query(&sql);
-        for u in users {
-            q = q.bind(u.clone());
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter().map(Server::from_row).collect()
-    }
-
-    pub async fn count_active_servers_of(&self, user: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM servers WHERE user_name = $1 AND state <> 'stopped'")
-            .bind(user)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get("n")?)
-    }
-
-    pub async fn count_active_servers(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM servers WHERE state <> 'stopped'").fetch_one(&self.pool).await?;
-        Ok(row.try_get("n")?)
     }
 
     /// Writes the whole server record (insert or update).
@@ -648,6 +594,7 @@ impl Store {
         .bind(&s.user_options)
         .execute(&self.pool)
         .await?;
+        self.directory_changed(&[&s.user]).await?;
         Ok(())
     }
 
@@ -657,6 +604,7 @@ impl Store {
             .bind(name)
             .execute(&self.pool)
             .await?;
+        self.directory_changed(&[user]).await?;
         Ok(())
     }
 
@@ -682,6 +630,8 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
+        let names: Vec<&str> = seen.iter().map(|(u, _, _)| u.as_str()).collect();
+        self.directory_changed(&names).await?;
         Ok(())
     }
 

@@ -238,7 +238,7 @@ async fn sqlite_is_wal_and_reopens() {
     }
     assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
     let s = Store::open_in_dir(dir.path()).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 1);
+    assert_eq!(s.schema_version().await.unwrap(), 2);
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
     assert_eq!(mode, "wal");
@@ -251,4 +251,32 @@ async fn corrupt_sqlite_is_a_clear_error() {
     let err = Store::open_in_dir(dir.path()).await.unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("berth.sqlite"), "{err}");
+}
+
+#[tokio::test]
+async fn another_process_writes_are_seen() {
+    // Two stores on one file stand for the hub and `berth user ...`.
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Store::open_in_dir(dir.path()).await.unwrap();
+    let cli = Store::open_in_dir(dir.path()).await.unwrap();
+    hub.create_user(&new_user("fay")).await.unwrap();
+    assert!(!hub.get_user("fay").await.unwrap().unwrap().authorized);
+    cli.set_authorized("fay", true).await.unwrap();
+    cli.create_user(&new_user("gus")).await.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let fay = hub.get_user("fay").await.unwrap().unwrap();
+        let gus = hub.get_user("gus").await.unwrap();
+        if fay.authorized && gus.is_some() {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(3), "the hub never saw the CLI's writes");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    cli.delete_user("gus").await.unwrap();
+    let start = std::time::Instant::now();
+    while hub.get_user("gus").await.unwrap().is_some() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(3), "the hub never saw the deletion");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

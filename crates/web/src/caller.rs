@@ -88,11 +88,60 @@ fn token_from_headers(h: &HeaderMap) -> Option<String> {
     }
 }
 
+/// How long an authenticated caller is remembered. Changes made by this
+/// process (revocations, deletions) invalidate at once through the store's
+/// auth generation; changes by another process (the CLI) within this time.
+const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+const CACHE_MAX: usize = 10_000;
+
+struct CacheEntry {
+    caller: Caller,
+    /// Token expiry, checked on every use.
+    expires_at: Option<i64>,
+    generation: u64,
+    stored: std::time::Instant,
+}
+
+/// Recently authenticated callers, keyed by the credential's hash, so the
+/// proxy's edge check costs no database round trip per request.
+#[derive(Default)]
+pub struct AuthCache {
+    map: std::sync::Mutex<std::collections::HashMap<String, CacheEntry>>,
+}
+
+impl AuthCache {
+    fn get(&self, key: &str, generation: u64, now: i64) -> Option<Caller> {
+        let map = self.map.lock().ok()?;
+        let e = map.get(key)?;
+        let fresh = e.generation == generation
+            && e.stored.elapsed() < CACHE_TTL
+            && e.expires_at.is_none_or(|t| t > now);
+        fresh.then(|| e.caller.clone())
+    }
+
+    fn put(&self, key: String, caller: Caller, expires_at: Option<i64>, generation: u64) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= CACHE_MAX {
+                map.clear();
+            }
+            map.insert(key, CacheEntry { caller, expires_at, generation, stored: std::time::Instant::now() });
+        }
+    }
+}
+
 /// Resolves a token to its caller, or None when unknown, expired, or its
 /// owner is not (or no longer) authorized.
 pub async fn caller_from_token(hub: &SharedHub, token: &str) -> Result<Option<Caller>, ApiError> {
     let now = now_ms();
-    let Some((tok, user)) = hub.store.find_token(&hash_token(token)).await? else {
+    let key = hash_token(token);
+    let generation = hub.store.auth_generation();
+    if let Some(c) = hub.auth_cache.get(&key, generation, now) {
+        if let Via::Token { id, .. } = &c.via {
+            hub.activity.token(id, now);
+        }
+        return Ok(Some(c));
+    }
+    let Some((tok, user)) = hub.store.find_token(&key).await? else {
         return Ok(None);
     };
     if tok.is_expired(now) || !user.authorized {
@@ -100,11 +149,9 @@ pub async fn caller_from_token(hub: &SharedHub, token: &str) -> Result<Option<Ca
     }
     hub.activity.token(&tok.id, now);
     let scopes = token_scopes(&tok, &user);
-    Ok(Some(Caller {
-        user,
-        scopes,
-        via: Via::Token { id: tok.id, kind: tok.kind, session_id: tok.session_id },
-    }))
+    let caller = Caller { user, scopes, via: Via::Token { id: tok.id, kind: tok.kind, session_id: tok.session_id } };
+    hub.auth_cache.put(key, caller.clone(), tok.expires_at, generation);
+    Ok(Some(caller))
 }
 
 /// What a token may do: what it was given, never more than its owner holds
@@ -133,17 +180,24 @@ pub async fn caller_from_session(hub: &SharedHub, cookie_value: &str) -> Result<
     let Some(id_hash) = SessionCookie::id_hash_of(&hub.signer, cookie_value) else {
         return Ok(None);
     };
+    let now = now_ms();
+    let generation = hub.store.auth_generation();
+    if let Some(c) = hub.auth_cache.get(&id_hash, generation, now) {
+        hub.activity.session(&id_hash, now);
+        return Ok(Some(c));
+    }
     let Some((session, user)) = hub.store.get_session(&id_hash).await? else {
         return Ok(None);
     };
-    let now = now_ms();
     let max_age = hub.auth.session_max_age_seconds.as_millis() as i64;
     if !user.authorized || now - session.created > max_age {
         return Ok(None);
     }
     hub.activity.session(&id_hash, now);
     let scopes = ScopeSet::for_user(&user.name, user.admin);
-    Ok(Some(Caller { user, scopes, via: Via::Session { id_hash, public_id: session.public_id } }))
+    let caller = Caller { user, scopes, via: Via::Session { id_hash: id_hash.clone(), public_id: session.public_id } };
+    hub.auth_cache.put(id_hash, caller.clone(), Some(session.created + max_age), generation);
+    Ok(Some(caller))
 }
 
 fn is_safe_navigation(method: &Method, headers: &HeaderMap) -> bool {

@@ -65,6 +65,8 @@ pub struct Hub {
     /// Password hashes in flight at once: a login storm must not take every
     /// core from the requests around it.
     pub hash_permits: Semaphore,
+    /// Recently authenticated callers, by credential hash (see `caller::cached`).
+    pub auth_cache: caller::AuthCache,
     /// Failed log-ins for names that do not exist, so they lock like real ones.
     unknown_failures: Mutex<HashMap<String, (i64, Option<i64>, Option<i64>)>>,
 }
@@ -90,6 +92,7 @@ impl Hub {
             servers,
             hash_permits: Semaphore::new(cores.saturating_sub(1).max(1)),
             unknown_failures: Mutex::new(HashMap::new()),
+            auth_cache: caller::AuthCache::default(),
         }
     }
 

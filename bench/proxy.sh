@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The one-port proxy against nginx, on one backend in one run: requests/s and
+# p50/p99 for 1 KB and 1 MiB responses at 1 and 64 connections (wrk, 10 s
+# each), WebSocket round trips (20,000 small messages), and each proxy's
+# resident memory. Prints a Markdown table.
+# Usage: bench/proxy.sh
+source "$(dirname "$0")/lib.sh"
+need_pkg wrk wrk
+need_pkg nginx nginx-light
+build_release
+work=$(mktemp -d)
+cleanup() {
+    kill "$BERTH_PID" "$SAMPLER" 2>/dev/null || true
+    [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+    pkill -f "$ROOT/target/release/bench-backend" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+data=$work/data
+printf 'bench-admin-pass-1\n' | "$BERTH" user add admin --admin --password-stdin --data-dir "$data" >/dev/null
+start_berth "$data" BERTH_LOCAL_CMD="$ROOT/target/release/bench-backend" BERTH_LOG=warn
+token=$(login_token "$URL" admin bench-admin-pass-1)
+auth="Authorization: token $token"
+# berth starts the backend as admin's server; everyone uses that one process.
+curl -s -X POST -H "$auth" "$URL/hub/api/users/admin/server" -o /dev/null -w '%{http_code}\n' >&2
+backend_port=$(curl -s -H "$auth" "$URL/hub/api/users/admin" | python3 -c 'import json,sys; print(json.load(sys.stdin)["servers"][""]["state"]["port"])')
+direct="http://127.0.0.1:$backend_port"
+berth="$URL"
+
+nginx_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir -p "$work/nginx"
+cat > "$work/nginx.conf" <<NGINX
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
+    uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
+    upstream backend { server 127.0.0.1:$backend_port; keepalive 64; }
+    server {
+        listen 127.0.0.1:$nginx_port;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_set_header Host \$host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }
+    }
+}
+NGINX
+nginx -c "$work/nginx.conf" -e "$work/nginx/error.log"
+nginx="http://127.0.0.1:$nginx_port"
+for _ in $(seq 1 100); do curl -s "$nginx/user/admin/api" >/dev/null && break; sleep 0.05; done
+
+# Peak resident memory of berth and of nginx (all its processes) while the load runs.
+( peak_b=0; peak_n=0
+  while true; do
+      b=$(rss_kib "$BERTH_PID" 2>/dev/null || echo 0)
+      n=$(for p in $(pgrep -f "nginx -c $work/nginx.conf"; pgrep -P "$(cat "$work/nginx.pid")"); do rss_kib "$p"; done | awk '{s+=$1} END {print s+0}')
+      [ "$b" -gt "$peak_b" ] && peak_b=$b; [ "$n" -gt "$peak_n" ] && peak_n=$n
+      echo "$peak_b $peak_n" > "$work/peak"; sleep 0.2
+  done ) &
+SAMPLER=$!
+
+echo "| target | body | connections | requests/s | p50 ms | p99 ms | errors |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+for body in 1k 1m; do
+    for c in 1 64; do
+        t=$([ "$c" = 1 ] && echo 1 || echo 2)
+        for target in direct nginx berth; do
+            base=${!target}
+            hdr=(); [ "$target" = berth ] && hdr=(-H "$auth")
+            read -r rps p50 p99 err < <(wrk -t"$t" -c"$c" -d10s --latency "${hdr[@]}" "$base/user/admin/$body" | wrk_summary)
+            echo "| $target | $body | $c | $rps | $p50 | $p99 | $err |"
+        done
+    done
+done
+echo
+echo "| target | WebSocket round trip p50 µs | p99 µs |"
+echo "| --- | ---: | ---: |"
+for target in direct nginx berth; do
+    base=${!target}
+    ws=${base/http:/ws:}/user/admin/ws
+    hdr=(); [ "$target" = berth ] && hdr=("$auth")
+    out=$("$ROOT/target/release/ws-rtt" "$ws" 20000 "${hdr[@]}")
+    p50=$(echo "$out" | sed -n 's/.*p50_us=\([0-9.]*\).*/\1/p'); p99=$(echo "$out" | sed -n 's/.*p99_us=\([0-9.]*\).*/\1/p')
+    echo "| $target | $p50 | $p99 |"
+done
+read -r peak_b peak_n < "$work/peak"
+echo
+echo "Peak resident memory under this load: berth $peak_b KiB, nginx (all processes) $peak_n KiB."
