@@ -54,6 +54,8 @@ pub struct Store {
     auth_generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Users and servers, read from memory (see `directory.rs`).
     dir: std::sync::Arc<std::sync::RwLock<directory::Directory>>,
+    /// Orders this process's directory updates by version.
+    dir_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -150,7 +152,7 @@ impl Store {
             .connect(&connect_url)
             .await
             .map_err(|source| classify_open(&shown, source))?;
-        let store = Store { pool, backend, auth_generation: Default::default(), dir: Default::default() };
+        let store = Store { pool, backend, auth_generation: Default::default(), dir: Default::default(), dir_writer: Default::default() };
         store.migrate().await.map_err(|e| match e {
             StoreError::Db(source) => classify_open(&shown, source),
             other => other,
@@ -252,6 +254,13 @@ impl Store {
         }
         self.directory_changed(&[u.name.as_str()]).await?;
         self.get_user(&u.name).await?.ok_or_else(|| StoreError::NotFound { what: format!("user {}", u.name) })
+    }
+
+    /// The user as the database has it now, bypassing the in-memory
+    /// directory (for log-in, where another process may just have lifted a
+    /// lock-out or changed the password).
+    pub async fn get_user_uncached(&self, name: &str) -> Result<Option<User>> {
+        self.get_user_db(name).await
     }
 
     pub(crate) async fn get_user_db(&self, name: &str) -> Result<Option<User>> {

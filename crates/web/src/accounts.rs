@@ -273,7 +273,7 @@ async fn check_login(hub: &SharedHub, raw_name: &str, password: String) -> ApiRe
     let policy = hub.auth.lockout();
     let name = UserName::normalize(raw_name).ok();
     let user = match &name {
-        Some(n) => hub.store.get_user(n.as_str()).await?,
+        Some(n) => hub.store.get_user_uncached(n.as_str()).await?,
         None => None,
     };
     let Some(user) = user else {
@@ -430,7 +430,7 @@ pub async fn change_password(
 ) -> ApiResult<Html<String>> {
     let name = user.caller.name().to_string();
     let result: Result<(), String> = async {
-        let fresh = hub.store.get_user(&name).await.map_err(|e| ApiError::from(e).message)?;
+        let fresh = hub.store.get_user_uncached(&name).await.map_err(|e| ApiError::from(e).message)?;
         let stored = fresh.and_then(|u| u.password_hash);
         let ok = hub.verify_password(stored, f.old_password.clone()).await.map_err(|e| e.message)?;
         if !ok.ok() {

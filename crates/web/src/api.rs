@@ -114,9 +114,9 @@ async fn list_users(
     ApiCaller(c): ApiCaller,
     headers: HeaderMap,
     Query(p): Query<ListParams>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     if !c.allows("list:users", Target::Hub) {
-        return list_named_users(&hub, &c).await;
+        return list_named_users(&hub, &c).await.map(IntoResponse::into_response);
     }
     let paginated = headers
         .get(axum::http::header::ACCEPT)
@@ -141,9 +141,10 @@ async fn list_users(
     let (users, total) = hub.store.list_users(&q).await?;
     let names: Vec<String> = users.iter().map(|u| u.name.clone()).collect();
     let servers = hub.store.servers_of(&names).await?;
-    let items: Vec<Value> = users.iter().map(|u| user_model(&hub.cfg.base_url, u, &servers, &c.scopes)).collect();
+    let items: Vec<crate::model::UserModel> =
+        users.iter().map(|u| crate::model::user_model_typed(&hub.cfg.base_url, u, &servers, &c.scopes)).collect();
     if !paginated {
-        return Ok(Json(Value::Array(items)));
+        return Ok(Json(items).into_response());
     }
     let next = (offset + limit < total).then(|| {
         let mut url = format!("{}api/users?offset={}&limit={}", hub.hub_prefix(), offset + limit, limit);
@@ -155,10 +156,13 @@ async fn list_users(
         }
         json!({"offset": offset + limit, "limit": limit, "url": url})
     });
-    Ok(Json(json!({
-        "items": items,
-        "_pagination": {"offset": offset, "limit": limit, "total": total, "next": next},
-    })))
+    #[derive(serde::Serialize)]
+    struct Page {
+        items: Vec<crate::model::UserModel>,
+        _pagination: Value,
+    }
+    let page = Page { items, _pagination: json!({"offset": offset, "limit": limit, "total": total, "next": next}) };
+    Ok(Json(page).into_response())
 }
 
 /// For callers whose `list:users` is limited to named users: those users.

@@ -30,7 +30,6 @@ use axum::Router;
 use berth_auth::{Secret, Signer};
 use berth_store::Store;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 
 pub use error::{ApiError, ApiResult};
 
@@ -62,9 +61,10 @@ pub struct Hub {
     pub signer: Signer,
     pub activity: Arc<activity::Activity>,
     pub servers: Arc<servers::Servers>,
-    /// Password hashes in flight at once: a login storm must not take every
-    /// core from the requests around it.
-    pub hash_permits: Semaphore,
+    /// Password hashing threads: fewer than the cores, so a login storm
+    /// leaves a core for every other request; few and long-lived, so their
+    /// 19 MiB working memory is reused instead of piling up per thread.
+    hashers: HashPool,
     /// Recently authenticated callers, by credential hash (see `caller::cached`).
     pub auth_cache: caller::AuthCache,
     /// Failed log-ins for names that do not exist, so they lock like real ones.
@@ -90,7 +90,7 @@ impl Hub {
             signer: Signer::new(cookie_secret),
             activity,
             servers,
-            hash_permits: Semaphore::new(cores.saturating_sub(1).max(1)),
+            hashers: HashPool::new(cores.saturating_sub(1).max(1)),
             unknown_failures: Mutex::new(HashMap::new()),
             auth_cache: caller::AuthCache::default(),
         }
@@ -103,11 +103,8 @@ impl Hub {
 
     /// Hashes a password off the async runtime.
     pub async fn hash_password(&self, password: String) -> ApiResult<String> {
-        let _permit = self.hash_permits.acquire().await.map_err(ApiError::internal)?;
         let cost = self.auth.hash_cost();
-        tokio::task::spawn_blocking(move || berth_auth::password::hash(&password, cost))
-            .await
-            .map_err(ApiError::internal)
+        self.hashers.run(move || berth_auth::password::hash(&password, cost)).await
     }
 
     /// Verifies a password off the async runtime; `None` hash spends the same time.
@@ -116,17 +113,60 @@ impl Hub {
         stored: Option<String>,
         password: String,
     ) -> ApiResult<berth_auth::Verified> {
-        let _permit = self.hash_permits.acquire().await.map_err(ApiError::internal)?;
         let cost = self.auth.hash_cost();
-        tokio::task::spawn_blocking(move || match stored {
-            Some(h) => berth_auth::password::verify(&h, &password, cost),
-            None => {
-                berth_auth::password::verify_dummy(&password, cost);
-                berth_auth::Verified::Wrong
+        self.hashers
+            .run(move || match stored {
+                Some(h) => berth_auth::password::verify(&h, &password, cost),
+                None => {
+                    berth_auth::password::verify_dummy(&password, cost);
+                    berth_auth::Verified::Wrong
+                }
+            })
+            .await
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A few dedicated threads for password hashing.
+struct HashPool {
+    tx: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+impl HashPool {
+    fn new(threads: usize) -> HashPool {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new().name(format!("berth-hash-{i}")).spawn(move || loop {
+                let job = match rx.lock() {
+                    Ok(r) => r.recv(),
+                    Err(_) => return,
+                };
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => return,
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password hashing thread");
             }
-        })
-        .await
-        .map_err(ApiError::internal)
+        }
+        HashPool { tx: Mutex::new(tx) }
+    }
+
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.tx
+            .lock()
+            .map_err(|_| ApiError::internal("hashing pool poisoned"))?
+            .send(job)
+            .map_err(|_| ApiError::internal("no password hashing thread is running"))?;
+        rx.await.map_err(|_| ApiError::internal("a password hashing thread failed"))
     }
 }
 

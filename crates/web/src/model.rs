@@ -64,39 +64,96 @@ pub fn server_model(base: &str, s: &Server, with_state: bool) -> Value {
     m
 }
 
-/// The user model, filtered by what `scopes` may read.
-pub fn user_model(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet) -> Value {
+/// The user model as a typed value, for lists (serialized without building
+/// a `Value` tree per user).
+#[derive(serde::Serialize)]
+pub struct UserModel {
+    kind: &'static str,
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authorized: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    groups: Option<[u8; 0]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    roles: Option<&'static [&'static str]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<String>,
+    #[serde(skip_serializing_if = "Skip::skip")]
+    last_activity: Skip<Option<String>>,
+    #[serde(skip_serializing_if = "Skip::skip")]
+    server: Skip<Option<String>>,
+    #[serde(skip_serializing_if = "Skip::skip")]
+    pending: Skip<Option<&'static str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    servers: Option<serde_json::Map<String, Value>>,
+    #[serde(skip_serializing_if = "Skip::skip")]
+    auth_state: Skip<Option<()>>,
+    #[serde(skip_serializing_if = "Skip::skip")]
+    user_info: Skip<Option<()>>,
+}
+
+/// A field that may be left out, or present (possibly as null).
+pub struct Skip<T>(Option<T>);
+
+impl<T> Skip<T> {
+    fn skip(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl<T: serde::Serialize> serde::Serialize for Skip<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+pub fn user_model_typed(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet) -> UserModel {
     let target = Target::User(&u.name);
+    let mut m = UserModel {
+        kind: "user",
+        name: u.name.clone(),
+        admin: None,
+        authorized: None,
+        groups: None,
+        roles: None,
+        created: None,
+        last_activity: Skip(None),
+        server: Skip(None),
+        pending: Skip(None),
+        servers: None,
+        auth_state: Skip(None),
+        user_info: Skip(None),
+    };
     if !scopes.allows("read:users", target) {
-        let mut m = json!({"kind": "user", "name": u.name});
         if scopes.allows("read:users:activity", target) {
-            m["last_activity"] = iso_opt(u.last_activity);
+            m.last_activity = Skip(Some(u.last_activity.map(iso)));
         }
         return m;
     }
-    let active: Vec<&Server> = servers.iter().filter(|s| s.user == u.name && s.state.is_active()).collect();
-    let default = active.iter().find(|s| s.name.is_empty());
-    let mut m = json!({
-        "kind": "user",
-        "name": u.name,
-        "admin": u.admin,
-        "authorized": u.authorized,
-        "groups": [],
-        "roles": if u.admin { vec!["admin", "user"] } else { vec!["user"] },
-        "created": iso(u.created),
-        "last_activity": iso_opt(u.last_activity),
-        "server": default.filter(|s| s.state == ServerState::Running).map(|s| server_url(base, &s.user, "")),
-        "pending": default.and_then(|s| s.state.pending()),
-        "auth_state": Value::Null,
-        "user_info": Value::Null,
-    });
+    let active = servers.iter().filter(|s| s.user == u.name && s.state.is_active());
+    let default = servers.iter().find(|s| s.user == u.name && s.name.is_empty() && s.state.is_active());
+    m.admin = Some(u.admin);
+    m.authorized = Some(u.authorized);
+    m.groups = Some([]);
+    m.roles = Some(if u.admin { &["admin", "user"] } else { &["user"] });
+    m.created = Some(iso(u.created));
+    m.last_activity = Skip(Some(u.last_activity.map(iso)));
+    m.server = Skip(Some(default.filter(|s| s.state == ServerState::Running).map(|s| server_url(base, &s.user, ""))));
+    m.pending = Skip(Some(default.and_then(|s| s.state.pending())));
+    m.auth_state = Skip(Some(None));
+    m.user_info = Skip(Some(None));
     if scopes.allows("read:servers", target) {
         let with_state = scopes.allows("admin:server_state", target);
-        let servers: serde_json::Map<String, Value> =
-            active.iter().map(|s| (s.name.clone(), server_model(base, s, with_state))).collect();
-        m["servers"] = Value::Object(servers);
+        m.servers = Some(active.map(|s| (s.name.clone(), server_model(base, s, with_state))).collect());
     }
     m
+}
+
+/// The user model, filtered by what `scopes` may read.
+pub fn user_model(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet) -> Value {
+    serde_json::to_value(user_model_typed(base, u, servers, scopes)).unwrap_or(Value::Null)
 }
 
 pub fn token_model(t: &Token, owner: &berth_store::User) -> Value {
