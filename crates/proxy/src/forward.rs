@@ -146,6 +146,7 @@ impl Forwarder {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .http1_max_buf_size(64 * 1024)
             .build(connector);
         Forwarder { client, cfg }
     }

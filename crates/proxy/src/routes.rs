@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Route {
     /// Path prefix with trailing slash, e.g. `/user/alice/` or `/user/alice/lab/`.
     pub prefix: String,
@@ -15,6 +15,28 @@ pub struct Route {
     pub target: String,
     pub user: String,
     pub server: String,
+    /// When a request last passed (unix ms), so activity is recorded at most
+    /// once a second per route instead of on every request.
+    pub last_seen: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Route {
+    pub fn new(prefix: String, target: String, user: String, server: String) -> Route {
+        Route { prefix, target, user, server, last_seen: Default::default() }
+    }
+
+    /// Marks a request at `now_ms`; true when activity should be recorded.
+    pub fn touch(&self, now_ms: i64) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.last_seen.load(Ordering::Relaxed);
+        now_ms - last >= 1000 && self.last_seen.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
+impl PartialEq for Route {
+    fn eq(&self, o: &Route) -> bool {
+        self.prefix == o.prefix && self.target == o.target && self.user == o.user && self.server == o.server
+    }
 }
 
 #[derive(Default)]
@@ -97,7 +119,7 @@ mod tests {
     use super::*;
 
     fn route(prefix: &str, target: &str) -> Route {
-        Route { prefix: prefix.into(), target: target.into(), user: "u".into(), server: String::new() }
+        Route::new(prefix.into(), target.into(), "u".into(), String::new())
     }
 
     #[test]
@@ -120,6 +142,8 @@ mod tests {
         for (path, want) in cases {
             assert_eq!(t.lookup(path).map(|r| r.target.clone()).as_deref(), *want, "{path}");
         }
+        let r = t.lookup("/user/alice/lab/").unwrap();
+        assert!(r.touch(5_000) && !r.touch(5_500) && r.touch(6_000), "activity at most once a second");
         t.remove("/user/alice/lab/");
         assert_eq!(t.lookup("/user/alice/lab/x").unwrap().target, "http://a");
         t.insert(route("/user/alice/", "http://a2"));

@@ -323,6 +323,8 @@ where
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
+        // Bounded buffers keep memory flat with many streaming connections.
+        .max_buf_size(64 * 1024)
         .header_read_timeout(Duration::from_secs(30))
         .serve_connection(io, svc)
         .with_upgrades();
@@ -389,6 +391,10 @@ async fn proxy(shared: &Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Pe
     let (parts, body) = req.into_parts();
     if let Err(denied) = berth_web::edge::authorize(&shared.hub, &parts, &route.user, &route.server).await {
         return denied;
+    }
+    let now = berth_store::now_ms();
+    if route.touch(now) {
+        shared.hub.activity.server(&route.user, &route.server, now);
     }
     let mut req = hyper::Request::from_parts(parts, body);
     strip_cookies(req.headers_mut(), berth_web::edge::STRIPPED_COOKIES);

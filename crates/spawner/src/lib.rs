@@ -36,6 +36,10 @@ pub struct SpawnSpec {
     /// The URL path prefix the server must answer under (`/user/alice/`).
     pub prefix: String,
     pub template: String,
+    /// Container image (Docker spawner); `None` means the configured default.
+    pub image: Option<String>,
+    /// GPU device ids allocated to this server.
+    pub gpus: Vec<String>,
 }
 
 /// A progress event, as JupyterHub's progress stream carries them.
@@ -103,6 +107,12 @@ pub trait Spawner: Send + Sync + 'static {
     /// Where the server recorded in `state` answers.
     fn target(&self, state: &serde_json::Value) -> Option<String> {
         state.get("target").and_then(|t| t.as_str()).map(str::to_string)
+    }
+
+    /// Servers this spawner runs that it labelled as berth's: (user, server,
+    /// handle). The hub reports those it has no record of.
+    fn list_managed(&self) -> BoxFuture<'_, Vec<(String, String, String)>> {
+        Box::pin(async { Vec::new() })
     }
 
     /// The tail of the server's own output, if the spawner keeps it.

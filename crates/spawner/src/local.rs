@@ -336,6 +336,8 @@ mod tests {
             cmd: vec![],
             prefix: "/user/al/".into(),
             template: String::new(),
+            image: None,
+            gpus: vec![],
         };
         let started = s.start(spec, tx).await.unwrap();
         assert_eq!(s.poll(&started.state).await.unwrap(), Status::Running);
@@ -369,6 +371,8 @@ mod tests {
             cmd: vec![],
             prefix: "/".into(),
             template: String::new(),
+            image: None,
+            gpus: vec![],
         };
         let err = s.start(spec, tx).await.unwrap_err().to_string();
         assert!(err.contains("no-such-program-berth") && err.contains("not found"), "{err}");

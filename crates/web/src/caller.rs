@@ -35,7 +35,8 @@ pub enum Via {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub user: User,
-    pub scopes: ScopeSet,
+    /// Shared: callers are cloned per request from the cache.
+    pub scopes: std::sync::Arc<ScopeSet>,
     pub via: Via,
 }
 
@@ -133,7 +134,8 @@ impl AuthCache {
 /// owner is not (or no longer) authorized.
 pub async fn caller_from_token(hub: &SharedHub, token: &str) -> Result<Option<Caller>, ApiError> {
     let now = now_ms();
-    let key = hash_token(token);
+    // Keyed by the credential itself (memory only), so a hit costs no hashing.
+    let key = format!("t:{token}");
     let generation = hub.store.auth_generation();
     if let Some(c) = hub.auth_cache.get(&key, generation, now) {
         if let Via::Token { id, .. } = &c.via {
@@ -141,7 +143,7 @@ pub async fn caller_from_token(hub: &SharedHub, token: &str) -> Result<Option<Ca
         }
         return Ok(Some(c));
     }
-    let Some((tok, user)) = hub.store.find_token(&key).await? else {
+    let Some((tok, user)) = hub.store.find_token(&hash_token(token)).await? else {
         return Ok(None);
     };
     if tok.is_expired(now) || !user.authorized {
@@ -149,7 +151,7 @@ pub async fn caller_from_token(hub: &SharedHub, token: &str) -> Result<Option<Ca
     }
     hub.activity.token(&tok.id, now);
     let scopes = token_scopes(&tok, &user);
-    let caller = Caller { user, scopes, via: Via::Token { id: tok.id, kind: tok.kind, session_id: tok.session_id } };
+    let caller = Caller { user, scopes: std::sync::Arc::new(scopes), via: Via::Token { id: tok.id, kind: tok.kind, session_id: tok.session_id } };
     hub.auth_cache.put(key, caller.clone(), tok.expires_at, generation);
     Ok(Some(caller))
 }
@@ -177,15 +179,18 @@ pub fn token_scopes(tok: &berth_store::Token, owner: &User) -> ScopeSet {
 
 /// Resolves a session cookie to its caller.
 pub async fn caller_from_session(hub: &SharedHub, cookie_value: &str) -> Result<Option<Caller>, ApiError> {
+    let now = now_ms();
+    let generation = hub.store.auth_generation();
+    let key = format!("s:{cookie_value}");
+    if let Some(c) = hub.auth_cache.get(&key, generation, now) {
+        if let Via::Session { id_hash, .. } = &c.via {
+            hub.activity.session(id_hash, now);
+        }
+        return Ok(Some(c));
+    }
     let Some(id_hash) = SessionCookie::id_hash_of(&hub.signer, cookie_value) else {
         return Ok(None);
     };
-    let now = now_ms();
-    let generation = hub.store.auth_generation();
-    if let Some(c) = hub.auth_cache.get(&id_hash, generation, now) {
-        hub.activity.session(&id_hash, now);
-        return Ok(Some(c));
-    }
     let Some((session, user)) = hub.store.get_session(&id_hash).await? else {
         return Ok(None);
     };
@@ -195,8 +200,8 @@ pub async fn caller_from_session(hub: &SharedHub, cookie_value: &str) -> Result<
     }
     hub.activity.session(&id_hash, now);
     let scopes = ScopeSet::for_user(&user.name, user.admin);
-    let caller = Caller { user, scopes, via: Via::Session { id_hash: id_hash.clone(), public_id: session.public_id } };
-    hub.auth_cache.put(id_hash, caller.clone(), Some(session.created + max_age), generation);
+    let caller = Caller { user, scopes: std::sync::Arc::new(scopes), via: Via::Session { id_hash: id_hash.clone(), public_id: session.public_id } };
+    hub.auth_cache.put(key, caller.clone(), Some(session.created + max_age), generation);
     Ok(Some(caller))
 }
 

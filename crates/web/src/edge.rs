@@ -7,7 +7,6 @@ use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
 use berth_core::Target;
-use berth_store::now_ms;
 use serde_json::json;
 
 use crate::caller::{caller_from_session, caller_from_token, Caller};
@@ -68,7 +67,6 @@ pub async fn authorize(hub: &SharedHub, parts: &Parts, user: &str, server: &str)
         tracing::info!(visitor = %caller.name(), owner = %user, server = %server, "refused access to a server");
         return Err(deny(hub, parts, StatusCode::FORBIDDEN, &format!("{} may not access this server", caller.name())));
     }
-    hub.activity.server(user, server, now_ms());
     Ok(caller)
 }
 

@@ -346,6 +346,8 @@ impl Servers {
             cmd: Vec::new(),
             prefix,
             template: record.template.clone(),
+            image: None,
+            gpus: Vec::new(),
         };
         let me = self.clone();
         tokio::spawn(async move {
@@ -364,7 +366,7 @@ impl Servers {
         match outcome {
             Ok(target) => {
                 let url = self.prefix(&user, &server);
-                self.routes.insert(Route { prefix: url.clone(), target, user: user.clone(), server: server.clone() });
+                self.routes.insert(Route::new(url.clone(), target, user.clone(), server.clone()));
                 record.url = Some(url.clone());
                 if let Err(e) = self.transition(&mut record, Transition::Ready).await {
                     tracing::error!(server = %what, error = %e, "could not record the ready server");
@@ -551,7 +553,7 @@ impl Servers {
             match (status, self.spawner.target(&state)) {
                 (Status::Running, Some(target)) if record.state != ServerState::Stopping => {
                     let prefix = self.prefix(&record.user, &record.name);
-                    self.routes.insert(Route { prefix: prefix.clone(), target, user: record.user.clone(), server: record.name.clone() });
+                    self.routes.insert(Route::new(prefix.clone(), target, record.user.clone(), record.name.clone()));
                     let mut record = record;
                     if record.state == ServerState::Starting {
                         record.url = Some(prefix);
