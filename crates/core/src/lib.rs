@@ -5,6 +5,7 @@
 //! plain data and pure functions, tested with tables.
 #![forbid(unsafe_code)]
 
+pub mod gpu;
 pub mod names;
 pub mod scopes;
 pub mod state;

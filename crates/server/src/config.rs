@@ -23,6 +23,8 @@ pub struct Config {
     pub hub: berth_web::Config,
     pub auth: berth_auth::Config,
     pub spawner: berth_web::servers::Config,
+    pub docker: berth_spawner_docker::Config,
+    pub gpu: berth_web::servers::GpuConfig,
     pub proxy: ProxyConfig,
     pub tls: TlsConfig,
 }
@@ -80,6 +82,8 @@ impl Default for Config {
             hub: berth_web::Config::default(),
             auth: berth_auth::Config::default(),
             spawner: berth_web::servers::Config::default(),
+            docker: berth_spawner_docker::Config::default(),
+            gpu: berth_web::servers::GpuConfig::default(),
             proxy: ProxyConfig::default(),
             tls: TlsConfig::default(),
         }
@@ -115,6 +119,26 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("spawner.max_named_servers", &["BERTH_MAX_NAMED_SERVERS"], "Named servers a user may have besides the default one."),
     ("spawner.stop_on_shutdown", &["BERTH_STOP_ON_SHUTDOWN"], "Stop every server when berth shuts down; by default they keep running and are re-adopted."),
     ("spawner.poll_interval_seconds", &["BERTH_POLL_INTERVAL"], "Seconds between checks that running servers are alive."),
+    ("docker.image", &["BERTH_DOCKER_IMAGE", "DOCKER_NOTEBOOK_IMAGE"], "Image for servers that do not name one (pulled with progress when not present)."),
+    ("docker.network", &["BERTH_DOCKER_NETWORK", "DOCKER_NETWORK_NAME"], "Docker network the server containers join; created if missing."),
+    ("docker.hub_connect_url", &["BERTH_HUB_CONNECT_URL"], "URL containers use for the hub API; empty derives it from the network's gateway and berth's port (berth then also listens on the gateway when bound to loopback)."),
+    ("docker.remove_on_stop", &["BERTH_DOCKER_REMOVE_ON_STOP"], "Remove a server's container when it stops; its volumes are always kept."),
+    ("docker.workdir", &["BERTH_DOCKER_WORKDIR"], "Where the user's workspace volume (berth-<user>-workspace) is mounted; the container's working directory."),
+    ("docker.home_dir", &["BERTH_DOCKER_HOME_DIR"], "Where the user's home volume (berth-<user>-home) is mounted."),
+    ("docker.cache_dir", &["BERTH_DOCKER_CACHE_DIR"], "Where the user's cache volume (berth-<user>-cache) is mounted."),
+    ("docker.shared_volume", &["BERTH_SHARED_VOLUME"], "Volume every server mounts (empty: none)."),
+    ("docker.shared_mount", &["BERTH_SHARED_MOUNT"], "Where the shared volume is mounted."),
+    ("docker.shared_volume_driver", &["BERTH_SHARED_VOLUME_DRIVER"], "Driver of the shared volume."),
+    ("docker.shared_volume_opts", &["BERTH_SHARED_VOLUME_OPTS"], "Driver options `key=value;key=value`, e.g. `type=cifs;device=//server/share;o=username=u,password=p`."),
+    ("docker.shm_size_mib", &["BERTH_SHM_SIZE_MIB"], "/dev/shm size of server containers in MiB (PyTorch data loaders need more than Docker's 64 MB)."),
+    ("docker.cpu_limit", &["BERTH_CPU_LIMIT"], "CPU limit per server in cores; 0 means none."),
+    ("docker.mem_limit_mib", &["BERTH_MEM_LIMIT_MIB"], "Memory limit per server in MiB; 0 means none."),
+    ("docker.env", &["BERTH_DOCKER_ENV"], "Extra environment for every server container: `KEY=value;KEY=value` (ENABLE_SERVICE_* from berth's environment pass through too)."),
+    ("docker.gpu_driver", &["BERTH_GPU_DRIVER"], "Driver named in GPU device requests."),
+    ("gpu.mode", &["BERTH_GPU_MODE", "ENABLE_GPU_SUPPORT"], "0 off, 1 on, 2 auto-detect."),
+    ("gpu.devices", &["BERTH_GPU_DEVICES"], "Comma-separated GPU ids to hand out instead of detecting them."),
+    ("gpu.probe_image", &["BERTH_GPU_PROBE_IMAGE", "NVIDIA_AUTODETECT_IMAGE"], "Image that runs `nvidia-smi -L` to list the GPUs when the engine has the nvidia runtime."),
+    ("gpu.max_per_server", &["BERTH_GPU_MAX_PER_SERVER"], "Most GPUs one server may ask for."),
     ("proxy.connect_timeout_seconds", &["BERTH_PROXY_CONNECT_TIMEOUT"], "Time to connect to a server before the proxy gives up."),
     ("proxy.response_timeout_seconds", &["BERTH_PROXY_RESPONSE_TIMEOUT"], "Time a server may take to start answering before the proxy answers 504."),
     ("tls.mode", &["BERTH_TLS"], "`off` or `auto` (generate and keep a certificate authority and server certificate in the data directory)."),
@@ -193,6 +217,7 @@ fn merge(base: &mut Value, file: &Value, prefix: &str, source_name: &str) -> Res
                 })
             }
             (d, v) if std::mem::discriminant(d) == std::mem::discriminant(v) => *slot = v.clone(),
+            (Value::Float(_), Value::Integer(i)) => *slot = Value::Float(*i as f64),
             (d, v) => {
                 return Err(ConfigError::Invalid {
                     key,
@@ -213,6 +238,9 @@ fn set_text(root: &mut Value, key: &str, raw: &str, source_name: &str) -> Result
         Value::String(_) => Value::String(raw.to_string()),
         Value::Integer(_) => Value::Integer(
             raw.trim().parse::<i64>().map_err(|_| invalid(format!("expected an integer, found {raw:?}")))?,
+        ),
+        Value::Float(_) => Value::Float(
+            raw.trim().parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(|| invalid(format!("expected a number, found {raw:?}")))?,
         ),
         Value::Boolean(_) => Value::Boolean(match raw.trim().to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => true,
@@ -297,6 +325,15 @@ impl Config {
         }
         if self.spawner.start_timeout_seconds.is_zero() {
             return Err(invalid("spawner.start_timeout_seconds", "must be at least 1".into()));
+        }
+        if self.gpu.mode > 2 {
+            return Err(invalid("gpu.mode", format!("{} is not 0 (off), 1 (on) or 2 (auto)", self.gpu.mode)));
+        }
+        if self.docker.cpu_limit < 0.0 {
+            return Err(invalid("docker.cpu_limit", "must not be negative".into()));
+        }
+        if !self.docker.workdir.starts_with('/') || !self.docker.home_dir.starts_with('/') {
+            return Err(invalid("docker.workdir", "mount points must be absolute paths".into()));
         }
         if !["off", "auto"].contains(&self.tls.mode.as_str()) {
             return Err(invalid("tls.mode", format!("{:?} is not off or auto", self.tls.mode)));

@@ -23,7 +23,8 @@ use berth_spawner::local::LocalConfig;
 use berth_spawner::{LocalSpawner, Spawner};
 use berth_store::Store;
 use berth_web::activity::Activity;
-use berth_web::servers::Servers;
+use berth_spawner_docker::DockerSpawner;
+use berth_web::servers::{Gpu, Servers};
 use berth_web::{Hub, SharedHub};
 use http::{HeaderValue, Response, StatusCode};
 use hyper::body::Incoming;
@@ -103,6 +104,7 @@ pub struct App {
     pub config: Config,
     pub hub: SharedHub,
     shared: Arc<Shared>,
+    docker: Option<Arc<DockerSpawner>>,
 }
 
 /// What each connection needs.
@@ -117,21 +119,86 @@ struct Shared {
     hsts: Option<HeaderValue>,
 }
 
-fn build_spawner(config: &Config) -> Result<Arc<dyn Spawner>, StartError> {
+/// The spawner the configuration asks for: `docker`, `local`, or `auto`
+/// (Docker when its engine answers, else local).
+async fn build_spawner(config: &Config) -> Result<(Arc<dyn Spawner>, Option<Arc<DockerSpawner>>), StartError> {
+    let local = || -> Arc<dyn Spawner> {
+        let cmd: Vec<String> = config.spawner.local_cmd.split_whitespace().map(str::to_string).collect();
+        Arc::new(LocalSpawner::new(LocalConfig {
+            cmd,
+            data_dir: config.data_dir.clone(),
+            provision: config.spawner.provision,
+            provision_packages: vec!["jupyterhub".into(), "jupyterlab".into()],
+        }))
+    };
     match config.spawner.kind.as_str() {
-        "docker" => Err(StartError::Unsupported(
-            "the Docker spawner is not built yet; use --spawner local (or auto)".into(),
-        )),
-        _ => {
-            let cmd: Vec<String> = config.spawner.local_cmd.split_whitespace().map(str::to_string).collect();
-            Ok(Arc::new(LocalSpawner::new(LocalConfig {
-                cmd,
-                data_dir: config.data_dir.clone(),
-                provision: config.spawner.provision,
-                provision_packages: vec!["jupyterhub".into(), "jupyterlab".into()],
-            })))
+        "local" => Ok((local(), None)),
+        kind => {
+            let docker = DockerSpawner::connect(config.docker.clone(), &config.hub.base_url);
+            let answer = match &docker {
+                Ok(d) => tokio::time::timeout(Duration::from_secs(5), d.ping())
+                    .await
+                    .unwrap_or_else(|_| Err(berth_spawner::SpawnError::Failed("the Docker engine did not answer within 5 s".into()))),
+                Err(e) => Err(berth_spawner::SpawnError::Failed(e.to_string())),
+            };
+            match (kind, docker, answer) {
+                (_, Ok(d), Ok(version)) => {
+                    tracing::info!(%version, "using the Docker spawner");
+                    Ok((d.clone() as Arc<dyn Spawner>, Some(d)))
+                }
+                ("docker", Ok(d), Err(e)) => {
+                    // Asked for explicitly: start anyway; spawns fail with a clear
+                    // message until the engine answers.
+                    tracing::warn!(error = %e, "the Docker engine does not answer now; servers cannot start until it does");
+                    Ok((d.clone() as Arc<dyn Spawner>, Some(d)))
+                }
+                ("docker", Err(e), _) => Err(StartError::Unsupported(format!("cannot use the Docker spawner: {e}"))),
+                (_, _, Err(e)) | (_, Err(e), _) => {
+                    tracing::info!(reason = %e, "no Docker engine answers; using the local-process spawner");
+                    Ok((local(), None))
+                }
+            }
         }
     }
+}
+
+/// The GPUs the hub may hand out: configured ids, or what detection finds.
+async fn gpu_inventory(config: &Config, docker: Option<&Arc<DockerSpawner>>) -> Vec<Gpu> {
+    let gpu = &config.gpu;
+    if gpu.mode == 0 {
+        return Vec::new();
+    }
+    let configured: Vec<Gpu> = gpu
+        .devices
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| Gpu { id: d.to_string(), name: "configured".into() })
+        .collect();
+    if !configured.is_empty() {
+        tracing::info!(count = configured.len(), "GPUs from the configuration");
+        return configured;
+    }
+    let (found, how) = match docker {
+        Some(d) => {
+            let det = d.detect_gpus(&gpu.probe_image).await;
+            (det.devices.into_iter().map(|g| Gpu { id: g.id, name: g.name }).collect::<Vec<_>>(), det.how)
+        }
+        None => match tokio::process::Command::new("nvidia-smi").arg("-L").output().await {
+            Ok(out) if out.status.success() => {
+                let devs = berth_spawner_docker::gpu::parse_nvidia_smi_list(&String::from_utf8_lossy(&out.stdout));
+                let n = devs.len();
+                (devs.into_iter().map(|g| Gpu { id: g.id, name: g.name }).collect(), format!("nvidia-smi -L on the host: {n} GPU(s)"))
+            }
+            _ => (Vec::new(), "no nvidia-smi on the host".to_string()),
+        },
+    };
+    if found.is_empty() && gpu.mode == 1 {
+        tracing::error!(%how, "GPU support is on (gpu.mode = 1) but no GPU was found; servers asking for GPUs will be refused");
+    } else {
+        tracing::info!(count = found.len(), %how, "GPU detection");
+    }
+    found
 }
 
 fn tls_names(config: &Config) -> Vec<String> {
@@ -168,17 +235,20 @@ impl App {
         } else {
             None
         };
-        let spawner = build_spawner(&config)?;
+        let (spawner, docker) = build_spawner(&config).await?;
         let routes = Arc::new(RouteTable::new());
         let activity = Arc::new(Activity::default());
-        let servers = Arc::new(Servers::new(
+        let servers = Servers::new(
             config.spawner.clone(),
             store.clone(),
             spawner,
             routes.clone(),
             activity.clone(),
             &config.hub.base_url,
-        ));
+        )
+        .with_gpu_config(config.gpu.clone());
+        servers.set_gpu_inventory(gpu_inventory(&config, docker.as_ref()).await);
+        let servers = Arc::new(servers);
         let hub = Arc::new(Hub::new(config.hub.clone(), config.auth.clone(), store, &secret, servers, activity));
         let router = berth_web::router(hub.clone());
         let forwarder = Forwarder::new(ForwarderConfig {
@@ -199,7 +269,7 @@ impl App {
             tls,
             hsts,
         });
-        Ok(App { config, hub, shared })
+        Ok(App { config, hub, shared, docker })
     }
 
     /// The TLS certificate's fingerprint and CA (auto mode), when TLS is on.
@@ -231,6 +301,27 @@ impl App {
         let local = listener.local_addr().map_err(|e| StartError::Bind { addr: self.config.bind, message: e.to_string() })?;
         let hub = self.hub.clone();
         hub.servers.set_api_url(format!("http://127.0.0.1:{}{}hub/api", local.port(), self.config.hub.base_url));
+        // Containers reach the hub through their network's gateway; when berth
+        // listens on loopback only, it listens there too.
+        let mut extra: Option<TcpListener> = None;
+        if let Some(d) = &self.docker {
+            d.set_hub_port(local.port());
+            if local.ip().is_loopback() && self.config.docker.hub_connect_url.is_empty() {
+                match d.ensure_network().await {
+                    Ok(gw) => match format!("{gw}:{}", local.port()).parse::<SocketAddr>() {
+                        Ok(addr) => match TcpListener::bind(addr).await {
+                            Ok(l) => {
+                                tracing::info!(%addr, "also listening on the Docker network's gateway for containers");
+                                extra = Some(l);
+                            }
+                            Err(e) => tracing::warn!(%addr, error = %e, "cannot listen on the Docker gateway; containers will not reach the hub"),
+                        },
+                        Err(e) => tracing::warn!(error = %e, "unusable gateway address"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "cannot prepare the Docker network now"),
+                }
+            }
+        }
         let (adopted, vanished) = hub.servers.reconcile().await.map_err(|e| StartError::Reconcile(e.to_string()))?;
         if adopted + vanished > 0 {
             tracing::info!(adopted, vanished, "servers reconciled");
@@ -251,6 +342,10 @@ impl App {
         println!("berth listening on {scheme}://{local}");
         tracing::info!(%local, spawner = hub.servers.spawner_kind(), "listening");
 
+        if let Some(extra) = extra {
+            let (shared, stop, t2) = (self.shared.clone(), shutdown.clone(), tasks.clone());
+            tasks.spawn(accept_loop(extra, shared, stop, t2, local.port()));
+        }
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -268,7 +363,7 @@ impl App {
             let shared = self.shared.clone();
             let stop = shutdown.clone();
             tasks.spawn(async move {
-                if let Err(e) = serve_connection(shared, stream, peer, local.port(), stop).await {
+                if let Err(e) = serve_connection(shared, stream, peer, local.port(), stop, false).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
             });
@@ -292,34 +387,65 @@ impl App {
     }
 }
 
+/// Accepts on an additional listener until shutdown.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tasks: TaskTracker, port: u16) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (shared, stop) = (shared.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = serve_connection(shared, stream, peer, port, stop, true).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
 async fn serve_connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     local_port: u16,
     stop: CancellationToken,
+    internal: bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     match &shared.tls {
         Some(tls) if berth_proxy::tls::peek_is_tls(&stream).await? => {
             let acceptor = tls.acceptor();
             let stream = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await??;
             let p = Peer { addr: peer, tls: true, local_port };
-            drive(shared, TokioIo::new(stream), p, stop).await
+            drive(shared, TokioIo::new(stream), p, stop, internal).await
         }
         _ => {
             let p = Peer { addr: peer, tls: false, local_port };
-            drive(shared, TokioIo::new(stream), p, stop).await
+            drive(shared, TokioIo::new(stream), p, stop, internal).await
         }
     }
 }
 
-async fn drive<I>(shared: Arc<Shared>, io: I, peer: Peer, stop: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+async fn drive<I>(
+    shared: Arc<Shared>,
+    io: I,
+    peer: Peer,
+    stop: CancellationToken,
+    internal: bool,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(shared, req, peer).await) }
+        async move { Ok::<_, Infallible>(handle(shared, req, peer, internal).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -359,10 +485,11 @@ fn https_redirect(req: &hyper::Request<Incoming>, local_port: u16) -> Response<B
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
-async fn handle(shared: Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Peer) -> Response<Body> {
+/// `internal`: the connection came in on the listener for containers.
+async fn handle(shared: Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Peer, internal: bool) -> Response<Body> {
     if shared.tls.is_some() && !peer.tls {
-        let internal = peer.addr.ip().is_loopback() && req.uri().path().starts_with(&shared.hub_api_prefix);
-        if !internal {
+        let api_call = (internal || peer.addr.ip().is_loopback()) && req.uri().path().starts_with(&shared.hub_api_prefix);
+        if !api_call {
             return https_redirect(&req, peer.local_port);
         }
     }

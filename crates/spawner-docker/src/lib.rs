@@ -548,6 +548,10 @@ impl Spawner for DockerSpawner {
         })
     }
 
+    fn remove_user_data<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        Box::pin(self.remove_user_volumes(user))
+    }
+
     fn logs<'a>(&'a self, user: &'a str, server: &'a str) -> BoxFuture<'a, Option<String>> {
         Box::pin(async move {
             let opts = LogsOptions { stdout: true, stderr: true, tail: "400".into(), ..Default::default() };

@@ -115,6 +115,12 @@ pub trait Spawner: Send + Sync + 'static {
         Box::pin(async { Vec::new() })
     }
 
+    /// Deletes what a user's servers kept between runs (volumes), when an
+    /// admin deletes the user and asks for it.
+    fn remove_user_data<'a>(&'a self, _user: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// The tail of the server's own output, if the spawner keeps it.
     fn logs<'a>(&'a self, _user: &'a str, _server: &'a str) -> BoxFuture<'a, Option<String>> {
         Box::pin(async { None })

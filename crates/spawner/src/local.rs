@@ -207,6 +207,9 @@ impl Spawner for LocalSpawner {
             env.insert("USER".into(), spec.user.clone());
             env.insert("HOME".into(), home.display().to_string());
             env.insert("SHELL".into(), "/bin/bash".into());
+            if !spec.gpus.is_empty() {
+                env.insert("CUDA_VISIBLE_DEVICES".into(), spec.gpus.join(","));
+            }
 
             let mut cmd = Command::new(&exe);
             cmd.args(&cmdline[1..]);

@@ -93,4 +93,18 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
 INSERT INTO meta (key, value) VALUES ('directory_version', 0);
 "#,
     ),
+    (
+        3,
+        "GPU allocations and shared GPUs",
+        r#"
+CREATE TABLE gpu_allocations (
+    device_id TEXT NOT NULL,
+    user_name TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    server_name TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    PRIMARY KEY (device_id, user_name, server_name)
+);
+CREATE TABLE gpu_shared (device_id TEXT PRIMARY KEY);
+"#,
+    ),
 ];

@@ -238,7 +238,7 @@ async fn sqlite_is_wal_and_reopens() {
     }
     assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
     let s = Store::open_in_dir(dir.path()).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 2);
+    assert_eq!(s.schema_version().await.unwrap(), 3);
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
     assert_eq!(mode, "wal");
@@ -280,3 +280,20 @@ async fn another_process_writes_are_seen() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+async fn gpus(s: &Store) {
+    s.create_user(&new_user("hal")).await.unwrap();
+    s.add_gpu_allocations("hal", "", &["GPU-0".into(), "GPU-1".into()]).await.unwrap();
+    assert!(s.add_gpu_allocations("hal", "", &["GPU-0".into()]).await.is_err(), "one device once per server");
+    assert_eq!(s.gpu_allocations().await.unwrap().len(), 2);
+    s.set_gpu_shared("GPU-3", true).await.unwrap();
+    s.set_gpu_shared("GPU-3", true).await.unwrap();
+    assert_eq!(s.shared_gpus().await.unwrap(), vec!["GPU-3".to_string()]);
+    s.set_gpu_shared("GPU-3", false).await.unwrap();
+    assert!(s.shared_gpus().await.unwrap().is_empty());
+    assert_eq!(s.free_gpus("hal", "").await.unwrap(), 2);
+    s.add_gpu_allocations("hal", "lab", &["GPU-2".into()]).await.unwrap();
+    s.delete_user("hal").await.unwrap();
+    assert!(s.gpu_allocations().await.unwrap().is_empty(), "allocations go with the user");
+}
+both!(gpus_, gpus);

@@ -97,6 +97,8 @@ const CACHE_MAX: usize = 10_000;
 
 struct CacheEntry {
     caller: Caller,
+    /// When activity was last recorded for this credential (unix ms).
+    last_recorded: std::sync::atomic::AtomicI64,
     /// Token expiry, checked on every use.
     expires_at: Option<i64>,
     generation: u64,
@@ -111,13 +113,24 @@ pub struct AuthCache {
 }
 
 impl AuthCache {
-    fn get(&self, key: &str, generation: u64, now: i64) -> Option<Caller> {
+    /// The cached caller, and whether its activity is due to be recorded
+    /// (at most once a second per credential).
+    fn get(&self, key: &str, generation: u64, now: i64) -> Option<(Caller, bool)> {
+        use std::sync::atomic::Ordering;
         let map = self.map.lock().ok()?;
         let e = map.get(key)?;
         let fresh = e.generation == generation
             && e.stored.elapsed() < CACHE_TTL
             && e.expires_at.is_none_or(|t| t > now);
-        fresh.then(|| e.caller.clone())
+        if !fresh {
+            return None;
+        }
+        let last = e.last_recorded.load(Ordering::Relaxed);
+        let due = now - last >= 1000;
+        if due {
+            e.last_recorded.store(now, Ordering::Relaxed);
+        }
+        Some((e.caller.clone(), due))
     }
 
     fn put(&self, key: String, caller: Caller, expires_at: Option<i64>, generation: u64) {
@@ -125,7 +138,16 @@ impl AuthCache {
             if map.len() >= CACHE_MAX {
                 map.clear();
             }
-            map.insert(key, CacheEntry { caller, expires_at, generation, stored: std::time::Instant::now() });
+            map.insert(
+                key,
+                CacheEntry {
+                    caller,
+                    last_recorded: std::sync::atomic::AtomicI64::new(now_ms()),
+                    expires_at,
+                    generation,
+                    stored: std::time::Instant::now(),
+                },
+            );
         }
     }
 }
@@ -137,8 +159,8 @@ pub async fn caller_from_token(hub: &SharedHub, token: &str) -> Result<Option<Ca
     // Keyed by the credential itself (memory only), so a hit costs no hashing.
     let key = format!("t:{token}");
     let generation = hub.store.auth_generation();
-    if let Some(c) = hub.auth_cache.get(&key, generation, now) {
-        if let Via::Token { id, .. } = &c.via {
+    if let Some((c, due)) = hub.auth_cache.get(&key, generation, now) {
+        if let (true, Via::Token { id, .. }) = (due, &c.via) {
             hub.activity.token(id, now);
         }
         return Ok(Some(c));
@@ -182,8 +204,8 @@ pub async fn caller_from_session(hub: &SharedHub, cookie_value: &str) -> Result<
     let now = now_ms();
     let generation = hub.store.auth_generation();
     let key = format!("s:{cookie_value}");
-    if let Some(c) = hub.auth_cache.get(&key, generation, now) {
-        if let Via::Session { id_hash, .. } = &c.via {
+    if let Some((c, due)) = hub.auth_cache.get(&key, generation, now) {
+        if let (true, Via::Session { id_hash, .. }) = (due, &c.via) {
             hub.activity.session(id_hash, now);
         }
         return Ok(Some(c));

@@ -73,10 +73,40 @@ impl Default for Config {
     }
 }
 
+/// The `[gpu]` section of berth's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// 0 off, 1 on, 2 auto-detect (ENABLE_GPU_SUPPORT).
+    pub mode: u32,
+    /// Comma-separated device ids to use instead of detection.
+    pub devices: String,
+    /// Image that runs `nvidia-smi -L` to detect GPUs (NVIDIA_AUTODETECT_IMAGE).
+    pub probe_image: String,
+    /// Most GPUs one server may ask for.
+    pub max_per_server: u32,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig { mode: 2, devices: String::new(), probe_image: "nvidia/cuda:12.4.1-base-ubuntu22.04".into(), max_per_server: 8 }
+    }
+}
+
+/// A GPU the hub may hand out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Gpu {
+    pub id: String,
+    pub name: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
     Refused(String),
+    /// Not enough GPUs: what users see, and what admins see.
+    #[error("{public}")]
+    NoGpus { public: String, detail: String },
     #[error("{0}")]
     Limit(String),
     #[error("{0}")]
@@ -150,6 +180,10 @@ pub struct Servers {
     progress: Mutex<HashMap<(String, String), Arc<ProgressLog>>>,
     starts: Arc<Semaphore>,
     http: Client<HttpConnector, Empty<Bytes>>,
+    pub gpu_cfg: GpuConfig,
+    gpus: RwLock<Vec<Gpu>>,
+    /// Serializes allocation, so concurrent starts never share an exclusive GPU.
+    gpu_lock: tokio::sync::Mutex<()>,
 }
 
 impl Servers {
@@ -176,6 +210,62 @@ impl Servers {
             progress: Mutex::new(HashMap::new()),
             starts,
             http: Client::builder(TokioExecutor::new()).build(connector),
+            gpu_cfg: GpuConfig::default(),
+            gpus: RwLock::new(Vec::new()),
+            gpu_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn with_gpu_config(mut self, cfg: GpuConfig) -> Servers {
+        self.gpu_cfg = cfg;
+        self
+    }
+
+    pub fn set_gpu_inventory(&self, gpus: Vec<Gpu>) {
+        if let Ok(mut g) = self.gpus.write() {
+            *g = gpus;
+        }
+    }
+
+    pub fn gpu_inventory(&self) -> Vec<Gpu> {
+        self.gpus.read().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Allocates `want` GPUs to a server, or says why not.
+    async fn allocate_gpus(&self, user: &str, server: &str, want: usize) -> Result<Vec<String>, StartError> {
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        if self.gpu_cfg.mode == 0 {
+            return Err(StartError::Refused("GPUs are turned off on this hub (gpu.mode / ENABLE_GPU_SUPPORT is 0)".into()));
+        }
+        if want > self.gpu_cfg.max_per_server as usize {
+            return Err(StartError::Refused(format!("a server may ask for at most {} GPUs", self.gpu_cfg.max_per_server)));
+        }
+        let _one_at_a_time = self.gpu_lock.lock().await;
+        let devices: Vec<String> = self.gpu_inventory().into_iter().map(|g| g.id).collect();
+        let shared: std::collections::HashSet<String> = self.store.shared_gpus().await?.into_iter().collect();
+        let held: Vec<(String, String)> = self
+            .store
+            .gpu_allocations()
+            .await?
+            .into_iter()
+            .map(|(d, u, s)| (d, describe(&u, &s)))
+            .collect();
+        match berth_core::gpu::allocate(&devices, &shared, &held, want) {
+            Ok(ids) => {
+                self.store.add_gpu_allocations(user, server, &ids).await?;
+                Ok(ids)
+            }
+            Err(shortage) => Err(StartError::NoGpus { public: shortage.for_users(), detail: shortage.for_admins() }),
+        }
+    }
+
+    async fn free_gpus(&self, user: &str, server: &str) {
+        match self.store.free_gpus(user, server).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(server = %describe(user, server), count = n, "freed GPUs"),
+            Err(e) => tracing::error!(server = %describe(user, server), error = %e, "could not free GPUs"),
         }
     }
 
@@ -247,7 +337,7 @@ impl Servers {
 
     async fn start_claimed(self: &Arc<Self>, user: &str, server: &str, user_options: Value) -> Result<(), StartError> {
         let what = describe(user, server);
-        let mut record = self.store.get_server(user, server).await?.unwrap_or_else(|| Server::new(user, server));
+        let record = self.store.get_server(user, server).await?.unwrap_or_else(|| Server::new(user, server));
         match record.state {
             ServerState::Running => return Err(StartError::Refused(format!("{what} is already running"))),
             ServerState::Starting => return Err(StartError::Refused(format!("{what} is pending spawn"))),
@@ -276,6 +366,28 @@ impl Servers {
             ))
         })?;
 
+        let want = user_options.get("gpus").and_then(|g| g.as_u64()).unwrap_or(0) as usize;
+        let gpus = self.allocate_gpus(user, server, want).await?;
+        match self.prepare_start(user, server, record, user_options, gpus.clone(), permit).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.free_gpus(user, server).await;
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn prepare_start(
+        self: &Arc<Self>,
+        user: &str,
+        server: &str,
+        mut record: Server,
+        user_options: Value,
+        gpus: Vec<String>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), StartError> {
+        let what = describe(user, server);
         // The server's own credentials: an API token and an OAuth client.
         let secret = new_token();
         let cid = client_id(user, server);
@@ -346,8 +458,8 @@ impl Servers {
             cmd: Vec::new(),
             prefix,
             template: record.template.clone(),
-            image: None,
-            gpus: Vec::new(),
+            image: user_options.get("image").and_then(|i| i.as_str()).map(str::to_string),
+            gpus,
         };
         let me = self.clone();
         tokio::spawn(async move {
@@ -389,6 +501,7 @@ impl Servers {
                 }
                 let _ = self.store.delete_server_tokens(&user, &server, &client_id(&user, &server)).await;
                 let _ = self.store.delete_oauth_client(&client_id(&user, &server)).await;
+                self.free_gpus(&user, &server).await;
                 record.last_error = Some(reason.clone());
                 record.url = None;
                 if let Err(e) = self.transition(&mut record, Transition::Fail).await {
@@ -497,6 +610,7 @@ impl Servers {
         }
         self.store.delete_server_tokens(user, server, &client_id(user, server)).await?;
         self.store.delete_oauth_client(&client_id(user, server)).await?;
+        self.free_gpus(user, server).await;
         record.url = None;
         self.transition(&mut record, Transition::Stopped).await?;
         self.activity.server(user, server, now_ms());
@@ -512,6 +626,7 @@ impl Servers {
         let cid = client_id(&record.user, &record.name);
         let _ = self.store.delete_server_tokens(&record.user, &record.name, &cid).await;
         let _ = self.store.delete_oauth_client(&cid).await;
+        self.free_gpus(&record.user, &record.name).await;
         record.last_error = Some(reason.to_string());
         record.url = None;
         if let Err(e) = self.transition(&mut record, Transition::Vanished).await {
@@ -571,6 +686,25 @@ impl Servers {
                     self.mark_vanished(record, &format!("stopped while berth was not running: {why}")).await;
                     vanished += 1;
                 }
+            }
+        }
+        // Containers labelled as berth's that no active record claims are
+        // reported, never deleted: they may hold someone's work.
+        let active: std::collections::HashSet<(String, String)> = self
+            .store
+            .list_servers(None)
+            .await?
+            .into_iter()
+            .filter(|s| s.state.is_active())
+            .map(|s| (s.user, s.name))
+            .collect();
+        for (user, server, handle) in self.spawner.list_managed().await {
+            if !active.contains(&(user.clone(), server.clone())) {
+                tracing::warn!(
+                    server = %describe(&user, &server),
+                    handle = %handle,
+                    "found a server berth started but has no record of; left as it is (remove it by hand if it is not needed)"
+                );
             }
         }
         Ok((adopted, vanished))

@@ -27,10 +27,19 @@ impl From<StartError> for ApiError {
     fn from(e: StartError) -> ApiError {
         match e {
             StartError::Refused(m) => ApiError::bad_request(m),
+            StartError::NoGpus { public, .. } => ApiError::new(StatusCode::CONFLICT, public),
             StartError::Limit(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
             StartError::NotFound(m) => ApiError::not_found(m),
             StartError::Store(s) => s.into(),
         }
+    }
+}
+
+/// A start error as `caller` may see it: admins learn who holds the GPUs.
+fn start_error(e: StartError, caller: &Caller) -> ApiError {
+    match e {
+        StartError::NoGpus { detail, .. } if caller.user.admin => ApiError::new(StatusCode::CONFLICT, detail),
+        other => other.into(),
     }
 }
 
@@ -58,7 +67,10 @@ fn pending_path(hub: &SharedHub, user: &str, server: &str) -> String {
 async fn api_start(hub: &SharedHub, c: &Caller, user: &str, server: &str, options: Value) -> ApiResult<Response> {
     names(user, server)?;
     c.require("servers", Target::Server { user, server })?;
-    hub.servers.start(user, server, options).await?;
+    if !options.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object of user options"));
+    }
+    hub.servers.start(user, server, options).await.map_err(|e| start_error(e, c))?;
     // Wait a little, as JupyterHub does, so fast servers answer 201.
     let deadline = tokio::time::Instant::now() + SLOW;
     while tokio::time::Instant::now() < deadline {
@@ -384,7 +396,7 @@ async fn do_spawn(hub: SharedHub, user: PageUser, owner: String, server: String)
         Err(StartError::Refused(m)) if m.contains("pending spawn") => {
             return Ok(Redirect::to(&pending_path(&hub, &owner, &server)).into_response())
         }
-        Err(e) => return Err(ApiError::from(e).page()),
+        Err(e) => return Err(start_error(e, &user.caller).page()),
     }
     let mut r = Redirect::to(&pending_path(&hub, &owner, &server)).into_response();
     *r.status_mut() = StatusCode::FOUND;

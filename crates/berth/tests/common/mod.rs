@@ -58,6 +58,8 @@ impl Berth {
             .args(&args)
             .env_remove("BERTH_CONFIG")
             .env("BERTH_LOG", "info")
+            // The local-process spawner unless a test asks for Docker.
+            .env("BERTH_SPAWNER", "local")
             // Keep password hashing cheap in tests; the bench measures the real cost.
             .env("BERTH_ARGON2_MEMORY_KIB", "1024")
             .env("BERTH_ARGON2_ITERATIONS", "1")
@@ -147,6 +149,7 @@ pub fn run_cli(args: &[&str], data_dir: Option<&Path>, stdin: Option<&str>) -> (
         cmd.arg("--data-dir").arg(d);
     }
     cmd.env_remove("BERTH_CONFIG")
+        .env("BERTH_SPAWNER", "local")
         .env("BERTH_ARGON2_MEMORY_KIB", "1024")
         .env("BERTH_ARGON2_ITERATIONS", "1")
         .stdin(Stdio::piped())
