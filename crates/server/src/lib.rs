@@ -301,31 +301,6 @@ impl App {
         let local = listener.local_addr().map_err(|e| StartError::Bind { addr: self.config.bind, message: e.to_string() })?;
         let hub = self.hub.clone();
         hub.servers.set_api_url(format!("http://127.0.0.1:{}{}hub/api", local.port(), self.config.hub.base_url));
-        // Containers reach the hub through their network's gateway; when berth
-        // listens on loopback only, it listens there too.
-        let mut extra: Option<TcpListener> = None;
-        if let Some(d) = &self.docker {
-            d.set_hub_port(local.port());
-            if local.ip().is_loopback() && self.config.docker.hub_connect_url.is_empty() {
-                match d.ensure_network().await {
-                    Ok(gw) => match format!("{gw}:{}", local.port()).parse::<SocketAddr>() {
-                        Ok(addr) => match TcpListener::bind(addr).await {
-                            Ok(l) => {
-                                tracing::info!(%addr, "also listening on the Docker network's gateway for containers");
-                                extra = Some(l);
-                            }
-                            Err(e) => tracing::warn!(%addr, error = %e, "cannot listen on the Docker gateway; containers will not reach the hub"),
-                        },
-                        Err(e) => tracing::warn!(error = %e, "unusable gateway address"),
-                    },
-                    Err(e) => tracing::warn!(error = %e, "cannot prepare the Docker network now"),
-                }
-            }
-        }
-        let (adopted, vanished) = hub.servers.reconcile().await.map_err(|e| StartError::Reconcile(e.to_string()))?;
-        if adopted + vanished > 0 {
-            tracing::info!(adopted, vanished, "servers reconciled");
-        }
         let tasks = TaskTracker::new();
         jobs::spawn_all(&tasks, hub.clone(), self.shared.tls.clone(), shutdown.clone());
 
@@ -342,9 +317,14 @@ impl App {
         println!("berth listening on {scheme}://{local}");
         tracing::info!(%local, spawner = hub.servers.spawner_kind(), "listening");
 
-        if let Some(extra) = extra {
-            let (shared, stop, t2) = (self.shared.clone(), shutdown.clone(), tasks.clone());
-            tasks.spawn(accept_loop(extra, shared, stop, t2, local.port()));
+        // Containers reach the hub through their network's gateway; when berth
+        // listens on loopback only, it listens there too (once the engine answers).
+        if let Some(d) = &self.docker {
+            d.set_hub_port(local.port());
+            if local.ip().is_loopback() && self.config.docker.hub_connect_url.is_empty() {
+                let (d, shared, stop, t2) = (d.clone(), self.shared.clone(), shutdown.clone(), tasks.clone());
+                tasks.spawn(gateway_listener(d, shared, stop, t2, local.port()));
+            }
         }
         loop {
             let (stream, peer) = tokio::select! {
@@ -384,6 +364,35 @@ impl App {
         hub.store.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Listens on the Docker network's gateway (retrying until the engine
+/// answers), then accepts there until shutdown.
+async fn gateway_listener(d: Arc<DockerSpawner>, shared: Arc<Shared>, shutdown: CancellationToken, tasks: TaskTracker, port: u16) {
+    let mut warned = false;
+    loop {
+        let attempt = async {
+            let gw = d.ensure_network().await.map_err(|e| e.to_string())?;
+            let addr: SocketAddr = format!("{gw}:{port}").parse().map_err(|e| format!("gateway {gw}: {e}"))?;
+            TcpListener::bind(addr).await.map(|l| (l, addr)).map_err(|e| format!("cannot listen on {addr}: {e}"))
+        };
+        match attempt.await {
+            Ok((listener, addr)) => {
+                tracing::info!(%addr, "also listening on the Docker network's gateway for containers");
+                return accept_loop(listener, shared, shutdown, tasks, port).await;
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "containers cannot reach the hub yet; retrying every 5 s");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
     }
 }
 

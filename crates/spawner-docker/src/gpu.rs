@@ -40,7 +40,11 @@ impl DockerSpawner {
     /// Detects GPUs: none unless the engine has the nvidia runtime; then
     /// `nvidia-smi -L` in a probe container from `probe_image`.
     pub async fn detect_gpus(&self, probe_image: &str) -> Detection {
-        let info = match self.docker.info().await {
+        let docker = match self.client() {
+            Ok(d) => d,
+            Err(e) => return Detection { devices: vec![], how: e.to_string() },
+        };
+        let info = match docker.info().await {
             Ok(i) => i,
             Err(e) => return Detection { devices: vec![], how: format!("the Docker engine does not answer: {e}") },
         };
@@ -76,16 +80,16 @@ impl DockerSpawner {
             }),
             ..Default::default()
         };
-        let c = self
-            .docker
+        let docker = self.client().map_err(|e| e.to_string())?;
+        let c = docker
             .create_container(None::<CreateContainerOptions>, body)
             .await
             .map_err(|e| e.to_string())?;
         let result = async {
-            self.docker.start_container(&c.id, None::<StartContainerOptions>).await.map_err(|e| e.to_string())?;
-            let mut wait = self.docker.wait_container(&c.id, None::<WaitContainerOptions>);
+            docker.start_container(&c.id, None::<StartContainerOptions>).await.map_err(|e| e.to_string())?;
+            let mut wait = docker.wait_container(&c.id, None::<WaitContainerOptions>);
             while wait.next().await.is_some() {}
-            let mut logs = self.docker.logs(&c.id, Some(LogsOptions { stdout: true, stderr: true, ..Default::default() }));
+            let mut logs = docker.logs(&c.id, Some(LogsOptions { stdout: true, stderr: true, ..Default::default() }));
             let mut out = String::new();
             while let Some(Ok(chunk)) = logs.next().await {
                 out.push_str(&chunk.to_string());
@@ -93,7 +97,7 @@ impl DockerSpawner {
             Ok(out)
         }
         .await;
-        let _ = self.docker.remove_container(&c.id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await;
+        let _ = docker.remove_container(&c.id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await;
         result
     }
 }

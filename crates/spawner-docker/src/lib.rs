@@ -118,7 +118,9 @@ pub fn container_name(user: &str, server: &str) -> String {
 }
 
 pub struct DockerSpawner {
-    docker: Docker,
+    /// Connected on first use and again after the engine went away, so an
+    /// engine that restarts (or starts after berth) needs no berth restart.
+    docker: std::sync::Mutex<Option<Docker>>,
     cfg: Config,
     /// The hub's port, for the derived `hub_connect_url`.
     hub_port: std::sync::atomic::AtomicU16,
@@ -146,9 +148,9 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
 impl DockerSpawner {
     /// Connects to the local engine (DOCKER_HOST or the default socket).
     pub fn connect(cfg: Config, base_url: &str) -> Result<Arc<DockerSpawner>, SpawnError> {
-        let docker = Docker::connect_with_local_defaults().map_err(engine_error)?;
+        let docker = Docker::connect_with_local_defaults().ok();
         Ok(Arc::new(DockerSpawner {
-            docker,
+            docker: std::sync::Mutex::new(docker),
             cfg,
             hub_port: std::sync::atomic::AtomicU16::new(0),
             base_url: base_url.to_string(),
@@ -156,8 +158,26 @@ impl DockerSpawner {
         }))
     }
 
-    pub fn docker(&self) -> &Docker {
-        &self.docker
+    /// The engine client, connecting if needed.
+    pub fn client(&self) -> Result<Docker, SpawnError> {
+        let mut slot = self.docker.lock().map_err(|_| SpawnError::Failed("Docker client lock poisoned".into()))?;
+        if let Some(d) = slot.as_ref() {
+            return Ok(d.clone());
+        }
+        let d = Docker::connect_with_local_defaults().map_err(|e| {
+            SpawnError::Failed(format!("the Docker engine does not answer ({e}); is it running? Starts work again once it is back"))
+        })?;
+        *slot = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Forgets the client after a connection failure, so the next call reconnects.
+    fn reset_on(&self, e: &SpawnError) {
+        if e.to_string().contains("does not answer") {
+            if let Ok(mut slot) = self.docker.lock() {
+                *slot = None;
+            }
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -171,26 +191,28 @@ impl DockerSpawner {
 
     /// Whether the engine answers, and its version.
     pub async fn ping(&self) -> Result<String, SpawnError> {
-        let v = self.docker.version().await.map_err(engine_error)?;
-        Ok(v.version.unwrap_or_else(|| "unknown".into()))
+        let v = self.client()?.version().await.map_err(engine_error);
+        if let Err(e) = &v {
+            self.reset_on(e);
+        }
+        Ok(v?.version.unwrap_or_else(|| "unknown".into()))
     }
 
     /// Creates the network unless it exists; returns its gateway address.
     pub async fn ensure_network(&self) -> Result<String, SpawnError> {
         let name = &self.cfg.network;
-        let net = match self.docker.inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>).await {
+        let net = match self.client()?.inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>).await {
             Ok(n) => n,
             Err(e) if is_not_found(&e) => {
                 let labels = HashMap::from([(LABEL_MANAGED.to_string(), "true".to_string())]);
                 let req = NetworkCreateRequest { name: name.clone(), driver: Some("bridge".into()), labels: Some(labels), ..Default::default() };
-                match self.docker.create_network(req).await {
+                match self.client()?.create_network(req).await {
                     Ok(_) => {}
                     // Created meanwhile by a concurrent start.
                     Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {}
                     Err(e) => return Err(engine_error(e)),
                 }
-                self.docker
-                    .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
+                self.client()?.inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
                     .await
                     .map_err(engine_error)?
             }
@@ -205,7 +227,7 @@ impl DockerSpawner {
     }
 
     async fn ensure_volume(&self, name: &str, driver: &str, opts: &[(String, String)], user: &str) -> Result<(), SpawnError> {
-        match self.docker.inspect_volume(name).await {
+        match self.client()?.inspect_volume(name).await {
             Ok(_) => return Ok(()),
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(engine_error(e)),
@@ -221,23 +243,23 @@ impl DockerSpawner {
             labels: Some(labels),
             ..Default::default()
         };
-        self.docker.create_volume(req).await.map_err(engine_error)?;
+        self.client()?.create_volume(req).await.map_err(engine_error)?;
         Ok(())
     }
 
     /// Uses a local image, or pulls it with progress (bytes) on the way.
     async fn ensure_image(&self, image: &str, progress: &ProgressTx) -> Result<(), SpawnError> {
-        if self.docker.inspect_image(image).await.is_ok() {
+        if self.client()?.inspect_image(image).await.is_ok() {
             return Ok(());
         }
         let _one_pull = self.pull_lock.lock().await;
-        if self.docker.inspect_image(image).await.is_ok() {
+        if self.client()?.inspect_image(image).await.is_ok() {
             return Ok(());
         }
         let (from_image, tag) = split_image(image);
         let _ = progress.send(Progress { progress: 15, message: format!("Pulling {image}…") });
         let opts = CreateImageOptions { from_image: Some(from_image), tag: Some(tag), ..Default::default() };
-        let mut stream = self.docker.create_image(Some(opts), None, None);
+        let mut stream = self.client()?.create_image(Some(opts), None, None);
         let mut layers: HashMap<String, (i64, i64)> = HashMap::new();
         let mut last_report = std::time::Instant::now() - Duration::from_secs(1);
         while let Some(item) = stream.next().await {
@@ -268,7 +290,7 @@ impl DockerSpawner {
                 });
             }
         }
-        if self.docker.inspect_image(image).await.is_err() {
+        if self.client()?.inspect_image(image).await.is_err() {
             return Err(SpawnError::Failed(format!("pulled {image}, but the engine does not list it")));
         }
         let _ = progress.send(Progress { progress: 35, message: format!("Pulled {image}") });
@@ -374,14 +396,13 @@ impl DockerSpawner {
         let name = container_name(&spec.user, &spec.server);
         // A container of that name left from an earlier run (kept on stop, or
         // the engine restarted): it is berth's, so replace it.
-        match self.docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+        match self.client()?.inspect_container(&name, None::<InspectContainerOptions>).await {
             Ok(existing) => {
                 let ours = existing.config.and_then(|c| c.labels).is_some_and(|l| l.get(LABEL_MANAGED).is_some_and(|v| v == "true"));
                 if !ours {
                     return Err(SpawnError::Failed(format!("a container named {name} exists and is not berth's; remove or rename it")));
                 }
-                self.docker
-                    .remove_container(&name, Some(RemoveContainerOptions { force: true, ..Default::default() }))
+                self.client()?.remove_container(&name, Some(RemoveContainerOptions { force: true, ..Default::default() }))
                     .await
                     .map_err(engine_error)?;
             }
@@ -389,16 +410,14 @@ impl DockerSpawner {
             Err(e) => return Err(engine_error(e)),
         }
         let body = self.container_body(spec, &self.hub_api_url(&gateway));
-        let created = self
-            .docker
-            .create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body)
+        let created = self.client()?.create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body)
             .await
             .map_err(engine_error)?;
         Ok(created.id)
     }
 
     async fn container_ip(&self, id: &str) -> Result<Option<String>, SpawnError> {
-        let c = self.docker.inspect_container(id, None::<InspectContainerOptions>).await.map_err(engine_error)?;
+        let c = self.client()?.inspect_container(id, None::<InspectContainerOptions>).await.map_err(engine_error)?;
         Ok(c.network_settings
             .and_then(|n| n.networks)
             .and_then(|mut nets| nets.remove(&self.cfg.network))
@@ -407,7 +426,8 @@ impl DockerSpawner {
     }
 
     async fn remove(&self, id: &str) {
-        if let Err(e) = self.docker.remove_container(id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
+        let Ok(docker) = self.client() else { return };
+        if let Err(e) = docker.remove_container(id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
             if !is_not_found(&e) {
                 tracing::warn!(container = %id, error = %e, "could not remove the container");
             }
@@ -417,7 +437,7 @@ impl DockerSpawner {
     /// Removes a user's volumes (asked for explicitly when deleting a user).
     pub async fn remove_user_volumes(&self, user: &str) -> Result<(), SpawnError> {
         for suffix in ["home", "workspace", "cache"] {
-            match self.docker.remove_volume(&format!("berth-{user}-{suffix}"), None::<bollard::query_parameters::RemoveVolumeOptions>).await {
+            match self.client()?.remove_volume(&format!("berth-{user}-{suffix}"), None::<bollard::query_parameters::RemoveVolumeOptions>).await {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(engine_error(e)),
@@ -455,9 +475,15 @@ impl Spawner for DockerSpawner {
 
     fn start(&self, spec: SpawnSpec, progress: ProgressTx) -> BoxFuture<'_, Result<Started, SpawnError>> {
         Box::pin(async move {
-            let id = self.create(&spec, &progress).await?;
+            let id = match self.create(&spec, &progress).await {
+                Ok(id) => id,
+                Err(e) => {
+                    self.reset_on(&e);
+                    return Err(e);
+                }
+            };
             let _ = progress.send(Progress { progress: 45, message: format!("Starting container {}", container_name(&spec.user, &spec.server)) });
-            if let Err(e) = self.docker.start_container(&id, None::<StartContainerOptions>).await {
+            if let Err(e) = self.client()?.start_container(&id, None::<StartContainerOptions>).await {
                 self.remove(&id).await;
                 return Err(engine_error(e));
             }
@@ -490,7 +516,7 @@ impl Spawner for DockerSpawner {
         Box::pin(async move {
             let id = state_id(state)?;
             let t = (grace.interrupt + grace.terminate).as_secs().min(i32::MAX as u64) as i32;
-            match self.docker.stop_container(&id, Some(StopContainerOptions { t: Some(t), signal: None })).await {
+            match self.client()?.stop_container(&id, Some(StopContainerOptions { t: Some(t), signal: None })).await {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => return Ok(()),
                 // 304: already stopped.
@@ -507,7 +533,7 @@ impl Spawner for DockerSpawner {
     fn poll<'a>(&'a self, state: &'a serde_json::Value) -> BoxFuture<'a, Result<Status, SpawnError>> {
         Box::pin(async move {
             let id = state_id(state)?;
-            match self.docker.inspect_container(&id, None::<InspectContainerOptions>).await {
+            match self.client()?.inspect_container(&id, None::<InspectContainerOptions>).await {
                 Ok(c) => {
                     let st = c.state.unwrap_or_default();
                     if st.running == Some(true) {
@@ -532,7 +558,8 @@ impl Spawner for DockerSpawner {
         Box::pin(async move {
             let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_MANAGED}=true")])]);
             let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
-            match self.docker.list_containers(Some(opts)).await {
+            let Ok(docker) = self.client() else { return Vec::new() };
+            match docker.list_containers(Some(opts)).await {
                 Ok(list) => list
                     .into_iter()
                     .filter_map(|c| {
@@ -555,7 +582,8 @@ impl Spawner for DockerSpawner {
     fn logs<'a>(&'a self, user: &'a str, server: &'a str) -> BoxFuture<'a, Option<String>> {
         Box::pin(async move {
             let opts = LogsOptions { stdout: true, stderr: true, tail: "400".into(), ..Default::default() };
-            let mut s = self.docker.logs(&container_name(user, server), Some(opts));
+            let docker = self.client().ok()?;
+            let mut s = docker.logs(&container_name(user, server), Some(opts));
             let mut out = String::new();
             while let Some(Ok(chunk)) = s.next().await {
                 out.push_str(&chunk.to_string());

@@ -527,3 +527,101 @@ pub async fn raw_get(base: &str, path: &str, cookie: &str) -> u16 {
     let text = String::from_utf8_lossy(&buf);
     text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
+
+/// Docker resources a test creates, removed when dropped (pass or fail).
+pub struct DockerScope {
+    pub suffix: String,
+    pub network: String,
+    pub shared: String,
+    pub users: std::sync::Mutex<Vec<String>>,
+    pub extra_images: std::sync::Mutex<Vec<String>>,
+}
+
+impl DockerScope {
+    pub fn new() -> DockerScope {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let suffix = format!("{:x}{:x}{}", std::process::id() % 4096, nanos % 65536, N.fetch_add(1, Ordering::Relaxed));
+        DockerScope {
+            network: format!("berth-test-{suffix}"),
+            shared: format!("berth-test-{suffix}-shared"),
+            suffix,
+            users: Default::default(),
+            extra_images: Default::default(),
+        }
+    }
+
+    /// A user name unique to this test, remembered for clean-up.
+    pub fn user(&self, base: &str) -> String {
+        let name = format!("{base}{}", self.suffix);
+        self.users.lock().unwrap().push(name.clone());
+        name
+    }
+
+    pub fn env(&self, image: &str) -> Vec<(String, String)> {
+        vec![
+            ("BERTH_SPAWNER".into(), "docker".into()),
+            ("BERTH_DOCKER_IMAGE".into(), image.into()),
+            ("BERTH_DOCKER_NETWORK".into(), self.network.clone()),
+            ("BERTH_SHARED_VOLUME".into(), self.shared.clone()),
+            ("BERTH_DOCKER_CACHE_DIR".into(), "/root/.cache".into()),
+            ("BERTH_SHM_SIZE_MIB".into(), "2048".into()),
+            ("BERTH_START_TIMEOUT".into(), "120".into()),
+        ]
+    }
+}
+
+impl Drop for DockerScope {
+    fn drop(&mut self) {
+        let docker = |args: &[&str]| {
+            let _ = Command::new("docker").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        };
+        for u in self.users.lock().map(|u| u.clone()).unwrap_or_default() {
+            let out = Command::new("docker")
+                .args(["ps", "-aq", "--filter", &format!("label=berth.user={u}")])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for id in out.split_whitespace() {
+                docker(&["rm", "-f", id]);
+            }
+            for v in ["home", "workspace", "cache"] {
+                docker(&["volume", "rm", "-f", &format!("berth-{u}-{v}")]);
+            }
+        }
+        docker(&["volume", "rm", "-f", &self.shared]);
+        docker(&["network", "rm", &self.network]);
+        for i in self.extra_images.lock().map(|i| i.clone()).unwrap_or_default() {
+            docker(&["rmi", "-f", &i]);
+        }
+    }
+}
+
+/// The test image (built from nothing pulled by scripts/build-test-image).
+pub fn test_image() -> String {
+    if let Ok(i) = std::env::var("BERTH_TEST_IMAGE") {
+        return i;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/build-test-image");
+    let out = Command::new(script).stderr(Stdio::inherit()).output().expect("run scripts/build-test-image");
+    assert!(out.status.success(), "scripts/build-test-image failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `docker inspect` of a container, as JSON.
+pub fn docker_inspect(name: &str) -> Option<serde_json::Value> {
+    let out = Command::new("docker").args(["inspect", name]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get(0).cloned()
+}
+
+/// Logs a user in to their running server (OAuth round trip) at `prefix`.
+pub async fn oauth_login(b: &Browser, user: &str) {
+    let (r, last) = follow(b, &format!("/user/{user}/files/nothing-here")).await;
+    assert!(last.ends_with("/files/nothing-here"), "ended at {last} with {}", r.status());
+    assert!(b.cookie(&format!("/user/{user}/"), &format!("jupyterhub-user-{user}")).is_some(), "no server cookie for {user}");
+}
