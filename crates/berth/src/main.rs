@@ -64,6 +64,11 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Check the machine: Docker engine, network, volumes, GPUs, ports.
+    Doctor {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Manage accounts from the command line (works while berth runs).
     User {
         #[command(subcommand)]
@@ -205,6 +210,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Ok(())
             }
         },
+        Command::Doctor { common } => {
+            let config = load_config(&common, &[])?;
+            init_logging("error")?;
+            let ok = berth_server::doctor::run(&config).await;
+            if ok {
+                Ok(())
+            } else {
+                Err(Failure::Runtime(anyhow::anyhow!("some checks failed; see the lines marked FIX")))
+            }
+        }
         Command::User { command, common } => {
             let config = load_config(&common, &[])?;
             init_logging("warn")?;

@@ -32,7 +32,12 @@ pub enum UserCommand {
         pending: bool,
     },
     /// Delete an account with its sessions, tokens and server records.
-    Delete { name: String },
+    Delete {
+        name: String,
+        /// Also remove the user's Docker volumes (home, workspace, cache).
+        #[arg(long)]
+        remove_volumes: bool,
+    },
     /// Set a new password and log the account out everywhere; also lifts a lock-out.
     ResetPassword {
         name: String,
@@ -107,10 +112,18 @@ pub async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()>
                 }
             }
         }
-        UserCommand::Delete { name } => {
+        UserCommand::Delete { name, remove_volumes } => {
+            if store.count_active_servers_of(&name).await? > 0 {
+                bail!("{name} has running servers; stop them in the hub first (or DELETE /hub/api/users/{name}, which stops them)");
+            }
             store.delete_user(&name).await?;
             store.add_event("cli", "user-delete", &name, "").await?;
             println!("deleted {name}");
+            if remove_volumes {
+                let d = berth_spawner_docker::DockerSpawner::connect(config.docker.clone(), &config.hub.base_url)?;
+                d.remove_user_volumes(&name).await?;
+                println!("removed {name}'s volumes");
+            }
         }
         UserCommand::ResetPassword { name, password_stdin } => {
             if store.get_user(&name).await?.is_none() {

@@ -141,3 +141,25 @@ async fn import_nativeauth_accounts() {
     let db = [db, std::fs::read(b.data_dir.join("berth.sqlite")).unwrap()].concat();
     assert!(String::from_utf8_lossy(&db).contains("$argon2id$"));
 }
+
+#[test]
+fn doctor_reports_each_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run_cli(&["doctor", "--bind", "127.0.0.1:0"], Some(dir.path()), None);
+    let _ = err;
+    // --bind is a serve flag; doctor takes the configuration's bind instead.
+    assert_ne!(code, 0);
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let cfg = dir.path().join("berth.toml");
+    std::fs::write(&cfg, format!("bind = \"{addr}\"\n[spawner]\nkind = \"local\"\n")).unwrap();
+    let (code, out2, _) = run_cli(&["doctor", "--config", cfg.to_str().unwrap()], Some(dir.path()), None);
+    assert_ne!(code, 0, "the port is taken: {out2}");
+    assert!(out2.contains("OK  data directory") && out2.contains("OK  database"), "{out2}");
+    assert!(out2.lines().any(|l| l.starts_with("FIX port")), "{out2}");
+    drop(taken);
+    let (code, out3, _) = run_cli(&["doctor", "--config", cfg.to_str().unwrap()], Some(dir.path()), None);
+    assert_eq!(code, 0, "{out3}");
+    assert!(out3.contains("OK  spawner: local processes"), "{out3}");
+    let _ = out;
+}

@@ -92,6 +92,14 @@ async fn containers_run_jupyter_keep_work_and_share_a_volume() {
     assert_eq!(kernel::run(&bob, &bob_name, &k, "open('/mnt/shared/from-alice.txt').read()", None).await, "'hello bob'");
     // ...and cannot reach alice's server.
     assert_eq!(bob.client.get(bob.url(&format!("/user/{alice_name}/api/status"))).send().await.unwrap().status(), StatusCode::FORBIDDEN);
+
+    // Deleting bob keeps his volumes unless asked; asked, they go.
+    let volume_exists = |v: &str| Command::new("docker").args(["volume", "inspect", v]).output().unwrap().status.success();
+    let r = admin.api(Method::DELETE, &format!("/hub/api/users/{bob_name}?remove_volumes=true")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT, "{}", r.text().await.unwrap_or_default());
+    assert!(docker_inspect(&format!("berth-{bob_name}")).is_none(), "bob's container was stopped and removed");
+    assert!(!volume_exists(&format!("berth-{bob_name}-workspace")), "bob's volumes were removed");
+    assert!(volume_exists(&format!("berth-{alice_name}-workspace")), "alice's stay");
 }
 
 #[tokio::test]
@@ -341,6 +349,15 @@ async fn eight_concurrent_starts_share_four_gpus() {
     assert_eq!(r.status(), StatusCode::CONFLICT);
     let m = r.json::<Value>().await.unwrap()["message"].as_str().unwrap().to_string();
     assert!(m.contains("0 of 4 free") && !m.contains("held by"), "{m}");
+
+    // Admins see the inventory and who holds what; they can share a GPU.
+    let report: Value = admin.api(Method::GET, "/hub/api/gpus").send().await.unwrap().json().await.unwrap();
+    let gpus = report["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), 4);
+    assert!(gpus.iter().all(|g| g["holders"].as_array().unwrap().len() == 1), "{report}");
+    assert_eq!(ninth.api(Method::GET, "/hub/api/gpus").send().await.unwrap().status(), StatusCode::FORBIDDEN);
+    let (_, page) = admin.get_text("/hub/authorize").await;
+    assert!(page.contains("GPU-a") && page.contains("Exclusive: share"));
 
     // Stopping frees the devices.
     let holder = results.iter().zip(&names).find(|((s, _), _)| *s == StatusCode::ACCEPTED).map(|(_, n)| n.clone()).unwrap();

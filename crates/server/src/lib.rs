@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod doctor;
 mod jobs;
 
 use std::convert::Infallible;
@@ -301,6 +302,10 @@ impl App {
         let local = listener.local_addr().map_err(|e| StartError::Bind { addr: self.config.bind, message: e.to_string() })?;
         let hub = self.hub.clone();
         hub.servers.set_api_url(format!("http://127.0.0.1:{}{}hub/api", local.port(), self.config.hub.base_url));
+        let (adopted, vanished) = hub.servers.reconcile().await.map_err(|e| StartError::Reconcile(e.to_string()))?;
+        if adopted + vanished > 0 {
+            tracing::info!(adopted, vanished, "servers reconciled");
+        }
         let tasks = TaskTracker::new();
         jobs::spawn_all(&tasks, hub.clone(), self.shared.tls.clone(), shutdown.clone());
 

@@ -126,6 +126,9 @@ pub struct DockerSpawner {
     hub_port: std::sync::atomic::AtomicU16,
     base_url: String,
     pull_lock: tokio::sync::Mutex<()>,
+    /// The engine does not refuse a second network of the same name, so
+    /// creation is one at a time.
+    network_lock: tokio::sync::Mutex<()>,
 }
 
 fn engine_error(e: bollard::errors::Error) -> SpawnError {
@@ -155,6 +158,7 @@ impl DockerSpawner {
             hub_port: std::sync::atomic::AtomicU16::new(0),
             base_url: base_url.to_string(),
             pull_lock: tokio::sync::Mutex::new(()),
+            network_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -200,6 +204,7 @@ impl DockerSpawner {
 
     /// Creates the network unless it exists; returns its gateway address.
     pub async fn ensure_network(&self) -> Result<String, SpawnError> {
+        let _one_at_a_time = self.network_lock.lock().await;
         let name = &self.cfg.network;
         let net = match self.client()?.inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>).await {
             Ok(n) => n,

@@ -584,8 +584,28 @@ pub async fn authorize_page(
     } else {
         String::new()
     };
+    let gpus = hub.servers.gpu_report().await.unwrap_or_default();
+    let gpu_card = if gpus.is_empty() {
+        format!(r#"<div class="card"><h2>GPUs</h2><p class="muted">No GPUs (mode {}).</p></div>"#, hub.servers.gpu_cfg.mode)
+    } else {
+        let mut rows = String::new();
+        for g in &gpus {
+            let id = g["id"].as_str().unwrap_or("");
+            let shared = g["shared"].as_bool().unwrap_or(false);
+            let holders: Vec<&str> = g["holders"].as_array().map(|a| a.iter().filter_map(|h| h.as_str()).collect()).unwrap_or_default();
+            rows.push_str(&format!(
+                r#"<tr><td><code>{id}</code></td><td>{name}</td><td>{holders}</td><td><form method="post" action="{p}gpus/{id}">{x}<input type="hidden" name="action" value="{act}"><button class="secondary" type="submit">{label}</button></form></td></tr>"#,
+                id = esc(id),
+                name = esc(g["name"].as_str().unwrap_or("")),
+                holders = if holders.is_empty() { "free".to_string() } else { esc(&holders.join(", ")) },
+                act = if shared { "exclusive" } else { "share" },
+                label = if shared { "Shared: make exclusive" } else { "Exclusive: share" },
+            ));
+        }
+        format!(r#"<div class="card"><h2>GPUs</h2><table><thead><tr><th>Id</th><th>Name</th><th>Held by</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"#)
+    };
     let body = format!(
-        r#"<h1>Users</h1>{msg}<div class="card"><form method="get" action="{p}authorize">
+        r#"<h1>Users</h1>{msg}{gpu_card}<div class="card"><form method="get" action="{p}authorize">
 <input type="text" name="q" value="{q}" placeholder="name starts with…" style="max-width:16rem;display:inline-block">
 <label style="display:inline;font-weight:normal"><input type="checkbox" name="pending" value="1" {checked}> pending only</label>
 <button class="secondary" type="submit">Filter</button></form>
@@ -654,6 +674,26 @@ pub async fn authorize_action(
     tracing::info!(admin = %me, user = %name, action = %f.action, "account changed");
     let msg = percent_encoding::utf8_percent_encode(&done, percent_encoding::NON_ALPHANUMERIC);
     Ok(Redirect::to(&format!("{}authorize?msg={msg}#{name}", hub.hub_prefix())).into_response())
+}
+
+/// `POST /hub/gpus/<id>` (admins): mark a GPU shared or exclusive.
+pub async fn gpu_action(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    Path(id): Path<String>,
+    PageForm(f): PageForm<ActionForm>,
+) -> ApiResult<Response> {
+    require_admin(&user)?;
+    let shared = match f.action.as_str() {
+        "share" => true,
+        "exclusive" => false,
+        other => return Err(ApiError::bad_request(format!("unknown action {other:?}")).page()),
+    };
+    hub.servers.set_gpu_shared(&id, shared).await.map_err(|e| ApiError::from(e).page())?;
+    let _ = hub.store.add_event(user.caller.name(), &format!("gpu-{}", f.action), &id, "").await;
+    let msg = format!("{id} is {}", if shared { "shared" } else { "exclusive" });
+    let msg = percent_encoding::utf8_percent_encode(&msg, percent_encoding::NON_ALPHANUMERIC);
+    Ok(Redirect::to(&format!("{}authorize?msg={msg}", hub.hub_prefix())).into_response())
 }
 
 /// Headers helper for tests and other modules.

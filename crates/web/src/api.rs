@@ -34,6 +34,7 @@ pub fn router() -> Router<SharedHub> {
         )
         .route("/users/{name}/servers/{server}/progress", get(crate::spawn::api_progress_named))
         .route("/users/{name}/activity", post(crate::spawn::api_activity))
+        .route("/gpus", get(gpus))
         .route("/oauth2/authorize", get(crate::oauth::authorize))
         .route("/oauth2/token", post(crate::oauth::token))
         .fallback(not_found)
@@ -331,10 +332,24 @@ async fn patch_user(
     Ok(Json(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes)))
 }
 
+/// `GET /hub/api/gpus` (admins): the inventory, shared flags and holders.
+async fn gpus(State(hub): State<SharedHub>, ApiCaller(c): ApiCaller) -> ApiResult<Json<Value>> {
+    c.require("admin:servers", Target::Hub)?;
+    let report = hub.servers.gpu_report().await?;
+    Ok(Json(json!({"mode": hub.servers.gpu_cfg.mode, "gpus": report})))
+}
+
+#[derive(Deserialize, Default)]
+struct DeleteParams {
+    #[serde(default)]
+    remove_volumes: Option<String>,
+}
+
 async fn delete_user(
     State(hub): State<SharedHub>,
     ApiCaller(c): ApiCaller,
     Path(name): Path<String>,
+    Query(q): Query<DeleteParams>,
 ) -> ApiResult<StatusCode> {
     c.require("delete:users", Target::User(&name))?;
     if name == c.name() {
@@ -346,6 +361,12 @@ async fn delete_user(
     hub.servers.stop_all_of(&name).await;
     hub.store.delete_user(&name).await?;
     let _ = hub.store.add_event(c.name(), "user-delete", &name, "api").await;
+    if q.remove_volumes.as_deref().is_some_and(|v| matches!(v, "1" | "true" | "yes")) {
+        hub.servers.remove_user_data(&name).await.map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{name} was deleted, but removing their volumes failed: {e}"))
+        })?;
+        let _ = hub.store.add_event(c.name(), "volumes-remove", &name, "api").await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

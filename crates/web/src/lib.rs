@@ -187,6 +187,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/authorize", get(accounts::authorize_page))
         .route("/authorize/{name}", post(accounts::authorize_action))
         .route("/admin", get(accounts::admin_redirect))
+        .route("/gpus/{id}", post(accounts::gpu_action))
         .route("/token", get(tokens::token_page).post(tokens::token_create))
         .route("/token/{id}/revoke", post(tokens::token_revoke))
         .route("/spawn", get(spawn::spawn_page).post(spawn::spawn_post))

@@ -660,6 +660,7 @@ impl Servers {
                 continue;
             }
             let state: Value = serde_json::from_str(&record.spawner_state).unwrap_or_else(|_| json!({}));
+            tracing::debug!(server = %describe(&record.user, &record.name), state = %record.state, "reconciling");
             let status = if state.as_object().is_some_and(|o| !o.is_empty()) {
                 self.spawner.poll(&state).await.unwrap_or_else(|e| Status::Exited(e.to_string()))
             } else {
@@ -742,6 +743,34 @@ impl Servers {
             }
             self.store.delete_server(user, server).await?;
         }
+        Ok(())
+    }
+
+    /// Deletes what the user's servers kept (volumes) through the spawner.
+    pub async fn remove_user_data(&self, user: &str) -> Result<(), String> {
+        self.spawner.remove_user_data(user).await.map_err(|e| e.to_string())
+    }
+
+    /// The inventory with who holds each GPU.
+    pub async fn gpu_report(&self) -> Result<Vec<Value>, StartError> {
+        let allocations = self.store.gpu_allocations().await?;
+        let shared: std::collections::HashSet<String> = self.store.shared_gpus().await?.into_iter().collect();
+        Ok(self
+            .gpu_inventory()
+            .into_iter()
+            .map(|g| {
+                let holders: Vec<String> =
+                    allocations.iter().filter(|(d, _, _)| *d == g.id).map(|(_, u, s)| describe(u, s)).collect();
+                json!({"id": g.id, "name": g.name, "shared": shared.contains(&g.id), "holders": holders})
+            })
+            .collect())
+    }
+
+    pub async fn set_gpu_shared(&self, id: &str, shared: bool) -> Result<(), StartError> {
+        if !self.gpu_inventory().iter().any(|g| g.id == id) {
+            return Err(StartError::NotFound(format!("no GPU {id} in the inventory")));
+        }
+        self.store.set_gpu_shared(id, shared).await?;
         Ok(())
     }
 

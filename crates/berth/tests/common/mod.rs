@@ -57,7 +57,7 @@ impl Berth {
             .arg(data_dir)
             .args(&args)
             .env_remove("BERTH_CONFIG")
-            .env("BERTH_LOG", "info")
+            .env("BERTH_LOG", std::env::var("BERTH_TEST_LOG").unwrap_or_else(|_| "info".into()))
             // The local-process spawner unless a test asks for Docker.
             .env("BERTH_SPAWNER", "local")
             // Keep password hashing cheap in tests; the bench measures the real cost.
