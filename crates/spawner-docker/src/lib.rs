@@ -387,6 +387,11 @@ impl DockerSpawner {
 
     /// Creates (but does not start) the server's container; returns its id.
     pub async fn create(&self, spec: &SpawnSpec, progress: &ProgressTx) -> Result<String, SpawnError> {
+        self.create_timed(spec, progress).await.map(|(id, _)| id)
+    }
+
+    /// `create`, also returning the time spent in the engine's create call.
+    async fn create_timed(&self, spec: &SpawnSpec, progress: &ProgressTx) -> Result<(String, Duration), SpawnError> {
         let gateway = self.ensure_network().await?;
         let image = spec.image.clone().unwrap_or_else(|| self.cfg.image.clone());
         self.ensure_image(&image, progress).await?;
@@ -415,10 +420,13 @@ impl DockerSpawner {
             Err(e) => return Err(engine_error(e)),
         }
         let body = self.container_body(spec, &self.hub_api_url(&gateway));
-        let created = self.client()?.create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body)
+        let t = std::time::Instant::now();
+        let created = self
+            .client()?
+            .create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body)
             .await
             .map_err(engine_error)?;
-        Ok(created.id)
+        Ok((created.id, t.elapsed()))
     }
 
     async fn container_ip(&self, id: &str) -> Result<Option<String>, SpawnError> {
@@ -480,19 +488,25 @@ impl Spawner for DockerSpawner {
 
     fn start(&self, spec: SpawnSpec, progress: ProgressTx) -> BoxFuture<'_, Result<Started, SpawnError>> {
         Box::pin(async move {
-            let id = match self.create(&spec, &progress).await {
-                Ok(id) => id,
+            let t0 = std::time::Instant::now();
+            let (id, create_time) = match self.create_timed(&spec, &progress).await {
+                Ok(x) => x,
                 Err(e) => {
                     self.reset_on(&e);
                     return Err(e);
                 }
             };
             let _ = progress.send(Progress { progress: 45, message: format!("Starting container {}", container_name(&spec.user, &spec.server)) });
+            let t_start = std::time::Instant::now();
             if let Err(e) = self.client()?.start_container(&id, None::<StartContainerOptions>).await {
                 self.remove(&id).await;
                 return Err(engine_error(e));
             }
-            let ip = match self.container_ip(&id).await {
+            let ip = self.container_ip(&id).await;
+            // Time in the engine's create, start and inspect calls, and in all of start.
+            let engine = create_time + t_start.elapsed();
+            let total = t0.elapsed();
+            let ip = match ip {
                 Ok(Some(ip)) => ip,
                 Ok(None) => {
                     self.remove(&id).await;
@@ -504,7 +518,16 @@ impl Spawner for DockerSpawner {
                 }
             };
             let target = format!("http://{ip}:{CONTAINER_PORT}");
-            tracing::info!(user = %spec.user, server = %spec.server, container = %&id[..12.min(id.len())], %target, gpus = ?spec.gpus, "started container");
+            tracing::info!(
+                user = %spec.user,
+                server = %spec.server,
+                container = %&id[..12.min(id.len())],
+                %target,
+                gpus = ?spec.gpus,
+                engine_ms = engine.as_secs_f64() * 1000.0,
+                spawn_ms = total.as_secs_f64() * 1000.0,
+                "started container"
+            );
             Ok(Started {
                 target: target.clone(),
                 state: json!({

@@ -320,6 +320,13 @@ impl Servers {
     /// Requests a start. Returns once the start is under way; progress goes
     /// to the server's progress log, the outcome to the store.
     pub async fn start(self: &Arc<Self>, user: &str, server: &str, user_options: Value) -> Result<(), StartError> {
+        let t0 = std::time::Instant::now();
+        let r = self.start_inner(user, server, user_options).await;
+        tracing::debug!(server = %describe(user, server), prepare_ms = t0.elapsed().as_secs_f64() * 1000.0, "start prepared");
+        r
+    }
+
+    async fn start_inner(self: &Arc<Self>, user: &str, server: &str, user_options: Value) -> Result<(), StartError> {
         let what = describe(user, server);
         let owner = self.store.get_user(user).await?.ok_or_else(|| StartError::NotFound(format!("No such user: {user}")))?;
         if !owner.authorized {
@@ -477,6 +484,7 @@ impl Servers {
         let outcome = self.spawn_and_wait(&mut record, spec, &log, deadline).await;
         match outcome {
             Ok(target) => {
+                let t_finish = std::time::Instant::now();
                 let url = self.prefix(&user, &server);
                 self.routes.insert(Route::new(url.clone(), target, user.clone(), server.clone()));
                 record.url = Some(url.clone());
@@ -490,7 +498,7 @@ impl Servers {
                     "html_message": format!("Server ready at <a href=\"{url}\">{url}</a>"),
                     "url": url,
                 }));
-                tracing::info!(server = %what, "server ready");
+                tracing::info!(server = %what, finish_ms = t_finish.elapsed().as_secs_f64() * 1000.0, "server ready");
             }
             Err(reason) => {
                 tracing::warn!(server = %what, %reason, "server failed to start");
