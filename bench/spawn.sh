@@ -38,15 +38,16 @@ auth="Authorization: token $token"
 names=$(python3 -c "import json; print(json.dumps({'usernames': ['bench%d' % i for i in range($count)]}))")
 curl -s -o /dev/null -X POST -H "$auth" "$URL/hub/api/users" -d "$names"
 
+echo "{}" > "$work/options.json"
 t0=$(date +%s.%N)
-seq 0 $((count - 1)) | xargs -P "$count" -I{} curl -s -o /dev/null -w '%{http_code}\n' -X POST -H "$auth" \
-    "$URL/hub/api/users/bench{}/server" -d '{}' > "$work/codes"
+seq 0 $((count - 1)) | xargs -P "$count" -I{} curl -s -o "$work/body{}" -w '%{http_code}\n' -X POST -H "$auth" \
+    "$URL/hub/api/users/bench{}/server" -d @"$work/options.json" > "$work/codes"
 while :; do
     ready=$(curl -s -H "$auth" "$URL/hub/api/users?state=ready&limit=200" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
     [ "$ready" -ge "$count" ] && break
     failed=$(grep -c "server failed to start" "$data.err" || true)
     [ "$failed" -gt 0 ] && { echo "some starts failed:" >&2; grep "failed to start" "$data.err" >&2; exit 1; }
-    if (( $(echo "$(date +%s.%N) - $t0 > 600" | bc) )); then echo "timed out" >&2; exit 1; fi
+    if (( $(echo "$(date +%s.%N) - $t0 > 600" | bc) )); then echo "timed out; ready: $ready; codes: $(sort "$work/codes" | uniq -c | tr "\n" " ") $(cat "$work"/body0)" >&2; tail -5 "$data.err" >&2; exit 1; fi
     sleep 0.2
 done
 t1=$(date +%s.%N)
