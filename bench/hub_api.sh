@@ -7,7 +7,7 @@
 source "$(dirname "$0")/lib.sh"
 need_pkg wrk wrk
 build_release
-work=$(mktemp -d); trap 'kill $BERTH_PID 2>/dev/null; rm -rf "$work"' EXIT
+BERTH_PID=; work=$(mktemp -d); trap 'kill $BERTH_PID 2>/dev/null; rm -rf "$work"' EXIT
 data=$work/data
 printf 'bench-admin-pass-1\n' | "$BERTH" user add admin --admin --password-stdin --data-dir "$data" >/dev/null
 start_berth "$data"

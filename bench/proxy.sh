@@ -8,7 +8,7 @@ source "$(dirname "$0")/lib.sh"
 need_pkg wrk wrk
 need_pkg nginx nginx-light
 build_release
-work=$(mktemp -d)
+work=$(mktemp -d); SAMPLER=; BERTH_PID=
 cleanup() {
     kill "$BERTH_PID" "$SAMPLER" 2>/dev/null || true
     [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
@@ -18,7 +18,7 @@ cleanup() {
 trap cleanup EXIT
 data=$work/data
 printf 'bench-admin-pass-1\n' | "$BERTH" user add admin --admin --password-stdin --data-dir "$data" >/dev/null
-start_berth "$data" BERTH_LOCAL_CMD="$ROOT/target/release/bench-backend" BERTH_LOG=warn
+start_berth "$data" BERTH_SPAWNER=local BERTH_LOCAL_CMD="$ROOT/target/release/bench-backend" BERTH_LOG=warn
 token=$(login_token "$URL" admin bench-admin-pass-1)
 auth="Authorization: token $token"
 # berth starts the backend as admin's server; everyone uses that one process.
