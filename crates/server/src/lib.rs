@@ -331,30 +331,8 @@ impl App {
                 tasks.spawn(gateway_listener(d, shared, stop, t2, local.port()));
             }
         }
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let shared = self.shared.clone();
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(e) = serve_connection(shared, stream, peer, local.port(), stop, false).await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-            });
-        }
+        accept_loop(listener, self.shared.clone(), shutdown.clone(), tasks.clone(), local.port(), false).await;
         tracing::info!("shutting down: draining connections");
-        drop(listener);
         tasks.close();
         if tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await.is_err() {
             tracing::warn!("some connections did not finish within 10 s; closing them");
@@ -385,7 +363,7 @@ async fn gateway_listener(d: Arc<DockerSpawner>, shared: Arc<Shared>, shutdown: 
         match attempt.await {
             Ok((listener, addr)) => {
                 tracing::info!(%addr, "also listening on the Docker network's gateway for containers");
-                return accept_loop(listener, shared, shutdown, tasks, port).await;
+                return accept_loop(listener, shared, shutdown, tasks, port, true).await;
             }
             Err(e) => {
                 if !warned {
@@ -401,14 +379,16 @@ async fn gateway_listener(d: Arc<DockerSpawner>, shared: Arc<Shared>, shutdown: 
     }
 }
 
-/// Accepts on an additional listener until shutdown.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tasks: TaskTracker, port: u16) {
+/// Accepts until shutdown. `internal`: the listener for containers (on the
+/// Docker gateway), whose hub API calls are served over plain HTTP under TLS.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tasks: TaskTracker, port: u16, internal: bool) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -418,7 +398,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: Cance
         let _ = stream.set_nodelay(true);
         let (shared, stop) = (shared.clone(), shutdown.clone());
         tasks.spawn(async move {
-            if let Err(e) = serve_connection(shared, stream, peer, port, stop, true).await {
+            if let Err(e) = serve_connection(shared, stream, peer, port, stop, internal).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
