@@ -12,9 +12,11 @@ pub mod password;
 pub mod secrets;
 
 pub use lockout::{Lockout, LockoutPolicy};
-pub use password::{PasswordError, PasswordPolicy, Verified};
 pub use password::HashCost;
-pub use secrets::{hash_token, new_public_id, new_signing_key, new_token, pkce_s256_matches, Secret, SessionCookie, Signer};
+pub use password::{PasswordError, PasswordPolicy, Verified};
+pub use secrets::{
+    hash_token, new_public_id, new_signing_key, new_token, pkce_s256_matches, Secret, SessionCookie, Signer,
+};
 
 use std::time::Duration;
 

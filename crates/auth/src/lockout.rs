@@ -43,8 +43,7 @@ impl LockoutPolicy {
         // A lock that has run out leaves the count at the limit, so one more
         // failure locks again; forgetting happens only after a quiet window.
         let failed = if stale && failed < self.attempts as i64 { 1 } else { failed + 1 };
-        let locked_until =
-            (self.attempts > 0 && failed >= self.attempts as i64).then_some(now_ms + window_ms);
+        let locked_until = (self.attempts > 0 && failed >= self.attempts as i64).then_some(now_ms + window_ms);
         Lockout { failed, locked_until }
     }
 }

@@ -16,7 +16,11 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "berth", version, about = "A multi-user ML workstation in one binary: hub, proxy, spawners and SSH gateway.")]
+#[command(
+    name = "berth",
+    version,
+    about = "A multi-user ML workstation in one binary: hub, proxy, spawners and SSH gateway."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -198,7 +202,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Config { command, common } => match command {
             ConfigCommand::Check => {
                 let c = load_config(&common, &[])?;
-                println!("configuration OK: listening on {}, data in {}, database {}", c.bind, c.data_dir.display(), redact(&c.database_url()));
+                println!(
+                    "configuration OK: listening on {}, data in {}, database {}",
+                    c.bind,
+                    c.data_dir.display(),
+                    redact(&c.database_url())
+                );
                 Ok(())
             }
             ConfigCommand::Defaults => {

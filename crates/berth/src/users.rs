@@ -157,10 +157,12 @@ async fn import_nativeauth(store: &Store, path: &std::path::Path) -> Result<()> 
     sqlx::any::install_default_drivers();
     let url = format!("sqlite://{}?mode=ro", path.display());
     let pool = sqlx::AnyPool::connect(&url).await.with_context(|| format!("opening {}", path.display()))?;
-    let rows = sqlx::query("SELECT username, password, CAST(COALESCE(is_authorized, 0) AS INTEGER) AS is_authorized FROM users_info")
-        .fetch_all(&pool)
-        .await
-        .with_context(|| format!("reading NativeAuthenticator's users_info table from {}", path.display()))?;
+    let rows = sqlx::query(
+        "SELECT username, password, CAST(COALESCE(is_authorized, 0) AS INTEGER) AS is_authorized FROM users_info",
+    )
+    .fetch_all(&pool)
+    .await
+    .with_context(|| format!("reading NativeAuthenticator's users_info table from {}", path.display()))?;
     let admins: Vec<String> = match sqlx::query("SELECT name FROM users WHERE admin = 1").fetch_all(&pool).await {
         Ok(rows) => rows.iter().filter_map(|r| r.try_get::<String, _>("name").ok()).collect(),
         Err(_) => Vec::new(),

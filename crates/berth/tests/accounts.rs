@@ -116,7 +116,8 @@ async fn lockout_says_when_to_retry() {
     assert!(msg.contains("Try again in"), "{msg}");
 
     // An operator can lift the lock from the command line.
-    let (code, out, err) = b.cli(&["user", "reset-password", "alice", "--password-stdin"], Some("alice-reset-pass-9\n"));
+    let (code, out, err) =
+        b.cli(&["user", "reset-password", "alice", "--password-stdin"], Some("alice-reset-pass-9\n"));
     assert_eq!(code, 0, "{out}{err}");
     alice.login_ok("alice", "alice-reset-pass-9").await;
 }
@@ -179,12 +180,22 @@ async fn tokens_scopes_revocation_and_storage() {
     let reader = token_for(&admin, "admin", json!({"scopes": ["read:users"], "note": "reader"})).await;
 
     for scheme in ["token", "Bearer"] {
-        let r = c.get(format!("{}/hub/api/users", b.url)).header("Authorization", format!("{scheme} {reader}")).send().await.unwrap();
+        let r = c
+            .get(format!("{}/hub/api/users", b.url))
+            .header("Authorization", format!("{scheme} {reader}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{scheme}");
         let users: Value = r.json().await.unwrap();
         assert_eq!(users.as_array().unwrap().len(), 2);
     }
-    let r = c.delete(format!("{}/hub/api/users/alice", b.url)).header("Authorization", format!("token {reader}")).send().await.unwrap();
+    let r = c
+        .delete(format!("{}/hub/api/users/alice", b.url))
+        .header("Authorization", format!("token {reader}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let who: Value = c
         .get(format!("{}/hub/api/user", b.url))
@@ -208,7 +219,12 @@ async fn tokens_scopes_revocation_and_storage() {
     let id = entry["id"].as_str().unwrap();
     let r = admin.api(Method::DELETE, &format!("/hub/api/users/admin/tokens/{id}")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let r = c.get(format!("{}/hub/api/users", b.url)).header("Authorization", format!("token {reader}")).send().await.unwrap();
+    let r = c
+        .get(format!("{}/hub/api/users", b.url))
+        .header("Authorization", format!("token {reader}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // An expired token is refused.
@@ -219,7 +235,12 @@ async fn tokens_scopes_revocation_and_storage() {
         let url = url.clone();
         let short = short.clone();
         async move {
-            c.get(&url).header("Authorization", format!("token {short}")).send().await.map(|r| r.status() == StatusCode::FORBIDDEN).unwrap_or(false)
+            c.get(&url)
+                .header("Authorization", format!("token {short}"))
+                .send()
+                .await
+                .map(|r| r.status() == StatusCode::FORBIDDEN)
+                .unwrap_or(false)
         }
     })
     .await;
@@ -228,7 +249,12 @@ async fn tokens_scopes_revocation_and_storage() {
     let alice_admin = Browser::new(&b.url);
     authorize(&admin, "alice").await;
     alice_admin.login_ok("alice", ALICE_PW).await;
-    let r = alice_admin.api(Method::POST, "/hub/api/users/alice/tokens").json(&json!({"scopes": ["admin:users"]})).send().await.unwrap();
+    let r = alice_admin
+        .api(Method::POST, "/hub/api/users/alice/tokens")
+        .json(&json!({"scopes": ["admin:users"]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // Nothing secret is in the database files in clear.
@@ -263,7 +289,12 @@ async fn restart_after_kill9_keeps_users_sessions_and_tokens() {
     let alice = Browser { base: b.url.clone(), ..alice };
 
     assert_eq!(alice.get("/hub/home").await.status(), StatusCode::OK, "alice's session survived");
-    let r = api_client().get(format!("{}/hub/api/users", b.url)).header("Authorization", format!("token {token}")).send().await.unwrap();
+    let r = api_client()
+        .get(format!("{}/hub/api/users", b.url))
+        .header("Authorization", format!("token {token}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK, "the token survived");
     let users: Value = r.json().await.unwrap();
     let names: Vec<&str> = users.as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap()).collect();
@@ -280,7 +311,13 @@ async fn bad_input_gets_clear_errors() {
     let c = api_client();
     let auth = format!("token {token}");
 
-    let r = c.post(format!("{}/hub/api/users", b.url)).header("Authorization", &auth).body("{not json").send().await.unwrap();
+    let r = c
+        .post(format!("{}/hub/api/users", b.url))
+        .header("Authorization", &auth)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], 400);
@@ -298,7 +335,13 @@ async fn bad_input_gets_clear_errors() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], 413);
 
-    let r = c.post(format!("{}/hub/api/users", b.url)).header("Authorization", &auth).json(&json!({"usernames": ["Bad/Name"]})).send().await.unwrap();
+    let r = c
+        .post(format!("{}/hub/api/users", b.url))
+        .header("Authorization", &auth)
+        .json(&json!({"usernames": ["Bad/Name"]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let r = c.get(format!("{}/hub/api/users?limit=-3", b.url)).header("Authorization", &auth).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
@@ -318,7 +361,14 @@ async fn bad_input_gets_clear_errors() {
     let msg = alert_text(&visitor.signup("alice", "another-pass-1").await);
     assert!(msg.contains("already in use"), "{msg}");
     // Garbage in forms and paths is answered, not panicked on.
-    let r = visitor.client.post(visitor.url("/hub/signup")).body("%%%&&&==").header("content-type", "application/x-www-form-urlencoded").send().await.unwrap();
+    let r = visitor
+        .client
+        .post(visitor.url("/hub/signup"))
+        .body("%%%&&&==")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_client_error());
     assert_eq!(visitor.get("/hub/api/users/%ff%fe").await.status(), StatusCode::FORBIDDEN);
     assert!(!b.log().contains("panicked"), "berth panicked:\n{}", b.log());
@@ -333,10 +383,22 @@ async fn api_shapes_and_pagination() {
     let c = api_client();
     let auth = format!("token {token}");
     let names: Vec<String> = (0..120).map(|i| format!("user{i:03}")).collect();
-    let r = c.post(format!("{}/hub/api/users", b.url)).header("Authorization", &auth).json(&json!({"usernames": names})).send().await.unwrap();
+    let r = c
+        .post(format!("{}/hub/api/users", b.url))
+        .header("Authorization", &auth)
+        .json(&json!({"usernames": names}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.json::<Value>().await.unwrap().as_array().unwrap().len(), 120);
-    let r = c.post(format!("{}/hub/api/users", b.url)).header("Authorization", &auth).json(&json!({"usernames": ["user000"]})).send().await.unwrap();
+    let r = c
+        .post(format!("{}/hub/api/users", b.url))
+        .header("Authorization", &auth)
+        .json(&json!({"usernames": ["user000"]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CONFLICT);
     assert_eq!(r.json::<Value>().await.unwrap()["message"], "All 1 users already exist");
 
@@ -354,12 +416,30 @@ async fn api_shapes_and_pagination() {
     assert_eq!(page["_pagination"]["total"], 122);
     assert_eq!(page["_pagination"]["next"]["offset"], 100);
     let u = &page["items"][0];
-    for field in ["kind", "name", "admin", "groups", "roles", "created", "last_activity", "server", "pending", "servers"] {
+    for field in
+        ["kind", "name", "admin", "groups", "roles", "created", "last_activity", "server", "pending", "servers"]
+    {
         assert!(u.get(field).is_some(), "user model lacks {field}: {u}");
     }
-    let plain: Value = c.get(format!("{}/hub/api/users", b.url)).header("Authorization", &auth).send().await.unwrap().json().await.unwrap();
+    let plain: Value = c
+        .get(format!("{}/hub/api/users", b.url))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(plain.as_array().unwrap().len(), 122, "plain list, under the 200 cap");
-    let filtered: Value = c.get(format!("{}/hub/api/users?name_filter=user11", b.url)).header("Authorization", &auth).send().await.unwrap().json().await.unwrap();
+    let filtered: Value = c
+        .get(format!("{}/hub/api/users?name_filter=user11", b.url))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(filtered.as_array().unwrap().len(), 10);
 
     let r = c

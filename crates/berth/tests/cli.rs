@@ -106,7 +106,8 @@ async fn import_nativeauth_accounts() {
     ] {
         sqlx::query(stmt).execute(&pool).await.unwrap();
     }
-    let users = [("dora", "dora-secret-pw1", 1, 1), ("eli", "eli-secret-pw12", 0, 0), ("Bad.Name", "whatever-pw-123", 1, 0)];
+    let users =
+        [("dora", "dora-secret-pw1", 1, 1), ("eli", "eli-secret-pw12", 0, 0), ("Bad.Name", "whatever-pw-123", 1, 0)];
     for (name, pw, authorized, admin) in users {
         let hash = bcrypt::hash(pw, 4).unwrap();
         sqlx::query("INSERT INTO users_info (username, password, is_authorized) VALUES ($1, $2, $3)")
@@ -116,7 +117,12 @@ async fn import_nativeauth_accounts() {
             .execute(&pool)
             .await
             .unwrap();
-        sqlx::query("INSERT INTO users (name, admin) VALUES ($1, $2)").bind(name).bind(admin as i64).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO users (name, admin) VALUES ($1, $2)")
+            .bind(name)
+            .bind(admin as i64)
+            .execute(&pool)
+            .await
+            .unwrap();
     }
     pool.close().await;
 
@@ -128,7 +134,8 @@ async fn import_nativeauth_accounts() {
 
     let dora = Browser::new(&b.url);
     dora.login_ok("dora", "dora-secret-pw1").await;
-    let me: serde_json::Value = dora.api(reqwest::Method::GET, "/hub/api/user").send().await.unwrap().json().await.unwrap();
+    let me: serde_json::Value =
+        dora.api(reqwest::Method::GET, "/hub/api/user").send().await.unwrap().json().await.unwrap();
     assert_eq!(me["admin"], true);
     let eli = Browser::new(&b.url);
     let r = eli.login("eli", "eli-secret-pw12").await;

@@ -58,9 +58,21 @@ async fn containers_run_jupyter_keep_work_and_share_a_volume() {
     let c = docker_inspect(&format!("berth-{alice_name}")).expect("the container exists");
     assert_eq!(c["Config"]["Labels"]["berth.user"], alice_name.as_str());
     assert_eq!(c["HostConfig"]["ShmSize"], 2048i64 * 1024 * 1024);
-    assert!(c["HostConfig"]["DeviceRequests"].is_null() || c["HostConfig"]["DeviceRequests"] == json!([]), "no GPU here: no device requests");
-    let mounts: Vec<String> = c["Mounts"].as_array().unwrap().iter().map(|m| format!("{}:{}", m["Name"].as_str().unwrap_or(""), m["Destination"].as_str().unwrap_or(""))).collect();
-    for want in [format!("berth-{alice_name}-workspace:/home/lab/workspace"), format!("berth-{alice_name}-home:/home"), format!("{}:/mnt/shared", scope.shared)] {
+    assert!(
+        c["HostConfig"]["DeviceRequests"].is_null() || c["HostConfig"]["DeviceRequests"] == json!([]),
+        "no GPU here: no device requests"
+    );
+    let mounts: Vec<String> = c["Mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| format!("{}:{}", m["Name"].as_str().unwrap_or(""), m["Destination"].as_str().unwrap_or("")))
+        .collect();
+    for want in [
+        format!("berth-{alice_name}-workspace:/home/lab/workspace"),
+        format!("berth-{alice_name}-home:/home"),
+        format!("{}:/mnt/shared", scope.shared),
+    ] {
         assert!(mounts.contains(&want), "{want} not in {mounts:?}");
     }
 
@@ -75,26 +87,38 @@ async fn containers_run_jupyter_keep_work_and_share_a_volume() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
-    assert_eq!(kernel::run(&alice, &alice_name, &kernel, "open('/mnt/shared/from-alice.txt','w').write('hello bob')", None).await, "9");
+    assert_eq!(
+        kernel::run(&alice, &alice_name, &kernel, "open('/mnt/shared/from-alice.txt','w').write('hello bob')", None)
+            .await,
+        "9"
+    );
     let r = alice.api(Method::DELETE, &format!("/hub/api/users/{alice_name}/server")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert!(docker_inspect(&format!("berth-{alice_name}")).is_none(), "the container is removed on stop");
     let ready = start_via_pages(&alice, &alice_name).await;
     assert_eq!(ready["ready"], true, "{ready}");
     oauth_login(&alice, &alice_name).await;
-    let r: Value = alice.get(&format!("/user/{alice_name}/api/contents/keep.txt?content=1")).await.json().await.unwrap();
+    let r: Value =
+        alice.get(&format!("/user/{alice_name}/api/contents/keep.txt?content=1")).await.json().await.unwrap();
     assert_eq!(r["content"], "still here");
 
     // bob reads what alice left in the shared volume.
     assert_eq!(start_via_pages(&bob, &bob_name).await["ready"], true);
     oauth_login(&bob, &bob_name).await;
     let k = kernel::start(&bob, &bob_name).await;
-    assert_eq!(kernel::run(&bob, &bob_name, &k, "open('/mnt/shared/from-alice.txt').read()", None).await, "'hello bob'");
+    assert_eq!(
+        kernel::run(&bob, &bob_name, &k, "open('/mnt/shared/from-alice.txt').read()", None).await,
+        "'hello bob'"
+    );
     // ...and cannot reach alice's server.
-    assert_eq!(bob.client.get(bob.url(&format!("/user/{alice_name}/api/status"))).send().await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        bob.client.get(bob.url(&format!("/user/{alice_name}/api/status"))).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
 
     // Deleting bob keeps his volumes unless asked; asked, they go.
-    let volume_exists = |v: &str| Command::new("docker").args(["volume", "inspect", v]).output().unwrap().status.success();
+    let volume_exists =
+        |v: &str| Command::new("docker").args(["volume", "inspect", v]).output().unwrap().status.success();
     let r = admin.api(Method::DELETE, &format!("/hub/api/users/{bob_name}?remove_volumes=true")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT, "{}", r.text().await.unwrap_or_default());
     assert!(docker_inspect(&format!("berth-{bob_name}")).is_none(), "bob's container was stopped and removed");
@@ -116,7 +140,8 @@ async fn kill9_hub_with_two_containers_running() {
         oauth_login(&u, n).await;
         browsers.push(u);
     }
-    let started: Vec<Value> = names.iter().map(|n| docker_inspect(&format!("berth-{n}")).unwrap()["State"]["StartedAt"].clone()).collect();
+    let started: Vec<Value> =
+        names.iter().map(|n| docker_inspect(&format!("berth-{n}")).unwrap()["State"]["StartedAt"].clone()).collect();
 
     b.kill9_and_restart();
     for (i, n) in names.iter().enumerate() {
@@ -154,8 +179,17 @@ impl Registry {
             ),
         )
         .unwrap();
-        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"].into_iter().find(|p| std::path::Path::new(p).exists()).expect("docker-registry is installed (scripts/test installs it)");
-        let child = Command::new(bin).arg("serve").arg(&cfg).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("docker-registry is installed (scripts/test installs it)");
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         for _ in 0..100 {
             if std::net::TcpStream::connect(&addr).is_ok() {
                 break;
@@ -185,7 +219,11 @@ async fn images_only_in_a_registry_are_pulled_with_progress() {
     let reg = Registry::start();
     // An image the engine does not have: the test image plus a layer of noise.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("Dockerfile"), format!("FROM {image}\nRUN head -c 8000000 /dev/urandom > /opt/noise\n")).unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {image}\nRUN head -c 8000000 /dev/urandom > /opt/noise\n"),
+    )
+    .unwrap();
     let remote = format!("{}/berth-pull-{}:v1", reg.addr, scope.suffix);
     scope.extra_images.lock().unwrap().push(remote.clone());
     sh(&["docker", "build", "-q", "-t", &remote, dir.path().to_str().unwrap()]);
@@ -196,7 +234,12 @@ async fn images_only_in_a_registry_are_pulled_with_progress() {
     let admin = admin(&b).await;
     let name = scope.user("ed");
     let u = user(&b, &admin, &name).await;
-    let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).json(&json!({"image": remote})).send().await.unwrap();
+    let r = u
+        .api(Method::POST, &format!("/hub/api/users/{name}/server"))
+        .json(&json!({"image": remote}))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status() == StatusCode::CREATED || r.status() == StatusCode::ACCEPTED, "{}", r.status());
     let events = all_progress(&u, &format!("/hub/api/users/{name}/server/progress")).await;
     let last = events.last().cloned().unwrap_or_default();
@@ -209,7 +252,12 @@ async fn images_only_in_a_registry_are_pulled_with_progress() {
 
     // A missing tag is a clear error, and the server is stopped again.
     let missing = format!("{}/berth-pull-{}:nope", reg.addr, scope.suffix);
-    let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).json(&json!({"image": missing})).send().await.unwrap();
+    let r = u
+        .api(Method::POST, &format!("/hub/api/users/{name}/server"))
+        .json(&json!({"image": missing}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let msg = r.json::<Value>().await.unwrap()["message"].as_str().unwrap().to_string();
     assert!(msg.contains("cannot pull") && msg.contains(&missing), "{msg}");
@@ -287,7 +335,11 @@ async fn engine_away_then_back_without_restarting_berth() {
     }
     let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).json(&json!({})).send().await.unwrap();
     let status = r.status();
-    let last = if status == StatusCode::CREATED { json!({"ready": true}) } else { wait_progress(&u, &format!("/hub/api/users/{name}/server/progress")).await };
+    let last = if status == StatusCode::CREATED {
+        json!({"ready": true})
+    } else {
+        wait_progress(&u, &format!("/hub/api/users/{name}/server/progress")).await
+    };
     assert_eq!(last["ready"], true, "{status} {last}\n{}", b.log());
     u.api(Method::DELETE, &format!("/hub/api/users/{name}/server")).send().await.unwrap();
 }
@@ -297,7 +349,11 @@ async fn eight_concurrent_starts_share_four_gpus() {
     // The allocator is the spawner's business only at the end: local
     // processes that never listen hold their GPUs while "starting".
     let b = Berth::start_with(
-        &[("BERTH_LOCAL_CMD", "sleep 603"), ("BERTH_START_TIMEOUT", "120"), ("BERTH_GPU_DEVICES", "GPU-a,GPU-b,GPU-c,GPU-d")],
+        &[
+            ("BERTH_LOCAL_CMD", "sleep 603"),
+            ("BERTH_START_TIMEOUT", "120"),
+            ("BERTH_GPU_DEVICES", "GPU-a,GPU-b,GPU-c,GPU-d"),
+        ],
         &[],
     );
     let admin = admin(&b).await;
@@ -305,12 +361,25 @@ async fn eight_concurrent_starts_share_four_gpus() {
     let token = t.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
     let c = api_client();
     let names: Vec<String> = (0..8).map(|i| format!("gpu{i}")).collect();
-    let r = c.post(format!("{}/hub/api/users", b.url)).header("Authorization", format!("token {token}")).json(&json!({"usernames": names})).send().await.unwrap();
+    let r = c
+        .post(format!("{}/hub/api/users", b.url))
+        .header("Authorization", format!("token {token}"))
+        .json(&json!({"usernames": names}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     let starts = names.iter().map(|n| {
         let (c, url, token) = (c.clone(), format!("{}/hub/api/users/{n}/server", b.url), token.clone());
         async move {
-            let r = c.post(url).header("Authorization", format!("token {token}")).json(&json!({"gpus": 1})).timeout(Duration::from_secs(60)).send().await.unwrap();
+            let r = c
+                .post(url)
+                .header("Authorization", format!("token {token}"))
+                .json(&json!({"gpus": 1}))
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .unwrap();
             let status = r.status();
             (status, r.json::<Value>().await.unwrap_or(Value::Null))
         }
@@ -360,8 +429,14 @@ async fn eight_concurrent_starts_share_four_gpus() {
     assert!(page.contains("GPU-a") && page.contains("Exclusive: share"));
 
     // Stopping frees the devices.
-    let holder = results.iter().zip(&names).find(|((s, _), _)| *s == StatusCode::ACCEPTED).map(|(_, n)| n.clone()).unwrap();
-    let r = c.delete(format!("{}/hub/api/users/{holder}/server", b.url)).header("Authorization", format!("token {token}")).send().await.unwrap();
+    let holder =
+        results.iter().zip(&names).find(|((s, _), _)| *s == StatusCode::ACCEPTED).map(|(_, n)| n.clone()).unwrap();
+    let r = c
+        .delete(format!("{}/hub/api/users/{holder}/server", b.url))
+        .header("Authorization", format!("token {token}"))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success());
     let r = ninth.api(Method::POST, "/hub/api/users/nine/server").json(&json!({"gpus": 1})).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED, "a freed GPU can be had again");

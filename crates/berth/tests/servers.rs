@@ -91,26 +91,61 @@ async fn no_cross_user_access_through_the_proxy() {
     // (Sent raw: HTTP clients would normalize the path before sending it.)
     let cookie = alice.jar_cookie_header("/user/alice/");
     assert_eq!(raw_get(&b.url, "/user/alice/api/status", &cookie).await, 200, "the raw client works");
-    for path in ["/user/bob/../alice/api/status", "/user/bob/%2e%2e/alice/api/status", "/user/alice/../alice/api/status", "/user/bob/..%2Falice/api/status"] {
+    for path in [
+        "/user/bob/../alice/api/status",
+        "/user/bob/%2e%2e/alice/api/status",
+        "/user/alice/../alice/api/status",
+        "/user/bob/..%2Falice/api/status",
+    ] {
         assert_eq!(raw_get(&b.url, path, &cookie).await, 400, "{path}");
     }
     // Tokens: bob's own token has no access to alice's server; alice's has.
     let t = bob.api(Method::POST, "/hub/api/users/bob/tokens").json(&json!({})).send().await.unwrap();
     let bob_token = t.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
-    let r = api_client().get(format!("{}/user/alice/api/status", b.url)).header("Authorization", format!("token {bob_token}")).send().await.unwrap();
+    let r = api_client()
+        .get(format!("{}/user/alice/api/status", b.url))
+        .header("Authorization", format!("token {bob_token}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    let t = alice.api(Method::POST, "/hub/api/users/alice/tokens").json(&json!({"scopes": ["read:users!user=alice"]})).send().await.unwrap();
+    let t = alice
+        .api(Method::POST, "/hub/api/users/alice/tokens")
+        .json(&json!({"scopes": ["read:users!user=alice"]}))
+        .send()
+        .await
+        .unwrap();
     let narrow = t.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
-    let r = api_client().get(format!("{}/user/alice/api/status", b.url)).header("Authorization", format!("token {narrow}")).send().await.unwrap();
+    let r = api_client()
+        .get(format!("{}/user/alice/api/status", b.url))
+        .header("Authorization", format!("token {narrow}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN, "a token without access:servers");
-    let t = alice.api(Method::POST, "/hub/api/users/alice/tokens").json(&json!({"scopes": ["access:servers!server=alice/"]})).send().await.unwrap();
+    let t = alice
+        .api(Method::POST, "/hub/api/users/alice/tokens")
+        .json(&json!({"scopes": ["access:servers!server=alice/"]}))
+        .send()
+        .await
+        .unwrap();
     let access = t.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
-    let r = api_client().get(format!("{}/user/alice/api/status", b.url)).header("Authorization", format!("token {access}")).send().await.unwrap();
+    let r = api_client()
+        .get(format!("{}/user/alice/api/status", b.url))
+        .header("Authorization", format!("token {access}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK, "a token with access:servers for alice's server");
     // Admins pass.
     let t = admin.api(Method::POST, "/hub/api/users/admin/tokens").json(&json!({})).send().await.unwrap();
     let admin_token = t.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
-    let r = api_client().get(format!("{}/user/alice/api/status", b.url)).header("Authorization", format!("token {admin_token}")).send().await.unwrap();
+    let r = api_client()
+        .get(format!("{}/user/alice/api/status", b.url))
+        .header("Authorization", format!("token {admin_token}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK, "admins hold access:servers");
     // A visitor without a session is sent to log in.
     let anon = Browser::new(&b.url);
@@ -201,7 +236,8 @@ async fn https_on_the_same_port() {
     admin.submit("/hub/authorize", "/hub/authorize/alice", &[("action", "authorize")]).await;
     let r = alice.login("alice", ALICE_PW).await;
     assert_eq!(r.status(), StatusCode::FOUND);
-    let set_cookie: Vec<String> = r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).collect();
+    let set_cookie: Vec<String> =
+        r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).collect();
     assert!(set_cookie.iter().all(|c| c.contains("Secure")), "cookies are Secure under TLS: {set_cookie:?}");
 
     assert_eq!(start_via_pages(&alice, "alice").await["ready"], true, "log:\n{}", b.log());
@@ -262,7 +298,13 @@ async fn one_gib_up_and_down_without_buffering() {
 
     // Download: the server's pattern, checked as it streams.
     use futures_util::StreamExt;
-    let r = alice.client.get(alice.url(&format!("/user/alice/download?n={GIB}"))).timeout(Duration::from_secs(600)).send().await.unwrap();
+    let r = alice
+        .client
+        .get(alice.url(&format!("/user/alice/download?n={GIB}")))
+        .timeout(Duration::from_secs(600))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let mut stream = r.bytes_stream();
     let mut pos: u64 = 0;

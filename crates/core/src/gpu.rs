@@ -44,7 +44,8 @@ pub fn allocate(
         holders.entry(d.clone()).or_default().push(h.clone());
     }
     let mut free: Vec<&String> = devices.iter().filter(|d| !holders.contains_key(*d)).collect();
-    let mut shareable: Vec<&String> = devices.iter().filter(|d| shared.contains(*d) && holders.contains_key(*d)).collect();
+    let mut shareable: Vec<&String> =
+        devices.iter().filter(|d| shared.contains(*d) && holders.contains_key(*d)).collect();
     shareable.sort_by_key(|d| holders.get(*d).map(Vec::len).unwrap_or(0));
     let free_count = free.len() + shareable.len();
     if want > free_count {

@@ -66,7 +66,10 @@ pub enum Target<'a> {
     /// Hub-wide things: listing users, metrics.
     Hub,
     User(&'a str),
-    Server { user: &'a str, server: &'a str },
+    Server {
+        user: &'a str,
+        server: &'a str,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -120,9 +123,7 @@ impl Scope {
             (Filter::All, _) => true,
             (Filter::User(u), Target::User(t)) => u == t,
             (Filter::User(u), Target::Server { user, .. }) => u == user,
-            (Filter::Server { user, server }, Target::Server { user: tu, server: ts }) => {
-                user == tu && server == ts
-            }
+            (Filter::Server { user, server }, Target::Server { user: tu, server: ts }) => user == tu && server == ts,
             _ => false,
         }
     }

@@ -29,7 +29,8 @@ impl Route {
     pub fn touch(&self, now_ms: i64) -> bool {
         use std::sync::atomic::Ordering;
         let last = self.last_seen.load(Ordering::Relaxed);
-        now_ms - last >= 1000 && self.last_seen.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        now_ms - last >= 1000
+            && self.last_seen.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 }
 
@@ -153,7 +154,14 @@ mod tests {
 
     #[test]
     fn dot_segments() {
-        for p in ["/user/bob/../alice/", "/user/bob/%2e%2e/alice/", "/user/bob/%2E%2E/alice", "/user/./x", "/user/bob/..%2falice/", "/a/..\\b"] {
+        for p in [
+            "/user/bob/../alice/",
+            "/user/bob/%2e%2e/alice/",
+            "/user/bob/%2E%2E/alice",
+            "/user/./x",
+            "/user/bob/..%2falice/",
+            "/a/..\\b",
+        ] {
             assert!(contains_dot_segments(p), "{p}");
         }
         for p in ["/user/alice/", "/user/alice/a..b/", "/user/alice/.hidden", "/user/alice/%"] {

@@ -29,8 +29,14 @@ pub enum TlsError {
 #[derive(Debug, Clone)]
 pub enum CertSource {
     /// Generate (once) a CA and server certificate in this directory.
-    Auto { dir: PathBuf, names: Vec<String> },
-    Files { cert: PathBuf, key: PathBuf },
+    Auto {
+        dir: PathBuf,
+        names: Vec<String>,
+    },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
 }
 
 /// The current TLS configuration, swappable on reload.
@@ -48,8 +54,14 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError::Read { path: path.display().to_string(), message: e.to_string() })
 }
 
-fn parse_pem(cert_pem: &[u8], key_pem: &[u8], cert_path: &str, key_path: &str) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..]).filter_map(Result::ok).collect();
+fn parse_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_path: &str,
+    key_path: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut &cert_pem[..]).filter_map(Result::ok).collect();
     if certs.is_empty() {
         return Err(TlsError::Empty { path: cert_path.into(), what: "PEM certificate" });
     }
@@ -60,7 +72,10 @@ fn parse_pem(cert_pem: &[u8], key_pem: &[u8], cert_path: &str, key_path: &str) -
     Ok((certs, key))
 }
 
-fn server_config(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<rustls::ServerConfig, TlsError> {
+fn server_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -84,7 +99,8 @@ fn ensure_auto(dir: &Path, names: &[String]) -> Result<(), TlsError> {
     if ca_cert.is_file() && cert.is_file() && key.is_file() {
         return Ok(());
     }
-    std::fs::create_dir_all(dir).map_err(|e| TlsError::Read { path: dir.display().to_string(), message: e.to_string() })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| TlsError::Read { path: dir.display().to_string(), message: e.to_string() })?;
     let gen = |e: rcgen::Error| TlsError::Generate(e.to_string());
     let ca_key = rcgen::KeyPair::generate().map_err(gen)?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
@@ -129,7 +145,12 @@ impl TlsState {
             }
             CertSource::Files { cert, key } => (cert.clone(), key.clone(), None),
         };
-        let (certs, key) = parse_pem(&read(&cert_path)?, &read(&key_path)?, &cert_path.display().to_string(), &key_path.display().to_string())?;
+        let (certs, key) = parse_pem(
+            &read(&cert_path)?,
+            &read(&key_path)?,
+            &cert_path.display().to_string(),
+            &key_path.display().to_string(),
+        )?;
         let ca_pem = match &ca_path {
             Some(p) => Some(String::from_utf8_lossy(&read(p)?).into_owned()),
             None => None,
@@ -188,17 +209,28 @@ mod tests {
     #[test]
     fn auto_generates_once_and_reloads_files() {
         let dir = tempfile::tempdir().unwrap();
-        let a = TlsState::load(CertSource::Auto { dir: dir.path().into(), names: vec!["localhost".into(), "127.0.0.1".into()] }).unwrap();
+        let a = TlsState::load(CertSource::Auto {
+            dir: dir.path().into(),
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+        })
+        .unwrap();
         let b = TlsState::load(CertSource::Auto { dir: dir.path().into(), names: vec!["localhost".into()] }).unwrap();
         assert_eq!(a.fingerprint, b.fingerprint, "the CA is made once and kept");
         assert!(a.ca_pem.as_deref().unwrap().contains("BEGIN CERTIFICATE"));
 
-        let files = TlsState::load(CertSource::Files { cert: dir.path().join("server.pem"), key: dir.path().join("server-key.pem") }).unwrap();
+        let files = TlsState::load(CertSource::Files {
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server-key.pem"),
+        })
+        .unwrap();
         assert!(files.reload(true).unwrap());
         std::fs::write(dir.path().join("server.pem"), "garbage").unwrap();
         assert!(files.reload(true).is_err(), "a broken file is reported and the old pair kept");
         assert!(matches!(
-            TlsState::load(CertSource::Files { cert: dir.path().join("nope.pem"), key: dir.path().join("server-key.pem") }),
+            TlsState::load(CertSource::Files {
+                cert: dir.path().join("nope.pem"),
+                key: dir.path().join("server-key.pem")
+            }),
             Err(TlsError::Read { .. })
         ));
     }

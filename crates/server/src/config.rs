@@ -233,14 +233,19 @@ fn merge(base: &mut Value, file: &Value, prefix: &str, source_name: &str) -> Res
 /// Sets one key from text (environment or flag), typed like its default.
 fn set_text(root: &mut Value, key: &str, raw: &str, source_name: &str) -> Result<(), ConfigError> {
     let invalid = |message: String| ConfigError::Invalid { key: key.into(), source_name: source_name.into(), message };
-    let slot = lookup_mut(root, key).ok_or_else(|| ConfigError::UnknownKey { key: key.into(), source_name: source_name.into() })?;
+    let slot = lookup_mut(root, key)
+        .ok_or_else(|| ConfigError::UnknownKey { key: key.into(), source_name: source_name.into() })?;
     *slot = match slot {
         Value::String(_) => Value::String(raw.to_string()),
         Value::Integer(_) => Value::Integer(
             raw.trim().parse::<i64>().map_err(|_| invalid(format!("expected an integer, found {raw:?}")))?,
         ),
         Value::Float(_) => Value::Float(
-            raw.trim().parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(|| invalid(format!("expected a number, found {raw:?}")))?,
+            raw.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .ok_or_else(|| invalid(format!("expected a number, found {raw:?}")))?,
         ),
         Value::Boolean(_) => Value::Boolean(match raw.trim().to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => true,
@@ -264,8 +269,10 @@ impl Config {
             let shown = path.display().to_string();
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::Read { path: shown.clone(), message: e.to_string() })?;
-            let file: Value = toml::from_str(&text)
-                .map_err(|e| ConfigError::Parse { path: shown.clone(), message: e.to_string().trim().replace('\n', " ") })?;
+            let file: Value = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: shown.clone(),
+                message: e.to_string().trim().replace('\n', " "),
+            })?;
             merge(&mut root, &file, "", &shown)?;
         }
         for (key, envs, _) in KEYS {
@@ -279,14 +286,26 @@ impl Config {
         }
         let cfg: Config = root.try_into().map_err(|e: toml::de::Error| {
             let msg = e.to_string();
-            let key = KEYS.iter().map(|k| k.0).find(|k| msg.contains(k.rsplit('.').next().unwrap_or(k))).unwrap_or("(unknown)");
-            ConfigError::Invalid { key: key.into(), source_name: "configuration".into(), message: msg.trim().replace('\n', " ") }
+            let key = KEYS
+                .iter()
+                .map(|k| k.0)
+                .find(|k| msg.contains(k.rsplit('.').next().unwrap_or(k)))
+                .unwrap_or("(unknown)");
+            ConfigError::Invalid {
+                key: key.into(),
+                source_name: "configuration".into(),
+                message: msg.trim().replace('\n', " "),
+            }
         })?;
         cfg.normalized()
     }
 
     fn normalized(mut self) -> Result<Config, ConfigError> {
-        let invalid = |key: &str, message: String| ConfigError::Invalid { key: key.into(), source_name: "configuration".into(), message };
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.into(),
+            source_name: "configuration".into(),
+            message,
+        };
         let mut base = self.hub.base_url.trim().to_string();
         if !base.starts_with('/') {
             base.insert(0, '/');
@@ -295,7 +314,10 @@ impl Config {
             base.push('/');
         }
         if base.contains("//") || base.contains(['?', '#', ' ', '\\']) {
-            return Err(invalid("hub.base_url", format!("{:?} is not a URL path prefix like /jupyter/", self.hub.base_url)));
+            return Err(invalid(
+                "hub.base_url",
+                format!("{:?} is not a URL path prefix like /jupyter/", self.hub.base_url),
+            ));
         }
         self.hub.base_url = base;
         berth_core::UserName::parse(&self.hub.admin).map_err(|e| invalid("hub.admin", e.to_string()))?;

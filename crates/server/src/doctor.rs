@@ -30,7 +30,11 @@ pub async fn run(config: &Config) -> bool {
     // The listening port.
     all &= match tokio::net::TcpListener::bind(config.bind).await {
         Ok(_) => line(true, "port", &format!("{} is free", config.bind)),
-        Err(e) => line(false, "port", &format!("{}: {e} (is berth already running? otherwise pick another with --bind)", config.bind)),
+        Err(e) => line(
+            false,
+            "port",
+            &format!("{}: {e} (is berth already running? otherwise pick another with --bind)", config.bind),
+        ),
     };
     // Docker.
     if config.spawner.kind == "local" {
@@ -45,7 +49,8 @@ pub async fn run(config: &Config) -> bool {
                         Ok(gw) => line(true, "Docker network", &format!("{} (gateway {gw})", config.docker.network)),
                         Err(e) => line(false, "Docker network", &e.to_string()),
                     };
-                    let image_ok = d.client().ok().map(|c| async move { c.inspect_image(&config.docker.image).await.is_ok() });
+                    let image_ok =
+                        d.client().ok().map(|c| async move { c.inspect_image(&config.docker.image).await.is_ok() });
                     let present = match image_ok {
                         Some(f) => f.await,
                         None => false,
@@ -65,7 +70,9 @@ pub async fn run(config: &Config) -> bool {
                             "shared volume",
                             &format!(
                                 "{} (driver {}) mounted at {}",
-                                config.docker.shared_volume, config.docker.shared_volume_driver, config.docker.shared_mount
+                                config.docker.shared_volume,
+                                config.docker.shared_volume_driver,
+                                config.docker.shared_mount
                             ),
                         );
                     }
@@ -80,11 +87,21 @@ pub async fn run(config: &Config) -> bool {
                             config.gpu.mode,
                             det.how,
                             if gpus.is_empty() { String::new() } else { format!(": {}", gpus.join(", ")) },
-                            if config.gpu.devices.is_empty() { String::new() } else { format!("; configured: {}", config.gpu.devices) }
+                            if config.gpu.devices.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; configured: {}", config.gpu.devices)
+                            }
                         ),
                     );
                 }
-                Ok(Err(e)) => all &= line(config.spawner.kind != "docker", "Docker engine", &format!("{e}; servers run as local processes until it answers")),
+                Ok(Err(e)) => {
+                    all &= line(
+                        config.spawner.kind != "docker",
+                        "Docker engine",
+                        &format!("{e}; servers run as local processes until it answers"),
+                    )
+                }
                 Err(_) => all &= line(config.spawner.kind != "docker", "Docker engine", "did not answer within 5 s"),
             },
         }

@@ -13,8 +13,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<TlsState>>, shutdown: CancellationToken) {
-    tasks.spawn(flush_activity(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "activity")));
-    tasks.spawn(expire_tokens(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "token-expiry")));
+    tasks
+        .spawn(flush_activity(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "activity")));
+    tasks.spawn(
+        expire_tokens(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "token-expiry")),
+    );
     tasks.spawn(poll_servers(hub, shutdown.clone()).instrument(tracing::info_span!("job", name = "poll")));
     if let Some(tls) = tls {
         tasks.spawn(reload_tls(tls, shutdown).instrument(tracing::info_span!("job", name = "tls-reload")));
@@ -59,7 +62,9 @@ async fn reload_tls(tls: Arc<TlsState>, shutdown: CancellationToken) {
         match tls.reload(force) {
             Ok(true) => tracing::info!("reloaded the TLS certificate"),
             Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "could not reload the TLS certificate; still serving the previous one"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not reload the TLS certificate; still serving the previous one")
+            }
         }
     }
 }

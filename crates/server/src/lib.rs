@@ -22,9 +22,9 @@ use berth_proxy::tls::{CertSource, TlsState};
 use berth_proxy::{contains_dot_segments, strip_cookies, Forwarder, ForwarderConfig, Peer, ProxyError, RouteTable};
 use berth_spawner::local::LocalConfig;
 use berth_spawner::{LocalSpawner, Spawner};
+use berth_spawner_docker::DockerSpawner;
 use berth_store::Store;
 use berth_web::activity::Activity;
-use berth_spawner_docker::DockerSpawner;
 use berth_web::servers::{Gpu, Servers};
 use berth_web::{Hub, SharedHub};
 use http::{HeaderValue, Response, StatusCode};
@@ -41,7 +41,9 @@ pub use config::{Config, ConfigError, Sources};
 pub enum StartError {
     #[error("the data directory {path} is not usable: {message}")]
     DataDir { path: String, message: String },
-    #[error("the cookie secret {path} is damaged ({message}); delete it to generate a new one (this logs everyone out)")]
+    #[error(
+        "the cookie secret {path} is damaged ({message}); delete it to generate a new one (this logs everyone out)"
+    )]
     Secret { path: String, message: String },
     #[error(transparent)]
     Store(#[from] berth_store::StoreError),
@@ -83,7 +85,8 @@ pub fn load_cookie_secret(dir: &Path) -> Result<Secret, StartError> {
             opts.write(true).create_new(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            let mut f = opts.open(&path).map_err(|e| StartError::DataDir { path: shown.clone(), message: e.to_string() })?;
+            let mut f =
+                opts.open(&path).map_err(|e| StartError::DataDir { path: shown.clone(), message: e.to_string() })?;
             f.write_all(secret.expose().as_bytes())
                 .and_then(|_| f.sync_all())
                 .map_err(|e| StartError::DataDir { path: shown.clone(), message: e.to_string() })?;
@@ -137,9 +140,9 @@ async fn build_spawner(config: &Config) -> Result<(Arc<dyn Spawner>, Option<Arc<
         kind => {
             let docker = DockerSpawner::connect(config.docker.clone(), &config.hub.base_url);
             let answer = match &docker {
-                Ok(d) => tokio::time::timeout(Duration::from_secs(5), d.ping())
-                    .await
-                    .unwrap_or_else(|_| Err(berth_spawner::SpawnError::Failed("the Docker engine did not answer within 5 s".into()))),
+                Ok(d) => tokio::time::timeout(Duration::from_secs(5), d.ping()).await.unwrap_or_else(|_| {
+                    Err(berth_spawner::SpawnError::Failed("the Docker engine did not answer within 5 s".into()))
+                }),
                 Err(e) => Err(berth_spawner::SpawnError::Failed(e.to_string())),
             };
             match (kind, docker, answer) {
@@ -189,7 +192,10 @@ async fn gpu_inventory(config: &Config, docker: Option<&Arc<DockerSpawner>>) -> 
             Ok(out) if out.status.success() => {
                 let devs = berth_spawner_docker::gpu::parse_nvidia_smi_list(&String::from_utf8_lossy(&out.stdout));
                 let n = devs.len();
-                (devs.into_iter().map(|g| Gpu { id: g.id, name: g.name }).collect(), format!("nvidia-smi -L on the host: {n} GPU(s)"))
+                (
+                    devs.into_iter().map(|g| Gpu { id: g.id, name: g.name }).collect(),
+                    format!("nvidia-smi -L on the host: {n} GPU(s)"),
+                )
             }
             _ => (Vec::new(), "no nvidia-smi on the host".to_string()),
         },
@@ -299,7 +305,8 @@ impl App {
     /// writes what is buffered. Recorded servers are re-adopted and their
     /// routes restored before the first connection is accepted.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
-        let local = listener.local_addr().map_err(|e| StartError::Bind { addr: self.config.bind, message: e.to_string() })?;
+        let local =
+            listener.local_addr().map_err(|e| StartError::Bind { addr: self.config.bind, message: e.to_string() })?;
         let hub = self.hub.clone();
         hub.servers.set_api_url(format!("http://127.0.0.1:{}{}hub/api", local.port(), self.config.hub.base_url));
         let (adopted, vanished) = hub.servers.reconcile().await.map_err(|e| StartError::Reconcile(e.to_string()))?;
@@ -352,7 +359,13 @@ impl App {
 
 /// Listens on the Docker network's gateway (retrying until the engine
 /// answers), then accepts there until shutdown.
-async fn gateway_listener(d: Arc<DockerSpawner>, shared: Arc<Shared>, shutdown: CancellationToken, tasks: TaskTracker, port: u16) {
+async fn gateway_listener(
+    d: Arc<DockerSpawner>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    port: u16,
+) {
     let mut warned = false;
     loop {
         let attempt = async {
@@ -381,7 +394,14 @@ async fn gateway_listener(d: Arc<DockerSpawner>, shared: Arc<Shared>, shutdown: 
 
 /// Accepts until shutdown. `internal`: the listener for containers (on the
 /// Docker gateway), whose hub API calls are served over plain HTTP under TLS.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tasks: TaskTracker, port: u16, internal: bool) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    port: u16,
+    internal: bool,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -482,7 +502,8 @@ fn https_redirect(req: &hyper::Request<Incoming>, local_port: u16) -> Response<B
 /// `internal`: the connection came in on the listener for containers.
 async fn handle(shared: Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Peer, internal: bool) -> Response<Body> {
     if shared.tls.is_some() && !peer.tls {
-        let api_call = (internal || peer.addr.ip().is_loopback()) && req.uri().path().starts_with(&shared.hub_api_prefix);
+        let api_call =
+            (internal || peer.addr.ip().is_loopback()) && req.uri().path().starts_with(&shared.hub_api_prefix);
         if !api_call {
             return https_redirect(&req, peer.local_port);
         }
@@ -530,7 +551,9 @@ async fn proxy(shared: &Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Pe
             tracing::warn!(user = %route.user, server = %route.server, error = %e, "proxy error");
             let status = e.status();
             let message = match &e {
-                ProxyError::Refused { .. } => format!("{}'s server is not answering; berth is checking on it. Reload in a moment.", route.user),
+                ProxyError::Refused { .. } => {
+                    format!("{}'s server is not answering; berth is checking on it. Reload in a moment.", route.user)
+                }
                 other => other.to_string(),
             };
             let body = serde_json::json!({"status": status.as_u16(), "message": message}).to_string();

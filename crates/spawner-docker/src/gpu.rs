@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
-use bollard::query_parameters::{CreateContainerOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions, WaitContainerOptions};
+use bollard::query_parameters::{
+    CreateContainerOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions, WaitContainerOptions,
+};
 use futures_util::StreamExt;
 use serde::Serialize;
 
@@ -60,7 +62,9 @@ impl DockerSpawner {
                 let devices = parse_nvidia_smi_list(&text);
                 Detection { how: format!("nvidia-smi -L in {probe_image}: {} GPU(s)", devices.len()), devices }
             }
-            Err(e) => Detection { devices: vec![], how: format!("the nvidia runtime is present but probing failed: {e}") },
+            Err(e) => {
+                Detection { devices: vec![], how: format!("the nvidia runtime is present but probing failed: {e}") }
+            }
         }
     }
 
@@ -81,10 +85,7 @@ impl DockerSpawner {
             ..Default::default()
         };
         let docker = self.client().map_err(|e| e.to_string())?;
-        let c = docker
-            .create_container(None::<CreateContainerOptions>, body)
-            .await
-            .map_err(|e| e.to_string())?;
+        let c = docker.create_container(None::<CreateContainerOptions>, body).await.map_err(|e| e.to_string())?;
         let result = async {
             docker.start_container(&c.id, None::<StartContainerOptions>).await.map_err(|e| e.to_string())?;
             let mut wait = docker.wait_container(&c.id, None::<WaitContainerOptions>);
@@ -97,7 +98,8 @@ impl DockerSpawner {
             Ok(out)
         }
         .await;
-        let _ = docker.remove_container(&c.id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await;
+        let _ =
+            docker.remove_container(&c.id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await;
         result
     }
 }

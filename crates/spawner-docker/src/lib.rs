@@ -169,7 +169,9 @@ impl DockerSpawner {
             return Ok(d.clone());
         }
         let d = Docker::connect_with_local_defaults().map_err(|e| {
-            SpawnError::Failed(format!("the Docker engine does not answer ({e}); is it running? Starts work again once it is back"))
+            SpawnError::Failed(format!(
+                "the Docker engine does not answer ({e}); is it running? Starts work again once it is back"
+            ))
         })?;
         *slot = Some(d.clone());
         Ok(d)
@@ -206,18 +208,28 @@ impl DockerSpawner {
     pub async fn ensure_network(&self) -> Result<String, SpawnError> {
         let _one_at_a_time = self.network_lock.lock().await;
         let name = &self.cfg.network;
-        let net = match self.client()?.inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>).await {
+        let net = match self
+            .client()?
+            .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
+            .await
+        {
             Ok(n) => n,
             Err(e) if is_not_found(&e) => {
                 let labels = HashMap::from([(LABEL_MANAGED.to_string(), "true".to_string())]);
-                let req = NetworkCreateRequest { name: name.clone(), driver: Some("bridge".into()), labels: Some(labels), ..Default::default() };
+                let req = NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".into()),
+                    labels: Some(labels),
+                    ..Default::default()
+                };
                 match self.client()?.create_network(req).await {
                     Ok(_) => {}
                     // Created meanwhile by a concurrent start.
                     Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {}
                     Err(e) => return Err(engine_error(e)),
                 }
-                self.client()?.inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
+                self.client()?
+                    .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
                     .await
                     .map_err(engine_error)?
             }
@@ -231,7 +243,13 @@ impl DockerSpawner {
         Ok(gateway)
     }
 
-    async fn ensure_volume(&self, name: &str, driver: &str, opts: &[(String, String)], user: &str) -> Result<(), SpawnError> {
+    async fn ensure_volume(
+        &self,
+        name: &str,
+        driver: &str,
+        opts: &[(String, String)],
+        user: &str,
+    ) -> Result<(), SpawnError> {
         match self.client()?.inspect_volume(name).await {
             Ok(_) => return Ok(()),
             Err(e) if is_not_found(&e) => {}
@@ -272,7 +290,9 @@ impl DockerSpawner {
                 bollard::errors::Error::DockerResponseServerError { message, .. } => {
                     SpawnError::Failed(format!("cannot pull {image}: {message}"))
                 }
-                bollard::errors::Error::DockerStreamError { error } => SpawnError::Failed(format!("cannot pull {image}: {error}")),
+                bollard::errors::Error::DockerStreamError { error } => {
+                    SpawnError::Failed(format!("cannot pull {image}: {error}"))
+                }
                 other => engine_error(other),
             })?;
             if let Some(err) = info.error {
@@ -408,11 +428,17 @@ impl DockerSpawner {
         // the engine restarted): it is berth's, so replace it.
         match self.client()?.inspect_container(&name, None::<InspectContainerOptions>).await {
             Ok(existing) => {
-                let ours = existing.config.and_then(|c| c.labels).is_some_and(|l| l.get(LABEL_MANAGED).is_some_and(|v| v == "true"));
+                let ours = existing
+                    .config
+                    .and_then(|c| c.labels)
+                    .is_some_and(|l| l.get(LABEL_MANAGED).is_some_and(|v| v == "true"));
                 if !ours {
-                    return Err(SpawnError::Failed(format!("a container named {name} exists and is not berth's; remove or rename it")));
+                    return Err(SpawnError::Failed(format!(
+                        "a container named {name} exists and is not berth's; remove or rename it"
+                    )));
                 }
-                self.client()?.remove_container(&name, Some(RemoveContainerOptions { force: true, ..Default::default() }))
+                self.client()?
+                    .remove_container(&name, Some(RemoveContainerOptions { force: true, ..Default::default() }))
                     .await
                     .map_err(engine_error)?;
             }
@@ -440,7 +466,9 @@ impl DockerSpawner {
 
     async fn remove(&self, id: &str) {
         let Ok(docker) = self.client() else { return };
-        if let Err(e) = docker.remove_container(id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
+        if let Err(e) =
+            docker.remove_container(id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await
+        {
             if !is_not_found(&e) {
                 tracing::warn!(container = %id, error = %e, "could not remove the container");
             }
@@ -450,7 +478,14 @@ impl DockerSpawner {
     /// Removes a user's volumes (asked for explicitly when deleting a user).
     pub async fn remove_user_volumes(&self, user: &str) -> Result<(), SpawnError> {
         for suffix in ["home", "workspace", "cache"] {
-            match self.client()?.remove_volume(&format!("berth-{user}-{suffix}"), None::<bollard::query_parameters::RemoveVolumeOptions>).await {
+            match self
+                .client()?
+                .remove_volume(
+                    &format!("berth-{user}-{suffix}"),
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
+                .await
+            {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(engine_error(e)),
@@ -496,7 +531,10 @@ impl Spawner for DockerSpawner {
                     return Err(e);
                 }
             };
-            let _ = progress.send(Progress { progress: 45, message: format!("Starting container {}", container_name(&spec.user, &spec.server)) });
+            let _ = progress.send(Progress {
+                progress: 45,
+                message: format!("Starting container {}", container_name(&spec.user, &spec.server)),
+            });
             let t_start = std::time::Instant::now();
             if let Err(e) = self.client()?.start_container(&id, None::<StartContainerOptions>).await {
                 self.remove(&id).await;
@@ -510,7 +548,10 @@ impl Spawner for DockerSpawner {
                 Ok(Some(ip)) => ip,
                 Ok(None) => {
                     self.remove(&id).await;
-                    return Err(SpawnError::Failed(format!("the container has no address on the network {}", self.cfg.network)));
+                    return Err(SpawnError::Failed(format!(
+                        "the container has no address on the network {}",
+                        self.cfg.network
+                    )));
                 }
                 Err(e) => {
                     self.remove(&id).await;
@@ -592,7 +633,11 @@ impl Spawner for DockerSpawner {
                     .into_iter()
                     .filter_map(|c| {
                         let labels = c.labels.unwrap_or_default();
-                        Some((labels.get(LABEL_USER)?.clone(), labels.get(LABEL_SERVER).cloned().unwrap_or_default(), c.id?))
+                        Some((
+                            labels.get(LABEL_USER)?.clone(),
+                            labels.get(LABEL_SERVER).cloned().unwrap_or_default(),
+                            c.id?,
+                        ))
                     })
                     .collect(),
                 Err(e) => {

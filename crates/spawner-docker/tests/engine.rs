@@ -33,7 +33,8 @@ impl Drop for Cleanup {
 async fn gpu_servers_carry_device_requests() {
     let suffix = format!("{:x}", std::process::id());
     let guard = Cleanup { user: format!("gpu{suffix}"), network: format!("berth-test-gpu-{suffix}") };
-    let cfg = Config { network: guard.network.clone(), shared_volume: String::new(), image: image(), ..Config::default() };
+    let cfg =
+        Config { network: guard.network.clone(), shared_volume: String::new(), image: image(), ..Config::default() };
     let spawner = DockerSpawner::connect(cfg, "/").unwrap();
     let spec = SpawnSpec {
         user: guard.user.clone(),

@@ -7,9 +7,9 @@
 //! the [`Started::state`] it gets back.
 #![forbid(unsafe_code)]
 
-pub mod local;
 #[cfg(feature = "test-util")]
 pub mod fake;
+pub mod local;
 
 use std::collections::BTreeMap;
 use std::future::Future;

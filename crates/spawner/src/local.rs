@@ -53,7 +53,12 @@ pub struct LocalSpawner {
 
 impl LocalSpawner {
     pub fn new(cfg: LocalConfig) -> LocalSpawner {
-        LocalSpawner { cfg, exited: Arc::default(), children: Arc::default(), provision_lock: tokio::sync::Mutex::new(()) }
+        LocalSpawner {
+            cfg,
+            exited: Arc::default(),
+            children: Arc::default(),
+            provision_lock: tokio::sync::Mutex::new(()),
+        }
     }
 
     fn log_path(&self, user: &str, server: &str) -> PathBuf {
@@ -102,7 +107,11 @@ impl LocalSpawner {
         run_step(Command::new(&python).arg("-m").arg("venv").arg(&venv), "creating the virtualenv").await?;
         let pip = venv.join("bin").join("pip");
         run_step(
-            Command::new(&pip).arg("install").arg("--disable-pip-version-check").arg("-q").args(&self.cfg.provision_packages),
+            Command::new(&pip)
+                .arg("install")
+                .arg("--disable-pip-version-check")
+                .arg("-q")
+                .args(&self.cfg.provision_packages),
             "installing JupyterLab with pip",
         )
         .await?;
@@ -228,7 +237,8 @@ impl Spawner for LocalSpawner {
                 .process_group(0)
                 .kill_on_drop(false);
             let _ = progress.send(Progress { progress: 40, message: format!("Starting {}", exe.display()) });
-            let mut child = cmd.spawn().map_err(|e| SpawnError::Failed(format!("cannot run {}: {e}", exe.display())))?;
+            let mut child =
+                cmd.spawn().map_err(|e| SpawnError::Failed(format!("cannot run {}: {e}", exe.display())))?;
             let pid = child.id().ok_or_else(|| SpawnError::Failed("the server exited at once".into()))?;
             let started = start_time(pid);
             tracing::info!(user = %spec.user, server = %spec.server, pid, port, log = %log_path.display(), "started local server");

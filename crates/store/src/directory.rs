@@ -59,7 +59,8 @@ impl Store {
     }
 
     async fn list_users_all_db(&self) -> Result<Vec<User>> {
-        let rows = sqlx::query(&format!("SELECT {} FROM users", crate::records::USER_COLS)).fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query(&format!("SELECT {} FROM users", crate::records::USER_COLS)).fetch_all(&self.pool).await?;
         rows.iter().map(User::from_row).collect()
     }
 
@@ -117,12 +118,13 @@ impl Store {
     pub async fn list_users(&self, q: &UserQuery) -> Result<(Vec<User>, i64)> {
         self.fresh().await?;
         let Ok(d) = self.dir.read() else { return Ok((Vec::new(), 0)) };
-        let active = |name: &str, ready_only: bool| {
-            d.servers
-                .range((name.to_string(), String::new())..)
-                .take_while(|((u, _), _)| u == name)
-                .any(|(_, s)| if ready_only { s.state == ServerState::Running } else { s.state.is_active() })
-        };
+        let active =
+            |name: &str, ready_only: bool| {
+                d.servers
+                    .range((name.to_string(), String::new())..)
+                    .take_while(|((u, _), _)| u == name)
+                    .any(|(_, s)| if ready_only { s.state == ServerState::Running } else { s.state.is_active() })
+            };
         let prefix = q.name_prefix.as_deref().unwrap_or("");
         let matches = |u: &User| {
             u.name.starts_with(prefix)

@@ -66,10 +66,7 @@ impl std::fmt::Debug for Store {
 
 /// Current time in unix milliseconds.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn random_id(prefix: &str) -> String {
@@ -77,10 +74,7 @@ fn random_id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{prefix}{:x}{:04x}{:x}", t as u64, std::process::id() & 0xffff, n)
 }
 
@@ -121,17 +115,15 @@ impl Store {
         // its time-out and then report only that.
         {
             use sqlx::Connection;
-            let mut probe = sqlx::AnyConnection::connect(&connect_url)
-                .await
-                .map_err(|source| classify_open(&shown, source))?;
-            let check = if backend == Backend::Sqlite {
-                "SELECT COUNT(*) FROM sqlite_master"
-            } else {
-                "SELECT 1"
-            };
+            let mut probe =
+                sqlx::AnyConnection::connect(&connect_url).await.map_err(|source| classify_open(&shown, source))?;
+            let check = if backend == Backend::Sqlite { "SELECT COUNT(*) FROM sqlite_master" } else { "SELECT 1" };
             sqlx::query(check).execute(&mut probe).await.map_err(|e| classify_open(&shown, e))?;
             if backend == Backend::Sqlite {
-                sqlx::query("PRAGMA journal_mode = WAL").execute(&mut probe).await.map_err(|e| classify_open(&shown, e))?;
+                sqlx::query("PRAGMA journal_mode = WAL")
+                    .execute(&mut probe)
+                    .await
+                    .map_err(|e| classify_open(&shown, e))?;
             }
             let _ = probe.close().await;
         }
@@ -152,7 +144,13 @@ impl Store {
             .connect(&connect_url)
             .await
             .map_err(|source| classify_open(&shown, source))?;
-        let store = Store { pool, backend, auth_generation: Default::default(), dir: Default::default(), dir_writer: Default::default() };
+        let store = Store {
+            pool,
+            backend,
+            auth_generation: Default::default(),
+            dir: Default::default(),
+            dir_writer: Default::default(),
+        };
         store.migrate().await.map_err(|e| match e {
             StoreError::Db(source) => classify_open(&shown, source),
             other => other,
@@ -224,10 +222,8 @@ impl Store {
     }
 
     pub async fn schema_version(&self) -> Result<i64> {
-        let v: Option<i64> = sqlx::query("SELECT MAX(version) AS v FROM schema_migrations")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("v")?;
+        let v: Option<i64> =
+            sqlx::query("SELECT MAX(version) AS v FROM schema_migrations").fetch_one(&self.pool).await?.try_get("v")?;
         Ok(v.unwrap_or(0))
     }
 
@@ -247,9 +243,7 @@ impl Store {
         .await;
         match res {
             Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => {
-                return Err(StoreError::Conflict { what: format!("user {}", u.name) })
-            }
+            Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict { what: format!("user {}", u.name) }),
             Err(e) => return Err(e.into()),
         }
         self.directory_changed(&[u.name.as_str()]).await?;
@@ -270,7 +264,6 @@ impl Store {
             .await?;
         row.map(|r| User::from_row(&r)).transpose()
     }
-
 
     pub async fn set_authorized(&self, name: &str, authorized: bool) -> Result<()> {
         self.auth_changed();
@@ -296,13 +289,12 @@ impl Store {
     pub async fn set_password(&self, name: &str, hash: &str, keep_session: Option<&str>) -> Result<()> {
         self.auth_changed();
         let mut tx = self.pool.begin().await?;
-        let r = sqlx::query(
-            "UPDATE users SET password_hash = $2, failed_logins = 0, locked_until = NULL WHERE name = $1",
-        )
-        .bind(name)
-        .bind(hash)
-        .execute(&mut *tx)
-        .await?;
+        let r =
+            sqlx::query("UPDATE users SET password_hash = $2, failed_logins = 0, locked_until = NULL WHERE name = $1")
+                .bind(name)
+                .bind(hash)
+                .execute(&mut *tx)
+                .await?;
         if r.rows_affected() == 0 {
             return Err(StoreError::NotFound { what: format!("user {name}") });
         }
@@ -328,7 +320,13 @@ impl Store {
         Ok(())
     }
 
-    pub async fn record_login_failure(&self, name: &str, failed: i64, at: i64, locked_until: Option<i64>) -> Result<()> {
+    pub async fn record_login_failure(
+        &self,
+        name: &str,
+        failed: i64,
+        at: i64,
+        locked_until: Option<i64>,
+    ) -> Result<()> {
         sqlx::query("UPDATE users SET failed_logins = $2, last_failed_login = $3, locked_until = $4 WHERE name = $1")
             .bind(name)
             .bind(failed)
@@ -355,11 +353,13 @@ impl Store {
     }
 
     pub async fn touch_user_activity(&self, name: &str, at: i64) -> Result<()> {
-        sqlx::query("UPDATE users SET last_activity = $2 WHERE name = $1 AND (last_activity IS NULL OR last_activity < $2)")
-            .bind(name)
-            .bind(at)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE users SET last_activity = $2 WHERE name = $1 AND (last_activity IS NULL OR last_activity < $2)",
+        )
+        .bind(name)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
         self.directory_changed(&[name]).await?;
         Ok(())
     }
@@ -632,11 +632,13 @@ impl Store {
             .bind(*at)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("UPDATE users SET last_activity = $2 WHERE name = $1 AND (last_activity IS NULL OR last_activity < $2)")
-                .bind(user)
-                .bind(*at)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE users SET last_activity = $2 WHERE name = $1 AND (last_activity IS NULL OR last_activity < $2)",
+            )
+            .bind(user)
+            .bind(*at)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         let names: Vec<&str> = seen.iter().map(|(u, _, _)| u.as_str()).collect();
@@ -648,12 +650,12 @@ impl Store {
 
     /// Every allocation: (device id, user, server).
     pub async fn gpu_allocations(&self) -> Result<Vec<(String, String, String)>> {
-        let rows = sqlx::query("SELECT device_id, user_name, server_name FROM gpu_allocations ORDER BY device_id, user_name, server_name")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("device_id")?, r.try_get("user_name")?, r.try_get("server_name")?)))
-            .collect()
+        let rows = sqlx::query(
+            "SELECT device_id, user_name, server_name FROM gpu_allocations ORDER BY device_id, user_name, server_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("device_id")?, r.try_get("user_name")?, r.try_get("server_name")?))).collect()
     }
 
     pub async fn add_gpu_allocations(&self, user: &str, server: &str, devices: &[String]) -> Result<()> {
@@ -717,10 +719,12 @@ impl Store {
     }
 
     pub async fn get_oauth_client(&self, id: &str) -> Result<Option<OAuthClient>> {
-        let row = sqlx::query("SELECT id, secret_hash, redirect_uri, user_name, server_name FROM oauth_clients WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, secret_hash, redirect_uri, user_name, server_name FROM oauth_clients WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| {
             Ok(OAuthClient {
                 id: r.try_get("id")?,
@@ -766,7 +770,8 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(r) = row else { return Ok(None) };
-        let deleted = sqlx::query("DELETE FROM oauth_codes WHERE code_hash = $1").bind(code_hash).execute(&mut *tx).await?;
+        let deleted =
+            sqlx::query("DELETE FROM oauth_codes WHERE code_hash = $1").bind(code_hash).execute(&mut *tx).await?;
         tx.commit().await?;
         if deleted.rows_affected() == 0 {
             return Ok(None);

@@ -7,7 +7,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "accounts, sessions, tokens, servers, oauth, events",
-    r#"
+        r#"
 CREATE TABLE users (
     name TEXT PRIMARY KEY,
     admin BIGINT NOT NULL DEFAULT 0,

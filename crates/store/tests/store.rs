@@ -15,9 +15,8 @@ async fn sqlite() -> (Store, tempfile::TempDir) {
 
 /// A fresh database on the test PostgreSQL server, dropped at the end.
 async fn postgres() -> (Store, PgDb) {
-    let base = std::env::var("BERTH_TEST_POSTGRES_URL").expect(
-        "BERTH_TEST_POSTGRES_URL is not set: run the tests through scripts/test, which starts PostgreSQL",
-    );
+    let base = std::env::var("BERTH_TEST_POSTGRES_URL")
+        .expect("BERTH_TEST_POSTGRES_URL is not set: run the tests through scripts/test, which starts PostgreSQL");
     let name = format!("berth_test_{}_{}", std::process::id(), rand_suffix());
     let admin = Store::raw_connect(&base).await;
     admin.execute_raw(&format!("CREATE DATABASE {name}")).await;
@@ -111,14 +110,11 @@ async fn listing(s: &Store) {
     let (page, total) = s.list_users(&UserQuery { offset: 10, limit: 5, ..Default::default() }).await.unwrap();
     assert_eq!(total, 26);
     assert_eq!(page.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["u10", "u11", "u12", "u13", "u14"]);
-    let (page, total) = s
-        .list_users(&UserQuery { name_prefix: Some("u1".into()), limit: 100, ..Default::default() })
-        .await
-        .unwrap();
+    let (page, total) =
+        s.list_users(&UserQuery { name_prefix: Some("u1".into()), limit: 100, ..Default::default() }).await.unwrap();
     assert_eq!(total, 10);
     assert_eq!(page.len(), 10);
-    let (_, total) =
-        s.list_users(&UserQuery { name_prefix: Some("%".into()), ..Default::default() }).await.unwrap();
+    let (_, total) = s.list_users(&UserQuery { name_prefix: Some("%".into()), ..Default::default() }).await.unwrap();
     assert_eq!(total, 0);
 
     let mut srv = Server::new("zed", "");

@@ -26,9 +26,8 @@ pub struct PageForm<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for PageForm<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::new(e.status(), e.body_text()).page())?;
+        let bytes =
+            Bytes::from_request(req, state).await.map_err(|e| ApiError::new(e.status(), e.body_text()).page())?;
         serde_urlencoded::from_bytes(&bytes)
             .map(PageForm)
             .map_err(|e| ApiError::bad_request(format!("malformed form: {e}")).page())
@@ -161,7 +160,13 @@ pub async fn signup(
     };
     let name = match UserName::normalize(&f.username) {
         Ok(n) => n,
-        Err(e) => return Ok(render(format!("Something went wrong! {}", upper_first(&e.to_string())), Level::Danger, &f.username)),
+        Err(e) => {
+            return Ok(render(
+                format!("Something went wrong! {}", upper_first(&e.to_string())),
+                Level::Danger,
+                &f.username,
+            ))
+        }
     };
     if f.signup_password != f.signup_password_confirmation {
         return Ok(render(
@@ -171,7 +176,11 @@ pub async fn signup(
         ));
     }
     if let Err(e) = hub.auth.password_policy().check(name.as_str(), &f.signup_password) {
-        return Ok(render(format!("Something went wrong! {}.", upper_first(&e.to_string())), Level::Danger, name.as_str()));
+        return Ok(render(
+            format!("Something went wrong! {}.", upper_first(&e.to_string())),
+            Level::Danger,
+            name.as_str(),
+        ));
     }
     let is_admin = name.as_str() == hub.cfg.admin;
     let hash = hub.hash_password(f.signup_password).await?;
@@ -187,10 +196,14 @@ pub async fn signup(
         }
         Err(e) => return Err(ApiError::from(e).page()),
     }
-    let _ = hub.store.add_event(name.as_str(), "signup", name.as_str(), if is_admin { "admin" } else { "pending" }).await;
+    let _ =
+        hub.store.add_event(name.as_str(), "signup", name.as_str(), if is_admin { "admin" } else { "pending" }).await;
     tracing::info!(user = %name, admin = is_admin, "sign-up");
     let (msg, level) = if is_admin {
-        ("The signup was successful! You can now go to the home page and log in to the system.".to_string(), Level::Success)
+        (
+            "The signup was successful! You can now go to the home page and log in to the system.".to_string(),
+            Level::Success,
+        )
     } else {
         (
             "Your information has been sent to the admin. You can log in once an admin has authorized your account."
@@ -216,7 +229,10 @@ pub struct NextQuery {
 fn login_form(hub: &SharedHub, xsrf: &str, next: &str, username: &str) -> String {
     let next_q = percent_encoding::utf8_percent_encode(next, percent_encoding::NON_ALPHANUMERIC);
     let signup = if hub.auth.signup {
-        format!(r#"<p class="muted">No account yet? <a href="{}signup">Sign up</a>; an admin will authorize it.</p>"#, hub.hub_prefix())
+        format!(
+            r#"<p class="muted">No account yet? <a href="{}signup">Sign up</a>; an admin will authorize it.</p>"#,
+            hub.hub_prefix()
+        )
     } else {
         String::new()
     };
@@ -232,11 +248,7 @@ fn login_form(hub: &SharedHub, xsrf: &str, next: &str, username: &str) -> String
     )
 }
 
-pub async fn login_page(
-    State(hub): State<SharedHub>,
-    MaybeUser(a): MaybeUser,
-    Query(q): Query<NextQuery>,
-) -> Response {
+pub async fn login_page(State(hub): State<SharedHub>, MaybeUser(a): MaybeUser, Query(q): Query<NextQuery>) -> Response {
     let next = safe_next(&hub, q.next.as_deref());
     if a.caller.is_some() {
         return Redirect::to(&next).into_response();
@@ -330,9 +342,17 @@ pub async fn start_session(hub: &SharedHub, user: &str) -> ApiResult<Vec<HeaderV
     Ok(vec![
         CookieSpec { name: cookies::SESSION, value: &sc.cookie_value, path: base, http_only: true, secure, max_age }
             .header(),
-        CookieSpec { name: cookies::SESSION_ID, value: &sc.public_id, path: base, http_only: true, secure, max_age: None }
+        CookieSpec {
+            name: cookies::SESSION_ID,
+            value: &sc.public_id,
+            path: base,
+            http_only: true,
+            secure,
+            max_age: None,
+        }
+        .header(),
+        CookieSpec { name: cookies::XSRF, value: &xsrf, path: &hub_path, http_only: false, secure, max_age: None }
             .header(),
-        CookieSpec { name: cookies::XSRF, value: &xsrf, path: &hub_path, http_only: false, secure, max_age: None }.header(),
     ])
 }
 
@@ -586,13 +606,17 @@ pub async fn authorize_page(
     };
     let gpus = hub.servers.gpu_report().await.unwrap_or_default();
     let gpu_card = if gpus.is_empty() {
-        format!(r#"<div class="card"><h2>GPUs</h2><p class="muted">No GPUs (mode {}).</p></div>"#, hub.servers.gpu_cfg.mode)
+        format!(
+            r#"<div class="card"><h2>GPUs</h2><p class="muted">No GPUs (mode {}).</p></div>"#,
+            hub.servers.gpu_cfg.mode
+        )
     } else {
         let mut rows = String::new();
         for g in &gpus {
             let id = g["id"].as_str().unwrap_or("");
             let shared = g["shared"].as_bool().unwrap_or(false);
-            let holders: Vec<&str> = g["holders"].as_array().map(|a| a.iter().filter_map(|h| h.as_str()).collect()).unwrap_or_default();
+            let holders: Vec<&str> =
+                g["holders"].as_array().map(|a| a.iter().filter_map(|h| h.as_str()).collect()).unwrap_or_default();
             rows.push_str(&format!(
                 r#"<tr><td><code>{id}</code></td><td>{name}</td><td>{holders}</td><td><form method="post" action="{p}gpus/{id}">{x}<input type="hidden" name="action" value="{act}"><button class="secondary" type="submit">{label}</button></form></td></tr>"#,
                 id = esc(id),
@@ -602,7 +626,9 @@ pub async fn authorize_page(
                 label = if shared { "Shared: make exclusive" } else { "Exclusive: share" },
             ));
         }
-        format!(r#"<div class="card"><h2>GPUs</h2><table><thead><tr><th>Id</th><th>Name</th><th>Held by</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"#)
+        format!(
+            r#"<div class="card"><h2>GPUs</h2><table><thead><tr><th>Id</th><th>Name</th><th>Held by</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"#
+        )
     };
     let body = format!(
         r#"<h1>Users</h1>{msg}{gpu_card}<div class="card"><form method="get" action="{p}authorize">

@@ -48,13 +48,9 @@ impl Activity {
     /// Writes what was collected since the last flush.
     pub async fn flush(&self, store: &Store) -> Result<(), berth_store::StoreError> {
         let tokens: Vec<(String, i64)> = self.tokens.lock().map(|mut m| m.drain().collect()).unwrap_or_default();
-        let sessions: Vec<(String, i64)> =
-            self.sessions.lock().map(|mut m| m.drain().collect()).unwrap_or_default();
-        let servers: Vec<(String, String, i64)> = self
-            .servers
-            .lock()
-            .map(|mut m| m.drain().map(|((u, s), t)| (u, s, t)).collect())
-            .unwrap_or_default();
+        let sessions: Vec<(String, i64)> = self.sessions.lock().map(|mut m| m.drain().collect()).unwrap_or_default();
+        let servers: Vec<(String, String, i64)> =
+            self.servers.lock().map(|mut m| m.drain().map(|((u, s), t)| (u, s, t)).collect()).unwrap_or_default();
         let users: Vec<(String, i64)> = self.users.lock().map(|mut m| m.drain().collect()).unwrap_or_default();
         for (u, t) in &users {
             store.touch_user_activity(u, *t).await?;

@@ -56,7 +56,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             }
         })?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
-        serde_json::from_slice(bytes).map(JsonBody).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+        serde_json::from_slice(bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
 }
 
@@ -297,7 +299,8 @@ async fn patch_user(
     JsonBody(body): JsonBody<PatchUser>,
 ) -> ApiResult<Json<Value>> {
     c.require("admin:users", Target::User(&name))?;
-    let mut current = hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
+    let mut current =
+        hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
     if let Some(admin) = body.admin {
         if !admin && name == c.name() && current.admin {
             return Err(ApiError::bad_request("you cannot remove your own admin rights; ask another admin"));
@@ -363,7 +366,10 @@ async fn delete_user(
     let _ = hub.store.add_event(c.name(), "user-delete", &name, "api").await;
     if q.remove_volumes.as_deref().is_some_and(|v| matches!(v, "1" | "true" | "yes")) {
         hub.servers.remove_user_data(&name).await.map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{name} was deleted, but removing their volumes failed: {e}"))
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{name} was deleted, but removing their volumes failed: {e}"),
+            )
         })?;
         let _ = hub.store.add_event(c.name(), "volumes-remove", &name, "api").await;
     }
@@ -408,9 +414,14 @@ async fn post_token(
     }
     let owner = hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
     let note = body.note.unwrap_or_else(|| {
-        if c.name() == name { "Requested via api".into() } else { format!("Requested via api by user {}", c.name()) }
+        if c.name() == name {
+            "Requested via api".into()
+        } else {
+            format!("Requested via api by user {}", c.name())
+        }
     });
-    let (token, secret) = create_token(&hub, &c, &owner, TokenRequest { note, expires_in: body.expires_in, scopes: body.scopes }).await?;
+    let (token, secret) =
+        create_token(&hub, &c, &owner, TokenRequest { note, expires_in: body.expires_in, scopes: body.scopes }).await?;
     let mut m = token_model(&token, &owner);
     m["token"] = json!(secret);
     Ok((StatusCode::CREATED, Json(m)).into_response())
@@ -423,7 +434,8 @@ async fn get_token(
 ) -> ApiResult<Json<Value>> {
     c.require("read:tokens", Target::User(&name))?;
     let owner = hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
-    let t = hub.store.get_token(&name, &id).await?.ok_or_else(|| ApiError::not_found(format!("No such token: {id}")))?;
+    let t =
+        hub.store.get_token(&name, &id).await?.ok_or_else(|| ApiError::not_found(format!("No such token: {id}")))?;
     Ok(Json(token_model(&t, &owner)))
 }
 

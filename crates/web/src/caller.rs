@@ -119,9 +119,8 @@ impl AuthCache {
         use std::sync::atomic::Ordering;
         let map = self.map.lock().ok()?;
         let e = map.get(key)?;
-        let fresh = e.generation == generation
-            && e.stored.elapsed() < CACHE_TTL
-            && e.expires_at.is_none_or(|t| t > now);
+        let fresh =
+            e.generation == generation && e.stored.elapsed() < CACHE_TTL && e.expires_at.is_none_or(|t| t > now);
         if !fresh {
             return None;
         }
@@ -173,7 +172,11 @@ pub async fn caller_from_token(hub: &SharedHub, token: &str) -> Result<Option<Ca
     }
     hub.activity.token(&tok.id, now);
     let scopes = token_scopes(&tok, &user);
-    let caller = Caller { user, scopes: std::sync::Arc::new(scopes), via: Via::Token { id: tok.id, kind: tok.kind, session_id: tok.session_id } };
+    let caller = Caller {
+        user,
+        scopes: std::sync::Arc::new(scopes),
+        via: Via::Token { id: tok.id, kind: tok.kind, session_id: tok.session_id },
+    };
     hub.auth_cache.put(key, caller.clone(), tok.expires_at, generation);
     Ok(Some(caller))
 }
@@ -222,7 +225,11 @@ pub async fn caller_from_session(hub: &SharedHub, cookie_value: &str) -> Result<
     }
     hub.activity.session(&id_hash, now);
     let scopes = ScopeSet::for_user(&user.name, user.admin);
-    let caller = Caller { user, scopes: std::sync::Arc::new(scopes), via: Via::Session { id_hash: id_hash.clone(), public_id: session.public_id } };
+    let caller = Caller {
+        user,
+        scopes: std::sync::Arc::new(scopes),
+        via: Via::Session { id_hash: id_hash.clone(), public_id: session.public_id },
+    };
     hub.auth_cache.put(key, caller.clone(), Some(session.created + max_age), generation);
     Ok(Some(caller))
 }
@@ -304,8 +311,7 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
     };
     let max_age = (binding == ANON_BINDING).then_some(ANON_XSRF_MAX_AGE_MS);
     let cookie_xsrf = cookies.get(cookies::XSRF).map(str::to_string);
-    let cookie_xsrf_valid =
-        cookie_xsrf.as_deref().is_some_and(|t| hub.signer.xsrf_valid(t, &binding, now, max_age));
+    let cookie_xsrf_valid = cookie_xsrf.as_deref().is_some_and(|t| hub.signer.xsrf_valid(t, &binding, now, max_age));
 
     // Which requests must prove they came from berth's own pages.
     let safe = is_safe_navigation(&parts.method, &parts.headers);
@@ -325,7 +331,10 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
         if submitted.is_none() && is_form(&parts.headers) {
             let limit = hub.cfg.max_body_bytes as usize;
             let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-                as_page(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {limit} bytes")))
+                as_page(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is larger than {limit} bytes"),
+                ))
             })?;
             submitted = form_field(&bytes, "_xsrf");
             body = Body::from(bytes);
@@ -341,18 +350,13 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
         }
     }
 
-    let xsrf = if cookie_xsrf_valid {
-        cookie_xsrf.clone().unwrap_or_default()
-    } else {
-        hub.signer.xsrf_token(&binding, now)
-    };
+    let xsrf =
+        if cookie_xsrf_valid { cookie_xsrf.clone().unwrap_or_default() } else { hub.signer.xsrf_token(&binding, now) };
     let set_xsrf = !cookie_xsrf_valid && safe && !api;
     parts.extensions.insert(RequestAuth { caller, cookies, xsrf: xsrf.clone() });
     let mut resp = next.run(Request::from_parts(parts, body)).await;
-    resp.headers_mut().insert(
-        "x-jupyterhub-version",
-        axum::http::HeaderValue::from_static(berth_core::JUPYTERHUB_API_VERSION),
-    );
+    resp.headers_mut()
+        .insert("x-jupyterhub-version", axum::http::HeaderValue::from_static(berth_core::JUPYTERHUB_API_VERSION));
 
     if set_xsrf {
         let already = resp

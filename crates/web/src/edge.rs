@@ -34,7 +34,12 @@ fn is_browser(parts: &Parts) -> bool {
 
 fn deny(hub: &SharedHub, parts: &Parts, status: StatusCode, msg: &str) -> Response {
     if is_browser(parts) {
-        let body = format!(r#"<h1>{}</h1><div class="alert alert-danger" role="alert"><p>{}</p></div><p><a href="{}home">Go home</a></p>"#, status.as_u16(), html::esc(msg), hub.hub_prefix());
+        let body = format!(
+            r#"<h1>{}</h1><div class="alert alert-danger" role="alert"><p>{}</p></div><p><a href="{}home">Go home</a></p>"#,
+            status.as_u16(),
+            html::esc(msg),
+            hub.hub_prefix()
+        );
         (status, html::bare_page("Forbidden", &body)).into_response()
     } else {
         (status, Json(json!({"status": status.as_u16(), "message": msg}))).into_response()
@@ -61,7 +66,12 @@ pub async fn authorize(hub: &SharedHub, parts: &Parts, user: &str, server: &str)
             let next = percent_encoding::utf8_percent_encode(here, percent_encoding::NON_ALPHANUMERIC);
             return Err(Redirect::to(&format!("{}login?next={next}", hub.hub_prefix())).into_response());
         }
-        return Err(deny(hub, parts, StatusCode::FORBIDDEN, "authentication required: log in to the hub or send a token"));
+        return Err(deny(
+            hub,
+            parts,
+            StatusCode::FORBIDDEN,
+            "authentication required: log in to the hub or send a token",
+        ));
     };
     if !caller.allows("access:servers", Target::Server { user, server }) {
         tracing::info!(visitor = %caller.name(), owner = %user, server = %server, "refused access to a server");
@@ -72,6 +82,6 @@ pub async fn authorize(hub: &SharedHub, parts: &Parts, user: &str, server: &str)
 
 /// The page or JSON for a request refused before routing (a path with dot segments).
 pub fn bad_path() -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({"status": 400, "message": "paths with . or .. segments are not accepted"}))).into_response()
+    (StatusCode::BAD_REQUEST, Json(json!({"status": 400, "message": "paths with . or .. segments are not accepted"})))
+        .into_response()
 }
-

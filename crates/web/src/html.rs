@@ -52,11 +52,7 @@ pub struct Viewer<'a> {
 pub fn page(base: &str, title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> Html<String> {
     let nav = match viewer {
         Some(v) => {
-            let admin = if v.admin {
-                format!(r#"<a href="{base}hub/authorize">Users</a>"#)
-            } else {
-                String::new()
-            };
+            let admin = if v.admin { format!(r#"<a href="{base}hub/authorize">Users</a>"#) } else { String::new() };
             format!(
                 r#"<a href="{base}hub/home">Home</a><a href="{base}hub/token">Tokens</a>{admin}
 <span class="who"><span>{name}</span><a href="{base}hub/change-password">Change password</a>

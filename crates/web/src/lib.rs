@@ -12,9 +12,9 @@ pub mod activity;
 pub mod api;
 pub mod caller;
 pub mod cookies;
+pub mod edge;
 pub mod error;
 pub mod html;
-pub mod edge;
 pub mod model;
 pub mod oauth;
 pub mod servers;
@@ -108,11 +108,7 @@ impl Hub {
     }
 
     /// Verifies a password off the async runtime; `None` hash spends the same time.
-    pub async fn verify_password(
-        &self,
-        stored: Option<String>,
-        password: String,
-    ) -> ApiResult<berth_auth::Verified> {
+    pub async fn verify_password(&self, stored: Option<String>, password: String) -> ApiResult<berth_auth::Verified> {
         let cost = self.auth.hash_cost();
         self.hashers
             .run(move || match stored {
@@ -180,10 +176,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/login", get(accounts::login_page).post(accounts::login))
         .route("/logout", get(accounts::logout).post(accounts::logout))
         .route("/change-password", get(accounts::change_password_page).post(accounts::change_password))
-        .route(
-            "/change-password/{name}",
-            get(accounts::admin_password_page).post(accounts::admin_password),
-        )
+        .route("/change-password/{name}", get(accounts::admin_password_page).post(accounts::admin_password))
         .route("/authorize", get(accounts::authorize_page))
         .route("/authorize/{name}", post(accounts::authorize_action))
         .route("/admin", get(accounts::admin_redirect))

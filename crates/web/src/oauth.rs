@@ -55,7 +55,9 @@ pub async fn authorize(
         .ok_or_else(|| oauth_page_error(format!("unknown OAuth client {client_id:?}: is the server running?")))?;
     let redirect_uri = q.redirect_uri.unwrap_or_else(|| client.redirect_uri.clone());
     if redirect_uri != client.redirect_uri {
-        return Err(oauth_page_error(format!("redirect_uri {redirect_uri:?} is not the one registered for {client_id}")));
+        return Err(oauth_page_error(format!(
+            "redirect_uri {redirect_uri:?} is not the one registered for {client_id}"
+        )));
     }
     if q.response_type.as_deref().unwrap_or("code") != "code" {
         return Err(oauth_page_error("only response_type=code is supported"));
@@ -67,12 +69,7 @@ pub async fn authorize(
     }
     let target = Target::Server { user: &client.user, server: &client.server };
     if !caller.allows("access:servers", target) {
-        return Err(ApiError::forbidden(format!(
-            "{} may not use {}'s server",
-            caller.name(),
-            client.user
-        ))
-        .page());
+        return Err(ApiError::forbidden(format!("{} may not use {}'s server", caller.name(), client.user)).page());
     }
     let code = new_token();
     let scopes = vec![
@@ -183,7 +180,11 @@ pub async fn token(State(hub): State<SharedHub>, headers: HeaderMap, body: Bytes
         Err(e) => return ApiError::from(e).into_response(),
     };
     if grant.client_id != client.id || grant.expires_at < now_ms() {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "the code is expired or belongs to another client");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "the code is expired or belongs to another client",
+        );
     }
     if form.redirect_uri.as_deref().is_some_and(|r| r != grant.redirect_uri) {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "redirect_uri does not match");

@@ -89,7 +89,12 @@ pub struct GpuConfig {
 
 impl Default for GpuConfig {
     fn default() -> Self {
-        GpuConfig { mode: 2, devices: String::new(), probe_image: "nvidia/cuda:12.4.1-base-ubuntu22.04".into(), max_per_server: 8 }
+        GpuConfig {
+            mode: 2,
+            devices: String::new(),
+            probe_image: "nvidia/cuda:12.4.1-base-ubuntu22.04".into(),
+            max_per_server: 8,
+        }
     }
 }
 
@@ -237,21 +242,21 @@ impl Servers {
             return Ok(Vec::new());
         }
         if self.gpu_cfg.mode == 0 {
-            return Err(StartError::Refused("GPUs are turned off on this hub (gpu.mode / ENABLE_GPU_SUPPORT is 0)".into()));
+            return Err(StartError::Refused(
+                "GPUs are turned off on this hub (gpu.mode / ENABLE_GPU_SUPPORT is 0)".into(),
+            ));
         }
         if want > self.gpu_cfg.max_per_server as usize {
-            return Err(StartError::Refused(format!("a server may ask for at most {} GPUs", self.gpu_cfg.max_per_server)));
+            return Err(StartError::Refused(format!(
+                "a server may ask for at most {} GPUs",
+                self.gpu_cfg.max_per_server
+            )));
         }
         let _one_at_a_time = self.gpu_lock.lock().await;
         let devices: Vec<String> = self.gpu_inventory().into_iter().map(|g| g.id).collect();
         let shared: std::collections::HashSet<String> = self.store.shared_gpus().await?.into_iter().collect();
-        let held: Vec<(String, String)> = self
-            .store
-            .gpu_allocations()
-            .await?
-            .into_iter()
-            .map(|(d, u, s)| (d, describe(&u, &s)))
-            .collect();
+        let held: Vec<(String, String)> =
+            self.store.gpu_allocations().await?.into_iter().map(|(d, u, s)| (d, describe(&u, &s))).collect();
         match berth_core::gpu::allocate(&devices, &shared, &held, want) {
             Ok(ids) => {
                 self.store.add_gpu_allocations(user, server, &ids).await?;
@@ -328,7 +333,8 @@ impl Servers {
 
     async fn start_inner(self: &Arc<Self>, user: &str, server: &str, user_options: Value) -> Result<(), StartError> {
         let what = describe(user, server);
-        let owner = self.store.get_user(user).await?.ok_or_else(|| StartError::NotFound(format!("No such user: {user}")))?;
+        let owner =
+            self.store.get_user(user).await?.ok_or_else(|| StartError::NotFound(format!("No such user: {user}")))?;
         if !owner.authorized {
             return Err(StartError::Refused(format!("{user} is not authorized")));
         }
@@ -435,7 +441,8 @@ impl Servers {
         let _ = self.store.add_event(user, "start", &what, "").await;
 
         let api = self.api_url();
-        let access = json!([format!("access:servers!server={user}/{server}"), format!("access:servers!user={user}")]).to_string();
+        let access = json!([format!("access:servers!server={user}/{server}"), format!("access:servers!user={user}")])
+            .to_string();
         let mut env = BTreeMap::new();
         for (k, v) in [
             ("JUPYTERHUB_API_TOKEN", secret.expose().to_string()),
@@ -552,14 +559,24 @@ impl Servers {
         let probe = format!("{}{}api", started.target, spec.prefix);
         let mut delay = Duration::from_millis(100);
         loop {
-            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), self.http.get(probe.parse().map_err(|e| format!("bad target {probe}: {e}"))?)).await {
+            if let Ok(Ok(resp)) = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.http.get(probe.parse().map_err(|e| format!("bad target {probe}: {e}"))?),
+            )
+            .await
+            {
                 if resp.status().as_u16() < 500 {
                     return Ok(started.target);
                 }
             }
             match self.spawner.poll(&started.state).await {
                 Ok(Status::Exited(why)) => {
-                    let tail = self.spawner.logs(&spec.user, &spec.server).await.map(|l| last_lines(&l, 3)).unwrap_or_default();
+                    let tail = self
+                        .spawner
+                        .logs(&spec.user, &spec.server)
+                        .await
+                        .map(|l| last_lines(&l, 3))
+                        .unwrap_or_default();
                     return Err(if tail.is_empty() { why } else { format!("{why}; its last output: {tail}") });
                 }
                 Ok(Status::Running) => {}
@@ -581,7 +598,11 @@ impl Servers {
     /// when it goes on in the background.
     pub async fn stop(self: &Arc<Self>, user: &str, server: &str, wait: Duration) -> Result<bool, StartError> {
         let what = describe(user, server);
-        let record = self.store.get_server(user, server).await?.ok_or_else(|| StartError::NotFound(format!("{what} has no server")))?;
+        let record = self
+            .store
+            .get_server(user, server)
+            .await?
+            .ok_or_else(|| StartError::NotFound(format!("{what} has no server")))?;
         match record.state {
             ServerState::Stopped => return Ok(true),
             ServerState::Stopping => return Ok(false),

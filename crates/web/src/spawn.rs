@@ -90,10 +90,14 @@ async fn api_stop(hub: &SharedHub, c: &Caller, user: &str, server: &str, remove:
     names(user, server)?;
     let target = Target::Server { user, server };
     if !(c.allows("delete:servers", target) || c.allows("servers", target)) {
-        return Err(ApiError::forbidden("Action is not authorized with current scopes; requires any of [delete:servers]"));
+        return Err(ApiError::forbidden(
+            "Action is not authorized with current scopes; requires any of [delete:servers]",
+        ));
     }
     let done = match hub.store.get_server(user, server).await? {
-        None if hub.store.get_user(user).await?.is_none() => return Err(ApiError::not_found(format!("No such user: {user}"))),
+        None if hub.store.get_user(user).await?.is_none() => {
+            return Err(ApiError::not_found(format!("No such user: {user}")))
+        }
         None => return Err(ApiError::not_found(format!("{user} has no server named {server:?}"))),
         Some(_) => hub.servers.stop(user, server, SLOW).await?,
     };
@@ -150,7 +154,11 @@ pub async fn api_stop_named(
     api_stop(&hub, &c, &user, &server, body.remove).await
 }
 
-fn sse_stream(hub: &SharedHub, user: &str, server: &str) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+fn sse_stream(
+    hub: &SharedHub,
+    user: &str,
+    server: &str,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
     let log = hub.servers.progress_log(user, server);
     let (past, rx) = match &log {
         Some(l) => {
@@ -169,7 +177,9 @@ fn sse_stream(hub: &SharedHub, user: &str, server: &str) -> impl Stream<Item = R
 }
 
 /// Turns a broadcast receiver into a stream that ends after the final event.
-fn tokio_stream_from(rx: tokio::sync::broadcast::Receiver<Value>) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+fn tokio_stream_from(
+    rx: tokio::sync::broadcast::Receiver<Value>,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send {
     stream::unfold((rx, false), |(mut rx, done)| async move {
         if done {
             return None;
@@ -196,7 +206,10 @@ async fn progress(hub: SharedHub, c: Caller, user: String, server: String) -> Ap
     let tail: Vec<Result<Event, Infallible>> = match (&record, hub.servers.progress_log(&user, &server)) {
         (Some(r), None) if r.state == ServerState::Running => {
             let url = server_url(&hub.cfg.base_url, &user, &server);
-            vec![Ok(Event::default().data(json!({"progress": 100, "ready": true, "message": format!("Server ready at {url}"), "url": url}).to_string()))]
+            vec![Ok(Event::default().data(
+                json!({"progress": 100, "ready": true, "message": format!("Server ready at {url}"), "url": url})
+                    .to_string(),
+            ))]
         }
         (Some(r), None) if r.state == ServerState::Stopped && r.last_error.is_some() => {
             let msg = format!("Spawn failed: {}", r.last_error.clone().unwrap_or_default());
@@ -285,7 +298,8 @@ fn server_card(hub: &SharedHub, xsrf: &str, user: &str, s: Option<&berth_store::
     let p = hub.hub_prefix();
     let url = server_url(&hub.cfg.base_url, user, name);
     let path = if name.is_empty() { user.to_string() } else { format!("{user}/{name}") };
-    let label = if name.is_empty() { "Default server".to_string() } else { format!("Server <code>{}</code>", esc(name)) };
+    let label =
+        if name.is_empty() { "Default server".to_string() } else { format!("Server <code>{}</code>", esc(name)) };
     let x = xsrf_input(xsrf);
     let state = s.map(|s| s.state).unwrap_or(ServerState::Stopped);
     let (badge, actions) = match state {
@@ -314,7 +328,11 @@ fn server_card(hub: &SharedHub, xsrf: &str, user: &str, s: Option<&berth_store::
         .filter(|_| state == ServerState::Stopped)
         .map(|e| alert(Level::Danger, &format!("Last start failed: {e}")))
         .unwrap_or_default();
-    let started = s.and_then(|s| s.started).filter(|_| state.is_active()).map(|t| format!(" since {}", iso(t).get(..16).unwrap_or("").replace('T', " "))).unwrap_or_default();
+    let started = s
+        .and_then(|s| s.started)
+        .filter(|_| state.is_active())
+        .map(|t| format!(" since {}", iso(t).get(..16).unwrap_or("").replace('T', " ")))
+        .unwrap_or_default();
     format!(
         r#"<div class="card" id="server-{n}"><h2>{label} {badge}</h2><p class="muted"><code>{url}</code>{started} · <a href="{p}logs/{path}">log</a></p>{error}<p>{actions}</p></div>"#,
         n = esc(name),
@@ -355,7 +373,9 @@ async fn spawn_form(hub: SharedHub, user: PageUser, owner: String, server: Strin
     may_manage(&user.caller, &owner, &server)?;
     if let Some(s) = hub.store.get_server(&owner, &server).await? {
         match s.state {
-            ServerState::Running => return Ok(Redirect::to(&server_url(&hub.cfg.base_url, &owner, &server)).into_response()),
+            ServerState::Running => {
+                return Ok(Redirect::to(&server_url(&hub.cfg.base_url, &owner, &server)).into_response())
+            }
             ServerState::Starting => return Ok(Redirect::to(&pending_path(&hub, &owner, &server)).into_response()),
             _ => {}
         }
@@ -374,7 +394,11 @@ pub async fn spawn_page(State(hub): State<SharedHub>, user: PageUser) -> ApiResu
     let me = user.caller.name().to_string();
     spawn_form(hub, user, me, String::new()).await
 }
-pub async fn spawn_page_user(State(hub): State<SharedHub>, user: PageUser, Path(owner): Path<String>) -> ApiResult<Response> {
+pub async fn spawn_page_user(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    Path(owner): Path<String>,
+) -> ApiResult<Response> {
     spawn_form(hub, user, owner, String::new()).await
 }
 pub async fn spawn_page_named(
@@ -407,7 +431,11 @@ pub async fn spawn_post(State(hub): State<SharedHub>, user: PageUser) -> ApiResu
     let me = user.caller.name().to_string();
     do_spawn(hub, user, me, String::new()).await
 }
-pub async fn spawn_post_user(State(hub): State<SharedHub>, user: PageUser, Path(owner): Path<String>) -> ApiResult<Response> {
+pub async fn spawn_post_user(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    Path(owner): Path<String>,
+) -> ApiResult<Response> {
     do_spawn(hub, user, owner, String::new()).await
 }
 pub async fn spawn_post_named(
@@ -475,7 +503,11 @@ async fn pending(hub: SharedHub, user: PageUser, owner: String, server: String) 
     Ok(html::page(&hub.cfg.base_url, "Starting", Some(&viewer(&user)), &body).into_response())
 }
 
-pub async fn pending_page(State(hub): State<SharedHub>, user: PageUser, Path(owner): Path<String>) -> ApiResult<Response> {
+pub async fn pending_page(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    Path(owner): Path<String>,
+) -> ApiResult<Response> {
     pending(hub, user, owner, String::new()).await
 }
 pub async fn pending_page_named(
@@ -543,7 +575,9 @@ async fn split_user_path(hub: &SharedHub, rest: &str) -> (String, String) {
 
 fn wants_html(method: &Method, headers: &HeaderMap, path: &str) -> bool {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
-    method == Method::GET && !path.contains("/api/") && (accept.contains("text/html") || accept.is_empty() || accept == "*/*")
+    method == Method::GET
+        && !path.contains("/api/")
+        && (accept.contains("text/html") || accept.is_empty() || accept == "*/*")
 }
 
 /// `/user/<name>/...` when the proxy has no route: the server is not running.
@@ -566,38 +600,55 @@ pub async fn not_running(
     let record = hub.store.get_server(&user, &server).await?;
     let state = record.as_ref().map(|r| r.state).unwrap_or(ServerState::Stopped);
     if state == ServerState::Starting && html {
-        let next = percent_encoding::utf8_percent_encode(uri.path_and_query().map(|p| p.as_str()).unwrap_or(""), percent_encoding::NON_ALPHANUMERIC);
+        let next = percent_encoding::utf8_percent_encode(
+            uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
+            percent_encoding::NON_ALPHANUMERIC,
+        );
         return Ok(Redirect::to(&format!("{}?next={next}", pending_path(&hub, &user, &server))).into_response());
     }
-    let spawn_url = if server.is_empty() { format!("{}spawn/{user}", hub.hub_prefix()) } else { format!("{}spawn/{user}/{server}", hub.hub_prefix()) };
+    let spawn_url = if server.is_empty() {
+        format!("{}spawn/{user}", hub.hub_prefix())
+    } else {
+        format!("{}spawn/{user}/{server}", hub.hub_prefix())
+    };
     if !html {
         let msg = match state {
             ServerState::Starting => format!("The server at {path} is starting; try again in a moment"),
             _ => format!("Server no longer running at {path}. Restart the server at {spawn_url}"),
         };
-        let status = if state == ServerState::Starting { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::from_u16(424).unwrap_or(StatusCode::SERVICE_UNAVAILABLE) };
+        let status = if state == ServerState::Starting {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::from_u16(424).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+        };
         return Ok((status, Json(json!({"status": status.as_u16(), "message": msg}))).into_response());
     }
     let viewer = a.caller.as_ref().map(|c| Viewer { name: c.name(), admin: c.user.admin, xsrf: &a.xsrf });
-    let may_start = a.caller.as_ref().is_some_and(|c| c.allows("servers", Target::Server { user: &user, server: &server }));
+    let may_start =
+        a.caller.as_ref().is_some_and(|c| c.allows("servers", Target::Server { user: &user, server: &server }));
     let error = record
         .as_ref()
         .and_then(|r| r.last_error.clone())
         .map(|e| alert(Level::Danger, &format!("It stopped: {e}")))
         .unwrap_or_default();
     let action = if may_start {
-        format!(r#"<form method="post" action="{spawn_url}">{}<button type="submit" id="start">Start it</button></form>"#, xsrf_input(&a.xsrf))
+        format!(
+            r#"<form method="post" action="{spawn_url}">{}<button type="submit" id="start">Start it</button></form>"#,
+            xsrf_input(&a.xsrf)
+        )
     } else if a.caller.is_none() {
-        format!(r#"<a class="button" href="{}login?next={}">Log in</a>"#, hub.hub_prefix(), percent_encoding::utf8_percent_encode(&path, percent_encoding::NON_ALPHANUMERIC))
+        format!(
+            r#"<a class="button" href="{}login?next={}">Log in</a>"#,
+            hub.hub_prefix(),
+            percent_encoding::utf8_percent_encode(&path, percent_encoding::NON_ALPHANUMERIC)
+        )
     } else {
         String::new()
     };
     let who = if server.is_empty() { format!("{user}'s server") } else { format!("{user}'s server {server}") };
-    let body = format!(
-        r#"<div class="card"><h1>{} is not running</h1>{error}<p>{action}</p></div>"#,
-        esc(&who)
-    );
-    Ok((StatusCode::SERVICE_UNAVAILABLE, html::page(&hub.cfg.base_url, "Not running", viewer.as_ref(), &body)).into_response())
+    let body = format!(r#"<div class="card"><h1>{} is not running</h1>{error}<p>{action}</p></div>"#, esc(&who));
+    Ok((StatusCode::SERVICE_UNAVAILABLE, html::page(&hub.cfg.base_url, "Not running", viewer.as_ref(), &body))
+        .into_response())
 }
 
 /// `/hub/user/<name>/...` (JupyterHub's hub-side URL for a user's server): send the browser to it.
@@ -605,4 +656,3 @@ pub async fn hub_user_redirect(State(hub): State<SharedHub>, Path(rest): Path<St
     let q = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     Redirect::to(&format!("{}user/{rest}{q}", hub.cfg.base_url))
 }
-

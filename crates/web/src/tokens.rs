@@ -176,11 +176,7 @@ pub async fn token_create(
     render(&hub, &user, &notice).await
 }
 
-pub async fn token_revoke(
-    State(hub): State<SharedHub>,
-    user: PageUser,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+pub async fn token_revoke(State(hub): State<SharedHub>, user: PageUser, Path(id): Path<String>) -> ApiResult<Response> {
     hub.store.delete_token(user.caller.name(), &id).await.map_err(|e| ApiError::from(e).page())?;
     let _ = hub.store.add_event(user.caller.name(), "token-revoke", user.caller.name(), &id).await;
     Ok(Redirect::to(&format!("{}token", hub.hub_prefix())).into_response())

@@ -37,9 +37,8 @@ async fn handle(mut req: Request<Incoming>, k1: Bytes, m1: Bytes) -> Result<Resp
                 }
             }
         });
-        let accept = key
-            .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()))
-            .unwrap_or_default();
+        let accept =
+            key.map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes())).unwrap_or_default();
         let resp = Response::builder()
             .status(101)
             .header("connection", "upgrade")
@@ -78,7 +77,8 @@ async fn main() -> std::io::Result<()> {
         let (k1, m1) = (k1.clone(), m1.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |r| handle(r, k1.clone(), m1.clone()));
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).with_upgrades().await;
+            let _ =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).with_upgrades().await;
         });
     }
 }

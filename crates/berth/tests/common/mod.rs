@@ -391,7 +391,9 @@ pub async fn follow(b: &Browser, path: &str) -> (Response, String) {
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -623,5 +625,8 @@ pub fn docker_inspect(name: &str) -> Option<serde_json::Value> {
 pub async fn oauth_login(b: &Browser, user: &str) {
     let (r, last) = follow(b, &format!("/user/{user}/files/nothing-here")).await;
     assert!(last.ends_with("/files/nothing-here"), "ended at {last} with {}", r.status());
-    assert!(b.cookie(&format!("/user/{user}/"), &format!("jupyterhub-user-{user}")).is_some(), "no server cookie for {user}");
+    assert!(
+        b.cookie(&format!("/user/{user}/"), &format!("jupyterhub-user-{user}")).is_some(),
+        "no server cookie for {user}"
+    );
 }
