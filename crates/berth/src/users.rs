@@ -92,7 +92,7 @@ pub async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()>
         }
         UserCommand::List { pending } => {
             let mut offset = 0;
-            println!("{:<33} {:<11} {:<6} {}", "NAME", "STATUS", "ADMIN", "LOCKED");
+            println!("{:<33} {:<11} {:<6} LOCKED", "NAME", "STATUS", "ADMIN");
             loop {
                 let q = UserQuery { authorized: pending.then_some(false), offset, limit: 200, ..Default::default() };
                 let (users, total) = store.list_users(&q).await?;

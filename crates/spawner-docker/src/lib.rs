@@ -386,7 +386,7 @@ impl DockerSpawner {
             network_mode: Some(self.cfg.network.clone()),
             mounts: Some(mounts),
             shm_size: Some((self.cfg.shm_size_mib * 1024 * 1024) as i64),
-            nano_cpus: (self.cfg.cpu_limit > 0.0).then(|| (self.cfg.cpu_limit * 1e9) as i64),
+            nano_cpus: (self.cfg.cpu_limit > 0.0).then_some((self.cfg.cpu_limit * 1e9) as i64),
             memory: (self.cfg.mem_limit_mib > 0).then(|| (self.cfg.mem_limit_mib * 1024 * 1024) as i64),
             device_requests,
             restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),

@@ -1,6 +1,7 @@
 //! Against the real Docker engine: what a GPU server's container carries,
 //! and GPU detection on a machine without GPUs.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 use std::collections::BTreeMap;
 use std::process::Command;
 

@@ -33,6 +33,9 @@ use serde::{Deserialize, Serialize};
 
 pub use error::{ApiError, ApiResult};
 
+/// Failed log-ins of a name that does not exist: (count, last failure, locked until).
+type UnknownFailures = (i64, Option<i64>, Option<i64>);
+
 /// The `[hub]` section of berth's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -68,7 +71,7 @@ pub struct Hub {
     /// Recently authenticated callers, by credential hash (see `caller::cached`).
     pub auth_cache: caller::AuthCache,
     /// Failed log-ins for names that do not exist, so they lock like real ones.
-    unknown_failures: Mutex<HashMap<String, (i64, Option<i64>, Option<i64>)>>,
+    unknown_failures: Mutex<HashMap<String, UnknownFailures>>,
 }
 
 pub type SharedHub = Arc<Hub>;

@@ -27,12 +27,12 @@ async fn main() {
     let msg = "x".repeat(32);
     // Warm-up.
     for _ in 0..200.min(count) {
-        ws.send(Message::Text(msg.clone().into())).await.expect("send");
+        ws.send(Message::Text(msg.clone())).await.expect("send");
         ws.next().await.expect("echo").expect("echo");
     }
     for _ in 0..count {
         let t = Instant::now();
-        ws.send(Message::Text(msg.clone().into())).await.expect("send");
+        ws.send(Message::Text(msg.clone())).await.expect("send");
         ws.next().await.expect("echo").expect("echo");
         samples.push(t.elapsed().as_nanos() as u64);
     }

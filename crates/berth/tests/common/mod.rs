@@ -488,7 +488,7 @@ pub mod kernel {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        ws.send(Message::Text(request.to_string().into())).await.expect("send");
+        ws.send(Message::Text(request.to_string())).await.expect("send");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let msg = tokio::time::timeout_at(deadline.into(), ws.next()).await.expect("no result within 60 s");
