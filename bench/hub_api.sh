@@ -14,17 +14,7 @@ start_berth "$data"
 token=$(login_token "$URL" admin bench-admin-pass-1)
 auth="Authorization: token $token"
 
-# 10,000 users, 1,000 per request.
-python3 - "$URL" "$token" <<'PY'
-import json, sys, urllib.request
-url, token = sys.argv[1], sys.argv[2]
-for batch in range(10):
-    names = [f"user{i:05d}" for i in range(batch * 1000, batch * 1000 + 1000)]
-    req = urllib.request.Request(f"{url}/hub/api/users", data=json.dumps({"usernames": names}).encode(),
-                                 headers={"Authorization": f"token {token}"}, method="POST")
-    with urllib.request.urlopen(req) as r:
-        assert r.status == 201, r.status
-PY
+create_users "$URL" "$token"
 
 run() { wrk -t2 -c8 -d10s --latency -H "$auth" "$@" | wrk_summary; }
 read -r list_rps list_p50 list_p99 list_err < <(run "$URL/hub/api/users?limit=200")

@@ -51,16 +51,7 @@ x=$(awk '$6=="_xsrf" {print $7}' "$jar" | tail -1)
 curl -s -A '' -b "$jar" -c "$jar" "$URL/hub/signup" --data-urlencode "_xsrf=$x" -d username=admin \
     -d signup_password=bench-admin-pass-1 -d signup_password_confirmation=bench-admin-pass-1 >/dev/null
 
-python3 - "$URL" "$token" <<'PY'
-import json, sys, urllib.request
-url, token = sys.argv[1], sys.argv[2]
-for batch in range(10):
-    names = [f"user{i:05d}" for i in range(batch * 1000, batch * 1000 + 1000)]
-    req = urllib.request.Request(f"{url}/hub/api/users", data=json.dumps({"usernames": names}).encode(),
-                                 headers={"Authorization": f"token {token}"}, method="POST")
-    with urllib.request.urlopen(req, timeout=600) as r:
-        assert r.status == 201, r.status
-PY
+create_users "$URL" "$token"
 
 run() { wrk -t2 -c8 -d10s --latency -H "$auth" "$@" | wrk_summary; }
 read -r list_rps list_p50 list_p99 list_err < <(run "$URL/hub/api/users?limit=200")

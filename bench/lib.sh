@@ -65,3 +65,17 @@ errs = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
 print(f"{float(rps):.0f} {ms(p50):.3f} {ms(p99):.3f} {errs.group(1) if errs else 0}")
 '
 }
+
+# create_users URL TOKEN: creates user00000..user09999 through the API, 1,000 per request.
+create_users() {
+    python3 - "$1" "$2" <<'PY'
+import json, sys, urllib.request
+url, token = sys.argv[1], sys.argv[2]
+for batch in range(10):
+    names = [f"user{i:05d}" for i in range(batch * 1000, batch * 1000 + 1000)]
+    req = urllib.request.Request(f"{url}/hub/api/users", data=json.dumps({"usernames": names}).encode(),
+                                 headers={"Authorization": f"token {token}"}, method="POST")
+    with urllib.request.urlopen(req, timeout=600) as r:
+        assert r.status == 201, r.status
+PY
+}

@@ -92,6 +92,10 @@ impl RouteTable {
 /// Such paths are refused before routing: `/user/bob/../alice/` must not
 /// reach anything but an error.
 pub fn contains_dot_segments(path: &str) -> bool {
+    // The common case (no dot, no escape) costs no allocation.
+    if !path.contains(['.', '%']) {
+        return false;
+    }
     let decoded = percent_decode(path);
     decoded.split(['/', '\\']).any(|seg| seg == "." || seg == "..")
 }

@@ -324,6 +324,19 @@ impl Spawner for LocalSpawner {
 mod tests {
     use super::*;
 
+    fn spec(prefix: &str) -> SpawnSpec {
+        SpawnSpec {
+            user: "al".into(),
+            server: String::new(),
+            env: BTreeMap::new(),
+            cmd: vec![],
+            prefix: prefix.into(),
+            template: String::new(),
+            image: None,
+            gpus: vec![],
+        }
+    }
+
     #[test]
     fn own_start_time_is_readable() {
         let me = std::process::id();
@@ -342,16 +355,7 @@ mod tests {
             provision_packages: vec![],
         });
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let spec = SpawnSpec {
-            user: "al".into(),
-            server: String::new(),
-            env: BTreeMap::new(),
-            cmd: vec![],
-            prefix: "/user/al/".into(),
-            template: String::new(),
-            image: None,
-            gpus: vec![],
-        };
+        let spec = spec("/user/al/");
         let started = s.start(spec, tx).await.unwrap();
         assert_eq!(s.poll(&started.state).await.unwrap(), Status::Running);
         s.stop(&started.state, StopGrace::default()).await.unwrap();
@@ -377,16 +381,7 @@ mod tests {
             provision_packages: vec![],
         });
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let spec = SpawnSpec {
-            user: "al".into(),
-            server: String::new(),
-            env: BTreeMap::new(),
-            cmd: vec![],
-            prefix: "/".into(),
-            template: String::new(),
-            image: None,
-            gpus: vec![],
-        };
+        let spec = spec("/");
         let err = s.start(spec, tx).await.unwrap_err().to_string();
         assert!(err.contains("no-such-program-berth") && err.contains("not found"), "{err}");
     }

@@ -278,7 +278,7 @@ fn is_form(headers: &HeaderMap) -> bool {
 }
 
 fn is_api_path(hub: &SharedHub, path: &str) -> bool {
-    path.starts_with(&format!("{}api/", hub.hub_prefix())) || path == format!("{}api", hub.hub_prefix())
+    path.strip_prefix(hub.api_prefix()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// The middleware: resolves the caller, checks XSRF, and issues the `_xsrf`
@@ -365,11 +365,10 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
             .iter()
             .any(|v| v.to_str().is_ok_and(|s| s.starts_with("_xsrf=")));
         if !already {
-            let path = hub.hub_prefix();
             let spec = CookieSpec {
                 name: cookies::XSRF,
                 value: &xsrf,
-                path: &path,
+                path: hub.hub_prefix(),
                 http_only: false,
                 secure: hub.cfg.secure_cookies,
                 max_age: (binding == ANON_BINDING).then_some(3600),

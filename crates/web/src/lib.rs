@@ -68,6 +68,8 @@ pub struct Hub {
     /// leaves a core for every other request; few and long-lived, so their
     /// 19 MiB working memory is reused instead of piling up per thread.
     hashers: HashPool,
+    /// `<base>hub/` and `<base>hub/api`, made once.
+    prefixes: (String, String),
     /// Recently authenticated callers, by credential hash (see `caller::cached`).
     pub auth_cache: caller::AuthCache,
     /// Failed log-ins for names that do not exist, so they lock like real ones.
@@ -86,7 +88,9 @@ impl Hub {
         activity: Arc<activity::Activity>,
     ) -> Hub {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let prefixes = (format!("{}hub/", cfg.base_url), format!("{}hub/api", cfg.base_url));
         Hub {
+            prefixes,
             cfg,
             auth,
             store,
@@ -100,8 +104,13 @@ impl Hub {
     }
 
     /// `<base_url>hub/`
-    pub fn hub_prefix(&self) -> String {
-        format!("{}hub/", self.cfg.base_url)
+    pub fn hub_prefix(&self) -> &str {
+        &self.prefixes.0
+    }
+
+    /// `<base_url>hub/api`
+    pub fn api_prefix(&self) -> &str {
+        &self.prefixes.1
     }
 
     /// Hashes a password off the async runtime.
