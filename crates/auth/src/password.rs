@@ -1,9 +1,29 @@
 //! Password hashing and the password rules.
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{rand_core::OsRng, Output, ParamsString, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use subtle::ConstantTimeEq;
+
+thread_local! {
+    /// argon2's working memory, kept per thread and reused: a fresh 19 MiB
+    /// allocation per hash leaves the allocator holding copies of it.
+    static BLOCKS: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs argon2 into `out` with this thread's reusable memory.
+fn argon2_into(a: &Argon2<'_>, params: &Params, password: &[u8], salt: &[u8], out: &mut [u8]) -> bool {
+    BLOCKS.with(|b| {
+        let mut blocks = b.borrow_mut();
+        let need = params.block_count();
+        if blocks.len() < need {
+            blocks.resize(need, Block::default());
+        }
+        a.hash_password_into_with_memory(password, salt, out, &mut blocks[..need]).is_ok()
+    })
+}
 
 /// Argon2id cost. The defaults are OWASP's minimum recommendation
 /// (19 MiB, 2 passes): about 20–40 ms on one core of a current machine.
@@ -27,12 +47,26 @@ fn argon2(cost: HashCost) -> Argon2<'static> {
 
 /// Hashes a password as an argon2id PHC string.
 pub fn hash(password: &str, cost: HashCost) -> String {
+    let a = argon2(cost);
+    let params = a.params().clone();
     let salt = SaltString::generate(&mut OsRng);
-    match argon2(cost).hash_password(password.as_bytes(), &salt) {
-        Ok(h) => h.to_string(),
-        // Only reachable with parameters Params::new rejected above.
-        Err(_) => String::new(),
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt_bytes) = salt.as_salt().decode_b64(&mut salt_buf) else { return String::new() };
+    let mut out = [0u8; 32];
+    if !argon2_into(&a, &params, password.as_bytes(), salt_bytes, &mut out) {
+        return String::new();
     }
+    let (Ok(params_string), Ok(output)) = (ParamsString::try_from(&params), Output::new(&out)) else {
+        return String::new();
+    };
+    let phc = PasswordHash {
+        algorithm: argon2::ARGON2ID_IDENT,
+        version: Some(Version::V0x13.into()),
+        params: params_string,
+        salt: Some(salt.as_salt()),
+        hash: Some(output),
+    };
+    phc.to_string()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +95,21 @@ pub fn verify(stored: &str, password: &str, cost: HashCost) -> Verified {
     let Ok(parsed) = PasswordHash::new(stored) else {
         return Verified::Wrong;
     };
-    match argon2(cost).verify_password(password.as_bytes(), &parsed) {
-        Ok(()) => {
+    let (Ok(algorithm), Ok(params)) = (Algorithm::try_from(parsed.algorithm), Params::try_from(&parsed)) else {
+        return Verified::Wrong;
+    };
+    let version = parsed.version.and_then(|v| Version::try_from(v).ok()).unwrap_or(Version::V0x13);
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return Verified::Wrong;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt_bytes) = salt.decode_b64(&mut salt_buf) else { return Verified::Wrong };
+    let a = Argon2::new(algorithm, version, params.clone());
+    let mut out = vec![0u8; expected.len()];
+    let matched = argon2_into(&a, &params, password.as_bytes(), salt_bytes, &mut out)
+        && bool::from(out.as_slice().ct_eq(expected.as_bytes()));
+    match matched {
+        true => {
             let current = parsed.algorithm.as_str() == "argon2id"
                 && Params::try_from(&parsed)
                     .map(|p| p.m_cost() >= cost.memory_kib && p.t_cost() >= cost.iterations)
@@ -73,7 +120,7 @@ pub fn verify(stored: &str, password: &str, cost: HashCost) -> Verified {
                 Verified::OkRehash
             }
         }
-        Err(_) => Verified::Wrong,
+        false => Verified::Wrong,
     }
 }
 
@@ -267,6 +314,21 @@ mod tests {
         assert_eq!(verify(&h, "wrong horse", FAST), Verified::Wrong);
         // A stronger configured cost asks for a re-hash.
         assert_eq!(verify(&h, "correct horse", HashCost { memory_kib: 128, iterations: 1 }), Verified::OkRehash);
+    }
+
+    #[test]
+    fn phc_strings_agree_with_the_argon2_crate() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        // Ours verifies with the crate's verifier...
+        let ours = hash("compat-pass", FAST);
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(argon2(FAST).verify_password(b"compat-pass", &parsed).is_ok());
+        assert!(argon2(FAST).verify_password(b"other", &parsed).is_err());
+        // ...and the crate's hashes verify with ours.
+        let salt = SaltString::generate(&mut OsRng);
+        let theirs = argon2(FAST).hash_password(b"compat-pass", &salt).unwrap().to_string();
+        assert_eq!(verify(&theirs, "compat-pass", FAST), Verified::Ok);
+        assert_eq!(verify(&theirs, "other", FAST), Verified::Wrong);
     }
 
     #[test]
