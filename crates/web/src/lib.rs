@@ -149,12 +149,14 @@ impl HashPool {
             let rx = rx.clone();
             let spawned = std::thread::Builder::new().name(format!("berth-hash-{i}")).spawn(move || loop {
                 let job = match rx.lock() {
-                    Ok(r) => r.recv(),
+                    Ok(r) => r.recv_timeout(std::time::Duration::from_secs(10)),
                     Err(_) => return,
                 };
                 match job {
                     Ok(job) => job(),
-                    Err(_) => return,
+                    // Idle: give the working memory back until the next log-in.
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => berth_auth::password::release_memory(),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             });
             if let Err(e) = spawned {
