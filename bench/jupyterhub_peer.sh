@@ -37,7 +37,7 @@ c.Authenticator.admin_users = {"admin"}
 c.JupyterHub.services = [{"name": "bench", "api_token": "$token"}]
 c.JupyterHub.load_roles = [{"name": "bench", "scopes": ["admin:users", "list:users", "read:users"], "services": ["bench"]}]
 PY
-(cd "$work" && "$venv/bin/jupyterhub" -f "$work/jupyterhub_config.py" >"$work/out" 2>"$work/err") &
+(cd "$work" && exec "$venv/bin/jupyterhub" -f "$work/jupyterhub_config.py" >"$work/out" 2>"$work/err") &
 JH=$!
 trap 'kill $JH 2>/dev/null; sleep 1; kill -9 $JH 2>/dev/null; rm -rf "$work"' EXIT
 URL="http://127.0.0.1:$port"
