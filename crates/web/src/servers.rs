@@ -109,6 +109,12 @@ pub struct Gpu {
 pub enum StartError {
     #[error("{0}")]
     Refused(String),
+    /// The server already runs (the page then sends the browser to it).
+    #[error("{0}")]
+    AlreadyRunning(String),
+    /// A start is under way (the page then shows its progress).
+    #[error("{0}")]
+    PendingSpawn(String),
     /// Not enough GPUs: what users see, and what admins see.
     #[error("{public}")]
     NoGpus { public: String, detail: String },
@@ -352,8 +358,8 @@ impl Servers {
         let what = describe(user, server);
         let record = self.store.get_server(user, server).await?.unwrap_or_else(|| Server::new(user, server));
         match record.state {
-            ServerState::Running => return Err(StartError::Refused(format!("{what} is already running"))),
-            ServerState::Starting => return Err(StartError::Refused(format!("{what} is pending spawn"))),
+            ServerState::Running => return Err(StartError::AlreadyRunning(format!("{what} is already running"))),
+            ServerState::Starting => return Err(StartError::PendingSpawn(format!("{what} is pending spawn"))),
             ServerState::Stopping => return Err(StartError::Refused(format!("{what} is pending stop"))),
             ServerState::Stopped => {}
         }

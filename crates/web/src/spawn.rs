@@ -26,7 +26,9 @@ use crate::SharedHub;
 impl From<StartError> for ApiError {
     fn from(e: StartError) -> ApiError {
         match e {
-            StartError::Refused(m) => ApiError::bad_request(m),
+            StartError::Refused(m) | StartError::AlreadyRunning(m) | StartError::PendingSpawn(m) => {
+                ApiError::bad_request(m)
+            }
             StartError::NoGpus { public, .. } => ApiError::new(StatusCode::CONFLICT, public),
             StartError::Limit(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
             StartError::NotFound(m) => ApiError::not_found(m),
@@ -414,10 +416,10 @@ async fn do_spawn(hub: SharedHub, user: PageUser, owner: String, server: String)
     may_manage(&user.caller, &owner, &server)?;
     match hub.servers.start(&owner, &server, json!({})).await {
         Ok(()) => {}
-        Err(StartError::Refused(m)) if m.contains("already running") => {
+        Err(StartError::AlreadyRunning(_)) => {
             return Ok(Redirect::to(&server_url(&hub.cfg.base_url, &owner, &server)).into_response())
         }
-        Err(StartError::Refused(m)) if m.contains("pending spawn") => {
+        Err(StartError::PendingSpawn(_)) => {
             return Ok(Redirect::to(&pending_path(&hub, &owner, &server)).into_response())
         }
         Err(e) => return Err(start_error(e, &user.caller).page()),
