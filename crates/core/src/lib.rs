@@ -9,10 +9,12 @@ pub mod gpu;
 pub mod names;
 pub mod scopes;
 pub mod state;
+pub mod template;
 
 pub use names::{NameError, ServerName, UserName};
 pub use scopes::{Scope, ScopeSet, Target};
 pub use state::{ServerState, Transition, TransitionError};
+pub use template::{AppProtocol, GpuRange, HubTemplate, RoutingMode};
 
 /// The JupyterHub REST API version berth implements. Clients such as
 /// `jupyterhub-idle-culler` and `jupyterhub-singleuser` compare against it.
