@@ -10,6 +10,7 @@
 //! Must not know the store or HTTP.
 #![forbid(unsafe_code)]
 
+mod exec;
 pub mod gpu;
 
 use std::collections::HashMap;
@@ -517,6 +518,23 @@ fn state_id(state: &serde_json::Value) -> Result<String, SpawnError> {
 }
 
 impl Spawner for DockerSpawner {
+    fn exec<'a>(
+        &'a self,
+        _user: &'a str,
+        state: &'a serde_json::Value,
+        req: berth_spawner::ExecRequest,
+    ) -> BoxFuture<'a, Result<berth_spawner::ExecProcess, SpawnError>> {
+        Box::pin(async move { self.exec_in(&exec::state_container(state)?, req).await })
+    }
+
+    fn connect<'a>(
+        &'a self,
+        state: &'a serde_json::Value,
+        port: u16,
+    ) -> BoxFuture<'a, Result<tokio::net::TcpStream, SpawnError>> {
+        Box::pin(async move { self.connect_in(&exec::state_container(state)?, port).await })
+    }
+
     fn kind(&self) -> &'static str {
         "docker"
     }

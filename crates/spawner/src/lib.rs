@@ -9,7 +9,9 @@
 
 #[cfg(feature = "test-util")]
 pub mod fake;
+pub mod exec;
 pub mod local;
+mod local_exec;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -19,6 +21,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+pub use exec::{ExecKind, ExecProcess, ExecRequest, Output, PtySpec};
 pub use local::LocalSpawner;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -119,6 +122,30 @@ pub trait Spawner: Send + Sync + 'static {
     /// admin deletes the user and asks for it.
     fn remove_user_data<'a>(&'a self, _user: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// Runs a shell, a command or the sftp subsystem inside the server recorded
+    /// in `state` (the SSH gateway's sessions).
+    fn exec<'a>(
+        &'a self,
+        _user: &'a str,
+        _state: &'a serde_json::Value,
+        _req: ExecRequest,
+    ) -> BoxFuture<'a, Result<ExecProcess, SpawnError>> {
+        Box::pin(async move { Err(SpawnError::Failed(format!("the {} spawner cannot run commands", self.kind()))) })
+    }
+
+    /// Connects to `port` on the server's own loopback (its container's, for
+    /// Docker): the SSH gateway's port forwarding. Nothing outside the server
+    /// is reachable this way.
+    fn connect<'a>(
+        &'a self,
+        _state: &'a serde_json::Value,
+        port: u16,
+    ) -> BoxFuture<'a, Result<tokio::net::TcpStream, SpawnError>> {
+        Box::pin(async move {
+            Err(SpawnError::Failed(format!("the {} spawner cannot forward to port {port}", self.kind())))
+        })
     }
 
     /// The tail of the server's own output, if the spawner keeps it.

@@ -66,6 +66,24 @@ impl LocalSpawner {
         self.cfg.data_dir.join("logs").join(format!("{name}.log"))
     }
 
+    /// The user's home: the working directory of their servers and SSH sessions.
+    pub(crate) fn home(&self, user: &str) -> PathBuf {
+        self.cfg.data_dir.join("home").join(user)
+    }
+
+    /// The environment every local process starts from: what berth keeps of
+    /// its own, with a provided virtualenv first on PATH.
+    pub(crate) fn base_env(&self) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> =
+            ENV_KEEP.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v))).collect();
+        let bin = self.venv().join("bin");
+        if bin.is_dir() {
+            let path = env.get("PATH").cloned().unwrap_or_default();
+            env.insert("PATH".into(), format!("{}:{path}", bin.display()));
+        }
+        env
+    }
+
     fn venv(&self) -> PathBuf {
         self.cfg.data_dir.join("singleuser-venv")
     }
@@ -194,7 +212,7 @@ impl Spawner for LocalSpawner {
             };
             let exe = self.resolve(program, &progress).await?;
             let port = free_port()?;
-            let home = self.cfg.data_dir.join("home").join(&spec.user);
+            let home = self.home(&spec.user);
             std::fs::create_dir_all(&home)?;
             let log_path = self.log_path(&spec.user, &spec.server);
             if let Some(d) = log_path.parent() {
@@ -289,6 +307,34 @@ impl Spawner for LocalSpawner {
             let _ = nix::sys::signal::killpg(target, Signal::SIGKILL);
             let _ = kill(target, Signal::SIGKILL);
             Ok(())
+        })
+    }
+
+    fn exec<'a>(
+        &'a self,
+        user: &'a str,
+        _state: &'a serde_json::Value,
+        req: crate::ExecRequest,
+    ) -> BoxFuture<'a, Result<crate::ExecProcess, SpawnError>> {
+        Box::pin(self.exec_local(user, req))
+    }
+
+    fn connect<'a>(
+        &'a self,
+        state: &'a serde_json::Value,
+        port: u16,
+    ) -> BoxFuture<'a, Result<tokio::net::TcpStream, SpawnError>> {
+        Box::pin(async move {
+            // Local servers share this machine's network with everything
+            // else, so only the server's own port counts as inside it.
+            let own = state.get("port").and_then(|p| p.as_u64());
+            if own != Some(u64::from(port)) {
+                let own = own.map(|p| format!(" (its server listens on {p})")).unwrap_or_default();
+                return Err(SpawnError::Failed(format!(
+                    "the local spawner forwards only to the server's own port{own}, not to {port}"
+                )));
+            }
+            Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?)
         })
     }
 

@@ -9,6 +9,7 @@
 mod directory;
 mod migrations;
 mod records;
+mod ssh_keys;
 
 use std::path::Path;
 use std::sync::Once;
@@ -18,6 +19,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 pub use records::*;
+pub use ssh_keys::{NewSshKey, SshKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

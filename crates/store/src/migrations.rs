@@ -107,4 +107,21 @@ CREATE TABLE gpu_allocations (
 CREATE TABLE gpu_shared (device_id TEXT PRIMARY KEY);
 "#,
     ),
+    (
+        4,
+        "SSH public keys",
+        r#"
+CREATE TABLE ssh_keys (
+    id TEXT PRIMARY KEY,
+    user_name TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    fingerprint TEXT NOT NULL UNIQUE,
+    algorithm TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    last_used BIGINT
+);
+CREATE INDEX ssh_keys_user ON ssh_keys(user_name);
+"#,
+    ),
 ];
