@@ -60,6 +60,9 @@ enum Command {
         /// PEM private key for --tls-cert.
         #[arg(long)]
         tls_key: Option<String>,
+        /// Address and port of the SSH gateway (default 0.0.0.0:2222), or off.
+        #[arg(long)]
+        ssh_bind: Option<String>,
     },
     /// Check or print the configuration.
     Config {
@@ -172,6 +175,7 @@ struct ServeFlags {
     tls: Option<String>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
+    ssh_bind: Option<String>,
 }
 
 async fn serve(common: Common, f: ServeFlags) -> Result<(), Failure> {
@@ -183,6 +187,7 @@ async fn serve(common: Common, f: ServeFlags) -> Result<(), Failure> {
             ("tls.mode", f.tls),
             ("tls.cert", f.tls_cert),
             ("tls.key", f.tls_key),
+            ("ssh.bind", f.ssh_bind),
         ],
     )?;
     init_logging(&config.log)?;
@@ -196,8 +201,8 @@ async fn serve(common: Common, f: ServeFlags) -> Result<(), Failure> {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Serve { common, bind, spawner, tls, tls_cert, tls_key } => {
-            serve(common, ServeFlags { bind, spawner, tls, tls_cert, tls_key }).await
+        Command::Serve { common, bind, spawner, tls, tls_cert, tls_key, ssh_bind } => {
+            serve(common, ServeFlags { bind, spawner, tls, tls_cert, tls_key, ssh_bind }).await
         }
         Command::Config { command, common } => match command {
             ConfigCommand::Check => {

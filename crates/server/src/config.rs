@@ -27,6 +27,7 @@ pub struct Config {
     pub gpu: berth_web::servers::GpuConfig,
     pub proxy: ProxyConfig,
     pub tls: TlsConfig,
+    pub ssh: berth_ssh::Config,
 }
 
 /// The `[proxy]` section.
@@ -86,6 +87,7 @@ impl Default for Config {
             gpu: berth_web::servers::GpuConfig::default(),
             proxy: ProxyConfig::default(),
             tls: TlsConfig::default(),
+            ssh: berth_ssh::Config::default(),
         }
     }
 }
@@ -109,7 +111,7 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("auth.session_max_age_seconds", &["BERTH_SESSION_MAX_AGE_SECONDS"], "Lifetime of a log-in session, in seconds."),
     ("auth.argon2_memory_kib", &["BERTH_ARGON2_MEMORY_KIB"], "argon2id memory cost in KiB for password hashes."),
     ("auth.argon2_iterations", &["BERTH_ARGON2_ITERATIONS"], "argon2id passes for password hashes."),
-    ("spawner.kind", &["BERTH_SPAWNER"], "`auto`, `local` or `docker`. `auto` picks Docker when its engine answers, else local (the Docker spawner is not built yet, so `auto` is local for now)."),
+    ("spawner.kind", &["BERTH_SPAWNER"], "`auto`, `local` or `docker`. `auto` picks Docker when its engine answers, else local."),
     ("spawner.local_cmd", &["BERTH_LOCAL_CMD"], "The local spawner's command line; the first word is looked up on PATH."),
     ("spawner.provision", &["BERTH_PROVISION"], "When `jupyterhub-singleuser` is not installed, make a virtualenv with JupyterLab under the data directory on the first start."),
     ("spawner.start_timeout_seconds", &["BERTH_START_TIMEOUT"], "Time from a start request until the server must answer; then it is stopped and the reason shown."),
@@ -141,6 +143,13 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("gpu.max_per_server", &["BERTH_GPU_MAX_PER_SERVER"], "Most GPUs one server may ask for."),
     ("proxy.connect_timeout_seconds", &["BERTH_PROXY_CONNECT_TIMEOUT"], "Time to connect to a server before the proxy gives up."),
     ("proxy.response_timeout_seconds", &["BERTH_PROXY_RESPONSE_TIMEOUT"], "Time a server may take to start answering before the proxy answers 504."),
+    ("ssh.bind", &["BERTH_SSH_BIND"], "Where the SSH gateway listens (`ADDR:PORT`; 22 in a container deployment), or `off`."),
+    ("ssh.auto_start", &["BERTH_SSH_AUTO_START"], "Start a stopped server when its user connects over SSH, with its progress on the terminal."),
+    ("ssh.max_auth_failures", &["BERTH_SSH_MAX_AUTH_FAILURES"], "Failed SSH log-ins from one address before it is refused for `ssh.failure_window_seconds`."),
+    ("ssh.failure_window_seconds", &["BERTH_SSH_FAILURE_WINDOW"], "Window in which failed SSH log-ins are counted, and how long an address is refused."),
+    ("ssh.host_key_types", &["BERTH_SSH_HOST_KEY_TYPES"], "Host key types offered (`ed25519`, `ecdsa`, `rsa`); made once in `<data_dir>/ssh/`."),
+    ("ssh.window_bytes", &["BERTH_SSH_WINDOW_BYTES"], "SSH flow-control window per channel in bytes; large windows keep bulk transfers fast."),
+    ("ssh.idle_timeout_seconds", &["BERTH_SSH_IDLE_TIMEOUT"], "Close SSH connections idle this long; 0 means never."),
     ("tls.mode", &["BERTH_TLS"], "`off` or `auto` (generate and keep a certificate authority and server certificate in the data directory)."),
     ("tls.cert", &["BERTH_TLS_CERT"], "PEM certificate chain to serve (with `tls.key`); reloaded when it changes or on SIGHUP."),
     ("tls.key", &["BERTH_TLS_KEY"], "PEM private key for `tls.cert`."),
@@ -252,6 +261,10 @@ fn set_text(root: &mut Value, key: &str, raw: &str, source_name: &str) -> Result
             "0" | "false" | "no" | "off" | "" => false,
             _ => return Err(invalid(format!("expected true or false, found {raw:?}"))),
         }),
+        // Lists from text: comma- or space-separated words.
+        Value::Array(_) => Value::Array(
+            raw.split([',', ' ']).map(str::trim).filter(|w| !w.is_empty()).map(|w| Value::String(w.into())).collect(),
+        ),
         other => return Err(invalid(format!("cannot be set from text (it is {})", type_name(other)))),
     };
     Ok(())
@@ -323,6 +336,11 @@ impl Config {
         berth_core::UserName::parse(&self.hub.admin).map_err(|e| invalid("hub.admin", e.to_string()))?;
         if self.hub.max_body_bytes < 1024 {
             return Err(invalid("hub.max_body_bytes", "must be at least 1024".into()));
+        }
+        self.ssh.bind = self.ssh.bind.trim().to_string();
+        if let Err(m) = self.ssh.validate() {
+            let key = if m.starts_with("ssh.") { m.split(' ').next().unwrap_or("ssh").trim_end_matches(':') } else { "ssh" };
+            return Err(invalid(key, m.clone()));
         }
         if self.auth.min_password_length == 0 || self.auth.min_password_length > 1024 {
             return Err(invalid("auth.min_password_length", "must be between 1 and 1024".into()));

@@ -55,6 +55,8 @@ pub enum StartError {
     Unsupported(String),
     #[error("cannot re-adopt recorded servers: {0}")]
     Reconcile(String),
+    #[error("SSH gateway: {0}")]
+    Ssh(String),
 }
 
 /// Prepares the data directory: exists, is writable.
@@ -109,6 +111,8 @@ pub struct App {
     pub hub: SharedHub,
     shared: Arc<Shared>,
     docker: Option<Arc<DockerSpawner>>,
+    /// The SSH gateway, unless `ssh.bind` is off.
+    pub ssh: Option<Arc<berth_ssh::Gateway>>,
 }
 
 /// What each connection needs.
@@ -256,6 +260,19 @@ impl App {
         .with_gpu_config(config.gpu.clone());
         servers.set_gpu_inventory(gpu_inventory(&config, docker.as_ref()).await);
         let servers = Arc::new(servers);
+        let ssh = if config.ssh.enabled() {
+            let gw = berth_ssh::Gateway::new(
+                config.ssh.clone(),
+                &config.data_dir,
+                store.clone(),
+                servers.clone(),
+                config.hub.base_url.clone(),
+            )
+            .map_err(StartError::Ssh)?;
+            Some(gw)
+        } else {
+            None
+        };
         let hub = Arc::new(Hub::new(config.hub.clone(), config.auth.clone(), store, &secret, servers, activity));
         let router = berth_web::router(hub.clone());
         let forwarder = Forwarder::new(ForwarderConfig {
@@ -276,7 +293,7 @@ impl App {
             tls,
             hsts,
         });
-        Ok(App { config, hub, shared, docker })
+        Ok(App { config, hub, shared, docker, ssh })
     }
 
     /// The TLS certificate's fingerprint and CA (auto mode), when TLS is on.
@@ -324,6 +341,19 @@ impl App {
                 "certificate".to_string()
             };
             println!("berth TLS {what}, SHA-256 fingerprint {}", t.fingerprint);
+        }
+        if let Some(gw) = &self.ssh {
+            let l = gw.bind().await.map_err(StartError::Ssh)?;
+            let addr = l.local_addr().map_err(|e| StartError::Ssh(e.to_string()))?;
+            println!("berth ssh listening on {addr}");
+            tracing::info!(%addr, host_keys = %gw.host_key_summary(), "SSH gateway listening");
+            let (gw, stop) = (gw.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = gw.serve(l) => {}
+                }
+            });
         }
         // The one line scripts and tests wait for.
         println!("berth listening on {scheme}://{local}");

@@ -558,6 +558,7 @@ pub async fn authorize_page(
     let (users, total) = hub.store.list_users(&query).await.map_err(|e| ApiError::from(e).page())?;
     let p = hub.hub_prefix();
     let x = xsrf_input(&user.xsrf);
+    let ssh_sessions = hub.store.count_events_by_subject("ssh-session").await.unwrap_or_default();
     let mut rows = String::new();
     for u in &users {
         let n = esc(&u.name);
@@ -582,12 +583,13 @@ pub async fn authorize_page(
         } else {
             actions.push_str(&btn("make-admin", "Make admin", "secondary"));
         }
-        actions.push_str(&format!(r#"<a href="{p}change-password/{n}">Set password</a> "#));
+        actions.push_str(&format!(r#"<a href="{p}change-password/{n}">Set password</a> <a href="{p}keys/{n}">SSH keys</a> "#));
         if u.name != user.caller.name() {
             actions.push_str(&btn("delete", "Delete", "danger"));
         }
         rows.push_str(&format!(
-            r#"<tr id="{n}"><td>{n}</td><td>{status}</td><td>{admin}</td><td class="muted">{created}</td><td class="muted">{last}</td><td>{actions}</td></tr>"#,
+            r#"<tr id="{n}"><td>{n}</td><td>{status}</td><td>{admin}</td><td class="muted">{created}</td><td class="muted">{last}</td><td class="ssh-sessions">{ssh}</td><td>{actions}</td></tr>"#,
+            ssh = ssh_sessions.get(&u.name).copied().unwrap_or(0),
             admin = if u.admin { "admin" } else { "" },
             created = iso(u.created).get(..10).unwrap_or(""),
             last = u.last_activity.map(|t| iso(t).get(..16).unwrap_or("").replace('T', " ")).unwrap_or_else(|| "never".into()),
@@ -636,7 +638,7 @@ pub async fn authorize_page(
 <label style="display:inline;font-weight:normal"><input type="checkbox" name="pending" value="1" {checked}> pending only</label>
 <button class="secondary" type="submit">Filter</button></form>
 <p class="muted">{total} user(s)</p>
-<table><thead><tr><th>Name</th><th>Status</th><th>Role</th><th>Created</th><th>Last active</th><th></th></tr></thead><tbody>{rows}</tbody></table>{more}</div>"#,
+<table><thead><tr><th>Name</th><th>Status</th><th>Role</th><th>Created</th><th>Last active</th><th>SSH sessions</th><th></th></tr></thead><tbody>{rows}</tbody></table>{more}</div>"#,
         q = esc(&lq.q),
         checked = if pending_only { "checked" } else { "" },
     );

@@ -25,6 +25,8 @@ pub fn router() -> Router<SharedHub> {
         .route("/users", get(list_users).post(create_users))
         .route("/users/{name}", get(get_user).post(create_user).patch(patch_user).delete(delete_user))
         .route("/users/{name}/tokens", get(list_tokens).post(post_token))
+        .route("/users/{name}/keys", get(crate::keys::api_list).post(crate::keys::api_add))
+        .route("/users/{name}/keys/{key}", axum::routing::delete(crate::keys::api_delete))
         .route("/users/{name}/tokens/{id}", get(get_token).delete(delete_token))
         .route("/users/{name}/server", post(crate::spawn::api_start_default).delete(crate::spawn::api_stop_default))
         .route("/users/{name}/server/progress", get(crate::spawn::api_progress_default))

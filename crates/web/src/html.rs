@@ -54,7 +54,7 @@ pub fn page(base: &str, title: &str, viewer: Option<&Viewer<'_>>, body: &str) ->
         Some(v) => {
             let admin = if v.admin { format!(r#"<a href="{base}hub/authorize">Users</a>"#) } else { String::new() };
             format!(
-                r#"<a href="{base}hub/home">Home</a><a href="{base}hub/token">Tokens</a>{admin}
+                r#"<a href="{base}hub/home">Home</a><a href="{base}hub/token">Tokens</a><a href="{base}hub/keys">SSH keys</a>{admin}
 <span class="who"><span>{name}</span><a href="{base}hub/change-password">Change password</a>
 <form method="post" action="{base}hub/logout"><input type="hidden" name="_xsrf" value="{xsrf}"><button type="submit">Log out</button></form></span>"#,
                 name = esc(v.name),

@@ -15,6 +15,7 @@ pub mod cookies;
 pub mod edge;
 pub mod error;
 pub mod html;
+pub mod keys;
 pub mod model;
 pub mod oauth;
 pub mod servers;
@@ -195,6 +196,9 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/authorize/{name}", post(accounts::authorize_action))
         .route("/admin", get(accounts::admin_redirect))
         .route("/gpus/{id}", post(accounts::gpu_action))
+        .route("/keys", get(keys::page_own))
+        .route("/keys/{user}", get(keys::page_user).post(keys::page_add))
+        .route("/keys/{user}/{id}/delete", post(keys::page_delete))
         .route("/token", get(tokens::token_page).post(tokens::token_create))
         .route("/token/{id}/revoke", post(tokens::token_revoke))
         .route("/spawn", get(spawn::spawn_page).post(spawn::spawn_post))

@@ -671,6 +671,19 @@ impl Servers {
         tracing::warn!(server = %what, %reason, "server is gone");
     }
 
+    /// The spawner, for the SSH gateway's sessions and forwards.
+    pub fn spawner(&self) -> Arc<dyn Spawner> {
+        self.spawner.clone()
+    }
+
+    /// The server's lifecycle state and saved spawner state (`None` when it has no record).
+    pub async fn state_of(&self, user: &str, server: &str) -> Result<Option<(ServerState, Value)>, StartError> {
+        Ok(self.store.get_server(user, server).await?.map(|r| {
+            let state = serde_json::from_str(&r.spawner_state).unwrap_or(Value::Null);
+            (r.state, state)
+        }))
+    }
+
     /// Checks one server now (the proxy found its target refusing connections).
     pub async fn check(&self, user: &str, server: &str) {
         if self.busy.lock().map(|b| b.contains(&key(user, server))).unwrap_or(true) {

@@ -19,6 +19,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_berth");
 pub struct Berth {
     pub child: Child,
     pub url: String,
+    /// The SSH gateway's address, when the test enabled it.
+    pub ssh_addr: Option<String>,
     pub data_dir: PathBuf,
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
@@ -60,6 +62,8 @@ impl Berth {
             .env("BERTH_LOG", std::env::var("BERTH_TEST_LOG").unwrap_or_else(|_| "info".into()))
             // The local-process spawner unless a test asks for Docker.
             .env("BERTH_SPAWNER", "local")
+            // No SSH gateway unless a test asks (BERTH_SSH_BIND=127.0.0.1:0).
+            .env("BERTH_SSH_BIND", "off")
             // Keep password hashing cheap in tests; the bench measures the real cost.
             .env("BERTH_ARGON2_MEMORY_KIB", "1024")
             .env("BERTH_ARGON2_ITERATIONS", "1")
@@ -71,9 +75,13 @@ impl Berth {
         let mut child = cmd.spawn().expect("spawn berth");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (ssh_tx, ssh_rx) = std::sync::mpsc::channel::<String>();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(line)) = lines.next() {
+                if let Some(rest) = line.strip_prefix("berth ssh listening on ") {
+                    let _ = ssh_tx.send(rest.trim().to_string());
+                }
                 if let Some(rest) = line.strip_prefix("berth listening on ") {
                     let _ = tx.send(rest.trim().to_string());
                 }
@@ -87,7 +95,9 @@ impl Berth {
                 panic!("berth did not start listening within 60 s; its log:\n{log}");
             }
         };
-        Berth { child, url, data_dir: data_dir.to_path_buf(), env, args, _tmp: None, stderr_log, cleanup: true }
+        // Printed before the HTTP line, so it is there already when enabled.
+        let ssh_addr = ssh_rx.try_recv().ok();
+        Berth { child, url, ssh_addr, data_dir: data_dir.to_path_buf(), env, args, _tmp: None, stderr_log, cleanup: true }
     }
 
     /// kill -9, then start again on the same data directory.
