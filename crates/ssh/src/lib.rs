@@ -24,7 +24,6 @@ use berth_web::servers::Servers;
 use russh::server::Config as RusshConfig;
 use russh::{MethodKind, MethodSet};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 pub use hostkeys::HostKeys;
@@ -229,24 +228,20 @@ impl Gateway {
                     continue;
                 }
             };
-            if let Some(secs) =
-                self.failures.blocked_for(peer.ip(), self.cfg.max_auth_failures, self.cfg.failure_window_seconds)
-            {
+            // A blocked address still gets the handshake, so the client can
+            // show why (as an authentication banner); every log-in is refused.
+            let blocked =
+                self.failures.blocked_for(peer.ip(), self.cfg.max_auth_failures, self.cfg.failure_window_seconds);
+            if let Some(secs) = blocked {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(peer = %peer, retry_in_s = secs, "SSH connection refused: too many failed log-ins");
-                tokio::spawn(async move {
-                    // Lines before the version string are shown by clients.
-                    let msg = format!("berth: too many failed SSH log-ins from {}; try again in {secs} s\r\n", peer.ip());
-                    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(msg.as_bytes())).await;
-                });
-                continue;
             }
             let _ = stream.set_nodelay(true);
             let cfg = match self.ssh.read() {
                 Ok(c) => c.clone(),
                 Err(_) => continue,
             };
-            let handler = session::Conn::new(self.clone(), peer);
+            let handler = session::Conn::new(self.clone(), peer, blocked);
             tokio::spawn(async move {
                 match russh::server::run_stream(cfg, stream, handler).await {
                     Ok(session) => {

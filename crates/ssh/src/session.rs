@@ -122,13 +122,16 @@ pub(crate) struct Conn {
     channels: HashMap<ChannelId, Chan>,
     since: Instant,
     traffic: Arc<Traffic>,
+    /// Seconds until this address may try again, when it is refused now.
+    blocked: Option<u64>,
 }
 
 impl Conn {
-    pub(crate) fn new(gw: Arc<Gateway>, peer: SocketAddr) -> Conn {
+    pub(crate) fn new(gw: Arc<Gateway>, peer: SocketAddr, blocked: Option<u64>) -> Conn {
         Conn {
             gw,
             peer,
+            blocked,
             login: None,
             tried: false,
             channels: HashMap::new(),
@@ -145,6 +148,9 @@ impl Conn {
     /// exists, is authorized, and registered the key. Reads the database, so
     /// a removed key or a deleted user is refused on the next connection.
     async fn check(&self, name: &str, fingerprint: &str) -> Option<Login> {
+        if self.blocked.is_some() {
+            return None;
+        }
         let (user, server) = parse_login(name)?;
         let record = self.gw.store.get_user_uncached(&user).await.ok()??;
         if !record.authorized {
@@ -157,6 +163,20 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        // Terminals of a dropped connection hang up, as with sshd.
+        let shells: Vec<Arc<ChanShared>> =
+            self.channels.values().filter(|c| c.pty.is_some()).map(|c| c.shared.clone()).collect();
+        if !shells.is_empty() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    for s in shells {
+                        if let Some(c) = s.control.get() {
+                            let _ = c.signal("HUP").await;
+                        }
+                    }
+                });
+            }
+        }
         match &self.login {
             Some(login) => {
                 self.gw.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -185,7 +205,7 @@ impl Drop for Conn {
                     });
                 }
             }
-            None if self.tried => {
+            None if self.tried && self.blocked.is_none() => {
                 self.gw.record_failure(self.peer.ip());
                 tracing::info!(peer = %self.peer, "SSH log-in failed");
             }
@@ -385,7 +405,12 @@ async fn run_process(
             }
         };
         if !sent {
-            break;
+            // The client is gone: no one to tell the status to. A shell gets
+            // a hang-up as its terminal closes; commands see their pipes close.
+            if notices.tty {
+                let _ = control.signal("HUP").await;
+            }
+            return;
         }
     }
     let status = match control.wait().await {
@@ -436,6 +461,12 @@ impl Conn {
 
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(self.blocked.map(|secs| {
+            format!("berth: too many failed SSH log-ins from {}; try again in {secs} s\r\n", self.peer.ip())
+        }))
+    }
 
     async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
         Ok(Conn::reject())
