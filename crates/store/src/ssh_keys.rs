@@ -115,18 +115,6 @@ impl Store {
         Ok(())
     }
 
-    /// How many events of `kind` name `subject` (e.g. SSH sessions per user).
-    pub async fn count_events(&self, kind: &str, subject: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM events WHERE kind = $1 AND subject = $2")
-            .bind(kind)
-            .bind(subject)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get("n")?)
-    }
-}
-
-impl Store {
     /// Events of `kind` counted per subject (the admin view's SSH session column).
     pub async fn count_events_by_subject(&self, kind: &str) -> Result<std::collections::HashMap<String, i64>> {
         let rows = sqlx::query("SELECT subject, COUNT(*) AS n FROM events WHERE kind = $1 GROUP BY subject")

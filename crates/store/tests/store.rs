@@ -294,3 +294,33 @@ async fn gpus(s: &Store) {
     assert!(s.gpu_allocations().await.unwrap().is_empty(), "allocations go with the user");
 }
 both!(gpus_, gpus);
+
+async fn ssh_keys(s: &Store) {
+    s.create_user(&new_user("kay")).await.unwrap();
+    s.create_user(&new_user("lee")).await.unwrap();
+    let key = |user: &str, fp: &str| NewSshKey {
+        user: user.into(),
+        fingerprint: fp.into(),
+        algorithm: "ssh-ed25519".into(),
+        public_key: format!("ssh-ed25519 {fp}"),
+        comment: "laptop".into(),
+    };
+    let k = s.add_ssh_key(&key("kay", "SHA256:aaa")).await.unwrap();
+    assert!(matches!(s.add_ssh_key(&key("lee", "SHA256:aaa")).await, Err(StoreError::Conflict { .. })));
+    s.add_ssh_key(&key("kay", "SHA256:bbb")).await.unwrap();
+    assert_eq!(s.list_ssh_keys("kay").await.unwrap().len(), 2);
+    assert_eq!(s.find_ssh_key("kay", "SHA256:aaa").await.unwrap().unwrap().id, k.id);
+    assert!(s.find_ssh_key("lee", "SHA256:aaa").await.unwrap().is_none(), "a key belongs to its owner only");
+    s.touch_ssh_key(&k.id).await.unwrap();
+    assert!(s.find_ssh_key("kay", "SHA256:aaa").await.unwrap().unwrap().last_used.is_some());
+    s.delete_ssh_key("kay", &k.id).await.unwrap();
+    s.delete_ssh_key("kay", "SHA256:bbb").await.unwrap();
+    assert!(matches!(s.delete_ssh_key("kay", "SHA256:bbb").await, Err(StoreError::NotFound { .. })));
+    s.add_ssh_key(&key("lee", "SHA256:ccc")).await.unwrap();
+    s.add_event("lee", "ssh-session", "lee", "{}").await.unwrap();
+    s.add_event("lee", "ssh-session", "lee", "{}").await.unwrap();
+    assert_eq!(s.count_events_by_subject("ssh-session").await.unwrap().get("lee"), Some(&2));
+    s.delete_user("lee").await.unwrap();
+    assert!(s.list_ssh_keys("lee").await.unwrap().is_empty(), "keys go with the user");
+}
+both!(ssh_keys_, ssh_keys);
