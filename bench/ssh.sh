@@ -3,8 +3,10 @@
 # scp of a 1 GiB file up and down, and connection set-up (key auth to the
 # first command's output, median of 20). berth runs its local-process
 # spawner (sessions are local processes, as sshd's are); SPAWNER=docker
-# measures sessions exec'd into a container instead.
-# Usage: bench/ssh.sh   (prints a Markdown table; cleans up what it creates)
+# measures sessions exec'd into a container instead; CIPHER=NAME makes both
+# sides use that cipher (by default each negotiates its own; the table names it).
+# Usage: [SPAWNER=docker] [CIPHER=aes256-gcm@openssh.com] bench/ssh.sh
+#        (prints a Markdown table; cleans up what it creates)
 source "$(dirname "$0")/lib.sh"
 spawner=${SPAWNER:-local}
 need_pkg sshd openssh-server
@@ -23,6 +25,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 ssh-keygen -q -t ed25519 -N '' -f "$work/id" -C bench
 opts=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o IdentityAgent=none
       -o IdentitiesOnly=yes -o BatchMode=yes -i "$work/id")
+[ -n "${CIPHER:-}" ] && opts+=(-c "$CIPHER")
+cipher_of() { # cipher_of PORT LOGIN: the cipher the client negotiated
+    ssh "${opts[@]}" -v -p "$1" "$2@127.0.0.1" true 2>&1 | sed -n 's/.*kex: server->client cipher: \([^ ]*\).*/\1/p' | head -1
+}
 
 # Direct sshd: its own host key, the bench key authorized for root, default ciphers.
 sshd_port=$(free_port)
@@ -79,7 +85,7 @@ run() { # run NAME PORT LOGIN
     cmp -s "$work/big.bin" "$work/back.bin" || { echo "$1: the file came back changed" >&2; exit 1; }
     rm_remote "$2" "$3"
     setup=$(setup_median "$2" "$3")
-    echo "$1 $(mibs "$up") $(mibs "$down") $setup"
+    echo "$1 $(mibs "$up") $(mibs "$down") $setup $(cipher_of "$2" "$3")"
 }
 direct=$(run sshd "$sshd_port" root)
 gateway=$(run berth "$gw_port" benchssh)
@@ -87,11 +93,11 @@ rss=$(rss_kib "$BERTH_PID")
 python3 - "$direct" "$gateway" "$rss" "$spawner" <<'PY'
 import sys
 d = sys.argv[1].split(); g = sys.argv[2].split()
-du, dd, ds = map(float, d[1:]); gu, gd, gs = map(float, g[1:])
-print(f"| path ({sys.argv[4]} spawner) | scp up MiB/s | scp down MiB/s | set-up median ms |")
-print("| --- | --- | --- | --- |")
-print(f"| direct sshd | {du:.0f} | {dd:.0f} | {ds*1000:.0f} |")
-print(f"| berth gateway | {gu:.0f} | {gd:.0f} | {gs*1000:.0f} |")
-print(f"| ratio berth/sshd | {gu/du:.2f} | {gd/dd:.2f} | {gs/ds:.2f} |")
+du, dd, ds = map(float, d[1:4]); gu, gd, gs = map(float, g[1:4])
+print(f"| path ({sys.argv[4]} spawner) | cipher | scp up MiB/s | scp down MiB/s | set-up median ms |")
+print("| --- | --- | --- | --- | --- |")
+print(f"| direct sshd | {d[4]} | {du:.0f} | {dd:.0f} | {ds*1000:.0f} |")
+print(f"| berth gateway | {g[4]} | {gu:.0f} | {gd:.0f} | {gs*1000:.0f} |")
+print(f"| ratio berth/sshd | | {gu/du:.2f} | {gd/dd:.2f} | {gs/ds:.2f} |")
 print(f"berth RSS after the run: {int(sys.argv[3])//1024} MiB")
 PY

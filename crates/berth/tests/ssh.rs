@@ -166,6 +166,8 @@ fn pty_session(b: &Berth, key: &Key, login: &str) {
     std::thread::sleep(Duration::from_millis(300));
     tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
     wait_for("40 120");
+    // A background job holding the terminal does not keep the session open.
+    tmux(&["send-keys", "-t", &session, "sleep 300 &", "Enter"]);
     tmux(&["send-keys", "-t", &session, "exit", "Enter"]);
     for _ in 0..100 {
         if !tmux(&["has-session", "-t", &session]).status.success() {

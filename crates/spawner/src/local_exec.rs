@@ -82,6 +82,40 @@ async fn pump_output<R: tokio::io::AsyncRead + Unpin>(mut r: R, tx: mpsc::Sender
     }
 }
 
+/// Reads a terminal until the shell has exited and its output has drained:
+/// background jobs that keep the terminal open do not hold the session (as
+/// with sshd, which closes the terminal when the shell exits).
+async fn pump_terminal<R: tokio::io::AsyncRead + Unpin>(
+    mut r: R,
+    tx: mpsc::Sender<Output>,
+    mut status: watch::Receiver<Option<u32>>,
+) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut exited = false;
+    loop {
+        let read = async {
+            if exited {
+                tokio::time::timeout(std::time::Duration::from_millis(100), r.read(&mut buf)).await.unwrap_or(Ok(0))
+            } else {
+                r.read(&mut buf).await
+            }
+        };
+        let n = tokio::select! {
+            n = read => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = status.wait_for(|s| s.is_some()), if !exited => {
+                exited = true;
+                continue;
+            }
+        };
+        if tx.send(Output::Stdout(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl LocalSpawner {
     /// Runs `req` as this user's session process.
     pub(crate) async fn exec_local(&self, user: &str, req: ExecRequest) -> Result<ExecProcess, SpawnError> {
@@ -111,7 +145,7 @@ impl LocalSpawner {
                 .map_err(|e| SpawnError::Failed(format!("cannot start a shell: {e}")))?;
             let (read, write) = pty.into_split();
             let write = Arc::new(Mutex::new(write));
-            tokio::spawn(pump_output(read, out_tx, false));
+            tokio::spawn(pump_terminal(read, out_tx, status_rx.clone()));
             let w = write.clone();
             tokio::spawn(async move {
                 let mut rx = in_rx;
@@ -153,5 +187,60 @@ impl LocalSpawner {
             let _ = status_tx.send(Some(status));
         });
         Ok(ExecProcess { stdin: in_tx, output: out_rx, control: Box::new(LocalControl { pid, status: status_rx, pty }) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::{ExecKind, PtySpec};
+    use crate::local::LocalConfig;
+
+    fn spawner(dir: &std::path::Path) -> LocalSpawner {
+        LocalSpawner::new(LocalConfig {
+            cmd: vec!["true".into()],
+            data_dir: dir.to_path_buf(),
+            provision: false,
+            provision_packages: vec![],
+        })
+    }
+
+    async fn collect(p: &mut ExecProcess) -> String {
+        let mut out = String::new();
+        while let Some(o) = p.output.recv().await {
+            if let Output::Stdout(b) | Output::Stderr(b) = o {
+                out.push_str(&String::from_utf8_lossy(&b));
+            }
+        }
+        out
+    }
+
+    // OpenSSH's client never sends signal requests, so the gateway's
+    // forwarding of them is checked here, on the control it calls.
+    #[tokio::test]
+    async fn a_signal_ends_the_command_with_its_status() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = spawner(tmp.path());
+        let req = ExecRequest { kind: ExecKind::Command("echo up; exec sleep 60".into()), env: vec![], pty: None };
+        let mut p = s.exec_local("alice", req).await.unwrap();
+        let first = p.output.recv().await;
+        assert!(matches!(first, Some(Output::Stdout(ref b)) if b.starts_with(b"up")), "{first:?}");
+        p.control.signal("TERM").await.unwrap();
+        let _ = collect(&mut p).await;
+        assert_eq!(p.control.wait().await.unwrap(), 128 + 15);
+        assert!(p.control.signal("NOPE").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_terminal_session_reports_its_size_and_ends_with_the_shell() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = spawner(tmp.path());
+        let pty = Some(PtySpec { term: "xterm".into(), cols: 77, rows: 21 });
+        // The background job keeps the terminal open; the session still ends.
+        let req = ExecRequest { kind: ExecKind::Command("stty size; sleep 30 & exit 4".into()), env: vec![], pty };
+        let mut p = s.exec_local("alice", req).await.unwrap();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(10), collect(&mut p)).await.unwrap();
+        assert!(out.contains("21 77"), "{out:?}");
+        assert_eq!(p.control.wait().await.unwrap(), 4);
     }
 }

@@ -15,7 +15,6 @@ mod session;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -122,14 +121,6 @@ impl Failures {
     }
 }
 
-/// Counters the admin view shows.
-#[derive(Default)]
-pub struct Stats {
-    pub sessions: AtomicU64,
-    pub active: AtomicU64,
-    pub refused: AtomicU64,
-}
-
 pub struct Gateway {
     cfg: Config,
     store: Store,
@@ -138,7 +129,6 @@ pub struct Gateway {
     hub_url: String,
     ssh: RwLock<Arc<RusshConfig>>,
     failures: Failures,
-    pub stats: Stats,
 }
 
 impl Gateway {
@@ -159,7 +149,6 @@ impl Gateway {
             servers,
             hub_url,
             failures: Failures::default(),
-            stats: Stats::default(),
         });
         // Slow key types (RSA) are made in the background the first time and
         // offered once ready; the fast ones serve from the start.
@@ -219,7 +208,7 @@ impl Gateway {
     /// Accepts connections until the listener fails for good.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let (mut stream, peer) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
                     // Out of descriptors and the like: pause rather than spin.
@@ -233,7 +222,6 @@ impl Gateway {
             let blocked =
                 self.failures.blocked_for(peer.ip(), self.cfg.max_auth_failures, self.cfg.failure_window_seconds);
             if let Some(secs) = blocked {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(peer = %peer, retry_in_s = secs, "SSH connection refused: too many failed log-ins");
             }
             let _ = stream.set_nodelay(true);

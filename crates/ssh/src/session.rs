@@ -51,10 +51,12 @@ impl Login {
 
 /// `alice` → (alice, ""), `alice+lab` → (alice, lab).
 pub(crate) fn parse_login(name: &str) -> Option<(String, String)> {
-    let (user, server) = name.split_once('+').unwrap_or((name, ""));
+    let Some((user, server)) = name.split_once('+') else {
+        return Some((UserName::parse(name).ok()?.to_string(), String::new()));
+    };
     let user = UserName::parse(user).ok()?;
     if server.is_empty() {
-        return Some((user.to_string(), String::new()));
+        return None;
     }
     let server = ServerName::parse(server).ok()?;
     Some((user.to_string(), server.to_string()))
@@ -179,7 +181,6 @@ impl Drop for Conn {
         }
         match &self.login {
             Some(login) => {
-                self.gw.stats.active.fetch_sub(1, Ordering::Relaxed);
                 let secs = self.since.elapsed().as_secs_f64();
                 let to_client = self.traffic.to_client.load(Ordering::Relaxed);
                 let from_client = self.traffic.from_client.load(Ordering::Relaxed);
@@ -500,8 +501,6 @@ impl russh::server::Handler for Conn {
         match self.check(user, &fp).await {
             Some(login) => {
                 let _ = self.gw.store.touch_ssh_key(&login.key_id).await;
-                self.gw.stats.sessions.fetch_add(1, Ordering::Relaxed);
-                self.gw.stats.active.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(user = %login.user, server = %login.server, peer = %self.peer, key = %fp, "SSH log-in");
                 self.login = Some(login);
                 Ok(Auth::Accept)
