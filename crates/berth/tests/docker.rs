@@ -21,12 +21,7 @@ fn docker_berth(scope: &DockerScope, image: &str, extra: &[(&str, &str)]) -> Ber
 }
 
 async fn user(b: &Berth, admin: &Browser, name: &str) -> Browser {
-    let u = Browser::new(&b.url);
-    u.signup(name, PW).await;
-    let r = admin.submit("/hub/authorize", &format!("/hub/authorize/{name}"), &[("action", "authorize")]).await;
-    assert!(r.status().is_redirection());
-    u.login_ok(name, PW).await;
-    u
+    authorized_user(b, admin, name, PW).await
 }
 
 async fn admin(b: &Berth) -> Browser {

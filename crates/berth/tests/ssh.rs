@@ -124,12 +124,7 @@ async fn add_key(user: &Browser, name: &str, key: &str) -> reqwest::Response {
 }
 
 async fn authorized(b: &Berth, admin: &Browser, name: &str) -> Browser {
-    let u = Browser::new(&b.url);
-    u.signup(name, PW).await;
-    let r = admin.submit("/hub/authorize", &format!("/hub/authorize/{name}"), &[("action", "authorize")]).await;
-    assert!(r.status().is_redirection());
-    u.login_ok(name, PW).await;
-    u
+    authorized_user(b, admin, name, PW).await
 }
 
 /// Drives an interactive `ssh -tt` under tmux: types a command, reads the

@@ -70,13 +70,34 @@ pub const STDIN_QUEUE: usize = 64;
 /// Copies queued input into `sink` until the sender is dropped, then closes
 /// the sink (end of input).
 pub async fn pump_stdin<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Bytes>, mut sink: W) {
+    let mut batch = Vec::new();
     while let Some(chunk) = rx.recv().await {
-        if sink.write_all(&chunk).await.is_err() {
+        // Whatever else is queued goes in the same write (SSH delivers 32 KiB
+        // packets; one write per packet costs a system call each).
+        let result = match rx.try_recv() {
+            Err(_) => sink.write_all(&chunk).await,
+            Ok(next) => {
+                batch.clear();
+                batch.extend_from_slice(&chunk);
+                batch.extend_from_slice(&next);
+                while batch.len() < BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(more) => batch.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                sink.write_all(&batch).await
+            }
+        };
+        if result.is_err() {
             return;
         }
     }
     let _ = sink.shutdown().await;
 }
+
+/// Largest batch of queued input or output moved at once.
+pub const BATCH_BYTES: usize = 256 * 1024;
 
 /// The environment variables a client may set: the locale and `TERM`-like
 /// settings OpenSSH's default `AcceptEnv` lets through, and nothing that

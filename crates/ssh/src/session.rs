@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use berth_core::{ServerName, ServerState, UserName};
-use berth_spawner::exec::{env_allowed, ExecControl};
+use berth_spawner::exec::{env_allowed, ExecControl, BATCH_BYTES};
 use berth_spawner::{ExecKind, ExecRequest, Output, PtySpec};
 use berth_web::servers::{ProgressLog, StartError};
 use bytes::Bytes;
@@ -394,7 +394,35 @@ async fn run_process(
         closed.store(true, Ordering::Relaxed);
         drained.notify_waiters();
     });
-    while let Some(out) = proc.output.recv().await {
+    let mut pending: Option<Output> = None;
+    loop {
+        let out = match pending.take() {
+            Some(o) => o,
+            None => match proc.output.recv().await {
+                Some(o) => o,
+                None => break,
+            },
+        };
+        // Output already waiting joins this message (fewer, fuller SSH packets).
+        let out = match out {
+            Output::Stdout(first) => {
+                let mut joined: Option<bytes::BytesMut> = None;
+                while joined.as_ref().map_or(first.len(), |j| j.len()) < BATCH_BYTES {
+                    match proc.output.try_recv() {
+                        Ok(Output::Stdout(more)) => {
+                            joined.get_or_insert_with(|| bytes::BytesMut::from(&first[..])).extend_from_slice(&more)
+                        }
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Output::Stdout(joined.map(|j| j.freeze()).unwrap_or(first))
+            }
+            other => other,
+        };
         let sent = match out {
             Output::Stdout(b) => {
                 traffic.to_client.fetch_add(b.len() as u64, Ordering::Relaxed);

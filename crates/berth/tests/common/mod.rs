@@ -341,6 +341,16 @@ pub async fn admin_and_user(b: &Berth, user: &str, password: &str) -> (Browser, 
     (admin, u)
 }
 
+/// Signs `name` up with `password`, has `admin` authorize them, logs them in.
+pub async fn authorized_user(b: &Berth, admin: &Browser, name: &str, password: &str) -> Browser {
+    let u = Browser::new(&b.url);
+    u.signup(name, password).await;
+    let r = admin.submit("/hub/authorize", &format!("/hub/authorize/{name}"), &[("action", "authorize")]).await;
+    assert!(r.status().is_redirection(), "authorize {name}: {}", r.status());
+    u.login_ok(name, password).await;
+    u
+}
+
 /// Starts `user`'s default server through the pages and waits for the
 /// progress stream's final event, which it returns.
 pub async fn start_via_pages(b: &Browser, user: &str) -> serde_json::Value {
