@@ -131,11 +131,8 @@ async fn authorized(b: &Berth, admin: &Browser, name: &str) -> Browser {
 /// screen, resizes the window and reads `stty size` again.
 fn pty_session(b: &Berth, key: &Key, login: &str) {
     let session = format!("berth-ssh-{}", std::process::id());
-    let ssh_cmd = format!(
-        "ssh {} -i {} -tt {login}@127.0.0.1",
-        client_opts(&port_of(b)).join(" "),
-        key.private.display()
-    );
+    let ssh_cmd =
+        format!("ssh {} -i {} -tt {login}@127.0.0.1", client_opts(&port_of(b)).join(" "), key.private.display());
     let tmux = |args: &[&str]| Command::new("tmux").args(args).output().unwrap();
     let st = tmux(&["new-session", "-d", "-s", &session, "-x", "90", "-y", "30", &ssh_cmd]);
     assert!(st.status.success(), "{}", errtext(&st));
@@ -245,8 +242,10 @@ async fn refusals(b: &Berth, admin: &Browser, alice: &Browser, alice_key: &Key, 
     let askpass = tmp.join("askpass.sh");
     std::fs::write(&askpass, format!("#!/bin/sh\necho '{PW}'\n")).unwrap();
     std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let opts: Vec<String> =
-        client_opts(&port_of(b)).into_iter().map(|o| if o == "BatchMode=yes" { "BatchMode=no".into() } else { o }).collect();
+    let opts: Vec<String> = client_opts(&port_of(b))
+        .into_iter()
+        .map(|o| if o == "BatchMode=yes" { "BatchMode=no".into() } else { o })
+        .collect();
     let o = Command::new("timeout")
         .arg("60")
         .arg("ssh")
@@ -305,11 +304,9 @@ async fn keys_api_validates_lists_and_scopes() {
     let msg: Value = r.json().await.unwrap();
     assert!(msg["message"].as_str().unwrap().contains("already registered"), "{msg}");
     let private = std::fs::read_to_string(&key.private).unwrap();
-    for (bad, why) in [
-        ("ssh-ed25519 AAAAnot-a-key", "cannot be read"),
-        (private.as_str(), "private key"),
-        ("", "empty"),
-    ] {
+    for (bad, why) in
+        [("ssh-ed25519 AAAAnot-a-key", "cannot be read"), (private.as_str(), "private key"), ("", "empty")]
+    {
         let r = add_key(&alice, "alice", bad).await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         let m: Value = r.json().await.unwrap();

@@ -339,7 +339,8 @@ impl Config {
         }
         self.ssh.bind = self.ssh.bind.trim().to_string();
         if let Err(m) = self.ssh.validate() {
-            let key = if m.starts_with("ssh.") { m.split(' ').next().unwrap_or("ssh").trim_end_matches(':') } else { "ssh" };
+            let key =
+                if m.starts_with("ssh.") { m.split(' ').next().unwrap_or("ssh").trim_end_matches(':') } else { "ssh" };
             return Err(invalid(key, m.clone()));
         }
         if self.auth.min_password_length == 0 || self.auth.min_password_length > 1024 {

@@ -129,9 +129,12 @@ impl DockerSpawner {
             .inspect_container(container, None::<bollard::query_parameters::InspectContainerOptions>)
             .await
             .map_err(|e| SpawnError::Failed(format!("cannot inspect the container: {e}")))?;
-        let pid = info.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0).ok_or_else(|| {
-            SpawnError::Failed("the container is not running".into())
-        })?;
+        let pid = info
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .filter(|p| *p > 0)
+            .ok_or_else(|| SpawnError::Failed("the container is not running".into()))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         // A thread of its own: it enters the container's namespace, connects,
         // and ends, so no other work ever runs in the wrong namespace.

@@ -7,9 +7,9 @@
 //! the [`Started::state`] it gets back.
 #![forbid(unsafe_code)]
 
+pub mod exec;
 #[cfg(feature = "test-util")]
 pub mod fake;
-pub mod exec;
 pub mod local;
 mod local_exec;
 

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, Mutex};
 
-use crate::exec::{command_line, pump_stdin, signal_number, ExecControl, ExecProcess, ExecRequest, Output, STDIN_QUEUE};
+use crate::exec::{
+    command_line, pump_stdin, signal_number, ExecControl, ExecProcess, ExecRequest, Output, STDIN_QUEUE,
+};
 use crate::local::LocalSpawner;
 use crate::{BoxFuture, SpawnError};
 
@@ -133,7 +135,8 @@ impl LocalSpawner {
 
         let (mut child, pty) = if let Some(p) = &req.pty {
             env.insert("TERM".into(), p.term.clone());
-            let (pty, pts) = pty_process::open().map_err(|e| SpawnError::Failed(format!("cannot open a terminal: {e}")))?;
+            let (pty, pts) =
+                pty_process::open().map_err(|e| SpawnError::Failed(format!("cannot open a terminal: {e}")))?;
             pty.resize(pty_process::Size::new(p.rows.max(1), p.cols.max(1)))
                 .map_err(|e| SpawnError::Failed(format!("cannot size the terminal: {e}")))?;
             let child = pty_process::Command::new(&line[0])
@@ -186,7 +189,11 @@ impl LocalSpawner {
             let status = exit_code(child.wait().await);
             let _ = status_tx.send(Some(status));
         });
-        Ok(ExecProcess { stdin: in_tx, output: out_rx, control: Box::new(LocalControl { pid, status: status_rx, pty }) })
+        Ok(ExecProcess {
+            stdin: in_tx,
+            output: out_rx,
+            control: Box::new(LocalControl { pid, status: status_rx, pty }),
+        })
     }
 }
 

@@ -56,7 +56,9 @@ fn make(dir: &Path, t: &str, alg: Algorithm) -> Result<PrivateKey, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &p).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     if let Ok(public) = key.public_key().to_openssh() {
         let _ = std::fs::write(p.with_extension("pub"), format!("{public}\n"));

@@ -143,7 +143,10 @@ impl Conn {
     }
 
     fn reject() -> Auth {
-        Auth::Reject { proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])), partial_success: false }
+        Auth::Reject {
+            proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+            partial_success: false,
+        }
     }
 
     /// Whether `name` may log in with the key of this fingerprint: the user
@@ -722,7 +725,12 @@ impl russh::server::Handler for Conn {
         self.start(channel, ExecKind::Shell, session)
     }
 
-    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         match std::str::from_utf8(data) {
             Ok(cmd) if !cmd.contains('\0') => self.start(channel, ExecKind::Command(cmd.to_string()), session),
             _ => session.channel_failure(channel),
@@ -752,7 +760,12 @@ impl russh::server::Handler for Conn {
         Ok(())
     }
 
-    async fn tcpip_forward(&mut self, _address: &str, _port: &mut u32, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn tcpip_forward(
+        &mut self,
+        _address: &str,
+        _port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         // Remote forwarding (`ssh -R`) would open ports on the host: refused.
         Ok(false)
     }

@@ -111,7 +111,11 @@ impl Store {
     }
 
     pub async fn touch_ssh_key(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE ssh_keys SET last_used = $1 WHERE id = $2").bind(now_ms()).bind(id).execute(&self.pool).await?;
+        sqlx::query("UPDATE ssh_keys SET last_used = $1 WHERE id = $2")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

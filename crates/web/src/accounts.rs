@@ -583,7 +583,9 @@ pub async fn authorize_page(
         } else {
             actions.push_str(&btn("make-admin", "Make admin", "secondary"));
         }
-        actions.push_str(&format!(r#"<a href="{p}change-password/{n}">Set password</a> <a href="{p}keys/{n}">SSH keys</a> "#));
+        actions.push_str(&format!(
+            r#"<a href="{p}change-password/{n}">Set password</a> <a href="{p}keys/{n}">SSH keys</a> "#
+        ));
         if u.name != user.caller.name() {
             actions.push_str(&btn("delete", "Delete", "danger"));
         }

@@ -13,11 +13,11 @@ use serde_json::{json, Value};
 use ssh_key::{Algorithm, HashAlg, PublicKey};
 
 use crate::accounts::PageForm;
+use crate::api::JsonBody;
 use crate::caller::{ApiCaller, PageUser};
 use crate::error::{ApiError, ApiResult};
 use crate::html::{self, alert, esc, xsrf_input, Level, Viewer};
 use crate::model::iso;
-use crate::api::JsonBody;
 use crate::SharedHub;
 
 /// Longest key line accepted (an RSA 16384-bit key is about 2.8 KB).
@@ -64,7 +64,8 @@ authorized_keys options are not supported",
             first.chars().take(40).collect::<String>()
         ));
     }
-    let key = PublicKey::from_openssh(line).map_err(|e| format!("the key cannot be read ({e}); copy the whole line"))?;
+    let key =
+        PublicKey::from_openssh(line).map_err(|e| format!("the key cannot be read ({e}); copy the whole line"))?;
     match key.algorithm() {
         Algorithm::Ed25519 | Algorithm::Ecdsa { .. } => {}
         Algorithm::Rsa { .. } => {
@@ -224,7 +225,8 @@ async fn render(hub: &SharedHub, user: &PageUser, owner: &str, notice: &str) -> 
             "<table><thead><tr><th>Fingerprint</th><th>Type</th><th>Comment</th><th>Added</th><th>Last used</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
         )
     };
-    let whose = if owner == user.caller.name() { "Your SSH keys".to_string() } else { format!("SSH keys of {}", esc(owner)) };
+    let whose =
+        if owner == user.caller.name() { "Your SSH keys".to_string() } else { format!("SSH keys of {}", esc(owner)) };
     let body = format!(
         r#"<h1>SSH keys</h1>{notice}<div class="card"><h2>Add a key</h2>
 <p class="muted">Paste a public key (the contents of <code>~/.ssh/id_ed25519.pub</code>). Then <code>ssh {user}@this-host</code>

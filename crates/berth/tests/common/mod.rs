@@ -97,7 +97,17 @@ impl Berth {
         };
         // Printed before the HTTP line, so it is there already when enabled.
         let ssh_addr = ssh_rx.try_recv().ok();
-        Berth { child, url, ssh_addr, data_dir: data_dir.to_path_buf(), env, args, _tmp: None, stderr_log, cleanup: true }
+        Berth {
+            child,
+            url,
+            ssh_addr,
+            data_dir: data_dir.to_path_buf(),
+            env,
+            args,
+            _tmp: None,
+            stderr_log,
+            cleanup: true,
+        }
     }
 
     /// kill -9, then start again on the same data directory.
