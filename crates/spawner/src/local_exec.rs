@@ -215,9 +215,8 @@ mod tests {
     async fn collect(p: &mut ExecProcess) -> String {
         let mut out = String::new();
         while let Some(o) = p.output.recv().await {
-            if let Output::Stdout(b) | Output::Stderr(b) = o {
-                out.push_str(&String::from_utf8_lossy(&b));
-            }
+            let (Output::Stdout(b) | Output::Stderr(b)) = o;
+            out.push_str(&String::from_utf8_lossy(&b));
         }
         out
     }

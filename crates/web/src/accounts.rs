@@ -351,7 +351,7 @@ pub async fn start_session(hub: &SharedHub, user: &str) -> ApiResult<Vec<HeaderV
             max_age: None,
         }
         .header(),
-        CookieSpec { name: cookies::XSRF, value: &xsrf, path: &hub_path, http_only: false, secure, max_age: None }
+        CookieSpec { name: cookies::XSRF, value: &xsrf, path: hub_path, http_only: false, secure, max_age: None }
             .header(),
     ])
 }
@@ -402,7 +402,7 @@ pub async fn logout(State(hub): State<SharedHub>, MaybeUser(a): MaybeUser) -> Ap
     let h = resp.headers_mut();
     h.append(header::SET_COOKIE, cookies::clear(cookies::SESSION, base));
     h.append(header::SET_COOKIE, cookies::clear(cookies::SESSION_ID, base));
-    h.append(header::SET_COOKIE, cookies::clear(cookies::XSRF, &hub.hub_prefix()));
+    h.append(header::SET_COOKIE, cookies::clear(cookies::XSRF, hub.hub_prefix()));
     Ok(resp)
 }
 
