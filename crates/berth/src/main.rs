@@ -2,6 +2,8 @@
 //! lives in the library crates; `berth_server::App` wires them together.
 #![forbid(unsafe_code)]
 
+mod templates;
+mod up;
 mod users;
 
 use std::path::PathBuf;
@@ -76,6 +78,22 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// The template catalog: list, show, check, render, export.
+    Templates {
+        #[command(subcommand)]
+        command: templates::TemplatesCommand,
+    },
+    /// Single-tenant mode: build and run one template with SSH on 4444 and its app on 27015.
+    Up(up::UpArgs),
+    /// Stop and remove what `berth up <id>` started (its /app volume is kept).
+    Down {
+        id: String,
+        /// Also remove the /app volume.
+        #[arg(long)]
+        volumes: bool,
+    },
+    /// List what `berth up` started.
+    Ps,
     /// Manage accounts from the command line (works while berth runs).
     User {
         #[command(subcommand)]
@@ -234,6 +252,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Err(Failure::Runtime(anyhow::anyhow!("some checks failed; see the lines marked FIX")))
             }
         }
+        Command::Templates { command } => templates::run(command).map_err(Failure::Runtime),
+        Command::Up(args) => up::up(args).await.map_err(Failure::Runtime),
+        Command::Down { id, volumes } => up::down(&id, volumes).await.map_err(Failure::Runtime),
+        Command::Ps => up::ps().await.map_err(Failure::Runtime),
         Command::User { command, common } => {
             let config = load_config(&common, &[])?;
             init_logging("warn")?;
