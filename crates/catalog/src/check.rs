@@ -182,7 +182,9 @@ pub fn check_rendered(dir: &Path) -> Vec<Problem> {
             }
         }
         if !lines.iter().any(|l| l.contains("capabilities: [gpu]")) {
-            out.push(problem("docker-compose.yml", lines.len(), "GPUs are not passed through (no gpu device)".into()));
+            // At the device's capabilities when there is one, else at the end.
+            let line = lines.iter().position(|l| l.contains("capabilities:")).map_or(lines.len(), |i| i + 1);
+            out.push(problem("docker-compose.yml", line, "GPUs are not passed through (no gpu device)".into()));
         }
     }
     out
