@@ -86,17 +86,20 @@ fn port_free(address: &str, port: u16) -> anyhow::Result<()> {
 
 /// Waits until something on `port` speaks SSH.
 async fn ssh_answers(port: u16) -> bool {
-    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port))).await
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port))).await
     else {
         return false;
     };
     let mut buf = [0u8; 8];
-    matches!(tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await, Ok(Ok(_))) && buf.starts_with(b"SSH-")
+    matches!(tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await, Ok(Ok(_)))
+        && buf.starts_with(b"SSH-")
 }
 
 /// Waits until `port` answers HTTP (any status).
 async fn http_answers(port: u16) -> bool {
-    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port))).await
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port))).await
     else {
         return false;
     };
@@ -104,7 +107,8 @@ async fn http_answers(port: u16) -> bool {
         return false;
     }
     let mut buf = [0u8; 8];
-    matches!(tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await, Ok(Ok(_))) && buf.starts_with(b"HTTP/")
+    matches!(tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await, Ok(Ok(_)))
+        && buf.starts_with(b"HTTP/")
 }
 
 pub async fn up(a: UpArgs) -> anyhow::Result<()> {
@@ -190,7 +194,8 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     let _ = writeln!(stderr, "\nbuilt {image} in {:.0} s", started.elapsed().as_secs_f64());
 
     // Run.
-    let bind = |host: u16| Some(vec![PortBinding { host_ip: Some(a.address.clone()), host_port: Some(host.to_string()) }]);
+    let bind =
+        |host: u16| Some(vec![PortBinding { host_ip: Some(a.address.clone()), host_port: Some(host.to_string()) }]);
     let mut ports = HashMap::from([(format!("{SSH_PORT}/tcp"), bind(a.ssh_port))]);
     let app_port = t.app.as_ref().map_or(APP_PORT, |x| *x.port.get_ref());
     ports.insert(format!("{app_port}/tcp"), bind(a.http_port));

@@ -162,7 +162,12 @@ expose = [22, 27015]
     assert_eq!(code, 0, "{err}");
 
     let key = tmp.path().join("id");
-    assert!(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().unwrap().success());
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
     let pubkey = key.with_extension("pub");
     let (ssh_port, http_port) = (free_port(), free_port());
     let out = Command::new("timeout")
@@ -212,7 +217,11 @@ expose = [22, 27015]
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(255));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("Permission denied (publickey)"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Permission denied (publickey)"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // HTTP on the app port answers.
     let r = api_client().get(format!("http://127.0.0.1:{http_port}/")).send().await.unwrap();

@@ -104,11 +104,7 @@ pub fn check_rendered(dir: &Path) -> Vec<Problem> {
         match std::fs::read_to_string(&p) {
             Ok(t) => Some(t.lines().map(str::to_string).collect()),
             Err(_) => {
-                out.push(Problem {
-                    file: p,
-                    line: 0,
-                    message: "missing; run `berth templates render`".into(),
-                });
+                out.push(Problem { file: p, line: 0, message: "missing; run `berth templates render`".into() });
                 None
             }
         }
@@ -123,7 +119,11 @@ pub fn check_rendered(dir: &Path) -> Vec<Problem> {
                 for p in ports.split_whitespace() {
                     let n = p.split('/').next().unwrap_or(p);
                     if n != SSH_PORT.to_string() && n != APP_PORT.to_string() {
-                        out.push(problem("Dockerfile", i + 1, format!("port {p} is exposed; only 22 and 27015 may be")));
+                        out.push(problem(
+                            "Dockerfile",
+                            i + 1,
+                            format!("port {p} is exposed; only 22 and 27015 may be"),
+                        ));
                     }
                 }
             }
@@ -247,7 +247,8 @@ mod tests {
         std::fs::write(&spec, &seeded).unwrap();
         let line = |needle: &str| seeded.lines().position(|l| l.trim_start().starts_with(needle)).unwrap() + 1;
         let sshd = tmp.path().join("comfyui/sshd_config");
-        let s = std::fs::read_to_string(&sshd).unwrap().replace("PasswordAuthentication no", "PasswordAuthentication yes");
+        let s =
+            std::fs::read_to_string(&sshd).unwrap().replace("PasswordAuthentication no", "PasswordAuthentication yes");
         std::fs::write(&sshd, s).unwrap();
 
         let c = Catalog::load(tmp.path()).unwrap();

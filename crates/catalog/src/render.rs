@@ -82,7 +82,11 @@ fn compose(t: &Template) -> String {
     } else {
         String::new()
     };
-    let shm = if t.resources.shm_size.is_empty() { String::new() } else { format!("    shm_size: \"{}\"\n", t.resources.shm_size) };
+    let shm = if t.resources.shm_size.is_empty() {
+        String::new()
+    } else {
+        format!("    shm_size: \"{}\"\n", t.resources.shm_size)
+    };
     let build = if t.build.args.is_empty() {
         "    build: .\n".to_string()
     } else {

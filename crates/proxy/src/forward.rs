@@ -2,6 +2,7 @@
 //! `X-Forwarded-*` added, bodies streamed both ways, upgrades (WebSocket)
 //! spliced, errors classified by where they came from.
 
+use berth_core::RoutingMode;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -117,6 +118,64 @@ fn remove_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Removes the named cookies from the `Cookie` header(s), keeping the rest.
+/// Strip mode, on the way back: an app answering at `/` sends redirects and
+/// cookie paths for `/`; they are moved under the public prefix.
+pub fn rewrite_for_prefix(h: &mut HeaderMap, prefix: &str, target: &str) {
+    let base = prefix.trim_end_matches('/');
+    if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string) {
+        // An absolute URL pointing at the app itself becomes a path first.
+        let path = match loc.strip_prefix(target) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                Some(if rest.is_empty() { "/".to_string() } else { rest.to_string() })
+            }
+            _ => loc.starts_with('/').then(|| loc.clone()).filter(|l| !l.starts_with("//")),
+        };
+        if let Some(p) = path.filter(|p| !p.starts_with(&format!("{base}/")) && p != base) {
+            if let Ok(v) = HeaderValue::from_str(&format!("{base}{p}")) {
+                h.insert(header::LOCATION, v);
+            }
+        }
+    }
+    let cookies: Vec<HeaderValue> = h.get_all(header::SET_COOKIE).iter().cloned().collect();
+    if cookies.is_empty() {
+        return;
+    }
+    h.remove(header::SET_COOKIE);
+    for c in cookies {
+        let Ok(s) = c.to_str() else {
+            h.append(header::SET_COOKIE, c);
+            continue;
+        };
+        let mut has_path = false;
+        let parts: Vec<String> = s
+            .split(';')
+            .map(|part| {
+                let t = part.trim();
+                match t.split_once('=') {
+                    Some((k, v)) if k.trim().eq_ignore_ascii_case("path") => {
+                        has_path = true;
+                        let v = v.trim();
+                        if v.starts_with('/') && !v.starts_with(&format!("{base}/")) && v != base {
+                            format!(" Path={base}{v}")
+                        } else {
+                            format!(" Path={v}")
+                        }
+                    }
+                    _ => part.to_string(),
+                }
+            })
+            .collect();
+        let mut out = parts.join(";");
+        if !has_path {
+            out.push_str(&format!("; Path={base}/"));
+        }
+        match HeaderValue::from_str(&out) {
+            Ok(v) => h.append(header::SET_COOKIE, v),
+            Err(_) => h.append(header::SET_COOKIE, c),
+        };
+    }
+}
+
 pub fn strip_cookies(h: &mut HeaderMap, names: &[&str]) {
     let kept: Vec<String> = h
         .get_all(header::COOKIE)
@@ -160,6 +219,18 @@ impl Forwarder {
     ) -> Result<Response<Incoming>, ProxyError> {
         let upgrade = is_upgrade(req.headers());
         let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        // Strip mode: the app answers at `/`.
+        let path_and_query = match route.mode {
+            RoutingMode::Strip => {
+                let rest = path_and_query.strip_prefix(route.prefix.trim_end_matches('/')).unwrap_or(path_and_query);
+                if rest.starts_with('/') {
+                    rest.to_string()
+                } else {
+                    format!("/{rest}")
+                }
+            }
+            _ => path_and_query.to_string(),
+        };
         let uri: Uri = format!("{}{}", route.target, path_and_query)
             .parse()
             .map_err(|e| ProxyError::Downstream(format!("bad upstream URI: {e}")))?;
@@ -230,6 +301,9 @@ impl Forwarder {
         } else {
             remove_hop_by_hop(resp.headers_mut(), false);
         }
+        if route.mode == RoutingMode::Strip {
+            rewrite_for_prefix(resp.headers_mut(), &route.public_prefix, &route.target);
+        }
         Ok(resp)
     }
 }
@@ -237,6 +311,31 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strip_mode_moves_redirects_and_cookie_paths_under_the_prefix() {
+        let mut h = HeaderMap::new();
+        h.insert(header::LOCATION, HeaderValue::from_static("/get?x=1"));
+        h.append(header::SET_COOKIE, HeaderValue::from_static("k=v; Path=/"));
+        h.append(header::SET_COOKIE, HeaderValue::from_static("n=1; HttpOnly"));
+        rewrite_for_prefix(&mut h, "/user/al/app/", "http://127.0.0.1:9");
+        assert_eq!(h.get(header::LOCATION).unwrap(), "/user/al/app/get?x=1");
+        let c: Vec<&str> = h.get_all(header::SET_COOKIE).iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(c, ["k=v; Path=/user/al/app/", "n=1; HttpOnly; Path=/user/al/app/"]);
+        // Absolute URLs to the app itself, too; relative ones and other hosts stay.
+        for (loc, want) in [
+            ("http://127.0.0.1:9/x", "/user/al/app/x"),
+            ("x/y", "x/y"),
+            ("https://elsewhere.example/x", "https://elsewhere.example/x"),
+            ("//evil.example/", "//evil.example/"),
+            ("/user/al/app/ok", "/user/al/app/ok"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::LOCATION, HeaderValue::from_str(loc).unwrap());
+            rewrite_for_prefix(&mut h, "/user/al/app/", "http://127.0.0.1:9");
+            assert_eq!(h.get(header::LOCATION).unwrap(), want, "{loc}");
+        }
+    }
 
     #[test]
     fn strips_named_cookies_only() {

@@ -9,7 +9,8 @@ use arc_swap::ArcSwap;
 
 #[derive(Debug, Clone)]
 pub struct Route {
-    /// Path prefix with trailing slash, e.g. `/user/alice/` or `/user/alice/lab/`.
+    /// Path prefix with trailing slash, e.g. `/user/alice/` or `/user/alice/lab/`;
+    /// for `Host` routes, the app's host name (`lab--alice.apps.example.org`).
     pub prefix: String,
     /// `http://host:port` of the upstream.
     pub target: String,
@@ -18,11 +19,35 @@ pub struct Route {
     /// When a request last passed (unix ms), so activity is recorded at most
     /// once a second per route instead of on every request.
     pub last_seen: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// How the app sees requests (see `berth_core::RoutingMode`).
+    pub mode: berth_core::RoutingMode,
+    /// For `Strip` and `Host` routes: the path prefix the app's redirects
+    /// and cookie paths are moved under (`/user/alice/lab/`, or `/`).
+    pub public_prefix: String,
 }
 
 impl Route {
     pub fn new(prefix: String, target: String, user: String, server: String) -> Route {
-        Route { prefix, target, user, server, last_seen: Default::default() }
+        let public_prefix = prefix.clone();
+        Route {
+            prefix,
+            target,
+            user,
+            server,
+            last_seen: Default::default(),
+            mode: berth_core::RoutingMode::Prefix,
+            public_prefix,
+        }
+    }
+
+    /// A route for an app in `mode`: `Prefix` and `Strip` are keyed by the
+    /// path prefix, `Host` by the host name.
+    pub fn with_mode(mut self, mode: berth_core::RoutingMode) -> Route {
+        self.mode = mode;
+        if mode == berth_core::RoutingMode::Host {
+            self.public_prefix = "/".into();
+        }
+        self
     }
 
     /// Marks a request at `now_ms`; true when activity should be recorded.
@@ -73,6 +98,11 @@ impl RouteTable {
             .iter()
             .find(|r| path.starts_with(r.prefix.as_str()) || path == &r.prefix[..r.prefix.len() - 1])
             .cloned()
+    }
+
+    /// The `Host` route for a host name (without port, lower case).
+    pub fn lookup_host(&self, host: &str) -> Option<Arc<Route>> {
+        self.routes.load().iter().find(|r| r.mode == berth_core::RoutingMode::Host && r.prefix == host).cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<Route>> {

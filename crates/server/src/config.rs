@@ -28,6 +28,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub tls: TlsConfig,
     pub ssh: berth_ssh::Config,
+    pub templates: berth_web::apps::TemplatesConfig,
 }
 
 /// The `[proxy]` section.
@@ -88,6 +89,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             tls: TlsConfig::default(),
             ssh: berth_ssh::Config::default(),
+            templates: berth_web::apps::TemplatesConfig::default(),
         }
     }
 }
@@ -143,6 +145,9 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("gpu.max_per_server", &["BERTH_GPU_MAX_PER_SERVER"], "Most GPUs one server may ask for."),
     ("proxy.connect_timeout_seconds", &["BERTH_PROXY_CONNECT_TIMEOUT"], "Time to connect to a server before the proxy gives up."),
     ("proxy.response_timeout_seconds", &["BERTH_PROXY_RESPONSE_TIMEOUT"], "Time a server may take to start answering before the proxy answers 504."),
+    ("templates.dir", &["BERTH_TEMPLATES_DIR"], "A catalog directory (`<id>/template.toml`) to offer on the start page instead of the catalog built into berth."),
+    ("templates.allowed", &["BERTH_TEMPLATES_ALLOWED"], "Template ids users may start (comma-separated in the environment); empty means all."),
+    ("templates.app_domain", &["BERTH_APP_DOMAIN"], "Wildcard domain for `host` routing: apps at `<server>--<user>.<app_domain>`, the hub at `<app_domain>`; empty turns it off."),
     ("ssh.bind", &["BERTH_SSH_BIND"], "Where the SSH gateway listens (`ADDR:PORT`; 22 in a container deployment), or `off`."),
     ("ssh.auto_start", &["BERTH_SSH_AUTO_START"], "Start a stopped server when its user connects over SSH, with its progress on the terminal."),
     ("ssh.max_auth_failures", &["BERTH_SSH_MAX_AUTH_FAILURES"], "Failed SSH log-ins from one address before it is refused for `ssh.failure_window_seconds`."),

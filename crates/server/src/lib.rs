@@ -57,6 +57,8 @@ pub enum StartError {
     Reconcile(String),
     #[error("SSH gateway: {0}")]
     Ssh(String),
+    #[error("templates: {0}")]
+    Templates(String),
 }
 
 /// Prepares the data directory: exists, is writable.
@@ -230,6 +232,22 @@ fn tls_names(config: &Config) -> Vec<String> {
     names
 }
 
+/// The templates the hub offers: `templates.dir`, or the built-in catalog.
+fn load_templates(config: &Config) -> Result<berth_web::apps::Apps, StartError> {
+    let catalog = if config.templates.dir.is_empty() {
+        berth_catalog::Catalog::builtin()
+    } else {
+        berth_catalog::Catalog::load(std::path::Path::new(&config.templates.dir))
+    };
+    let catalog =
+        catalog.map_err(|p| StartError::Templates(p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")))?;
+    let problems = berth_catalog::check::check(&catalog);
+    if !problems.is_empty() {
+        return Err(StartError::Templates(problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")));
+    }
+    Ok(berth_web::apps::Apps::new(config.templates.clone(), catalog.hub_templates()))
+}
+
 impl App {
     pub async fn build(mut config: Config) -> Result<App, StartError> {
         let store = open_store(&config).await?;
@@ -257,7 +275,8 @@ impl App {
             activity.clone(),
             &config.hub.base_url,
         )
-        .with_gpu_config(config.gpu.clone());
+        .with_gpu_config(config.gpu.clone())
+        .with_apps(load_templates(&config)?);
         servers.set_gpu_inventory(gpu_inventory(&config, docker.as_ref()).await);
         let servers = Arc::new(servers);
         let ssh = if config.ssh.enabled() {
@@ -326,6 +345,7 @@ impl App {
             listener.local_addr().map_err(|e| StartError::Bind { addr: self.config.bind, message: e.to_string() })?;
         let hub = self.hub.clone();
         hub.servers.set_api_url(format!("http://127.0.0.1:{}{}hub/api", local.port(), self.config.hub.base_url));
+        hub.servers.apps.set_origin(self.shared.tls.is_some(), local.port());
         let (adopted, vanished) = hub.servers.reconcile().await.map_err(|e| StartError::Reconcile(e.to_string()))?;
         if adopted + vanished > 0 {
             tracing::info!(adopted, vanished, "servers reconciled");
@@ -538,7 +558,17 @@ async fn handle(shared: Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Pe
             return https_redirect(&req, peer.local_port);
         }
     }
-    let mut resp = if req.uri().path().starts_with(&shared.user_prefix) {
+    let app_host = shared
+        .hub
+        .servers
+        .apps
+        .host_mode()
+        .then(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .flatten()
+        .and_then(|h| shared.hub.servers.apps.parse_host(&h));
+    let mut resp = if let Some((owner, server)) = app_host {
+        host_proxy(&shared, req, peer, owner, server).await
+    } else if req.uri().path().starts_with(&shared.user_prefix) {
         proxy(&shared, req, peer).await
     } else {
         req.extensions_mut().insert(ConnectInfo(peer.addr));
@@ -548,6 +578,63 @@ async fn handle(shared: Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Pe
         resp.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, h.clone());
     }
     resp
+}
+
+/// A request on an app's own host name (`host` routing).
+async fn host_proxy(
+    shared: &Arc<Shared>,
+    req: hyper::Request<Incoming>,
+    peer: Peer,
+    owner: String,
+    server: String,
+) -> Response<Body> {
+    let apps = &shared.hub.servers.apps;
+    let host = apps.host_for(&owner, &server);
+    if contains_dot_segments(req.uri().path()) {
+        return berth_web::edge::bad_path();
+    }
+    let Some(route) = shared.routes.lookup_host(&host) else {
+        let hub = apps.origin_of(&apps.cfg.app_domain);
+        let body = format!("{server} of {owner} is not running; start it at {hub}{}home\n", shared.hub.hub_prefix());
+        return Response::builder()
+            .status(http::StatusCode::NOT_FOUND)
+            .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Body::from(body))
+            .unwrap_or_else(|_| Response::new(Body::empty()));
+    };
+    let (parts, body) = req.into_parts();
+    if parts.headers.contains_key(http::header::AUTHORIZATION) {
+        // API clients with a token: the same check as on paths.
+        if let Err(denied) = berth_web::edge::authorize(&shared.hub, &parts, &route.user, &route.server).await {
+            return denied;
+        }
+    } else {
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        match berth_web::apps::app_host_access(&shared.hub, &host, &owner, &server, pq, &parts.headers, peer.tls).await
+        {
+            berth_web::apps::AppHostAccess::Allowed(_) => {}
+            berth_web::apps::AppHostAccess::Respond(r) => return r,
+        }
+    }
+    let now = berth_store::now_ms();
+    if route.touch(now) {
+        shared.hub.activity.server(&route.user, &route.server, now);
+    }
+    let mut req = hyper::Request::from_parts(parts, body);
+    strip_cookies(req.headers_mut(), berth_web::edge::STRIPPED_COOKIES);
+    strip_cookies(req.headers_mut(), &[berth_web::apps::APP_COOKIE]);
+    match shared.forwarder.forward(req, &route, peer).await {
+        Ok(resp) => resp.map(Body::new),
+        Err(e) => {
+            tracing::warn!(user = %route.user, server = %route.server, error = %e, "proxy error");
+            let body = serde_json::json!({"status": e.status().as_u16(), "message": e.to_string()}).to_string();
+            Response::builder()
+                .status(e.status())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body))
+                .unwrap_or_else(|_| Response::new(Body::empty()))
+        }
+    }
 }
 
 async fn proxy(shared: &Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Peer) -> Response<Body> {

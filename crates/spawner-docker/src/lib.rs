@@ -344,7 +344,8 @@ impl DockerSpawner {
             };
             env.push(format!("{k}={v}"));
         }
-        env.push(format!("JUPYTERHUB_SERVICE_URL=http://0.0.0.0:{CONTAINER_PORT}{}", spec.prefix));
+        let port = spec.port.unwrap_or(CONTAINER_PORT);
+        env.push(format!("JUPYTERHUB_SERVICE_URL=http://0.0.0.0:{port}{}", spec.prefix));
         for k in PASS_THROUGH {
             if let Ok(v) = std::env::var(k) {
                 env.push(format!("{k}={v}"));
@@ -396,11 +397,12 @@ impl DockerSpawner {
         };
         ContainerCreateBody {
             image: Some(image),
-            cmd: (!spec.cmd.is_empty()).then(|| spec.cmd.clone()),
+            cmd: (!spec.cmd.is_empty())
+                .then(|| spec.cmd.iter().map(|a| a.replace("{port}", &port.to_string())).collect()),
             env: Some(env),
             labels: Some(labels),
             working_dir: Some(self.cfg.workdir.clone()),
-            exposed_ports: Some(HashMap::from([(format!("{CONTAINER_PORT}/tcp"), HashMap::new())])),
+            exposed_ports: Some(HashMap::from([(format!("{port}/tcp"), HashMap::new())])),
             host_config: Some(host_config),
             ..Default::default()
         }
@@ -576,7 +578,7 @@ impl Spawner for DockerSpawner {
                     return Err(e);
                 }
             };
-            let target = format!("http://{ip}:{CONTAINER_PORT}");
+            let target = format!("http://{ip}:{}", spec.port.unwrap_or(CONTAINER_PORT));
             tracing::info!(
                 user = %spec.user,
                 server = %spec.server,

@@ -46,6 +46,7 @@ async fn gpu_servers_carry_device_requests() {
         template: "pytorch".into(),
         image: None,
         gpus: vec!["GPU-1".into(), "GPU-3".into()],
+        port: None,
     };
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let id = spawner.create(&spec, &tx).await.unwrap();

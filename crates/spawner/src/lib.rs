@@ -43,6 +43,10 @@ pub struct SpawnSpec {
     pub image: Option<String>,
     /// GPU device ids allocated to this server.
     pub gpus: Vec<String>,
+    /// The app's port inside a container (templates); `None`: the
+    /// single-user server's usual port. The local spawner puts its own free
+    /// port wherever the command says `{port}`.
+    pub port: Option<u16>,
 }
 
 /// A progress event, as JupyterHub's progress stream carries them.

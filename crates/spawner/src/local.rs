@@ -239,7 +239,7 @@ impl Spawner for LocalSpawner {
             }
 
             let mut cmd = Command::new(&exe);
-            cmd.args(&cmdline[1..]);
+            cmd.args(cmdline[1..].iter().map(|a| a.replace("{port}", &port.to_string())));
             let is_singleuser = Path::new(program).file_name().is_some_and(|n| n == "jupyterhub-singleuser");
             if is_singleuser && nix::unistd::geteuid().is_root() && !cmdline.iter().any(|a| a == "--allow-root") {
                 // jupyter_server refuses root without it; berth runs every local
@@ -380,6 +380,7 @@ mod tests {
             template: String::new(),
             image: None,
             gpus: vec![],
+            port: None,
         }
     }
 

@@ -10,6 +10,7 @@
 pub mod accounts;
 pub mod activity;
 pub mod api;
+pub mod apps;
 pub mod caller;
 pub mod cookies;
 pub mod edge;
@@ -196,6 +197,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/authorize/{name}", post(accounts::authorize_action))
         .route("/admin", get(accounts::admin_redirect))
         .route("/gpus/{id}", post(accounts::gpu_action))
+        .route("/app-login", get(apps::app_login))
         .route("/keys", get(keys::page_own))
         .route("/keys/{user}", get(keys::page_user).post(keys::page_add))
         .route("/keys/{user}/{id}/delete", post(keys::page_delete))
@@ -205,6 +207,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/spawn/{user}", get(spawn::spawn_page_user).post(spawn::spawn_post_user))
         .route("/spawn/{user}/{server}", get(spawn::spawn_page_named).post(spawn::spawn_post_named))
         .route("/spawn-named", post(spawn::spawn_named_form))
+        .route("/spawn-template", post(spawn::spawn_template_form))
         .route("/spawn-pending/{user}", get(spawn::pending_page))
         .route("/spawn-pending/{user}/{server}", get(spawn::pending_page_named))
         .route("/stop/{user}", post(spawn::stop_post))

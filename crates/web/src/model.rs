@@ -50,7 +50,7 @@ pub fn server_model(base: &str, s: &Server, with_state: bool) -> Value {
         "pending": s.state.pending(),
         "ready": s.state == ServerState::Running,
         "stopped": s.state == ServerState::Stopped,
-        "url": server_url(base, &s.user, &s.name),
+        "url": s.url.clone().filter(|u| u.starts_with("http")).unwrap_or_else(|| server_url(base, &s.user, &s.name)),
         "user_options": serde_json::from_str::<Value>(&s.user_options).unwrap_or_else(|_| json!({})),
         "progress_url": progress_url(base, &s.user, &s.name),
         "full_url": Value::Null,

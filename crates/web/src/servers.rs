@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use berth_auth::{hash_token, new_token};
-use berth_core::{ScopeSet, ServerState, Transition};
+use berth_core::{AppProtocol, RoutingMode, ScopeSet, ServerState, Transition};
 use berth_proxy::{Route, RouteTable};
 use berth_spawner::{Progress, SpawnSpec, Spawner, Status, StopGrace};
 use berth_store::{now_ms, NewToken, OAuthClient, Server, Store, TokenKind};
@@ -122,6 +122,9 @@ pub enum StartError {
     Limit(String),
     #[error("{0}")]
     NotFound(String),
+    /// The request itself is wrong (an unknown template, a GPU count out of range).
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Store(#[from] berth_store::StoreError),
 }
@@ -195,6 +198,8 @@ pub struct Servers {
     gpus: RwLock<Vec<Gpu>>,
     /// Serializes allocation, so concurrent starts never share an exclusive GPU.
     gpu_lock: tokio::sync::Mutex<()>,
+    /// The templates users may start, and how their apps are routed.
+    pub apps: crate::apps::Apps,
 }
 
 impl Servers {
@@ -224,7 +229,70 @@ impl Servers {
             gpu_cfg: GpuConfig::default(),
             gpus: RwLock::new(Vec::new()),
             gpu_lock: tokio::sync::Mutex::new(()),
+            apps: crate::apps::Apps::new(Default::default(), Vec::new()),
         }
+    }
+
+    pub fn with_apps(mut self, apps: crate::apps::Apps) -> Servers {
+        self.apps = apps;
+        self
+    }
+
+    /// The routing mode recorded for a server (in its user options).
+    fn mode_of(user_options: &Value) -> RoutingMode {
+        match user_options.get("routing").and_then(|r| r.as_str()) {
+            Some("strip") => RoutingMode::Strip,
+            Some("host") => RoutingMode::Host,
+            _ => RoutingMode::Prefix,
+        }
+    }
+
+    /// The route for a server that answers at `target`, and its public URL.
+    fn route_for(&self, user: &str, server: &str, user_options: &Value, target: String) -> (Route, String) {
+        let prefix = self.prefix(user, server);
+        match Self::mode_of(user_options) {
+            RoutingMode::Host => {
+                let host = self.apps.host_for(user, server);
+                let url = format!("{}/", self.apps.origin_of(&host));
+                (Route::new(host, target, user.into(), server.into()).with_mode(RoutingMode::Host), url)
+            }
+            mode => (Route::new(prefix.clone(), target, user.into(), server.into()).with_mode(mode), prefix),
+        }
+    }
+
+    fn remove_routes(&self, user: &str, server: &str) {
+        self.routes.remove(&self.prefix(user, server));
+        if self.apps.host_mode() {
+            self.routes.remove(&self.apps.host_for(user, server));
+        }
+    }
+
+    /// Checks a template choice in `user_options` and fills in its GPU count
+    /// and routing mode.
+    fn plan_template(&self, user_options: &mut Value) -> Result<(), StartError> {
+        let Some(id) = user_options.get("template").and_then(|t| t.as_str()).map(str::to_string) else {
+            return Ok(());
+        };
+        let t = self.apps.get(&id).ok_or_else(|| {
+            let ids: Vec<&str> = self.apps.templates().iter().map(|t| t.id.as_str()).collect();
+            StartError::Invalid(format!("no template {id:?} here; the choices are: {}", ids.join(", ")))
+        })?;
+        let gpus = match user_options.get("gpus") {
+            None | Some(Value::Null) => t.gpus.default as u64,
+            Some(g) => g.as_u64().ok_or_else(|| StartError::Invalid("gpus must be a whole number".into()))?,
+        };
+        if gpus < t.gpus.min as u64 || gpus > t.gpus.max as u64 {
+            return Err(StartError::Invalid(format!(
+                "{} takes between {} and {} GPUs, not {gpus}",
+                t.name, t.gpus.min, t.gpus.max
+            )));
+        }
+        let mode = self.apps.mode_for(t).map_err(StartError::Invalid)?;
+        if let Some(o) = user_options.as_object_mut() {
+            o.insert("gpus".into(), json!(gpus));
+            o.insert("routing".into(), json!(mode.as_str()));
+        }
+        Ok(())
     }
 
     pub fn with_gpu_config(mut self, cfg: GpuConfig) -> Servers {
@@ -339,6 +407,8 @@ impl Servers {
 
     async fn start_inner(self: &Arc<Self>, user: &str, server: &str, user_options: Value) -> Result<(), StartError> {
         let what = describe(user, server);
+        let mut user_options = if user_options.is_object() { user_options } else { json!({}) };
+        self.plan_template(&mut user_options)?;
         let owner =
             self.store.get_user(user).await?.ok_or_else(|| StartError::NotFound(format!("No such user: {user}")))?;
         if !owner.authorized {
@@ -441,6 +511,9 @@ impl Servers {
         record.url = None;
         record.spawner_state = "{}".into();
         record.user_options = user_options.to_string();
+        if let Some(t) = user_options.get("template").and_then(|t| t.as_str()) {
+            record.template = t.to_string();
+        }
         self.transition(&mut record, Transition::Start).await?;
         let log = self.new_progress(user, server);
         log.push(json!({"progress": 0, "message": "Server requested"}));
@@ -471,35 +544,67 @@ impl Servers {
         ] {
             env.insert(k.to_string(), v);
         }
-        let spec = SpawnSpec {
+        let mut spec = SpawnSpec {
             user: user.to_string(),
             server: server.to_string(),
             env,
             cmd: Vec::new(),
-            prefix,
+            prefix: prefix.clone(),
             template: record.template.clone(),
             image: user_options.get("image").and_then(|i| i.as_str()).map(str::to_string),
             gpus,
+            port: None,
         };
+        // The single-user server answers under its prefix at `<prefix>api`.
+        let mut probe = Some(format!("{prefix}api"));
+        let template = user_options.get("template").and_then(|t| t.as_str()).and_then(|id| self.apps.get(id));
+        if let Some(t) = template {
+            let mode = Self::mode_of(&user_options);
+            let base = if mode == RoutingMode::Prefix { prefix.clone() } else { "/".to_string() };
+            spec.template = t.id.clone();
+            spec.image = Some(t.image.clone());
+            spec.cmd = t.cmd.iter().map(|a| a.replace("{base_url}", &base)).collect();
+            spec.port = Some(t.port);
+            if t.protocol != AppProtocol::Jupyter {
+                // Plain apps get no hub credentials, only who and where they are.
+                spec.env.retain(|k, _| matches!(k.as_str(), "JUPYTERHUB_USER" | "JUPYTERHUB_SERVER_NAME"));
+                spec.env.insert("BERTH_BASE_URL".into(), base.clone());
+            }
+            for (k, v) in &t.env {
+                spec.env.insert(k.clone(), v.replace("{base_url}", &base));
+            }
+            probe = match t.protocol {
+                AppProtocol::Jupyter => Some(format!("{prefix}api")),
+                AppProtocol::Http => Some(base),
+                AppProtocol::None => None,
+            };
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            me.run_start(record, spec, log).await;
+            me.run_start(record, spec, probe, log).await;
         });
         Ok(())
     }
 
-    async fn run_start(self: Arc<Self>, mut record: Server, spec: SpawnSpec, log: Arc<ProgressLog>) {
+    async fn run_start(
+        self: Arc<Self>,
+        mut record: Server,
+        spec: SpawnSpec,
+        probe: Option<String>,
+        log: Arc<ProgressLog>,
+    ) {
         let user = record.user.clone();
         let server = record.name.clone();
         let what = describe(&user, &server);
         let deadline = tokio::time::Instant::now() + self.cfg.start_timeout_seconds;
-        let outcome = self.spawn_and_wait(&mut record, spec, &log, deadline).await;
+        let outcome = self.spawn_and_wait(&mut record, spec, probe, &log, deadline).await;
         match outcome {
             Ok(target) => {
                 let t_finish = std::time::Instant::now();
-                let url = self.prefix(&user, &server);
-                self.routes.insert(Route::new(url.clone(), target, user.clone(), server.clone()));
+                let opts: Value = serde_json::from_str(&record.user_options).unwrap_or(Value::Null);
+                let (route, url) = self.route_for(&user, &server, &opts, target);
+                self.routes.insert(route);
                 record.url = Some(url.clone());
                 if let Err(e) = self.transition(&mut record, Transition::Ready).await {
                     tracing::error!(server = %what, error = %e, "could not record the ready server");
@@ -539,6 +644,7 @@ impl Servers {
         &self,
         record: &mut Server,
         spec: SpawnSpec,
+        probe: Option<String>,
         log: &Arc<ProgressLog>,
         deadline: tokio::time::Instant,
     ) -> Result<String, String> {
@@ -562,7 +668,15 @@ impl Servers {
             return Err(format!("could not record the server: {e}"));
         }
         log.push(json!({"progress": 50, "message": "Waiting for the server to answer..."}));
-        let probe = format!("{}{}api", started.target, spec.prefix);
+        let Some(probe) = probe else {
+            // Nothing answers HTTP (an SSH-only environment): running is ready.
+            return match self.spawner.poll(&started.state).await {
+                Ok(Status::Running) => Ok(started.target),
+                Ok(Status::Exited(why)) => Err(why),
+                Err(e) => Err(e.to_string()),
+            };
+        };
+        let probe = format!("{}{probe}", started.target);
         let mut delay = Duration::from_millis(100);
         loop {
             if let Ok(Ok(resp)) = tokio::time::timeout(
@@ -632,7 +746,7 @@ impl Servers {
             return Ok(());
         }
         // The route goes first: nothing reaches a server that is going away.
-        self.routes.remove(&self.prefix(user, server));
+        self.remove_routes(user, server);
         if record.state != ServerState::Stopping {
             self.transition(&mut record, Transition::Stop).await?;
         }
@@ -657,7 +771,7 @@ impl Servers {
     /// Records a server found dead, with the reason.
     async fn mark_vanished(&self, mut record: Server, reason: &str) {
         let what = describe(&record.user, &record.name);
-        self.routes.remove(&self.prefix(&record.user, &record.name));
+        self.remove_routes(&record.user, &record.name);
         let cid = client_id(&record.user, &record.name);
         let _ = self.store.delete_server_tokens(&record.user, &record.name, &cid).await;
         let _ = self.store.delete_oauth_client(&cid).await;
@@ -716,11 +830,12 @@ impl Servers {
             };
             match (status, self.spawner.target(&state)) {
                 (Status::Running, Some(target)) if record.state != ServerState::Stopping => {
-                    let prefix = self.prefix(&record.user, &record.name);
-                    self.routes.insert(Route::new(prefix.clone(), target, record.user.clone(), record.name.clone()));
+                    let opts: Value = serde_json::from_str(&record.user_options).unwrap_or(Value::Null);
+                    let (route, url) = self.route_for(&record.user, &record.name, &opts, target);
+                    self.routes.insert(route);
                     let mut record = record;
                     if record.state == ServerState::Starting {
-                        record.url = Some(prefix);
+                        record.url = Some(url);
                         let _ = self.transition(&mut record, Transition::Ready).await;
                     }
                     tracing::info!(server = %describe(&record.user, &record.name), "re-adopted a running server");

@@ -32,6 +32,7 @@ impl From<StartError> for ApiError {
             StartError::NoGpus { public, .. } => ApiError::new(StatusCode::CONFLICT, public),
             StartError::Limit(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
             StartError::NotFound(m) => ApiError::not_found(m),
+            StartError::Invalid(m) => ApiError::bad_request(m),
             StartError::Store(s) => s.into(),
         }
     }
@@ -412,12 +413,32 @@ pub async fn spawn_page_named(
 }
 
 async fn do_spawn(hub: SharedHub, user: PageUser, owner: String, server: String) -> ApiResult<Response> {
+    do_spawn_with(hub, user, owner, server, json!({})).await
+}
+
+/// Where a running server is reached: its own host in `host` mode, else its path.
+pub async fn public_url(hub: &SharedHub, owner: &str, server: &str) -> String {
+    match hub.store.get_server(owner, server).await {
+        Ok(Some(r)) => {
+            r.url.filter(|u| u.starts_with("http")).unwrap_or_else(|| server_url(&hub.cfg.base_url, owner, server))
+        }
+        _ => server_url(&hub.cfg.base_url, owner, server),
+    }
+}
+
+async fn do_spawn_with(
+    hub: SharedHub,
+    user: PageUser,
+    owner: String,
+    server: String,
+    options: serde_json::Value,
+) -> ApiResult<Response> {
     names(&owner, &server).map_err(ApiError::page)?;
     may_manage(&user.caller, &owner, &server)?;
-    match hub.servers.start(&owner, &server, json!({})).await {
+    match hub.servers.start(&owner, &server, options).await {
         Ok(()) => {}
         Err(StartError::AlreadyRunning(_)) => {
-            return Ok(Redirect::to(&server_url(&hub.cfg.base_url, &owner, &server)).into_response())
+            return Ok(Redirect::to(&public_url(&hub, &owner, &server).await).into_response())
         }
         Err(StartError::PendingSpawn(_)) => {
             return Ok(Redirect::to(&pending_path(&hub, &owner, &server)).into_response())
@@ -449,6 +470,88 @@ pub async fn spawn_post_named(
 }
 
 #[derive(Deserialize)]
+pub struct TemplateForm {
+    #[serde(default)]
+    template: String,
+    #[serde(default)]
+    gpus: String,
+}
+
+/// `POST /hub/spawn-template`: the start page's template choice becomes the
+/// named server of the same name.
+pub async fn spawn_template_form(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    crate::accounts::PageForm(f): crate::accounts::PageForm<TemplateForm>,
+) -> ApiResult<Response> {
+    let me = user.caller.name().to_string();
+    let id = f.template.trim().to_string();
+    if hub.servers.apps.get(&id).is_none() {
+        return Err(ApiError::bad_request(format!("no template {id:?}; pick one from the list")).page());
+    }
+    let gpus = match f.gpus.trim() {
+        "" => serde_json::Value::Null,
+        g => json!(g.parse::<u64>().map_err(|_| ApiError::bad_request("the GPU count must be a number").page())?),
+    };
+    do_spawn_with(hub, user, me, id.clone(), json!({"template": id, "gpus": gpus})).await
+}
+
+/// The start page's template picker, grouped by category.
+pub fn template_picker(hub: &SharedHub, xsrf: &str) -> String {
+    let apps = &hub.servers.apps;
+    if apps.templates().is_empty() {
+        return String::new();
+    }
+    let mut ts: Vec<&berth_core::HubTemplate> = apps.templates().iter().collect();
+    ts.sort_by(|a, b| (&a.category, &a.name).cmp(&(&b.category, &b.name)));
+    let mut groups = String::new();
+    let mut rows = String::new();
+    let mut category = "";
+    for t in &ts {
+        if t.category != category {
+            if !category.is_empty() {
+                groups.push_str("</optgroup>");
+            }
+            category = &t.category;
+            groups.push_str(&format!(r#"<optgroup label="{}">"#, esc(category)));
+        }
+        let blocked = apps.mode_for(t).err();
+        groups.push_str(&format!(
+            r#"<option value="{id}"{dis}>{name} ({size})</option>"#,
+            id = esc(&t.id),
+            dis = if blocked.is_some() { " disabled" } else { "" },
+            name = esc(&t.name),
+            size = esc(&t.estimated_size),
+        ));
+        let note = blocked.map(|b| format!(r#" <span class="badge warn">{}</span>"#, esc(&b))).unwrap_or_default();
+        rows.push_str(&format!(
+            r#"<tr id="template-{id}"><td>{cat}</td><td><b>{name}</b><br><span class="muted">{desc}</span>{note}</td><td>{size}</td><td>{gmin}–{gmax}</td></tr>"#,
+            id = esc(&t.id),
+            cat = esc(&t.category),
+            name = esc(&t.name),
+            desc = esc(&t.description),
+            size = esc(&t.estimated_size),
+            gmin = t.gpus.min,
+            gmax = t.gpus.max,
+        ));
+    }
+    if !category.is_empty() {
+        groups.push_str("</optgroup>");
+    }
+    format!(
+        r#"<div class="card"><h2>Start an environment</h2>
+<form method="post" action="{p}spawn-template">{x}
+<label for="template">Template</label><select id="template" name="template">{groups}</select>
+<label for="gpus">GPUs</label><input type="number" id="gpus" name="gpus" min="0" placeholder="the template's default">
+<p><button type="submit">Start</button></p></form>
+<p class="muted">Each template runs as a server of the same name, so several can run side by side.</p>
+<table><thead><tr><th>Category</th><th>Template</th><th>Size</th><th>GPUs</th></tr></thead><tbody>{rows}</tbody></table></div>"#,
+        p = hub.hub_prefix(),
+        x = xsrf_input(xsrf),
+    )
+}
+
+#[derive(Deserialize)]
 pub struct NamedForm {
     #[serde(default)]
     server_name: String,
@@ -473,7 +576,7 @@ async fn pending(hub: SharedHub, user: PageUser, owner: String, server: String) 
         return Err(ApiError::forbidden("you may not see this server").page());
     }
     let record = hub.store.get_server(&owner, &server).await?;
-    let url = server_url(&hub.cfg.base_url, &owner, &server);
+    let url = public_url(&hub, &owner, &server).await;
     if record.as_ref().is_some_and(|r| r.state == ServerState::Running) {
         return Ok(Redirect::to(&url).into_response());
     }
