@@ -168,6 +168,46 @@ async fn templates_side_by_side_prefix_and_strip_modes_and_the_server_limit() {
     assert!(m["message"].as_str().unwrap().contains("the limit is 2"), "{m}");
     let r = alice.submit("/hub/home", "/hub/spawn-template", &[("template", "hbhost")]).await;
     assert!(!r.status().is_success() && !r.status().is_redirection(), "{}", r.status());
+
+    // An admin limits bob to one template and one named server.
+    let r =
+        bob.api(Method::PUT, "/hub/api/users/bob/limits").json(&json!({"max_named_servers": 9})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "users cannot lift their own limits");
+    let r = admin
+        .api(Method::PUT, "/hub/api/users/bob/limits")
+        .json(&json!({"max_named_servers": 1, "templates": ["hbstrip"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    let r =
+        admin.api(Method::PUT, "/hub/api/users/bob/limits").json(&json!({"templates": ["nope"]})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let (_, bob_home) = bob.get_text("/hub/home").await;
+    assert!(
+        bob_home.contains(r#"value="hbstrip""#) && !bob_home.contains(r#"value="jserver""#),
+        "only his template is offered"
+    );
+    let r = bob
+        .api(Method::POST, "/hub/api/users/bob/servers/jserver")
+        .json(&json!({"template": "jserver"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let m: Value = r.json().await.unwrap();
+    assert!(m["message"].as_str().unwrap().contains("may not start the template"), "{m}");
+    let ev = start_template(&bob, "bob", "hbstrip", "hbstrip").await;
+    assert_eq!(ev["ready"], true, "{ev}");
+    let r = bob
+        .api(Method::POST, "/hub/api/users/bob/servers/two")
+        .json(&json!({"template": "hbstrip"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let m: Value = r.json().await.unwrap();
+    assert!(m["message"].as_str().unwrap().contains("the limit is 1"), "{m}");
 }
 
 /// A browser that resolves the hub's and the apps' host names to loopback.

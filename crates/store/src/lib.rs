@@ -19,7 +19,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 pub use records::*;
-pub use ssh_keys::{NewSshKey, SshKey};
+pub use ssh_keys::{NewSshKey, SshKey, UserLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

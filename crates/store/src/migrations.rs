@@ -124,4 +124,15 @@ CREATE TABLE ssh_keys (
 CREATE INDEX ssh_keys_user ON ssh_keys(user_name);
 "#,
     ),
+    (
+        5,
+        "per-user limits on servers and templates",
+        r#"
+CREATE TABLE user_limits (
+    user_name TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    max_named_servers BIGINT,
+    templates TEXT
+);
+"#,
+    ),
 ];

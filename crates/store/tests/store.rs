@@ -235,7 +235,7 @@ async fn sqlite_is_wal_and_reopens() {
     }
     assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
     let s = Store::open_in_dir(dir.path()).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 4, "every migration, through 4 (SSH keys), applied once");
+    assert_eq!(s.schema_version().await.unwrap(), 5, "every migration, through 5 (user limits), applied once");
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
     assert_eq!(mode, "wal");
@@ -324,3 +324,16 @@ async fn ssh_keys(s: &Store) {
     assert!(s.list_ssh_keys("lee").await.unwrap().is_empty(), "keys go with the user");
 }
 both!(ssh_keys_, ssh_keys);
+
+async fn user_limits(s: &Store) {
+    s.create_user(&new_user("lim")).await.unwrap();
+    assert_eq!(s.user_limits("lim").await.unwrap(), UserLimits::default());
+    let l = UserLimits { max_named_servers: Some(1), templates: Some(vec!["comfyui".into()]) };
+    s.set_user_limits("lim", &l).await.unwrap();
+    assert_eq!(s.user_limits("lim").await.unwrap(), l);
+    s.set_user_limits("lim", &UserLimits::default()).await.unwrap();
+    assert_eq!(s.user_limits("lim").await.unwrap(), UserLimits::default());
+    assert!(matches!(s.set_user_limits("ghost", &l).await, Err(StoreError::NotFound { .. })));
+    s.delete_user("lim").await.unwrap();
+}
+both!(user_limits_, user_limits);

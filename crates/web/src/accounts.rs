@@ -93,7 +93,8 @@ pub async fn home(State(hub): State<SharedHub>, user: PageUser) -> Html<String> 
         Ok(cards) => body.push_str(&cards),
         Err(e) => body.push_str(&alert(Level::Danger, &e.message)),
     }
-    body.push_str(&crate::spawn::template_picker(&hub, &user.xsrf));
+    let allowed = hub.store.user_limits(user.caller.name()).await.ok().and_then(|l| l.templates);
+    body.push_str(&crate::spawn::template_picker(&hub, &user.xsrf, allowed.as_deref()));
     body.push_str(&format!(
         r#"<div class="card"><h2>Your account</h2><p>API tokens for scripts and JupyterHub clients: <a href="{base}hub/token">Tokens</a>.</p></div>"#
     ));

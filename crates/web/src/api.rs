@@ -26,6 +26,7 @@ pub fn router() -> Router<SharedHub> {
         .route("/users/{name}", get(get_user).post(create_user).patch(patch_user).delete(delete_user))
         .route("/users/{name}/tokens", get(list_tokens).post(post_token))
         .route("/users/{name}/keys", get(crate::keys::api_list).post(crate::keys::api_add))
+        .route("/users/{name}/limits", get(get_limits).put(put_limits))
         .route("/users/{name}/keys/{key}", axum::routing::delete(crate::keys::api_delete))
         .route("/users/{name}/tokens/{id}", get(get_token).delete(delete_token))
         .route("/users/{name}/server", post(crate::spawn::api_start_default).delete(crate::spawn::api_stop_default))
@@ -453,4 +454,41 @@ async fn delete_token(
     })?;
     let _ = hub.store.add_event(c.name(), "token-revoke", &name, &id).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Per-user limits an admin sets: `{"max_named_servers": 2, "templates": ["comfyui"]}`;
+/// `null` falls back to the hub-wide setting.
+async fn get_limits(
+    State(hub): State<SharedHub>,
+    ApiCaller(c): ApiCaller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    c.require("read:users", Target::User(&name))?;
+    hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
+    let l = hub.store.user_limits(&name).await?;
+    Ok(Json(json!({
+        "max_named_servers": l.max_named_servers,
+        "templates": l.templates,
+        "effective_max_named_servers": l.max_named_servers.unwrap_or(hub.servers.cfg.max_named_servers),
+    })))
+}
+
+async fn put_limits(
+    State(hub): State<SharedHub>,
+    ApiCaller(c): ApiCaller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<berth_store::UserLimits>,
+) -> ApiResult<Json<Value>> {
+    c.require("admin:users", Target::User(&name))?;
+    if let Some(ts) = &body.templates {
+        if let Some(bad) = ts.iter().find(|t| hub.servers.apps.get(t).is_none()) {
+            return Err(ApiError::bad_request(format!("no template {bad:?} on this hub")));
+        }
+    }
+    hub.store.set_user_limits(&name, &body).await.map_err(|e| match e {
+        berth_store::StoreError::NotFound { .. } => ApiError::not_found(format!("No such user: {name}")),
+        other => other.into(),
+    })?;
+    let _ = hub.store.add_event(c.name(), "limits", &name, &serde_json::to_string(&body).unwrap_or_default()).await;
+    Ok(Json(json!({"max_named_servers": body.max_named_servers, "templates": body.templates})))
 }

@@ -269,10 +269,18 @@ impl Servers {
 
     /// Checks a template choice in `user_options` and fills in its GPU count
     /// and routing mode.
-    fn plan_template(&self, user_options: &mut Value) -> Result<(), StartError> {
+    async fn plan_template(&self, user: &str, user_options: &mut Value) -> Result<(), StartError> {
         let Some(id) = user_options.get("template").and_then(|t| t.as_str()).map(str::to_string) else {
             return Ok(());
         };
+        if let Some(allowed) = self.store.user_limits(user).await?.templates {
+            if !allowed.contains(&id) {
+                return Err(StartError::Refused(format!(
+                    "{user} may not start the template {id:?}; allowed: {}",
+                    if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }
+                )));
+            }
+        }
         let t = self.apps.get(&id).ok_or_else(|| {
             let ids: Vec<&str> = self.apps.templates().iter().map(|t| t.id.as_str()).collect();
             StartError::Invalid(format!("no template {id:?} here; the choices are: {}", ids.join(", ")))
@@ -408,7 +416,7 @@ impl Servers {
     async fn start_inner(self: &Arc<Self>, user: &str, server: &str, user_options: Value) -> Result<(), StartError> {
         let what = describe(user, server);
         let mut user_options = if user_options.is_object() { user_options } else { json!({}) };
-        self.plan_template(&mut user_options)?;
+        self.plan_template(user, &mut user_options).await?;
         let owner =
             self.store.get_user(user).await?.ok_or_else(|| StartError::NotFound(format!("No such user: {user}")))?;
         if !owner.authorized {
@@ -434,11 +442,14 @@ impl Servers {
             ServerState::Stopped => {}
         }
         if !server.is_empty() && self.store.get_server(user, server).await?.is_none() {
-            let named = self.store.list_servers(Some(user)).await?.iter().filter(|s| !s.name.is_empty()).count();
-            if named as u32 >= self.cfg.max_named_servers {
+            let servers = self.store.list_servers(Some(user)).await?;
+            let named: Vec<&str> = servers.iter().filter(|s| !s.name.is_empty()).map(|s| s.name.as_str()).collect();
+            let limit = self.store.user_limits(user).await?.max_named_servers.unwrap_or(self.cfg.max_named_servers);
+            if named.len() as u32 >= limit {
                 return Err(StartError::Limit(format!(
-                    "{user} already has {named} named servers (the limit is {}); delete one first",
-                    self.cfg.max_named_servers
+                    "{user} already has {} named servers ({}; the limit is {limit}); delete one first",
+                    named.len(),
+                    named.join(", ")
                 )));
             }
         }

@@ -497,12 +497,13 @@ pub async fn spawn_template_form(
 }
 
 /// The start page's template picker, grouped by category.
-pub fn template_picker(hub: &SharedHub, xsrf: &str) -> String {
+pub fn template_picker(hub: &SharedHub, xsrf: &str, allowed: Option<&[String]>) -> String {
     let apps = &hub.servers.apps;
-    if apps.templates().is_empty() {
+    let mut ts: Vec<&berth_core::HubTemplate> =
+        apps.templates().iter().filter(|t| allowed.is_none_or(|a| a.contains(&t.id))).collect();
+    if ts.is_empty() {
         return String::new();
     }
-    let mut ts: Vec<&berth_core::HubTemplate> = apps.templates().iter().collect();
     ts.sort_by(|a, b| (&a.category, &a.name).cmp(&(&b.category, &b.name)));
     let mut groups = String::new();
     let mut rows = String::new();
