@@ -27,7 +27,7 @@ const CODE_TTL: Duration = Duration::from_secs(60);
 const APP_SESSION_SECS: i64 = 12 * 3600;
 
 /// The `[templates]` section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TemplatesConfig {
     /// A catalog directory to offer instead of the one built into berth.
@@ -37,12 +37,6 @@ pub struct TemplatesConfig {
     /// Wildcard domain for `host` routing (`<server>--<user>.<app_domain>`,
     /// with the hub at `<app_domain>` itself); empty turns `host` mode off.
     pub app_domain: String,
-}
-
-impl Default for TemplatesConfig {
-    fn default() -> Self {
-        TemplatesConfig { dir: String::new(), allowed: Vec::new(), app_domain: String::new() }
-    }
 }
 
 struct Code {
