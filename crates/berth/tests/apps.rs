@@ -38,6 +38,9 @@ fn catalog(dir: &Path) {
         ("hbhost", format!("{bin}/python -m httpbin.core --host 127.0.0.1 --port {{port}}"), r#"["host"]"#),
     ];
     for (id, cmd, routing) in templates {
+        // hbstrip wants a GPU by default; on this hub without GPUs a start
+        // that does not ask takes the template's minimum instead.
+        let default_gpus = if id == "hbstrip" { 1 } else { 0 };
         let d = dir.join(id);
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(
@@ -59,7 +62,7 @@ routing = {routing}
 
 [gpus]
 min = 0
-default = 0
+default = {default_gpus}
 max = 1
 
 [ssh]

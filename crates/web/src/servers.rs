@@ -286,6 +286,8 @@ impl Servers {
             StartError::Invalid(format!("no template {id:?} here; the choices are: {}", ids.join(", ")))
         })?;
         let gpus = match user_options.get("gpus") {
+            // Unasked, the template's default — or its minimum on a hub without GPUs.
+            None | Some(Value::Null) if self.gpu_inventory().is_empty() => t.gpus.min as u64,
             None | Some(Value::Null) => t.gpus.default as u64,
             Some(g) => g.as_u64().ok_or_else(|| StartError::Invalid("gpus must be a whole number".into()))?,
         };
