@@ -84,31 +84,27 @@ fn port_free(address: &str, port: u16) -> anyhow::Result<()> {
     })
 }
 
-/// Waits until something on `port` speaks SSH.
-async fn ssh_answers(port: u16) -> bool {
-    let Ok(Ok(mut s)) =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port))).await
-    else {
+/// Whether `port` answers `request` (possibly nothing) with bytes starting with `expect`.
+async fn answers(port: u16, request: &[u8], expect: &[u8]) -> bool {
+    let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), connect).await else {
         return false;
     };
-    let mut buf = [0u8; 8];
-    matches!(tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await, Ok(Ok(_)))
-        && buf.starts_with(b"SSH-")
-}
-
-/// Waits until `port` answers HTTP (any status).
-async fn http_answers(port: u16) -> bool {
-    let Ok(Ok(mut s)) =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port))).await
-    else {
-        return false;
-    };
-    if s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").await.is_err() {
+    if s.write_all(request).await.is_err() {
         return false;
     }
-    let mut buf = [0u8; 8];
-    matches!(tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await, Ok(Ok(_)))
-        && buf.starts_with(b"HTTP/")
+    let mut buf = vec![0u8; expect.len()];
+    matches!(tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await, Ok(Ok(_))) && buf == expect
+}
+
+/// Something on `port` speaks SSH.
+async fn ssh_answers(port: u16) -> bool {
+    answers(port, b"", b"SSH-").await
+}
+
+/// `port` answers HTTP (any status).
+async fn http_answers(port: u16) -> bool {
+    answers(port, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n", b"HTTP/").await
 }
 
 pub async fn up(a: UpArgs) -> anyhow::Result<()> {
@@ -246,10 +242,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
 
     // Wait for SSH, the app and the GPUs.
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
-    let wait = |what: &'static str| async move {
-        eprintln!("waiting for {what} …");
-    };
-    wait("SSH").await;
+    eprintln!("waiting for SSH …");
     while !ssh_answers(a.ssh_port).await {
         running_or_bail(&d, &name).await?;
         if Instant::now() > deadline {
@@ -258,7 +251,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     if t.app.is_some() {
-        wait("the app").await;
+        eprintln!("waiting for the app …");
         while !http_answers(a.http_port).await {
             running_or_bail(&d, &name).await?;
             if Instant::now() > deadline {
@@ -268,7 +261,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         }
     }
     if gpus > 0 {
-        wait("nvidia-smi").await;
+        eprintln!("waiting for nvidia-smi …");
         let out = exec_output(&d, &name, &["nvidia-smi", "-L"]).await?;
         eprint!("{out}");
     }

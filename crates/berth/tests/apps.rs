@@ -81,13 +81,13 @@ expose = [22, 27015]
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// `POST /hub/api/users/<user>/servers/<server>` with `body`.
+async fn post_server(b: &Browser, user: &str, server: &str, body: Value) -> reqwest::Response {
+    b.api(Method::POST, &format!("/hub/api/users/{user}/servers/{server}")).json(&body).send().await.unwrap()
+}
+
 async fn start_template(b: &Browser, user: &str, server: &str, template: &str) -> Value {
-    let r = b
-        .api(Method::POST, &format!("/hub/api/users/{user}/servers/{server}"))
-        .json(&json!({"template": template}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_server(b, user, server, json!({"template": template})).await;
     assert!(r.status().is_success(), "start {server}: {} {}", r.status(), r.text().await.unwrap());
     wait_progress(b, &format!("/hub/api/users/{user}/servers/{server}/progress")).await
 }
@@ -114,7 +114,7 @@ async fn templates_side_by_side_prefix_and_strip_modes_and_the_server_limit() {
         (json!({"template": "jserver", "gpus": 5}), "between 0 and 1 GPUs"),
         (json!({"template": "hbhost"}), "only on its own host name"),
     ] {
-        let r = alice.api(Method::POST, "/hub/api/users/alice/servers/x").json(&body).send().await.unwrap();
+        let r = post_server(&alice, "alice", "x", body.clone()).await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{body}");
         let m: Value = r.json().await.unwrap();
         assert!(m["message"].as_str().unwrap().contains(want), "{m}");
@@ -160,12 +160,7 @@ async fn templates_side_by_side_prefix_and_strip_modes_and_the_server_limit() {
     assert_eq!(bob.get("/user/alice/hbstrip/get").await.status(), StatusCode::FORBIDDEN);
 
     // The limit (2 named servers) refuses a third, saying why.
-    let r = alice
-        .api(Method::POST, "/hub/api/users/alice/servers/third")
-        .json(&json!({"template": "hbstrip"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_server(&alice, "alice", "third", json!({"template": "hbstrip"})).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let m: Value = r.json().await.unwrap();
     assert!(m["message"].as_str().unwrap().contains("the limit is 2"), "{m}");
@@ -191,23 +186,13 @@ async fn templates_side_by_side_prefix_and_strip_modes_and_the_server_limit() {
         bob_home.contains(r#"value="hbstrip""#) && !bob_home.contains(r#"value="jserver""#),
         "only his template is offered"
     );
-    let r = bob
-        .api(Method::POST, "/hub/api/users/bob/servers/jserver")
-        .json(&json!({"template": "jserver"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_server(&bob, "bob", "jserver", json!({"template": "jserver"})).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let m: Value = r.json().await.unwrap();
     assert!(m["message"].as_str().unwrap().contains("may not start the template"), "{m}");
     let ev = start_template(&bob, "bob", "hbstrip", "hbstrip").await;
     assert_eq!(ev["ready"], true, "{ev}");
-    let r = bob
-        .api(Method::POST, "/hub/api/users/bob/servers/two")
-        .json(&json!({"template": "hbstrip"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_server(&bob, "bob", "two", json!({"template": "hbstrip"})).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let m: Value = r.json().await.unwrap();
     assert!(m["message"].as_str().unwrap().contains("the limit is 1"), "{m}");

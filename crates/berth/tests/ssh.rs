@@ -239,26 +239,7 @@ async fn refusals(b: &Berth, admin: &Browser, alice: &Browser, alice_key: &Key, 
     assert!(errtext(&o).contains("Permission denied"), "{}", errtext(&o));
 
     // A password is never accepted, not even alice's own (given by SSH_ASKPASS).
-    let askpass = tmp.join("askpass.sh");
-    std::fs::write(&askpass, format!("#!/bin/sh\necho '{PW}'\n")).unwrap();
-    std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let opts: Vec<String> = client_opts(&port_of(b))
-        .into_iter()
-        .map(|o| if o == "BatchMode=yes" { "BatchMode=no".into() } else { o })
-        .collect();
-    let o = Command::new("timeout")
-        .arg("60")
-        .arg("ssh")
-        .args(&opts)
-        .args(["-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password,keyboard-interactive"])
-        .arg("alice@127.0.0.1")
-        .arg("true")
-        .env("SSH_ASKPASS", &askpass)
-        .env("SSH_ASKPASS_REQUIRE", "force")
-        .env("DISPLAY", ":0")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = ssh_with_password(tmp, port_of(b).parse().unwrap(), "alice", PW);
     assert_eq!(o.status.code(), Some(255), "{}", errtext(&o));
     assert!(errtext(&o).contains("Permission denied (publickey)"), "only keys are offered: {}", errtext(&o));
 

@@ -201,21 +201,7 @@ expose = [22, 27015]
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "/root\nhas-app\n");
     // … and is refused with a password (the server offers none).
-    let askpass = tmp.path().join("askpass.sh");
-    std::fs::write(&askpass, "#!/bin/sh\necho root\n").unwrap();
-    std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let o = Command::new("timeout")
-        .arg("60")
-        .arg("ssh")
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentityAgent=none"])
-        .args(["-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password,keyboard-interactive"])
-        .args(["-p", &ssh_port.to_string(), "root@127.0.0.1", "true"])
-        .env("SSH_ASKPASS", &askpass)
-        .env("SSH_ASKPASS_REQUIRE", "force")
-        .env("DISPLAY", ":0")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = ssh_with_password(tmp.path(), ssh_port, "root", "root");
     assert_eq!(o.status.code(), Some(255));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("Permission denied (publickey)"),

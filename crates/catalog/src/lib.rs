@@ -161,10 +161,15 @@ pub struct Loaded {
     pub text: String,
 }
 
+/// 1-based line of a byte offset in `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.get(..offset.min(text.len())).map_or(1, |t| t.matches('\n').count() + 1)
+}
+
 impl Loaded {
     /// 1-based line of a byte offset in the spec.
     pub fn line_of(&self, offset: usize) -> usize {
-        self.text.get(..offset.min(self.text.len())).map_or(1, |t| t.matches('\n').count() + 1)
+        line_at(&self.text, offset)
     }
 }
 
@@ -206,7 +211,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, Problem> {
     match toml::from_str::<Template>(text) {
         Ok(template) => Ok(Loaded { template, path: path.to_path_buf(), text: text.to_string() }),
         Err(e) => {
-            let line = e.span().map_or(1, |s| text.get(..s.start).map_or(1, |t| t.matches('\n').count() + 1));
+            let line = e.span().map_or(1, |s| line_at(text, s.start));
             Err(Problem { file: path.to_path_buf(), line, message: e.message().to_string() })
         }
     }

@@ -219,17 +219,15 @@ impl Forwarder {
     ) -> Result<Response<Incoming>, ProxyError> {
         let upgrade = is_upgrade(req.headers());
         let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        // Strip mode: the app answers at `/`.
+        // Strip mode: the app answers at `/` (other modes pass the path as it is).
+        let stripped;
         let path_and_query = match route.mode {
             RoutingMode::Strip => {
                 let rest = path_and_query.strip_prefix(route.prefix.trim_end_matches('/')).unwrap_or(path_and_query);
-                if rest.starts_with('/') {
-                    rest.to_string()
-                } else {
-                    format!("/{rest}")
-                }
+                stripped = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
+                stripped.as_str()
             }
-            _ => path_and_query.to_string(),
+            _ => path_and_query,
         };
         let uri: Uri = format!("{}{}", route.target, path_and_query)
             .parse()

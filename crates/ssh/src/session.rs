@@ -126,6 +126,9 @@ pub(crate) struct Conn {
     traffic: Arc<Traffic>,
     /// Seconds until this address may try again, when it is refused now.
     blocked: Option<u64>,
+    /// The last key offered and accepted `(login name, fingerprint, login)`:
+    /// the signature that follows it needs no second look-up.
+    offered: Option<(String, String, Login)>,
 }
 
 impl Conn {
@@ -134,6 +137,7 @@ impl Conn {
             gw,
             peer,
             blocked,
+            offered: None,
             login: None,
             tried: false,
             channels: HashMap::new(),
@@ -523,13 +527,23 @@ impl russh::server::Handler for Conn {
     async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
         self.tried = true;
         let fp = offer.public_key.fingerprint(HashAlg::Sha256).to_string();
-        Ok(if self.check(user, &fp).await.is_some() { Auth::Accept } else { Conn::reject() })
+        match self.check(user, &fp).await {
+            Some(login) => {
+                self.offered = Some((user.to_string(), fp, login));
+                Ok(Auth::Accept)
+            }
+            None => Ok(Conn::reject()),
+        }
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         self.tried = true;
         let fp = key.public_key.fingerprint(HashAlg::Sha256).to_string();
-        match self.check(user, &fp).await {
+        let known = match self.offered.take() {
+            Some((u, f, login)) if u == user && f == fp => Some(login),
+            _ => self.check(user, &fp).await,
+        };
+        match known {
             Some(login) => {
                 let _ = self.gw.store.touch_ssh_key(&login.key_id).await;
                 tracing::info!(user = %login.user, server = %login.server, peer = %self.peer, key = %fp, "SSH log-in");

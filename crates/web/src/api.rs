@@ -197,6 +197,11 @@ async fn list_named_users(hub: &SharedHub, c: &Caller) -> ApiResult<Json<Value>>
     Ok(Json(Value::Array(items)))
 }
 
+/// The user called `name`, or 404.
+pub(crate) async fn existing_user(hub: &SharedHub, name: &str) -> ApiResult<berth_store::User> {
+    hub.store.get_user(name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))
+}
+
 /// Looks up a user the caller may see: 403 before 404, so names do not leak.
 async fn visible_user(hub: &SharedHub, c: &Caller, name: &str, scope: &str) -> ApiResult<berth_store::User> {
     if !c.allows(scope, Target::User(name)) && !c.allows("read:users:name", Target::User(name)) {
@@ -204,7 +209,7 @@ async fn visible_user(hub: &SharedHub, c: &Caller, name: &str, scope: &str) -> A
             "Action is not authorized with current scopes; requires any of [{scope}]"
         )));
     }
-    hub.store.get_user(name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))
+    existing_user(hub, name).await
 }
 
 async fn get_user(
@@ -302,8 +307,7 @@ async fn patch_user(
     JsonBody(body): JsonBody<PatchUser>,
 ) -> ApiResult<Json<Value>> {
     c.require("admin:users", Target::User(&name))?;
-    let mut current =
-        hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
+    let mut current = existing_user(&hub, &name).await?;
     if let Some(admin) = body.admin {
         if !admin && name == c.name() && current.admin {
             return Err(ApiError::bad_request("you cannot remove your own admin rights; ask another admin"));
@@ -385,7 +389,7 @@ async fn list_tokens(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     c.require("read:tokens", Target::User(&name))?;
-    let owner = hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
+    let owner = existing_user(&hub, &name).await?;
     let tokens = hub.store.list_tokens(&name).await?;
     let models: Vec<Value> = tokens.iter().map(|t| token_model(t, &owner)).collect();
     Ok(Json(json!({"api_tokens": models})))
@@ -415,7 +419,7 @@ async fn post_token(
     if body.roles.as_ref().is_some_and(|r| !r.is_empty()) {
         return Err(ApiError::bad_request("roles are not supported on tokens; request scopes instead"));
     }
-    let owner = hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
+    let owner = existing_user(&hub, &name).await?;
     let note = body.note.unwrap_or_else(|| {
         if c.name() == name {
             "Requested via api".into()
@@ -436,7 +440,7 @@ async fn get_token(
     Path((name, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     c.require("read:tokens", Target::User(&name))?;
-    let owner = hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
+    let owner = existing_user(&hub, &name).await?;
     let t =
         hub.store.get_token(&name, &id).await?.ok_or_else(|| ApiError::not_found(format!("No such token: {id}")))?;
     Ok(Json(token_model(&t, &owner)))
@@ -464,7 +468,7 @@ async fn get_limits(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     c.require("read:users", Target::User(&name))?;
-    hub.store.get_user(&name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
+    existing_user(&hub, &name).await?;
     let l = hub.store.user_limits(&name).await?;
     Ok(Json(json!({
         "max_named_servers": l.max_named_servers,

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use ssh_key::{Algorithm, HashAlg, PublicKey};
 
 use crate::accounts::PageForm;
-use crate::api::JsonBody;
+use crate::api::{existing_user, JsonBody};
 use crate::caller::{ApiCaller, PageUser};
 use crate::error::{ApiError, ApiResult};
 use crate::html::{self, alert, esc, xsrf_input, Level, Viewer};
@@ -145,11 +145,6 @@ async fn remove_key(hub: &SharedHub, actor: &str, owner: &str, which: &str) -> A
     })?;
     let _ = hub.store.add_event(actor, "ssh-key-remove", owner, which).await;
     tracing::info!(user = %owner, by = %actor, key = %which, "SSH key removed");
-    Ok(())
-}
-
-async fn existing_user(hub: &SharedHub, name: &str) -> ApiResult<()> {
-    hub.store.get_user(name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))?;
     Ok(())
 }
 

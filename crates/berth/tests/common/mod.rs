@@ -660,3 +660,24 @@ pub async fn oauth_login(b: &Browser, user: &str) {
         "no server cookie for {user}"
     );
 }
+
+/// The real OpenSSH client trying `login@127.0.0.1` on `port` with only a
+/// password, typed by an SSH_ASKPASS script (written into `dir`).
+pub fn ssh_with_password(dir: &Path, port: u16, login: &str, password: &str) -> std::process::Output {
+    let askpass = dir.join("askpass.sh");
+    std::fs::write(&askpass, format!("#!/bin/sh\necho '{password}'\n")).expect("askpass");
+    std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+    Command::new("timeout")
+        .arg("60")
+        .arg("ssh")
+        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentityAgent=none"])
+        .args(["-o", "ConnectTimeout=20", "-o", "BatchMode=no"])
+        .args(["-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password,keyboard-interactive"])
+        .args(["-p", &port.to_string(), &format!("{login}@127.0.0.1"), "true"])
+        .env("SSH_ASKPASS", &askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", ":0")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh")
+}
