@@ -7,10 +7,12 @@
 //! Hashing is CPU-heavy on purpose; callers run it off the async runtime.
 #![forbid(unsafe_code)]
 
+pub mod keys;
 pub mod lockout;
 pub mod password;
 pub mod secrets;
 
+pub use keys::{parse_key, ParsedKey};
 pub use lockout::{Lockout, LockoutPolicy};
 pub use password::HashCost;
 pub use password::{PasswordError, PasswordPolicy, Verified};

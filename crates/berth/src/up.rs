@@ -1,7 +1,8 @@
 //! Single-tenant mode: `berth up <id>` builds a template's image through the
 //! Docker API, runs it with the two port mappings (SSH and the app), GPUs
 //! and a volume on `/app`, installs the key, and waits until it answers.
-//! `berth down <id>`, `berth ps`.
+//! `berth down <id>`, `berth ps`. The engine calls are
+//! `berth_spawner_docker::single`'s; this is the command line around them.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -9,20 +10,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use berth_catalog::{render, Template, APP_PORT, SSH_PORT, WORKDIR};
-use bollard::models::{
-    ContainerCreateBody, DeviceRequest, HostConfig, Mount, MountTypeEnum, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
+use berth_catalog::{render, APP_PORT, SSH_PORT, WORKDIR};
+use berth_spawner_docker::single::{
+    self, container_name, volume_name, BuildSpec, BuildStep, Engine, PortMap, Removal, RunSpec,
 };
-use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RemoveVolumeOptions,
-    StartContainerOptions,
-};
-use bollard::Docker;
-use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const LABEL_UP: &str = "berth.up";
 
 #[derive(clap::Args)]
 pub struct UpArgs {
@@ -49,33 +41,6 @@ pub struct UpArgs {
     /// How long to wait for SSH and the app, in seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
-}
-
-fn container_name(id: &str) -> String {
-    format!("berth-up-{id}")
-}
-
-fn volume_name(id: &str) -> String {
-    format!("berth-up-{id}-app")
-}
-
-async fn docker() -> anyhow::Result<Docker> {
-    let d = Docker::connect_with_local_defaults().context("cannot reach the Docker engine")?;
-    d.ping().await.map_err(|e| anyhow!("the Docker engine does not answer ({e}); is it running?"))?;
-    Ok(d)
-}
-
-/// A tar of the rendered build context.
-fn context_tar(t: &Template) -> anyhow::Result<Vec<u8>> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, text) in render::render(t) {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(text.len() as u64);
-        h.set_mode(if name.ends_with(".sh") { 0o755 } else { 0o644 });
-        h.set_cksum();
-        b.append_data(&mut h, name, text.as_bytes())?;
-    }
-    Ok(b.into_inner()?)
 }
 
 fn port_free(address: &str, port: u16) -> anyhow::Result<()> {
@@ -107,6 +72,15 @@ async fn http_answers(port: u16) -> bool {
     answers(port, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n", b"HTTP/").await
 }
 
+/// Draws `[####......] 3/9 RUN …` over the previous one.
+fn draw_step(stderr: &mut std::io::Stderr, step: BuildStep<'_>) {
+    let BuildStep { done, total, text } = step;
+    let width = 30;
+    let filled = (done * width / total.max(1)).min(width);
+    let _ = write!(stderr, "\r[{}{}] {done}/{total} {text:<60.60}", "#".repeat(filled), ".".repeat(width - filled));
+    let _ = stderr.flush();
+}
+
 pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     let catalog = crate::templates::open(a.catalog.as_deref())?;
     let loaded = catalog.get(&a.id).ok_or_else(|| crate::templates::unknown(&catalog, &a.id))?;
@@ -133,9 +107,9 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     if gpus > *t.gpus.max.get_ref() || gpus < t.gpus.min {
         bail!("{} takes between {} and {} GPUs, not {gpus}", t.id, t.gpus.min, t.gpus.max.get_ref());
     }
-    let d = docker().await?;
+    let engine = Engine::connect().await?;
     let name = container_name(&t.id);
-    if d.inspect_container(&name, None::<bollard::query_parameters::InspectContainerOptions>).await.is_ok() {
+    if engine.exists(&t.id).await? {
         bail!("{name} exists already; `berth down {}` first", t.id);
     }
     port_free(&a.address, a.ssh_port)?;
@@ -145,106 +119,39 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
 
     // Build, showing the engine's steps as a progress line.
     let image = t.image();
-    let buildargs: HashMap<String, String> =
+    let build_args: HashMap<String, String> =
         t.build.args.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v))).collect();
-    if let Some(missing) = t.build.args.iter().find(|k| !buildargs.contains_key(*k)) {
+    if let Some(missing) = t.build.args.iter().find(|k| !build_args.contains_key(*k)) {
         bail!("{} needs the build argument {missing}: set it in the environment", t.id);
     }
-    let opts = BuildImageOptions {
-        dockerfile: "Dockerfile".into(),
-        t: Some(image.clone()),
-        rm: true,
-        buildargs: Some(buildargs),
-        labels: Some(HashMap::from([(LABEL_UP.to_string(), t.id.clone())])),
-        ..Default::default()
-    };
-    let tar = context_tar(t)?;
-    let mut stream = d.build_image(opts, None, Some(bollard::body_full(tar.into())));
+    let files = render::render(t);
+    let build = BuildSpec { template: &t.id, image: &image, files: &files, build_args: &build_args };
     let started = Instant::now();
     let mut stderr = std::io::stderr();
-    while let Some(item) = stream.next().await {
-        let info = item.map_err(|e| anyhow!("building {image} failed: {e}"))?;
-        if let Some(e) = info.error {
-            bail!("building {image} failed: {e}");
-        }
-        if let Some(line) = info.stream.as_deref().map(str::trim).filter(|l| l.starts_with("Step ")) {
-            // `Step 3/9 : RUN …` → a bar of the steps done.
-            let (done, total) = line
-                .trim_start_matches("Step ")
-                .split_once(' ')
-                .and_then(|(f, _)| f.split_once('/'))
-                .and_then(|(x, y)| Some((x.parse::<usize>().ok()?, y.parse::<usize>().ok()?)))
-                .unwrap_or((0, 1));
-            let width = 30;
-            let filled = (done * width / total.max(1)).min(width);
-            let _ = write!(
-                stderr,
-                "\r[{}{}] {done}/{total} {:<60.60}",
-                "#".repeat(filled),
-                ".".repeat(width - filled),
-                line.split_once(" : ").map_or(line, |(_, r)| r)
-            );
-            let _ = stderr.flush();
-        }
-    }
+    engine.build(&build, |step| draw_step(&mut stderr, step)).await?;
     let _ = writeln!(stderr, "\nbuilt {image} in {:.0} s", started.elapsed().as_secs_f64());
 
     // Run.
-    let bind =
-        |host: u16| Some(vec![PortBinding { host_ip: Some(a.address.clone()), host_port: Some(host.to_string()) }]);
-    let mut ports = HashMap::from([(format!("{SSH_PORT}/tcp"), bind(a.ssh_port))]);
     let app_port = t.app.as_ref().map_or(APP_PORT, |x| *x.port.get_ref());
-    ports.insert(format!("{app_port}/tcp"), bind(a.http_port));
-    let device_requests = (gpus > 0).then(|| {
-        vec![DeviceRequest {
-            driver: Some("nvidia".into()),
-            count: Some(gpus as i64),
-            capabilities: Some(vec![vec!["gpu".to_string()]]),
-            ..Default::default()
-        }]
-    });
-    let shm = parse_size(&t.resources.shm_size);
-    let mut env = Vec::new();
-    if let Some(k) = &key {
-        env.push(format!("SSH_PUBLIC_KEY={k}"));
-    }
-    let body = ContainerCreateBody {
-        image: Some(image.clone()),
-        env: Some(env),
-        labels: Some(HashMap::from([(LABEL_UP.to_string(), t.id.clone())])),
-        exposed_ports: Some(ports.keys().map(|k| (k.clone(), HashMap::new())).collect()),
-        host_config: Some(HostConfig {
-            port_bindings: Some(ports),
-            mounts: Some(vec![Mount {
-                source: Some(volume_name(&t.id)),
-                target: Some(WORKDIR.into()),
-                typ: Some(MountTypeEnum::VOLUME),
-                ..Default::default()
-            }]),
-            device_requests,
-            shm_size: shm,
-            restart_policy: Some(RestartPolicy {
-                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
-                maximum_retry_count: None,
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let c = d
-        .create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body)
-        .await
-        .map_err(|e| anyhow!("cannot create {name}: {e}"))?;
-    if let Err(e) = d.start_container(&c.id, None::<StartContainerOptions>).await {
-        let _ = d.remove_container(&c.id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await;
-        bail!("cannot start {name}: {e}");
-    }
+    engine
+        .run(&RunSpec {
+            template: &t.id,
+            image: &image,
+            address: &a.address,
+            ssh: PortMap { host: a.ssh_port, container: SSH_PORT },
+            app: PortMap { host: a.http_port, container: app_port },
+            gpus,
+            shm_size: single::parse_size(&t.resources.shm_size),
+            workdir: WORKDIR,
+            ssh_public_key: key.as_deref(),
+        })
+        .await?;
 
     // Wait for SSH, the app and the GPUs.
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
     eprintln!("waiting for SSH …");
     while !ssh_answers(a.ssh_port).await {
-        running_or_bail(&d, &name).await?;
+        running_or_bail(&engine, &t.id).await?;
         if Instant::now() > deadline {
             bail!("SSH did not answer on port {} in time; see `docker logs {name}`", a.ssh_port);
         }
@@ -253,7 +160,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     if t.app.is_some() {
         eprintln!("waiting for the app …");
         while !http_answers(a.http_port).await {
-            running_or_bail(&d, &name).await?;
+            running_or_bail(&engine, &t.id).await?;
             if Instant::now() > deadline {
                 bail!("the app did not answer on port {} in time; its log is {WORKDIR}/app.log", a.http_port);
             }
@@ -262,7 +169,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     }
     if gpus > 0 {
         eprintln!("waiting for nvidia-smi …");
-        let out = exec_output(&d, &name, &["nvidia-smi", "-L"]).await?;
+        let out = engine.list_gpus(&t.id).await?;
         eprint!("{out}");
     }
     println!("{} is up ({name}).", t.name);
@@ -274,101 +181,42 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn running_or_bail(d: &Docker, name: &str) -> anyhow::Result<()> {
-    let info = d.inspect_container(name, None::<bollard::query_parameters::InspectContainerOptions>).await?;
-    if info.state.and_then(|s| s.running) != Some(true) {
+async fn running_or_bail(engine: &Engine, id: &str) -> anyhow::Result<()> {
+    if !engine.running(id).await? {
+        let name = container_name(id);
         bail!("{name} stopped while starting; see `docker logs {name}`");
     }
     Ok(())
 }
 
-async fn exec_output(d: &Docker, name: &str, cmd: &[&str]) -> anyhow::Result<String> {
-    use bollard::exec::{CreateExecOptions, StartExecResults};
-    let e = d
-        .create_exec(
-            name,
-            CreateExecOptions {
-                cmd: Some(cmd.to_vec()),
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let mut text = String::new();
-    if let StartExecResults::Attached { mut output, .. } = d.start_exec(&e.id, None).await? {
-        while let Some(Ok(o)) = output.next().await {
-            text.push_str(&o.to_string());
-        }
-    }
-    let code = d.inspect_exec(&e.id).await?.exit_code.unwrap_or(-1);
-    if code != 0 {
-        bail!("{} failed in {name} (exit {code}): {text}", cmd.join(" "));
-    }
-    Ok(text)
-}
-
-/// `8gb`, `512m` → bytes.
-fn parse_size(s: &str) -> Option<i64> {
-    let s = s.trim().to_ascii_lowercase();
-    let digits: String = s.chars().take_while(|c| c.is_ascii_digit()).collect();
-    let n: i64 = digits.parse().ok()?;
-    let unit = s[digits.len()..].trim_end_matches('b');
-    let mult = match unit {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        _ => return None,
-    };
-    Some(n * mult)
-}
-
 pub async fn down(id: &str, volumes: bool) -> anyhow::Result<()> {
-    let d = docker().await?;
+    let engine = Engine::connect().await?;
     let name = container_name(id);
-    match d.remove_container(&name, Some(RemoveContainerOptions { force: true, ..Default::default() })).await {
-        Ok(()) => println!("removed {name}"),
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
-            println!("{name} is not running")
-        }
-        Err(e) => bail!("cannot remove {name}: {e}"),
+    match engine.remove(id).await? {
+        Removal::Removed => println!("removed {name}"),
+        Removal::NotFound => println!("{name} is not running"),
     }
+    let v = volume_name(id);
     if volumes {
-        let v = volume_name(id);
-        match d.remove_volume(&v, None::<RemoveVolumeOptions>).await {
-            Ok(()) => println!("removed the volume {v}"),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
-            Err(e) => bail!("cannot remove the volume {v}: {e}"),
+        if engine.remove_volume(id).await? == Removal::Removed {
+            println!("removed the volume {v}");
         }
     } else {
-        println!("kept the volume {} (add --volumes to remove it)", volume_name(id));
+        println!("kept the volume {v} (add --volumes to remove it)");
     }
     Ok(())
 }
 
 pub async fn ps() -> anyhow::Result<()> {
-    let d = docker().await?;
-    let filters = HashMap::from([("label".to_string(), vec![LABEL_UP.to_string()])]);
-    let list = d
-        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
-        .await?;
+    let list = Engine::connect().await?.list().await?;
     if list.is_empty() {
         println!("nothing started with `berth up`");
         return Ok(());
     }
     println!("{:<22} {:<24} {:<12} ports", "template", "container", "state");
     for c in list {
-        let id = c.labels.as_ref().and_then(|l| l.get(LABEL_UP)).cloned().unwrap_or_default();
-        let name = c.names.and_then(|n| n.first().cloned()).unwrap_or_default();
-        let ports: Vec<String> = c
-            .ports
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|p| p.public_port.map(|h| format!("{h}->{}", p.private_port)))
-            .collect();
-        let state = c.state.map(|s| format!("{s:?}").to_lowercase()).unwrap_or_default();
-        println!("{id:<22} {:<24} {state:<12} {}", name.trim_start_matches('/'), ports.join(" "));
+        let ports: Vec<String> = c.ports.iter().map(|p| format!("{}->{}", p.host, p.container)).collect();
+        println!("{:<22} {:<24} {:<12} {}", c.template, c.name, c.state, ports.join(" "));
     }
     Ok(())
 }

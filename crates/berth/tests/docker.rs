@@ -186,13 +186,14 @@ impl Registry {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(&addr).is_ok() {
-                break;
-            }
+        // Built first, so a registry that never listens is still stopped.
+        let registry = Registry { child, _dir: dir, addr };
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(&registry.addr).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "the test registry never listened on {}", registry.addr);
             std::thread::sleep(Duration::from_millis(50));
         }
-        Registry { child, _dir: dir, addr }
+        registry
     }
 }
 
@@ -317,11 +318,10 @@ async fn engine_away_then_back_without_restarting_berth() {
             .spawn()
             .expect("socat is installed (scripts/test installs it)"),
     );
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "socat never created the relay socket {}", sock.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // berth notices on its own: it listens on the network's gateway once it can.
     let start = std::time::Instant::now();

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use reqwest::{Method, StatusCode};
@@ -137,27 +137,47 @@ fn pty_session(b: &Berth, key: &Key, login: &str) {
     let st = tmux(&["new-session", "-d", "-s", &session, "-x", "90", "-y", "30", &ssh_cmd]);
     assert!(st.status.success(), "{}", errtext(&st));
     let screen = || text(&tmux(&["capture-pane", "-p", "-t", &session]));
-    let wait_for = |want: &str| {
-        for _ in 0..300 {
+    // Whether `want` shows on the screen within `within`.
+    let appears = |want: &str, within: Duration| {
+        let start = Instant::now();
+        loop {
             if screen().contains(want) {
-                return;
+                return true;
+            }
+            if start.elapsed() > within {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    };
+    let give_up = |want: &str| {
         let s = screen();
         let _ = tmux(&["kill-session", "-t", &session]);
         panic!("{want:?} never appeared on the terminal:\n{s}\n{}", b.log());
+    };
+    let wait_for = |want: &str| {
+        if !appears(want, Duration::from_secs(30)) {
+            give_up(want);
+        }
     };
     // A command typed at the prompt shows its output.
     tmux(&["send-keys", "-t", &session, "echo typed-$((6*7))", "Enter"]);
     wait_for("typed-42");
     tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
     wait_for("30 90");
-    // The window changes; the shell's terminal follows.
+    // The window changes; the shell's terminal follows. The change travels
+    // tmux -> ssh -> berth -> the pty on its own: ask again until it is there.
     tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
-    std::thread::sleep(Duration::from_millis(300));
-    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
-    wait_for("40 120");
+    let start = Instant::now();
+    loop {
+        tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+        if appears("40 120", Duration::from_secs(1)) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            give_up("40 120");
+        }
+    }
     // A background job holding the terminal does not keep the session open.
     tmux(&["send-keys", "-t", &session, "sleep 300 &", "Enter"]);
     tmux(&["send-keys", "-t", &session, "exit", "Enter"]);

@@ -223,6 +223,9 @@ expose = [22, 27015]
     let (code, out, err) = berth(&["down", &id, "--volumes"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&format!("removed berth-up-{id}")), "{out}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(docker_inspect(&format!("berth-up-{id}")).is_none());
+    let container = format!("berth-up-{id}");
+    eventually(&format!("docker to no longer know {container} after berth down"), Duration::from_secs(10), || async {
+        docker_inspect(&container).is_none()
+    })
+    .await;
 }

@@ -11,7 +11,7 @@ pub mod scopes;
 pub mod state;
 pub mod template;
 
-pub use names::{NameError, ServerName, UserName};
+pub use names::{NameError, ServerId, ServerName, UserName};
 pub use scopes::{Scope, ScopeSet, Target};
 pub use state::{ServerState, Transition, TransitionError};
 pub use template::{AppProtocol, GpuRange, HubTemplate, RoutingMode};

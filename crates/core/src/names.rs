@@ -135,9 +135,65 @@ impl fmt::Display for ServerName {
     }
 }
 
+/// One server of one user: what the hub's lifecycle, routes and records are keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerId {
+    pub user: UserName,
+    pub server: ServerName,
+}
+
+impl ServerId {
+    pub fn new(user: UserName, server: ServerName) -> Self {
+        ServerId { user, server }
+    }
+
+    /// Validates both names exactly as given ("" is the default server).
+    pub fn parse(user: &str, server: &str) -> Result<Self, NameError> {
+        Ok(ServerId { user: UserName::parse(user)?, server: ServerName::parse(server)? })
+    }
+
+    pub fn user(&self) -> &str {
+        self.user.as_str()
+    }
+
+    pub fn server(&self) -> &str {
+        self.server.as_str()
+    }
+
+    /// The OAuth client of this server, named as JupyterHub names it.
+    pub fn client_id(&self) -> String {
+        if self.server.is_default() {
+            format!("jupyterhub-user-{}", self.user)
+        } else {
+            format!("jupyterhub-user-{}-{}", self.user, self.server)
+        }
+    }
+}
+
+/// `alice` for a default server, `alice/lab` for a named one.
+impl fmt::Display for ServerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.server.is_default() {
+            write!(f, "{}", self.user)
+        } else {
+            write!(f, "{}/{}", self.user, self.server)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_ids_name_their_client_and_print_as_paths() {
+        let d = ServerId::parse("alice", "").unwrap();
+        assert_eq!((d.to_string(), d.client_id()), ("alice".into(), "jupyterhub-user-alice".into()));
+        let n = ServerId::parse("alice", "lab").unwrap();
+        assert_eq!((n.to_string(), n.client_id()), ("alice/lab".into(), "jupyterhub-user-alice-lab".into()));
+        assert!(ServerId::parse("Alice", "").is_err());
+        assert!(ServerId::parse("alice", "a b").is_err());
+    }
 
     #[test]
     fn name_rules() {

@@ -12,6 +12,7 @@
 
 mod exec;
 pub mod gpu;
+pub mod single;
 
 use std::collections::HashMap;
 use std::sync::Arc;

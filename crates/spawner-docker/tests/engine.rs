@@ -1,5 +1,5 @@
 //! Against the real Docker engine: what a GPU server's container carries,
-//! and GPU detection on a machine without GPUs.
+//! and GPU detection (on a machine without GPUs, and on one with them).
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 use std::collections::BTreeMap;
@@ -63,17 +63,37 @@ async fn gpu_servers_carry_device_requests() {
     assert!(env.contains(&"NVIDIA_VISIBLE_DEVICES=GPU-1,GPU-3".to_string()), "{env:?}");
 }
 
+/// Whether the engine lists the nvidia runtime, asked through the docker CLI
+/// (independently of the code under test).
+fn engine_has_nvidia_runtime() -> bool {
+    let out = Command::new("docker").args(["info", "--format", "{{json .Runtimes}}"]).output().unwrap();
+    assert!(out.status.success(), "docker info failed: {}", String::from_utf8_lossy(&out.stderr));
+    let runtimes: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    runtimes.contains_key("nvidia")
+}
+
 #[tokio::test]
 async fn detection_on_a_machine_without_gpus_finds_none() {
+    if engine_has_nvidia_runtime() {
+        eprintln!("skipped: the Docker engine has the nvidia runtime, so this is not a machine without GPUs");
+        return;
+    }
     let spawner = DockerSpawner::connect(Config::default(), "/").unwrap();
     let d = spawner.detect_gpus("no-such-probe-image:never").await;
-    let has_nvidia = Command::new("docker")
-        .args(["info", "--format", "{{json .Runtimes}}"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("nvidia"))
-        .unwrap_or(false);
-    if !has_nvidia {
-        assert!(d.devices.is_empty(), "{d:?}");
-        assert!(d.how.contains("no nvidia runtime"), "{}", d.how);
+    assert!(d.devices.is_empty(), "{d:?}");
+    assert!(d.how.contains("no nvidia runtime"), "{}", d.how);
+}
+
+#[tokio::test]
+async fn detection_on_a_machine_with_gpus_finds_them() {
+    if !engine_has_nvidia_runtime() {
+        eprintln!("skipped: the Docker engine has no nvidia runtime, so there are no GPUs to detect");
+        return;
     }
+    let spawner = DockerSpawner::connect(Config::default(), "/").unwrap();
+    // The nvidia runtime mounts nvidia-smi into the probe container, so the
+    // test image serves as the probe.
+    let d = spawner.detect_gpus(&image()).await;
+    assert!(!d.devices.is_empty(), "the nvidia runtime is there but detection found no GPU: {}", d.how);
+    assert!(d.devices.iter().all(|g| !g.id.is_empty() && !g.name.is_empty()), "{d:?}");
 }
