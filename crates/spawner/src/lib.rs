@@ -122,8 +122,8 @@ pub trait Spawner: Send + Sync + 'static {
         Box::pin(async { Vec::new() })
     }
 
-    /// Deletes what a user's servers kept between runs (volumes), when an
-    /// admin deletes the user and asks for it.
+    /// Deletes what a user's servers kept between runs (Docker volumes, the
+    /// local spawner's home), when an admin deletes the user and asks for it.
     fn remove_user_data<'a>(&'a self, _user: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
         Box::pin(async { Ok(()) })
     }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use berth_core::UserName;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
@@ -190,6 +191,25 @@ fn alive(pid: u32, started: Option<u64>) -> bool {
     }
 }
 
+/// Removes a user's home if it exists. Only a plain directory goes: a
+/// symlink (or anything else) in its place is refused, and links inside it
+/// are removed, not followed.
+fn remove_home(home: &Path) -> Result<(), SpawnError> {
+    let meta = match std::fs::symlink_metadata(home) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if !meta.file_type().is_dir() {
+        return Err(SpawnError::Failed(format!(
+            "{} is not a plain directory (a symlink or a file); berth does not remove it",
+            home.display()
+        )));
+    }
+    std::fs::remove_dir_all(home)?;
+    Ok(())
+}
+
 fn state_pid(state: &serde_json::Value) -> Result<(u32, Option<u64>), SpawnError> {
     let pid = state
         .get("pid")
@@ -357,6 +377,21 @@ impl Spawner for LocalSpawner {
         })
     }
 
+    /// Removes the user's home (`<data_dir>/home/<user>`); the logs stay.
+    fn remove_user_data<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        Box::pin(async move {
+            let name = UserName::parse(user)
+                .map_err(|e| SpawnError::Failed(format!("not removing the home of {user:?}: {e}")))?;
+            let home = self.home(name.as_str());
+            let path = home.clone();
+            tokio::task::spawn_blocking(move || remove_home(&path))
+                .await
+                .map_err(|e| SpawnError::Failed(format!("removing {} failed: {e}", home.display())))??;
+            tracing::info!(user = %name, home = %home.display(), "removed the local home");
+            Ok(())
+        })
+    }
+
     fn logs<'a>(&'a self, user: &'a str, server: &'a str) -> BoxFuture<'a, Option<String>> {
         Box::pin(async move {
             let data = tokio::fs::read(self.log_path(user, server)).await.ok()?;
@@ -416,6 +451,51 @@ mod tests {
         }
         assert!(matches!(status, Status::Exited(_)), "{status:?}");
         assert!(matches!(s.poll(&json!({})).await, Err(SpawnError::BadState(_))));
+    }
+
+    #[tokio::test]
+    async fn removing_user_data_removes_only_the_plain_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("keep.txt"), "precious").unwrap();
+        let s = LocalSpawner::new(LocalConfig {
+            cmd: vec![],
+            data_dir: data.clone(),
+            provision: false,
+            provision_packages: vec![],
+        });
+
+        // No home (not even `home/`) is not an error.
+        s.remove_user_data("al").await.unwrap();
+
+        // A home with files, a subdirectory and a link out: the home goes, the
+        // link's target and the logs stay.
+        let home = data.join("home").join("al");
+        std::fs::create_dir_all(home.join("work")).unwrap();
+        std::fs::write(home.join("work").join("notes.txt"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, home.join("link-out")).unwrap();
+        std::fs::create_dir_all(data.join("logs")).unwrap();
+        std::fs::write(data.join("logs").join("al.log"), "log").unwrap();
+        s.remove_user_data("al").await.unwrap();
+        assert!(!home.exists());
+        assert!(data.join("home").is_dir(), "only the user's home goes");
+        assert!(data.join("logs").join("al.log").is_file(), "logs stay");
+        assert!(outside.join("keep.txt").is_file());
+
+        // A home that is a symlink out of `home/` is refused, not followed.
+        let linked = data.join("home").join("bo");
+        std::os::unix::fs::symlink(&outside, &linked).unwrap();
+        let err = s.remove_user_data("bo").await.unwrap_err().to_string();
+        assert!(err.contains("not a plain directory"), "{err}");
+        assert!(outside.join("keep.txt").is_file(), "the link's target survives");
+        assert!(std::fs::symlink_metadata(&linked).unwrap().file_type().is_symlink());
+
+        // A name that is not a user name never becomes a path.
+        assert!(s.remove_user_data("../outside").await.is_err());
+        assert!(s.remove_user_data("").await.is_err());
+        assert!(outside.join("keep.txt").is_file());
     }
 
     #[tokio::test]

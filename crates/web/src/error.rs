@@ -1,10 +1,12 @@
 //! The one error type handlers return. `/hub/api/*` answers JSON
 //! `{"status": N, "message": "..."}` as JupyterHub does; pages get a small
-//! HTML page. Internal errors are logged and never sent.
+//! HTML page. Internal errors are logged and never sent. Hub refusals are
+//! mapped to status codes in one function, [`status_of`].
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use berth_hub::HubError;
 
 use crate::html;
 
@@ -40,6 +42,74 @@ impl ApiError {
     pub fn page(mut self) -> ApiError {
         self.html = true;
         self
+    }
+
+    /// A hub error as `admin` may see it: admins learn who holds the GPUs.
+    pub fn for_viewer(e: HubError, admin: bool) -> ApiError {
+        let status = status_of(&e);
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            return ApiError::new(status, "internal error; see the hub's log");
+        }
+        ApiError::new(status, if admin { e.detail() } else { e.to_string() })
+    }
+}
+
+/// The status code of each refusal.
+pub fn status_of(e: &HubError) -> StatusCode {
+    use HubError as E;
+    match e {
+        E::NoSuchUser { .. } | E::NoSuchServer { .. } | E::NoSuchToken { .. } | E::NoSuchKey { .. } => {
+            StatusCode::NOT_FOUND
+        }
+        E::NoSuchGpu { .. } => StatusCode::NOT_FOUND,
+        E::UserExists { .. } | E::AllUsersExist { .. } | E::KeyExists { .. } => StatusCode::CONFLICT,
+        E::NoGpus { .. } => StatusCode::CONFLICT,
+        E::MissingScope { .. } | E::ScopesNotHeld { .. } => StatusCode::FORBIDDEN,
+        E::NamedServerLimit { .. } | E::HubFull { .. } | E::TooManyStarting { .. } => StatusCode::TOO_MANY_REQUESTS,
+        E::Internal(_) | E::Spawner { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        E::Store(s) => match s {
+            berth_store::StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            berth_store::StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        },
+        E::Name(_)
+        | E::NotAuthorized { .. }
+        | E::SelfAction { .. }
+        | E::ServersRunning { .. }
+        | E::Password(_)
+        | E::PasswordMismatch
+        | E::WrongPassword
+        | E::AlreadyRunning { .. }
+        | E::PendingSpawn { .. }
+        | E::PendingStop { .. }
+        | E::Busy { .. }
+        | E::NotStopped { .. }
+        | E::StillStopping
+        | E::Transition(_)
+        | E::TemplateNotAllowed { .. }
+        | E::UnknownTemplate { .. }
+        | E::GpuCountOutOfRange { .. }
+        | E::NeedsHostRouting { .. }
+        | E::BadOptions { .. }
+        | E::GpusOff
+        | E::TooManyGpus { .. }
+        | E::BadToken(_)
+        | E::BadKey(_)
+        | E::TooManyKeys { .. }
+        | E::OAuth(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> ApiError {
+        match e {
+            HubError::Store(s) => s.into(),
+            HubError::Spawner { message } => {
+                ApiError::internal(format!("spawner: {message}"));
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+            }
+            other => ApiError::for_viewer(other, false),
+        }
     }
 }
 
@@ -78,3 +148,28 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_map_to_jupyterhubs_codes() {
+        let cases: Vec<(HubError, u16)> = vec![
+            (HubError::NoSuchUser { user: "x".into() }, 404),
+            (HubError::UserExists { user: "x".into() }, 409),
+            (HubError::missing_scope("admin:users"), 403),
+            (HubError::NamedServerLimit { user: "a".into(), limit: 1, running: vec!["x".into()] }, 429),
+            (HubError::AlreadyRunning { server: "a".into() }, 400),
+            (HubError::Internal("boom".into()), 500),
+        ];
+        for (e, code) in cases {
+            let text = e.to_string();
+            let a = ApiError::from(e);
+            assert_eq!(a.status.as_u16(), code, "{text}");
+            if code == 500 {
+                assert!(!a.message.contains("boom"), "internals are not sent: {}", a.message);
+            }
+        }
+    }
+}

@@ -157,7 +157,7 @@ pub fn user_model(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet) -
 }
 
 pub fn token_model(t: &Token, owner: &berth_store::User) -> Value {
-    let expanded = crate::caller::token_scopes(t, owner).to_strings();
+    let expanded = berth_hub::identity::token_scopes(t, owner).to_strings();
     json!({
         "user": t.user,
         "id": t.id,

@@ -1,96 +1,17 @@
-//! API tokens: the token page and the logic the REST API shares with it.
-//! Secrets are shown once, at creation; the store keeps their SHA-256.
+//! The token page: a user's API tokens, a form for a new one (its secret
+//! shown once), revocation.
 
 use axum::extract::{Path, State};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use berth_auth::{hash_token, new_token};
-use berth_core::{ScopeSet, Target};
-use berth_store::{now_ms, NewToken, Token, TokenKind};
+use berth_hub::tokens::TokenRequest;
+use berth_store::Token;
 use serde::Deserialize;
 
-use crate::accounts::PageForm;
-use crate::caller::{Caller, PageUser};
 use crate::error::{ApiError, ApiResult};
-use crate::html::{self, alert, esc, xsrf_input, Level, Viewer};
+use crate::extract::{PageForm, PageUser};
+use crate::html::{self, alert, esc, xsrf_input, Level};
 use crate::model::iso;
 use crate::SharedHub;
-
-/// Longest expiry a token may ask for: ten years, so arithmetic stays sane.
-const MAX_EXPIRES_IN: i64 = 10 * 365 * 24 * 3600;
-
-pub struct TokenRequest {
-    pub note: String,
-    pub expires_in: Option<i64>,
-    pub scopes: Option<Vec<String>>,
-}
-
-/// Creates a token for `owner` on behalf of `caller`: the token cannot hold
-/// more than the owner (and, for tokens made with a token, than the caller).
-pub async fn create_token(
-    hub: &SharedHub,
-    caller: &Caller,
-    owner: &berth_store::User,
-    req: TokenRequest,
-) -> ApiResult<(Token, String)> {
-    caller.require("tokens", Target::User(&owner.name))?;
-    let owner_scopes = ScopeSet::for_user(&owner.name, owner.admin);
-    let requested: Vec<String> = req.scopes.clone().unwrap_or_default();
-    let requested_set = if requested.is_empty() {
-        owner_scopes.clone()
-    } else {
-        ScopeSet::parse_list(&requested, Some(&owner.name)).map_err(|e| ApiError::bad_request(e.to_string()))?
-    };
-    let missing = owner_scopes.missing_from(&requested_set);
-    if !missing.is_empty() {
-        let names: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
-        return Err(ApiError::forbidden(format!(
-            "Not assigning requested scopes {} not held by {}",
-            names.join(", "),
-            owner.name
-        )));
-    }
-    if matches!(caller.via, crate::caller::Via::Token { .. }) {
-        let missing = caller.scopes.missing_from(&requested_set);
-        if !missing.is_empty() {
-            let names: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
-            return Err(ApiError::forbidden(format!(
-                "Not assigning requested scopes {} not held by the token making this request",
-                names.join(", ")
-            )));
-        }
-    }
-    let expires_at = match req.expires_in {
-        None | Some(0) => None,
-        Some(s) if s < 0 => return Err(ApiError::bad_request("expires_in must be a positive number of seconds")),
-        Some(s) if s > MAX_EXPIRES_IN => {
-            return Err(ApiError::bad_request(format!("expires_in must be at most {MAX_EXPIRES_IN} seconds")))
-        }
-        Some(s) => Some(now_ms() + s * 1000),
-    };
-    if req.note.chars().count() > 1000 {
-        return Err(ApiError::bad_request("the note is longer than 1000 characters"));
-    }
-    let secret = new_token();
-    // An empty scope list means "everything the owner holds", kept symbolic
-    // so the token follows the owner's role.
-    let stored_scopes = if requested.is_empty() { vec!["inherit".to_string()] } else { requested };
-    let token = hub
-        .store
-        .create_token(&NewToken {
-            hash: hash_token(secret.expose()),
-            user: owner.name.clone(),
-            kind: TokenKind::Api,
-            server: None,
-            scopes: stored_scopes,
-            note: req.note,
-            expires_at,
-            session_id: None,
-            oauth_client: None,
-        })
-        .await?;
-    let _ = hub.store.add_event(caller.name(), "token-create", &owner.name, &token.id).await;
-    Ok((token, secret.expose().to_string()))
-}
 
 fn token_table(hub: &SharedHub, xsrf: &str, tokens: &[Token]) -> String {
     if tokens.is_empty() {
@@ -133,8 +54,7 @@ async fn render(hub: &SharedHub, user: &PageUser, notice: &str) -> ApiResult<Htm
         x = xsrf_input(&user.xsrf),
         table = token_table(hub, &user.xsrf, &tokens),
     );
-    let v = Viewer { name: user.caller.name(), admin: user.caller.user.admin, xsrf: &user.xsrf };
-    Ok(html::page(&hub.cfg.base_url, "Tokens", Some(&v), &body))
+    Ok(html::page(&hub.cfg.base_url, "Tokens", Some(&user.viewer()), &body))
 }
 
 pub async fn token_page(State(hub): State<SharedHub>, user: PageUser) -> ApiResult<Html<String>> {
@@ -166,18 +86,17 @@ pub async fn token_create(
     let scopes: Vec<String> = f.scopes.split_whitespace().map(str::to_string).collect();
     let req = TokenRequest { note: f.note, expires_in, scopes: Some(scopes) };
     let owner = user.caller.user.clone();
-    let notice = match create_token(&hub, &user.caller, &owner, req).await {
+    let notice = match hub.create_token(&user.caller, &owner, req).await {
         Ok((_, secret)) => format!(
             r#"<div class="alert alert-success" role="alert"><p>Your new API token (shown only now; copy it):</p><p><code id="new-token">{}</code></p></div>"#,
             esc(&secret)
         ),
-        Err(e) => alert(Level::Danger, &e.message),
+        Err(e) => alert(Level::Danger, &ApiError::from(e).message),
     };
     render(&hub, &user, &notice).await
 }
 
 pub async fn token_revoke(State(hub): State<SharedHub>, user: PageUser, Path(id): Path<String>) -> ApiResult<Response> {
-    hub.store.delete_token(user.caller.name(), &id).await.map_err(|e| ApiError::from(e).page())?;
-    let _ = hub.store.add_event(user.caller.name(), "token-revoke", user.caller.name(), &id).await;
+    hub.revoke_token(&user.caller, user.caller.name(), &id).await.map_err(|e| ApiError::from(e).page())?;
     Ok(Redirect::to(&format!("{}token", hub.hub_prefix())).into_response())
 }

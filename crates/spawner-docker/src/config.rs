@@ -1,0 +1,88 @@
+//! The `[docker]` configuration section.
+
+use serde::{Deserialize, Serialize};
+
+/// The `[docker]` section of berth's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Image for servers that do not name one.
+    pub image: String,
+    /// Network the containers join (created if missing); the hub reaches them on it.
+    pub network: String,
+    /// URL containers use to reach the hub's API; empty derives it from the network's gateway.
+    pub hub_connect_url: String,
+    /// Remove the container when its server stops (volumes are always kept).
+    pub remove_on_stop: bool,
+    /// Where the user's workspace volume is mounted.
+    pub workdir: String,
+    /// Where the user's home volume is mounted.
+    pub home_dir: String,
+    /// Where the user's cache volume is mounted.
+    pub cache_dir: String,
+    /// The shared volume (empty turns it off) and where it is mounted.
+    pub shared_volume: String,
+    pub shared_mount: String,
+    /// Volume driver and its options (`key=value;key=value`), e.g. CIFS:
+    /// `type=cifs;device=//server/share;o=username=u,password=p`.
+    pub shared_volume_driver: String,
+    pub shared_volume_opts: String,
+    /// `/dev/shm` size in MiB (PyTorch data loaders need more than Docker's 64 MB).
+    pub shm_size_mib: u64,
+    /// CPU limit in cores (0: none) and memory limit in MiB (0: none).
+    pub cpu_limit: f64,
+    pub mem_limit_mib: u64,
+    /// Extra environment for every container: `KEY=value;KEY=value`.
+    pub env: String,
+    /// Driver named in GPU device requests.
+    pub gpu_driver: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            image: "jupyter/base-notebook:latest".into(),
+            network: "berth".into(),
+            hub_connect_url: String::new(),
+            remove_on_stop: true,
+            workdir: "/home/lab/workspace".into(),
+            home_dir: "/home".into(),
+            cache_dir: "/home/lab/.cache".into(),
+            shared_volume: "berth-shared".into(),
+            shared_mount: "/mnt/shared".into(),
+            shared_volume_driver: "local".into(),
+            shared_volume_opts: String::new(),
+            shm_size_mib: 2048,
+            cpu_limit: 0.0,
+            mem_limit_mib: 0,
+            env: String::new(),
+            gpu_driver: "nvidia".into(),
+        }
+    }
+}
+
+pub fn parse_pairs(s: &str) -> Vec<(String, String)> {
+    s.split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs() {
+        assert_eq!(
+            parse_pairs("type=cifs;device=//srv/share;o=username=u,password=p"),
+            vec![
+                ("type".to_string(), "cifs".to_string()),
+                ("device".to_string(), "//srv/share".to_string()),
+                ("o".to_string(), "username=u,password=p".to_string())
+            ]
+        );
+        assert!(parse_pairs("").is_empty());
+    }
+}

@@ -1,0 +1,175 @@
+//! A server's container: its creation request, creation (replacing a stale
+//! container of berth's), its address, and removal.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use berth_spawner::{Progress, ProgressTx, SpawnError, SpawnSpec};
+use bollard::models::{
+    ContainerCreateBody, DeviceRequest, HostConfig, Mount, MountTypeEnum, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions, RemoveContainerOptions};
+
+use crate::config::parse_pairs;
+use crate::{
+    container_name, engine_error, is_not_found, DockerSpawner, CONTAINER_PORT, LABEL_MANAGED, LABEL_SERVER,
+    LABEL_TEMPLATE, LABEL_USER,
+};
+
+/// Variables passed through from berth's environment when set (the
+/// original deployment's service toggles).
+const PASS_THROUGH: &[&str] = &["ENABLE_SERVICE_MLFLOW", "ENABLE_SERVICE_GLANCES", "ENABLE_SERVICE_TENSORBOARD"];
+
+impl DockerSpawner {
+    /// The container's creation request, as `start` sends it (public so tests
+    /// can check what a GPU server's container carries without a GPU).
+    pub fn container_body(&self, spec: &SpawnSpec, api_url: &str) -> ContainerCreateBody {
+        let image = spec.image.clone().unwrap_or_else(|| self.cfg.image.clone());
+        let mut env: Vec<String> = Vec::new();
+        for (k, v) in &spec.env {
+            let v = match k.as_str() {
+                "JUPYTERHUB_API_URL" => api_url.to_string(),
+                "JUPYTERHUB_ACTIVITY_URL" => format!("{api_url}/users/{}/activity", spec.user),
+                _ => v.clone(),
+            };
+            env.push(format!("{k}={v}"));
+        }
+        let port = spec.port.unwrap_or(CONTAINER_PORT);
+        env.push(format!("JUPYTERHUB_SERVICE_URL=http://0.0.0.0:{port}{}", spec.prefix));
+        for k in PASS_THROUGH {
+            if let Ok(v) = std::env::var(k) {
+                env.push(format!("{k}={v}"));
+            }
+        }
+        env.extend(parse_pairs(&self.cfg.env).into_iter().map(|(k, v)| format!("{k}={v}")));
+        if !spec.gpus.is_empty() {
+            env.push(format!("NVIDIA_VISIBLE_DEVICES={}", spec.gpus.join(",")));
+        }
+        let vol = |suffix: &str| format!("berth-{}-{suffix}", spec.user);
+        let mount = |source: String, target: &str| Mount {
+            source: Some(source),
+            target: Some(target.to_string()),
+            typ: Some(MountTypeEnum::VOLUME),
+            ..Default::default()
+        };
+        let mut mounts = vec![
+            mount(vol("home"), &self.cfg.home_dir),
+            mount(vol("workspace"), &self.cfg.workdir),
+            mount(vol("cache"), &self.cfg.cache_dir),
+        ];
+        if !self.cfg.shared_volume.is_empty() {
+            mounts.push(mount(self.cfg.shared_volume.clone(), &self.cfg.shared_mount));
+        }
+        let device_requests = (!spec.gpus.is_empty()).then(|| {
+            vec![DeviceRequest {
+                driver: Some(self.cfg.gpu_driver.clone()),
+                device_ids: Some(spec.gpus.clone()),
+                capabilities: Some(vec![vec!["gpu".to_string()]]),
+                ..Default::default()
+            }]
+        });
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_string(), "true".to_string()),
+            (LABEL_USER.to_string(), spec.user.clone()),
+            (LABEL_SERVER.to_string(), spec.server.clone()),
+            (LABEL_TEMPLATE.to_string(), spec.template.clone()),
+        ]);
+        let host_config = HostConfig {
+            network_mode: Some(self.cfg.network.clone()),
+            mounts: Some(mounts),
+            shm_size: Some((self.cfg.shm_size_mib * 1024 * 1024) as i64),
+            nano_cpus: (self.cfg.cpu_limit > 0.0).then_some((self.cfg.cpu_limit * 1e9) as i64),
+            memory: (self.cfg.mem_limit_mib > 0).then(|| (self.cfg.mem_limit_mib * 1024 * 1024) as i64),
+            device_requests,
+            restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),
+            init: Some(true),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(image),
+            cmd: (!spec.cmd.is_empty())
+                .then(|| spec.cmd.iter().map(|a| a.replace("{port}", &port.to_string())).collect()),
+            env: Some(env),
+            labels: Some(labels),
+            working_dir: Some(self.cfg.workdir.clone()),
+            exposed_ports: Some(HashMap::from([(format!("{port}/tcp"), HashMap::new())])),
+            host_config: Some(host_config),
+            ..Default::default()
+        }
+    }
+
+    /// Creates (but does not start) the server's container; returns its id.
+    pub async fn create(&self, spec: &SpawnSpec, progress: &ProgressTx) -> Result<String, SpawnError> {
+        self.create_timed(spec, progress).await.map(|(id, _)| id)
+    }
+
+    /// `create`, also returning the time spent in the engine's create call.
+    pub(crate) async fn create_timed(
+        &self,
+        spec: &SpawnSpec,
+        progress: &ProgressTx,
+    ) -> Result<(String, Duration), SpawnError> {
+        let gateway = self.ensure_network().await?;
+        let image = spec.image.clone().unwrap_or_else(|| self.cfg.image.clone());
+        self.ensure_image(&image, progress).await?;
+        let _ = progress.send(Progress { progress: 40, message: "Preparing volumes…".into() });
+        for suffix in ["home", "workspace", "cache"] {
+            self.ensure_volume(&format!("berth-{}-{suffix}", spec.user), "local", &[], &spec.user).await?;
+        }
+        if !self.cfg.shared_volume.is_empty() {
+            let opts = parse_pairs(&self.cfg.shared_volume_opts);
+            self.ensure_volume(&self.cfg.shared_volume, &self.cfg.shared_volume_driver, &opts, "").await?;
+        }
+        let name = container_name(&spec.user, &spec.server);
+        // A container of that name left from an earlier run (kept on stop, or
+        // the engine restarted): it is berth's, so replace it.
+        match self.client()?.inspect_container(&name, None::<InspectContainerOptions>).await {
+            Ok(existing) => {
+                let ours = existing
+                    .config
+                    .and_then(|c| c.labels)
+                    .is_some_and(|l| l.get(LABEL_MANAGED).is_some_and(|v| v == "true"));
+                if !ours {
+                    return Err(SpawnError::Failed(format!(
+                        "a container named {name} exists and is not berth's; remove or rename it"
+                    )));
+                }
+                self.client()?
+                    .remove_container(&name, Some(RemoveContainerOptions { force: true, ..Default::default() }))
+                    .await
+                    .map_err(engine_error)?;
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(engine_error(e)),
+        }
+        let body = self.container_body(spec, &self.hub_api_url(&gateway));
+        let t = std::time::Instant::now();
+        let created = self
+            .client()?
+            .create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body)
+            .await
+            .map_err(engine_error)?;
+        Ok((created.id, t.elapsed()))
+    }
+
+    pub(crate) async fn container_ip(&self, id: &str) -> Result<Option<String>, SpawnError> {
+        let c = self.client()?.inspect_container(id, None::<InspectContainerOptions>).await.map_err(engine_error)?;
+        Ok(c.network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut nets| nets.remove(&self.cfg.network))
+            .and_then(|e| e.ip_address)
+            .filter(|ip| !ip.is_empty()))
+    }
+
+    /// Force-removes a container; a missing one is no error.
+    pub(crate) async fn remove(&self, id: &str) {
+        let Ok(docker) = self.client() else { return };
+        if let Err(e) =
+            docker.remove_container(id, Some(RemoveContainerOptions { force: true, ..Default::default() })).await
+        {
+            if !is_not_found(&e) {
+                tracing::warn!(container = %id, error = %e, "could not remove the container");
+            }
+        }
+    }
+}

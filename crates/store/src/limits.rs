@@ -1,0 +1,50 @@
+//! Per-user limits an admin sets (named servers, allowed templates).
+
+use sqlx::Row;
+
+use crate::{Result, Store, StoreError};
+
+/// What an admin set for one user; `None` means the hub-wide setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserLimits {
+    pub max_named_servers: Option<u32>,
+    /// Template ids the user may start.
+    pub templates: Option<Vec<String>>,
+}
+
+impl Store {
+    pub async fn user_limits(&self, user: &str) -> Result<UserLimits> {
+        let row = sqlx::query("SELECT max_named_servers, templates FROM user_limits WHERE user_name = $1")
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(r) = row else { return Ok(UserLimits::default()) };
+        let max: Option<i64> = r.try_get("max_named_servers")?;
+        let templates: Option<String> = r.try_get("templates")?;
+        Ok(UserLimits {
+            max_named_servers: max.map(|m| m.clamp(0, u32::MAX as i64) as u32),
+            templates: templates.and_then(|t| serde_json::from_str(&t).ok()),
+        })
+    }
+
+    pub async fn set_user_limits(&self, user: &str, l: &UserLimits) -> Result<()> {
+        let templates = l.templates.as_ref().map(|t| serde_json::to_string(t).unwrap_or_else(|_| "[]".into()));
+        let r = sqlx::query(
+            "INSERT INTO user_limits (user_name, max_named_servers, templates) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_name) DO UPDATE SET max_named_servers = $2, templates = $3",
+        )
+        .bind(user)
+        .bind(l.max_named_servers.map(i64::from))
+        .bind(templates)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_database_error().is_some_and(|d| d.is_foreign_key_violation()) => {
+                Err(StoreError::NotFound { what: format!("user {user}") })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

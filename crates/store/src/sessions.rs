@@ -1,0 +1,74 @@
+//! Browser sessions, stored by the hash of their id.
+
+use sqlx::Row;
+
+use crate::records::USER_COLS_U;
+use crate::{now_ms, Result, Session, Store, User};
+
+impl Store {
+    pub async fn create_session(&self, id_hash: &str, public_id: &str, user: &str) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO sessions (id_hash, public_id, user_name, created, last_seen) VALUES ($1, $2, $3, $4, $4)",
+        )
+        .bind(id_hash)
+        .bind(public_id)
+        .bind(user)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A live (not revoked) session with its user.
+    pub async fn get_session(&self, id_hash: &str) -> Result<Option<(Session, User)>> {
+        let row = sqlx::query(&format!(
+            "SELECT s.id_hash, s.public_id, s.user_name, s.created AS s_created, s.last_seen, {USER_COLS_U} \
+             FROM sessions s JOIN users u ON u.name = s.user_name WHERE s.id_hash = $1 AND s.revoked = 0"
+        ))
+        .bind(id_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some((
+                Session {
+                    id_hash: r.try_get("id_hash")?,
+                    public_id: r.try_get("public_id")?,
+                    user: r.try_get("user_name")?,
+                    created: r.try_get("s_created")?,
+                    last_seen: r.try_get("last_seen")?,
+                },
+                User::from_row_p(&r, "u_")?,
+            ))),
+        }
+    }
+
+    pub async fn touch_sessions(&self, seen: &[(String, i64)]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in seen {
+            sqlx::query("UPDATE sessions SET last_seen = $2 WHERE id_hash = $1 AND last_seen < $2")
+                .bind(id)
+                .bind(*at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn revoke_session(&self, id_hash: &str) -> Result<()> {
+        self.auth_changed();
+        sqlx::query("UPDATE sessions SET revoked = 1 WHERE id_hash = $1").bind(id_hash).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn revoke_user_sessions(&self, user: &str) -> Result<()> {
+        self.auth_changed();
+        sqlx::query("UPDATE sessions SET revoked = 1 WHERE user_name = $1").bind(user).execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! The home page: the user's servers (default and named) with their
+//! state and actions, a form for a new named server, and the template
+//! picker.
+
+use axum::extract::State;
+use axum::response::Html;
+use berth_core::ServerState;
+use berth_store::UserQuery;
+
+use super::servers::pending_path;
+use crate::error::ApiResult;
+use crate::extract::PageUser;
+use crate::html::{self, alert, esc, xsrf_input, Level};
+use crate::model::{iso, server_url};
+use crate::SharedHub;
+
+pub async fn home(State(hub): State<SharedHub>, user: PageUser) -> Html<String> {
+    let base = &hub.cfg.base_url;
+    let name = esc(user.caller.name());
+    let mut body = format!("<h1>Welcome, {name}</h1>");
+    if user.caller.user.admin {
+        let pending = hub
+            .store
+            .list_users(&UserQuery { authorized: Some(false), limit: 1, ..Default::default() })
+            .await
+            .map(|(_, n)| n)
+            .unwrap_or(0);
+        if pending > 0 {
+            body.push_str(&alert(
+                Level::Info,
+                &format!("{pending} account(s) wait for your approval on the Users page."),
+            ));
+        }
+    }
+    match home_servers(&hub, &user).await {
+        Ok(cards) => body.push_str(&cards),
+        Err(e) => body.push_str(&alert(Level::Danger, &e.message)),
+    }
+    let allowed = hub.store.user_limits(user.caller.name()).await.ok().and_then(|l| l.templates);
+    body.push_str(&template_picker(&hub, &user.xsrf, allowed.as_deref()));
+    body.push_str(&format!(
+        r#"<div class="card"><h2>Your account</h2><p>API tokens for scripts and JupyterHub clients: <a href="{base}hub/token">Tokens</a>.</p></div>"#
+    ));
+    html::page(base, "Home", Some(&user.viewer()), &body)
+}
+
+/// The state of one server, as the home page shows it.
+fn server_card(hub: &SharedHub, xsrf: &str, user: &str, s: Option<&berth_store::Server>, name: &str) -> String {
+    let p = hub.hub_prefix();
+    let url = server_url(&hub.cfg.base_url, user, name);
+    let path = if name.is_empty() { user.to_string() } else { format!("{user}/{name}") };
+    let label =
+        if name.is_empty() { "Default server".to_string() } else { format!("Server <code>{}</code>", esc(name)) };
+    let x = xsrf_input(xsrf);
+    let state = s.map(|s| s.state).unwrap_or(ServerState::Stopped);
+    let (badge, actions) = match state {
+        ServerState::Running => (
+            r#"<span class="badge ok">running</span>"#,
+            format!(
+                r#"<a class="button" href="{url}" id="open-{n}">Open</a> <form method="post" action="{p}stop/{path}" style="display:inline">{x}<button class="secondary" type="submit" id="stop-{n}">Stop</button></form>"#,
+                n = esc(name)
+            ),
+        ),
+        ServerState::Starting => (
+            r#"<span class="badge warn">starting</span>"#,
+            format!(r#"<a class="button" href="{}">Show progress</a>"#, pending_path(hub, user, name)),
+        ),
+        ServerState::Stopping => (r#"<span class="badge warn">stopping</span>"#, String::new()),
+        ServerState::Stopped => (
+            r#"<span class="badge">stopped</span>"#,
+            format!(
+                r#"<form method="post" action="{p}spawn/{path}" style="display:inline">{x}<button type="submit" id="start-{n}">Start</button></form>"#,
+                n = esc(name)
+            ),
+        ),
+    };
+    let error = s
+        .and_then(|s| s.last_error.as_deref())
+        .filter(|_| state == ServerState::Stopped)
+        .map(|e| alert(Level::Danger, &format!("Last start failed: {e}")))
+        .unwrap_or_default();
+    let started = s
+        .and_then(|s| s.started)
+        .filter(|_| state.is_active())
+        .map(|t| format!(" since {}", iso(t).get(..16).unwrap_or("").replace('T', " ")))
+        .unwrap_or_default();
+    format!(
+        r#"<div class="card" id="server-{n}"><h2>{label} {badge}</h2><p class="muted"><code>{url}</code>{started} · <a href="{p}logs/{path}">log</a></p>{error}<p>{actions}</p></div>"#,
+        n = esc(name),
+        url = esc(&url),
+    )
+}
+
+async fn home_servers(hub: &SharedHub, user: &PageUser) -> ApiResult<String> {
+    let name = user.caller.name();
+    let servers = hub.store.list_servers(Some(name)).await?;
+    let mut out = server_card(hub, &user.xsrf, name, servers.iter().find(|s| s.name.is_empty()), "");
+    for s in servers.iter().filter(|s| !s.name.is_empty()) {
+        out.push_str(&server_card(hub, &user.xsrf, name, Some(s), &s.name));
+    }
+    if hub.servers.cfg.max_named_servers > 0 {
+        out.push_str(&format!(
+            r#"<div class="card"><h2>New named server</h2><form method="post" action="{p}spawn-named">{x}
+<label for="server_name">Name</label><input type="text" id="server_name" name="server_name" placeholder="e.g. lab2" required>
+<p class="muted">Up to {max} named servers besides the default one.</p><p><button type="submit">Start</button></p></form></div>"#,
+            p = hub.hub_prefix(),
+            x = xsrf_input(&user.xsrf),
+            max = hub.servers.cfg.max_named_servers,
+        ));
+    }
+    Ok(out)
+}
+
+/// The start page's template picker, grouped by category.
+fn template_picker(hub: &SharedHub, xsrf: &str, allowed: Option<&[String]>) -> String {
+    let apps = &hub.servers.templates;
+    let mut ts: Vec<&berth_core::HubTemplate> =
+        apps.templates().iter().filter(|t| allowed.is_none_or(|a| a.contains(&t.id))).collect();
+    if ts.is_empty() {
+        return String::new();
+    }
+    ts.sort_by(|a, b| (&a.category, &a.name).cmp(&(&b.category, &b.name)));
+    let mut groups = String::new();
+    let mut rows = String::new();
+    let mut category = "";
+    for t in &ts {
+        if t.category != category {
+            if !category.is_empty() {
+                groups.push_str("</optgroup>");
+            }
+            category = &t.category;
+            groups.push_str(&format!(r#"<optgroup label="{}">"#, esc(category)));
+        }
+        let blocked = apps.mode_for(t).err().map(|e| e.to_string());
+        groups.push_str(&format!(
+            r#"<option value="{id}"{dis}>{name} ({size})</option>"#,
+            id = esc(&t.id),
+            dis = if blocked.is_some() { " disabled" } else { "" },
+            name = esc(&t.name),
+            size = esc(&t.estimated_size),
+        ));
+        let note = blocked.map(|b| format!(r#" <span class="badge warn">{}</span>"#, esc(&b))).unwrap_or_default();
+        rows.push_str(&format!(
+            r#"<tr id="template-{id}"><td>{cat}</td><td><b>{name}</b><br><span class="muted">{desc}</span>{note}</td><td>{size}</td><td>{gmin}–{gmax}</td></tr>"#,
+            id = esc(&t.id),
+            cat = esc(&t.category),
+            name = esc(&t.name),
+            desc = esc(&t.description),
+            size = esc(&t.estimated_size),
+            gmin = t.gpus.min,
+            gmax = t.gpus.max,
+        ));
+    }
+    if !category.is_empty() {
+        groups.push_str("</optgroup>");
+    }
+    format!(
+        r#"<div class="card"><h2>Start an environment</h2>
+<form method="post" action="{p}spawn-template">{x}
+<label for="template">Template</label><select id="template" name="template">{groups}</select>
+<label for="gpus">GPUs</label><input type="number" id="gpus" name="gpus" min="0" placeholder="the template's default">
+<p><button type="submit">Start</button></p></form>
+<p class="muted">Each template runs as a server of the same name, so several can run side by side.</p>
+<table><thead><tr><th>Category</th><th>Template</th><th>Size</th><th>GPUs</th></tr></thead><tbody>{rows}</tbody></table></div>"#,
+        p = hub.hub_prefix(),
+        x = xsrf_input(xsrf),
+    )
+}
+
