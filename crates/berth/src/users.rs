@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use berth_core::UserName;
+use berth_hub::Actor;
 use berth_server::Config;
 use berth_store::{NewUser, Store, UserQuery};
 use clap::Subcommand;
@@ -65,29 +66,25 @@ fn read_password(from_stdin: bool) -> Result<(String, bool)> {
     }
 }
 
-fn hash(config: &Config, name: &str, password: &str) -> Result<String> {
-    config.auth.password_policy().check(name, password).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(berth_auth::password::hash(password, config.auth.hash_cost()))
+/// The hub's account rules, on the configured store and spawner.
+async fn hub(config: &Config) -> Result<berth_web::SharedHub> {
+    berth_server::offline_hub(config).await.context("preparing the hub")
 }
 
 pub async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()> {
+    let op = Actor::Operator;
     match cmd {
         UserCommand::Add { name, admin, password_stdin } => {
             let name = UserName::normalize(&name)?;
             let (pw, generated) = read_password(password_stdin)?;
-            let h = hash(config, name.as_str(), &pw)?;
-            store
-                .create_user(&NewUser { name: name.to_string(), admin, authorized: true, password_hash: Some(h) })
-                .await?;
-            store.add_event("cli", "user-create", name.as_str(), "").await?;
+            hub(config).await?.create_user(&op, &name, admin, Some(pw.clone())).await?;
             println!("created {name}{}", if admin { " (admin)" } else { "" });
             if generated {
                 println!("password: {pw}");
             }
         }
         UserCommand::Approve { name } => {
-            store.set_authorized(&name, true).await?;
-            store.add_event("cli", "authorize", &name, "").await?;
+            hub(config).await?.set_authorized(&op, &name, true).await?;
             println!("{name} is authorized");
         }
         UserCommand::List { pending } => {
@@ -113,16 +110,15 @@ pub async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()>
             }
         }
         UserCommand::Delete { name, remove_volumes } => {
+            // The serving berth owns the routes of running servers: it stops them.
             if store.count_active_servers_of(&name).await? > 0 {
                 bail!("{name} has running servers; stop them in the hub first (or DELETE /hub/api/users/{name}, which stops them)");
             }
-            store.delete_user(&name).await?;
-            store.add_event("cli", "user-delete", &name, "").await?;
+            let hub = hub(config).await?;
+            hub.delete_user(&op, &name, remove_volumes).await?;
             println!("deleted {name}");
             if remove_volumes {
-                let d = berth_spawner_docker::DockerSpawner::connect(config.docker.clone(), &config.hub.base_url)?;
-                d.remove_user_volumes(&name).await?;
-                println!("removed {name}'s volumes");
+                println!("removed {name}'s data ({} spawner)", hub.servers.spawner_kind());
             }
         }
         UserCommand::ResetPassword { name, password_stdin } => {
@@ -130,16 +126,14 @@ pub async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()>
                 bail!("user {name} not found");
             }
             let (pw, generated) = read_password(password_stdin)?;
-            let h = hash(config, &name, &pw)?;
-            store.set_password(&name, &h, None).await?;
-            store.add_event("cli", "password-reset", &name, "").await?;
+            hub(config).await?.reset_password(&op, &name, pw.clone()).await?;
             println!("password of {name} changed; their sessions are logged out");
             if generated {
                 println!("password: {pw}");
             }
         }
         UserCommand::Admin { name, revoke } => {
-            store.set_admin(&name, !revoke).await?;
+            hub(config).await?.set_admin(&op, &name, !revoke).await?;
             println!("{name} is {}an admin", if revoke { "no longer " } else { "" });
         }
         UserCommand::ImportNativeauth { database } => import_nativeauth(store, &database).await?,

@@ -20,15 +20,15 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database_url: String,
     pub log: String,
-    pub hub: berth_web::Config,
+    pub hub: berth_hub::Config,
     pub auth: berth_auth::Config,
-    pub spawner: berth_web::servers::Config,
+    pub spawner: berth_hub::servers::Config,
     pub docker: berth_spawner_docker::Config,
-    pub gpu: berth_web::servers::GpuConfig,
+    pub gpu: berth_hub::gpus::GpuConfig,
     pub proxy: ProxyConfig,
     pub tls: TlsConfig,
     pub ssh: berth_ssh::Config,
-    pub templates: berth_web::apps::TemplatesConfig,
+    pub templates: berth_hub::templates::TemplatesConfig,
 }
 
 /// The `[proxy]` section.
@@ -81,15 +81,15 @@ impl Default for Config {
             data_dir: PathBuf::from("./berth-data"),
             database_url: String::new(),
             log: "info".into(),
-            hub: berth_web::Config::default(),
+            hub: berth_hub::Config::default(),
             auth: berth_auth::Config::default(),
-            spawner: berth_web::servers::Config::default(),
+            spawner: berth_hub::servers::Config::default(),
             docker: berth_spawner_docker::Config::default(),
-            gpu: berth_web::servers::GpuConfig::default(),
+            gpu: berth_hub::gpus::GpuConfig::default(),
             proxy: ProxyConfig::default(),
             tls: TlsConfig::default(),
             ssh: berth_ssh::Config::default(),
-            templates: berth_web::apps::TemplatesConfig::default(),
+            templates: berth_hub::templates::TemplatesConfig::default(),
         }
     }
 }
@@ -100,7 +100,7 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("bind", &["BERTH_BIND"], "Address and port for the hub, its API and every proxied server (HTTP and HTTPS on one port)."),
     ("data_dir", &["BERTH_DATA_DIR"], "Directory for berth's state: the SQLite database, the cookie secret, certificates, logs."),
     ("database_url", &["BERTH_DATABASE_URL"], "Database URL; empty means SQLite in the data directory. `postgres://user:pass@host/db` selects PostgreSQL."),
-    ("log", &["BERTH_LOG"], "Log filter, e.g. `info` or `berth_web=debug,info`."),
+    ("log", &["BERTH_LOG"], "Log filter, e.g. `info` or `berth_hub=debug,info`."),
     ("hub.base_url", &["BERTH_BASE_URL", "JUPYTERHUB_BASE_URL"], "URL prefix of everything berth serves; the hub is at `<base_url>hub/`."),
     ("hub.admin", &["BERTH_ADMIN", "JUPYTERHUB_ADMIN"], "The admin's user name: their own sign-up is authorized and made admin at once."),
     ("hub.max_body_bytes", &["BERTH_MAX_BODY_BYTES"], "Largest request body the hub accepts (413 beyond); proxied bodies are streamed and not limited."),

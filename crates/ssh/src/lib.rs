@@ -10,7 +10,9 @@
 #![forbid(unsafe_code)]
 
 mod hostkeys;
+mod process;
 mod session;
+mod upstream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,14 +20,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use berth_store::Store;
-use berth_web::servers::Servers;
 use russh::server::Config as RusshConfig;
 use russh::{MethodKind, MethodSet};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use hostkeys::HostKeys;
+pub use upstream::{KeyLogin, SessionRecord, Upstream};
 
 /// The `[ssh]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,10 +101,10 @@ struct Failures {
 
 impl Failures {
     /// Seconds until `ip` may try again, if it is refused now.
-    fn blocked_for(&self, ip: IpAddr, max: u32, window: Duration) -> Option<u64> {
+    fn blocked_for(&self, ip: IpAddr, max: u32, window: Duration, now: Instant) -> Option<u64> {
         let mut m = self.by_addr.lock().ok()?;
         let (count, since) = *m.get(&ip)?;
-        let elapsed = since.elapsed();
+        let elapsed = now.saturating_duration_since(since);
         if elapsed >= window {
             m.remove(&ip);
             return None;
@@ -106,16 +112,16 @@ impl Failures {
         (count >= max).then(|| (window - elapsed).as_secs().max(1))
     }
 
-    fn record(&self, ip: IpAddr, window: Duration) {
+    fn record(&self, ip: IpAddr, window: Duration, now: Instant) {
         if let Ok(mut m) = self.by_addr.lock() {
-            let e = m.entry(ip).or_insert((0, Instant::now()));
-            if e.1.elapsed() >= window {
-                *e = (0, Instant::now());
+            let e = m.entry(ip).or_insert((0, now));
+            if now.saturating_duration_since(e.1) >= window {
+                *e = (0, now);
             }
             e.0 += 1;
             // Bounded: forget the oldest addresses under a flood of sources.
             if m.len() > 100_000 {
-                m.retain(|_, (_, t)| t.elapsed() < window);
+                m.retain(|_, (_, t)| now.saturating_duration_since(*t) < window);
             }
         }
     }
@@ -123,32 +129,24 @@ impl Failures {
 
 pub struct Gateway {
     cfg: Config,
-    store: Store,
-    servers: Arc<Servers>,
-    /// Where users manage keys and servers, for messages.
-    hub_url: String,
+    upstream: Arc<dyn Upstream>,
     ssh: RwLock<Arc<RusshConfig>>,
     failures: Failures,
+    /// Connections and their channels' processes, drained on shutdown.
+    tasks: TaskTracker,
 }
 
 impl Gateway {
     /// Loads (or creates, once) the host keys under `data_dir`.
-    pub fn new(
-        cfg: Config,
-        data_dir: &Path,
-        store: Store,
-        servers: Arc<Servers>,
-        hub_url: String,
-    ) -> Result<Arc<Gateway>, String> {
+    pub fn new(cfg: Config, data_dir: &Path, upstream: Arc<dyn Upstream>) -> Result<Arc<Gateway>, String> {
         cfg.validate()?;
         let keys = HostKeys::load_or_create(data_dir, &cfg.host_key_types)?;
         let gw = Arc::new(Gateway {
             ssh: RwLock::new(Arc::new(russh_config(&cfg, keys.ready()))),
             cfg,
-            store,
-            servers,
-            hub_url,
+            upstream,
             failures: Failures::default(),
+            tasks: TaskTracker::new(),
         });
         // Slow key types (RSA) are made in the background the first time and
         // offered once ready; the fast ones serve from the start.
@@ -205,22 +203,30 @@ impl Gateway {
         })
     }
 
-    /// Accepts connections until the listener fails for good.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts connections until `shutdown`, then waits (up to `drain`)
+    /// for the open ones to end.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, drain: Duration) {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: pause rather than spin.
-                    tracing::warn!(error = %e, "SSH accept failed");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors and the like: pause rather than spin.
+                        tracing::warn!(error = %e, "SSH accept failed");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
             };
             // A blocked address still gets the handshake, so the client can
             // show why (as an authentication banner); every log-in is refused.
-            let blocked =
-                self.failures.blocked_for(peer.ip(), self.cfg.max_auth_failures, self.cfg.failure_window_seconds);
+            let blocked = self.failures.blocked_for(
+                peer.ip(),
+                self.cfg.max_auth_failures,
+                self.cfg.failure_window_seconds,
+                Instant::now(),
+            );
             if let Some(secs) = blocked {
                 tracing::warn!(peer = %peer, retry_in_s = secs, "SSH connection refused: too many failed log-ins");
             }
@@ -230,21 +236,58 @@ impl Gateway {
                 Err(_) => continue,
             };
             let handler = session::Conn::new(self.clone(), peer, blocked);
-            tokio::spawn(async move {
-                match russh::server::run_stream(cfg, stream, handler).await {
-                    Ok(session) => {
-                        if let Err(e) = session.await {
-                            tracing::debug!(peer = %peer, error = %e, "SSH connection ended with an error");
+            let stop = shutdown.clone();
+            let span = tracing::info_span!("ssh", %peer);
+            self.tasks.spawn(
+                async move {
+                    let session = match russh::server::run_stream(cfg, stream, handler).await {
+                        Ok(s) => s,
+                        Err(e) => return tracing::debug!(error = %e, "SSH handshake failed"),
+                    };
+                    let handle = session.handle();
+                    let mut session = std::pin::pin!(session);
+                    tokio::select! {
+                        r = session.as_mut() => if let Err(e) = r {
+                            tracing::debug!(error = %e, "SSH connection ended with an error");
+                        },
+                        _ = stop.cancelled() => {
+                            let _ = handle
+                                .disconnect(russh::Disconnect::ByApplication, "berth is shutting down".into(), "en".into())
+                                .await;
                         }
                     }
-                    Err(e) => tracing::debug!(peer = %peer, error = %e, "SSH handshake failed"),
                 }
-            });
+                .instrument(span),
+            );
+        }
+        self.tasks.close();
+        if tokio::time::timeout(drain, self.tasks.wait()).await.is_err() {
+            tracing::warn!("some SSH sessions did not end within {} s", drain.as_secs());
         }
     }
 
+    /// The running server's spawner state, with the upstream's progress
+    /// lines shown through `notices` while it starts.
+    async fn running_state(
+        &self,
+        login: &session::Login,
+        notices: Option<&process::Notices>,
+    ) -> Result<Value, String> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let wait = self.upstream.ensure_running(&login.user, &login.server, tx);
+        let show = async {
+            while let Some(line) = rx.recv().await {
+                if let Some(n) = notices {
+                    n.say(&line).await;
+                }
+            }
+        };
+        let (state, ()) = tokio::join!(wait, show);
+        state
+    }
+
     fn record_failure(&self, ip: IpAddr) {
-        self.failures.record(ip, self.cfg.failure_window_seconds);
+        self.failures.record(ip, self.cfg.failure_window_seconds, Instant::now());
     }
 }
 
@@ -278,14 +321,15 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let other: IpAddr = "10.0.0.2".parse().unwrap();
         let window = Duration::from_millis(200);
-        assert_eq!(f.blocked_for(ip, 2, window), None);
-        f.record(ip, window);
-        assert_eq!(f.blocked_for(ip, 2, window), None);
-        f.record(ip, window);
-        assert!(f.blocked_for(ip, 2, window).is_some());
-        assert_eq!(f.blocked_for(other, 2, window), None, "another address is not affected");
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(f.blocked_for(ip, 2, window), None, "the block ends with the window");
+        let t0 = Instant::now();
+        assert_eq!(f.blocked_for(ip, 2, window, t0), None);
+        f.record(ip, window, t0);
+        assert_eq!(f.blocked_for(ip, 2, window, t0), None);
+        f.record(ip, window, t0);
+        assert!(f.blocked_for(ip, 2, window, t0).is_some());
+        assert_eq!(f.blocked_for(other, 2, window, t0), None, "another address is not affected");
+        let later = t0 + window + Duration::from_millis(1);
+        assert_eq!(f.blocked_for(ip, 2, window, later), None, "the block ends with the window");
     }
 
     #[test]

@@ -8,17 +8,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use berth_core::{ServerName, ServerState, UserName};
-use berth_spawner::exec::{env_allowed, ExecControl, BATCH_BYTES};
-use berth_spawner::{ExecKind, ExecRequest, Output, PtySpec};
-use berth_web::servers::{ProgressLog, StartError};
+use berth_core::{ServerName, UserName};
+use berth_spawner::exec::{env_allowed, ExecControl};
+use berth_spawner::{ExecKind, ExecRequest, PtySpec};
 use bytes::Bytes;
 use russh::keys::HashAlg;
-use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty, Sig};
-use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 
+use crate::process::{run_process, sig_name};
+use crate::upstream::SessionRecord;
 use crate::Gateway;
 
 /// Input queued for a process before the SSH session waits for it to drain.
@@ -28,19 +28,16 @@ use crate::Gateway;
 const STDIN_HIGH: usize = 32 * 1024 * 1024;
 const STDIN_LOW: usize = 8 * 1024 * 1024;
 
-/// How long the gateway waits for a server it started.
-const START_WAIT: Duration = Duration::from_secs(600);
-
 #[derive(Debug, Clone)]
-struct Login {
-    user: String,
-    server: String,
-    key_id: String,
-    fingerprint: String,
+pub(crate) struct Login {
+    pub(crate) user: String,
+    pub(crate) server: String,
+    pub(crate) key_id: String,
+    pub(crate) fingerprint: String,
 }
 
 impl Login {
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         if self.server.is_empty() {
             self.user.clone()
         } else {
@@ -64,10 +61,10 @@ pub(crate) fn parse_login(name: &str) -> Option<(String, String)> {
 
 /// What a channel shares with the task running its process.
 #[derive(Default)]
-struct ChanShared {
-    control: OnceLock<Box<dyn ExecControl>>,
+pub(crate) struct ChanShared {
+    pub(crate) control: OnceLock<Box<dyn ExecControl>>,
     /// The latest terminal size, applied once the process runs.
-    size: Mutex<Option<(u16, u16)>>,
+    pub(crate) size: Mutex<Option<(u16, u16)>>,
 }
 
 /// Input on its way to a process, counted so the session can wait when a
@@ -110,9 +107,9 @@ impl Chan {
 
 /// Bytes moved, for the audit line.
 #[derive(Default)]
-struct Traffic {
-    to_client: AtomicU64,
-    from_client: AtomicU64,
+pub(crate) struct Traffic {
+    pub(crate) to_client: AtomicU64,
+    pub(crate) from_client: AtomicU64,
 }
 
 pub(crate) struct Conn {
@@ -161,12 +158,8 @@ impl Conn {
             return None;
         }
         let (user, server) = parse_login(name)?;
-        let record = self.gw.store.get_user_uncached(&user).await.ok()??;
-        if !record.authorized {
-            return None;
-        }
-        let key = self.gw.store.find_ssh_key(&user, fingerprint).await.ok()??;
-        Some(Login { user, server, key_id: key.id, fingerprint: key.fingerprint })
+        let key = self.gw.upstream.authenticate(&user, fingerprint).await?;
+        Some(Login { user, server, key_id: key.key_id, fingerprint: key.fingerprint })
     }
 }
 
@@ -200,17 +193,18 @@ impl Drop for Conn {
                     bytes_from_client = from_client,
                     "SSH session ended"
                 );
-                let store = self.gw.store.clone();
-                let user = login.user.clone();
-                let detail = json!({
-                    "server": login.server, "peer": self.peer.to_string(), "seconds": secs,
-                    "bytes_to_client": to_client, "bytes_from_client": from_client, "key": login.fingerprint,
-                })
-                .to_string();
+                let record = SessionRecord {
+                    user: login.user.clone(),
+                    server: login.server.clone(),
+                    peer: self.peer.to_string(),
+                    seconds: secs,
+                    bytes_to_client: to_client,
+                    bytes_from_client: from_client,
+                    fingerprint: login.fingerprint.clone(),
+                };
+                let upstream = self.gw.upstream.clone();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        let _ = store.add_event(&user, "ssh-session", &user, &detail).await;
-                    });
+                    rt.spawn(async move { upstream.session_ended(record).await });
                 }
             }
             None if self.tried && self.blocked.is_none() => {
@@ -220,245 +214,6 @@ impl Drop for Conn {
             None => {}
         }
     }
-}
-
-fn sig_name(s: &Sig) -> String {
-    match s {
-        Sig::ABRT => "ABRT".into(),
-        Sig::ALRM => "ALRM".into(),
-        Sig::FPE => "FPE".into(),
-        Sig::HUP => "HUP".into(),
-        Sig::ILL => "ILL".into(),
-        Sig::INT => "INT".into(),
-        Sig::KILL => "KILL".into(),
-        Sig::PIPE => "PIPE".into(),
-        Sig::QUIT => "QUIT".into(),
-        Sig::SEGV => "SEGV".into(),
-        Sig::TERM => "TERM".into(),
-        Sig::USR1 => "USR1".into(),
-        Sig::Custom(n) => n.clone(),
-    }
-}
-
-/// Messages from berth itself on the client's terminal (or stderr without one).
-struct Notices {
-    handle: Handle,
-    channel: ChannelId,
-    tty: bool,
-}
-
-impl Notices {
-    async fn say(&self, msg: &str) {
-        if self.tty {
-            let _ = self.handle.data(self.channel, Bytes::from(format!("{msg}\r\n"))).await;
-        } else {
-            let _ = self.handle.extended_data(self.channel, 1, Bytes::from(format!("{msg}\n"))).await;
-        }
-    }
-
-    async fn fail(&self, msg: &str, status: u32) {
-        self.say(&format!("berth: {msg}")).await;
-        let _ = self.handle.exit_status_request(self.channel, status).await;
-        let _ = self.handle.eof(self.channel).await;
-        let _ = self.handle.close(self.channel).await;
-    }
-}
-
-impl Gateway {
-    /// The running server's spawner state, starting the server first when
-    /// allowed and showing its progress through `notices`.
-    async fn ensure_running(&self, login: &Login, notices: Option<&Notices>) -> Result<Value, String> {
-        let what = login.describe();
-        let deadline = Instant::now() + START_WAIT;
-        let mut started_here = false;
-        for _ in 0..50 {
-            let state = self.servers.state_of(&login.user, &login.server).await.map_err(|e| e.to_string())?;
-            match state {
-                Some((ServerState::Running, s)) => return Ok(s),
-                Some((ServerState::Stopping, _)) => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-                Some((ServerState::Starting, _)) => {}
-                Some((ServerState::Stopped, _)) | None => {
-                    if started_here {
-                        return Err(format!("{what} did not start; see {}hub/home", self.hub_url));
-                    }
-                    if !self.cfg.auto_start {
-                        return Err(format!(
-                            "{what} is not running; start it at {}hub/home, then connect again",
-                            self.hub_url
-                        ));
-                    }
-                    if let Some(n) = notices {
-                        n.say(&format!("berth: starting {what} …")).await;
-                    }
-                    match self.servers.start(&login.user, &login.server, json!({})).await {
-                        Ok(()) | Err(StartError::AlreadyRunning(_)) | Err(StartError::PendingSpawn(_)) => {}
-                        Err(e) => return Err(format!("cannot start {what}: {e}")),
-                    }
-                    started_here = true;
-                }
-            }
-            // Starting: follow its progress until it finishes.
-            if let Some(log) = self.servers.progress_log(&login.user, &login.server) {
-                let (past, mut rx) = log.subscribe();
-                let mut finished = None;
-                for ev in &past {
-                    if ProgressLog::is_finished(ev) {
-                        finished = Some(ev.clone());
-                    }
-                }
-                if let (Some(n), Some(last)) = (notices, past.last()) {
-                    n.say(&progress_line(last)).await;
-                }
-                while finished.is_none() {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(left, rx.recv()).await {
-                        Ok(Ok(ev)) => {
-                            if let Some(n) = notices {
-                                n.say(&progress_line(&ev)).await;
-                            }
-                            if ProgressLog::is_finished(&ev) {
-                                finished = Some(ev);
-                            }
-                        }
-                        Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
-                        Ok(Err(_)) => break,
-                        Err(_) => return Err(format!("{what} did not become ready in time")),
-                    }
-                }
-                if let Some(ev) = finished {
-                    if ev.get("failed").and_then(|v| v.as_bool()).unwrap_or(false) {
-                        let msg = ev.get("message").and_then(|m| m.as_str()).unwrap_or("it failed");
-                        return Err(format!("{what} failed to start: {msg}"));
-                    }
-                }
-            } else {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{what} did not become ready in time"));
-            }
-        }
-        Err(format!("{what} is not running"))
-    }
-}
-
-fn progress_line(ev: &Value) -> String {
-    let pct = ev.get("progress").and_then(|p| p.as_u64()).unwrap_or(0);
-    let msg = ev.get("message").and_then(|m| m.as_str()).unwrap_or("");
-    format!("berth: [{pct:>3}%] {msg}")
-}
-
-/// Runs one session channel's process to its end.
-#[allow(clippy::too_many_arguments)]
-async fn run_process(
-    gw: Arc<Gateway>,
-    handle: Handle,
-    channel: ChannelId,
-    login: Login,
-    req: ExecRequest,
-    stdin_rx: mpsc::UnboundedReceiver<Bytes>,
-    queue: (Arc<AtomicUsize>, Arc<Notify>, Arc<AtomicBool>),
-    shared: Arc<ChanShared>,
-    traffic: Arc<Traffic>,
-) {
-    let notices = Notices { handle: handle.clone(), channel, tty: req.pty.is_some() };
-    let state = match gw.ensure_running(&login, Some(&notices)).await {
-        Ok(s) => s,
-        Err(msg) => return notices.fail(&msg, 255).await,
-    };
-    let what = match &req.kind {
-        ExecKind::Shell => "shell".to_string(),
-        ExecKind::Sftp => "sftp".to_string(),
-        ExecKind::Command(c) => format!("command ({} bytes)", c.len()),
-    };
-    let mut proc = match gw.servers.spawner().exec(&login.user, &state, req).await {
-        Ok(p) => p,
-        Err(e) => return notices.fail(&format!("cannot run a {what} in {}: {e}", login.describe()), 255).await,
-    };
-    tracing::debug!(user = %login.user, server = %login.server, %what, "SSH channel started");
-    let control: &dyn ExecControl = shared.control.get_or_init(|| proc.control).as_ref();
-    let size = shared.size.lock().ok().and_then(|s| *s);
-    if let Some((cols, rows)) = size {
-        let _ = control.resize(cols, rows).await;
-    }
-    // Input: from the unbounded queue into the process, counting it down.
-    let stdin = proc.stdin;
-    let (queued, drained, closed) = queue;
-    tokio::spawn(async move {
-        let mut rx = stdin_rx;
-        while let Some(chunk) = rx.recv().await {
-            let n = chunk.len();
-            let ok = stdin.send(chunk).await.is_ok();
-            queued.fetch_sub(n, Ordering::Relaxed);
-            drained.notify_waiters();
-            if !ok {
-                break;
-            }
-        }
-        closed.store(true, Ordering::Relaxed);
-        drained.notify_waiters();
-    });
-    let mut pending: Option<Output> = None;
-    loop {
-        let out = match pending.take() {
-            Some(o) => o,
-            None => match proc.output.recv().await {
-                Some(o) => o,
-                None => break,
-            },
-        };
-        // Output already waiting joins this message (fewer, fuller SSH packets).
-        let out = match out {
-            Output::Stdout(first) => {
-                let mut joined: Option<bytes::BytesMut> = None;
-                while joined.as_ref().map_or(first.len(), |j| j.len()) < BATCH_BYTES {
-                    match proc.output.try_recv() {
-                        Ok(Output::Stdout(more)) => {
-                            joined.get_or_insert_with(|| bytes::BytesMut::from(&first[..])).extend_from_slice(&more)
-                        }
-                        Ok(other) => {
-                            pending = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                Output::Stdout(joined.map(|j| j.freeze()).unwrap_or(first))
-            }
-            other => other,
-        };
-        let sent = match out {
-            Output::Stdout(b) => {
-                traffic.to_client.fetch_add(b.len() as u64, Ordering::Relaxed);
-                handle.data(channel, b).await.is_ok()
-            }
-            Output::Stderr(b) => {
-                traffic.to_client.fetch_add(b.len() as u64, Ordering::Relaxed);
-                handle.extended_data(channel, 1, b).await.is_ok()
-            }
-        };
-        if !sent {
-            // The client is gone: no one to tell the status to. A shell gets
-            // a hang-up as its terminal closes; commands see their pipes close.
-            if notices.tty {
-                let _ = control.signal("HUP").await;
-            }
-            return;
-        }
-    }
-    let status = match control.wait().await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(user = %login.user, error = %e, "no exit status");
-            255
-        }
-    };
-    let _ = handle.exit_status_request(channel, status).await;
-    let _ = handle.eof(channel).await;
-    let _ = handle.close(channel).await;
 }
 
 impl Conn {
@@ -480,7 +235,7 @@ impl Conn {
         let queue = (q.queued.clone(), q.drained.clone(), q.closed.clone());
         let req = ExecRequest { kind, env: chan.env.clone(), pty: chan.pty.clone() };
         session.channel_success(channel)?;
-        tokio::spawn(run_process(
+        self.gw.tasks.spawn(run_process(
             self.gw.clone(),
             session.handle(),
             channel,
@@ -545,7 +300,7 @@ impl russh::server::Handler for Conn {
         };
         match known {
             Some(login) => {
-                let _ = self.gw.store.touch_ssh_key(&login.key_id).await;
+                self.gw.upstream.key_used(&login.key_id).await;
                 tracing::info!(user = %login.user, server = %login.server, peer = %self.peer, key = %fp, "SSH log-in");
                 self.login = Some(login);
                 Ok(Auth::Accept)
@@ -602,14 +357,18 @@ impl russh::server::Handler for Conn {
                 .await;
             return Ok(());
         };
-        let state = match self.gw.ensure_running(&login, None).await {
+        let state = match self.gw.running_state(&login, None).await {
             Ok(s) => s,
             Err(msg) => {
                 reply.reject(ChannelOpenFailure::Other { code: 2, reason: msg }).await;
                 return Ok(());
             }
         };
-        let mut tcp = match self.gw.servers.spawner().connect(&state, port16).await {
+        let connected = match self.gw.upstream.spawner() {
+            Some(sp) => sp.connect(&state, port16).await,
+            None => Err(berth_spawner::SpawnError::Failed("no spawner".into())),
+        };
+        let mut tcp = match connected {
             Ok(s) => s,
             Err(e) => {
                 reply.reject(ChannelOpenFailure::Other { code: 2, reason: e.to_string() }).await;

@@ -25,7 +25,8 @@ use crate::SharedHub;
 const ANON_BINDING: &str = "anon";
 const ANON_XSRF_MAX_AGE_MS: i64 = 3600 * 1000;
 
-pub(crate) fn token_from_headers(h: &HeaderMap) -> Option<String> {
+/// The token of an `Authorization: token|bearer …` header.
+pub fn token_from_headers(h: &HeaderMap) -> Option<String> {
     let v = h.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, tok) = v.trim().split_once(' ')?;
     if scheme.eq_ignore_ascii_case("token") || scheme.eq_ignore_ascii_case("bearer") {

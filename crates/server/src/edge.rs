@@ -1,0 +1,243 @@
+//! The one edge: every request on berth's port comes through [`handle`].
+//! Hub pages and the API go to the router; a user's server is reached by
+//! path (`/user/<name>[/<server>]/…`) or, in `host` routing, by its own host
+//! name — both through one admission rule ([`admit`]: the hub's identity
+//! resolves the credential, `Caller::may_access` decides) and one
+//! [`forward`].
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::response::{IntoResponse, Redirect};
+use berth_core::ServerId;
+use berth_hub::templates::{APP_COOKIE, APP_SESSION_SECS, AUTH_PATH};
+use berth_hub::Caller;
+use berth_proxy::{contains_dot_segments, strip_cookies, Peer, ProxyError, Route};
+use berth_web::cookies::{self, Cookies};
+use berth_web::extract::wants_html;
+use berth_web::html;
+use http::request::Parts;
+use http::{header, HeaderValue, Response, StatusCode};
+use hyper::body::Incoming;
+use tower::ServiceExt;
+
+use crate::Shared;
+
+/// Cookies of berth's own that never reach a user's server.
+const STRIPPED_COOKIES: &[&str] = &[cookies::SESSION, APP_COOKIE];
+
+/// `internal`: the connection came in on the listener for containers.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: hyper::Request<Incoming>,
+    peer: Peer,
+    internal: bool,
+) -> Response<Body> {
+    if shared.tls.is_some() && !peer.tls {
+        let api_call =
+            (internal || peer.addr.ip().is_loopback()) && req.uri().path().starts_with(&shared.hub_api_prefix);
+        if !api_call {
+            return crate::listen::https_redirect(&req, peer.local_port);
+        }
+    }
+    let templates = &shared.hub.servers.templates;
+    let app_host = templates
+        .host_mode()
+        .then(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+        .flatten()
+        .and_then(|h| templates.parse_host(h));
+    let mut resp = if let Some(id) = app_host {
+        host_route(&shared, req, peer, id).await
+    } else if req.uri().path().starts_with(&shared.user_prefix) {
+        path_route(&shared, req, peer).await
+    } else {
+        hub(&shared, req, peer).await
+    };
+    if let (Some(h), true) = (&shared.hsts, peer.tls) {
+        resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+    }
+    resp
+}
+
+async fn hub(shared: &Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Peer) -> Response<Body> {
+    req.extensions_mut().insert(ConnectInfo(peer.addr));
+    shared.router.clone().oneshot(req.map(Body::new)).await.unwrap_or_else(|e| match e {})
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"status": status.as_u16(), "message": message}).to_string();
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// A refusal, as a page for browsers and as JSON for API clients.
+fn deny(shared: &Shared, parts: &Parts, status: StatusCode, msg: &str) -> Response<Body> {
+    if wants_html(&parts.method, &parts.headers, parts.uri.path()) {
+        let body = format!(
+            r#"<h1>{}</h1><div class="alert alert-danger" role="alert"><p>{}</p></div><p><a href="{}home">Go home</a></p>"#,
+            status.as_u16(),
+            html::esc(msg),
+            shared.hub.hub_prefix()
+        );
+        (status, html::bare_page("Forbidden", &body)).into_response()
+    } else {
+        json_error(status, msg)
+    }
+}
+
+fn query_token(parts: &Parts) -> Option<String> {
+    parts.uri.query()?.split('&').find_map(|kv| kv.strip_prefix("token=").map(str::to_string)).filter(|t| !t.is_empty())
+}
+
+/// Who is calling, from what they sent: a token (`Authorization` or
+/// `?token=`), else the app host's own cookie (on an app host), else the
+/// hub's session cookie.
+async fn caller_of(shared: &Shared, parts: &Parts, app_host: Option<&str>) -> Result<Option<Caller>, Response<Body>> {
+    let identity = &shared.hub.identity;
+    let token = berth_web::auth::token_from_headers(&parts.headers).or_else(|| query_token(parts));
+    let jar = Cookies::from_headers(&parts.headers);
+    let found = match (&token, app_host) {
+        (Some(t), _) => identity.from_token(t).await,
+        (None, Some(host)) => match jar.get(APP_COOKIE) {
+            Some(v) => identity.from_app_cookie(host, v).await,
+            None => Ok(None),
+        },
+        (None, None) => match jar.get(cookies::SESSION) {
+            Some(v) => identity.from_session(v).await,
+            None => Ok(None),
+        },
+    };
+    found.map_err(|e| berth_web::ApiError::from(e).into_response())
+}
+
+/// The one admission rule for a user's server, path or host: the caller
+/// may access it (owner, admins, holders of `access:servers` for it).
+pub(crate) fn admit(caller: &Caller, id: &ServerId) -> bool {
+    caller.may_access(id)
+}
+
+async fn path_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: Peer) -> Response<Body> {
+    if contains_dot_segments(req.uri().path()) {
+        return json_error(StatusCode::BAD_REQUEST, "paths with . or .. segments are not accepted");
+    }
+    let Some(route) = shared.routes.lookup(req.uri().path()) else {
+        // No route: the hub answers (the server is not running).
+        return hub(shared, req, peer).await;
+    };
+    let (parts, body) = req.into_parts();
+    let Ok(id) = ServerId::parse(&route.user, &route.server) else {
+        return json_error(StatusCode::NOT_FOUND, "no such server");
+    };
+    match caller_of(shared, &parts, None).await {
+        Err(r) => return r,
+        Ok(Some(c)) if admit(&c, &id) => {}
+        Ok(Some(c)) => {
+            tracing::info!(visitor = %c.name(), server = %id, "refused access to a server");
+            return deny(shared, &parts, StatusCode::FORBIDDEN, &format!("{} may not access this server", c.name()));
+        }
+        Ok(None) => {
+            let has_token = berth_web::auth::token_from_headers(&parts.headers).is_some() || query_token(&parts).is_some();
+            if !has_token && wants_html(&parts.method, &parts.headers, parts.uri.path()) {
+                let here = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                let next = percent_encoding::utf8_percent_encode(here, percent_encoding::NON_ALPHANUMERIC);
+                return Redirect::to(&format!("{}login?next={next}", shared.hub.hub_prefix())).into_response();
+            }
+            return deny(shared, &parts, StatusCode::FORBIDDEN, "authentication required: log in to the hub or send a token");
+        }
+    }
+    forward(shared, hyper::Request::from_parts(parts, body), &route, peer).await
+}
+
+/// A request on an app's own host name (`host` routing).
+async fn host_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: Peer, id: ServerId) -> Response<Body> {
+    let templates = &shared.hub.servers.templates;
+    let host = templates.host_for(&id);
+    if contains_dot_segments(req.uri().path()) {
+        return json_error(StatusCode::BAD_REQUEST, "paths with . or .. segments are not accepted");
+    }
+    let Some(route) = shared.routes.lookup_host(&host) else {
+        let hub = templates.origin_of(&templates.cfg.app_domain);
+        let body = format!("{} of {} is not running; start it at {hub}{}home\n", id.server, id.user, shared.hub.hub_prefix());
+        return text(StatusCode::NOT_FOUND, body);
+    };
+    let (parts, body) = req.into_parts();
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let (path, query) = pq.split_once('?').unwrap_or((&pq, ""));
+    if path == AUTH_PATH {
+        return take_code(shared, &host, query, peer.tls);
+    }
+    match caller_of(shared, &parts, Some(&host)).await {
+        Err(r) => return r,
+        Ok(Some(c)) if admit(&c, &id) => {}
+        Ok(Some(c)) => return text(StatusCode::FORBIDDEN, format!("{} may not access {}\n", c.name(), id.server)),
+        Ok(None) if berth_web::auth::token_from_headers(&parts.headers).is_some() => {
+            return deny(shared, &parts, StatusCode::FORBIDDEN, "authentication required: log in to the hub or send a token")
+        }
+        Ok(None) => {
+            // To the hub, which sends the visitor back with a one-time code.
+            let next = percent_encoding::utf8_percent_encode(&pq, percent_encoding::NON_ALPHANUMERIC);
+            let hubo = templates.origin_of(&templates.cfg.app_domain);
+            return Redirect::to(&format!("{hubo}{}app-login?host={host}&next={next}", shared.hub.hub_prefix()))
+                .into_response();
+        }
+    }
+    forward(shared, hyper::Request::from_parts(parts, body), &route, peer).await
+}
+
+/// `<app host>/_berth/auth?code=…&next=…`: trades the hub's single-use code
+/// for the app host's own cookie.
+fn take_code(shared: &Shared, host: &str, query: &str, tls: bool) -> Response<Body> {
+    let params: std::collections::HashMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
+    let templates = &shared.hub.servers.templates;
+    let Some(visitor) = params.get("code").and_then(|c| templates.take_code(c, host)) else {
+        return text(StatusCode::FORBIDDEN, "this sign-in link was used already or has expired; open the app again\n".into());
+    };
+    let value = shared.hub.identity.app_cookie(host, &visitor);
+    let secure = if tls { "; Secure" } else { "" };
+    let cookie = format!("{APP_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={APP_SESSION_SECS}{secure}");
+    let next = berth_web::pages::apps::safe_app_next(params.get("next").map(String::as_str).unwrap_or("/"));
+    let mut r = Redirect::to(&next).into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// The one forward path: activity recorded, berth's cookies removed, the
+/// request sent to the route's target; a server that refuses connections
+/// is checked on in the background.
+async fn forward(shared: &Arc<Shared>, mut req: hyper::Request<Incoming>, route: &Route, peer: Peer) -> Response<Body> {
+    let now = berth_store::now_ms();
+    if route.touch(now) {
+        shared.hub.activity.server(&route.user, &route.server, now);
+    }
+    strip_cookies(req.headers_mut(), STRIPPED_COOKIES);
+    match shared.forwarder.forward(req, route, peer).await {
+        Ok(resp) => resp.map(Body::new),
+        Err(e) => {
+            if matches!(e, ProxyError::Refused { .. }) {
+                if let Ok(id) = ServerId::parse(&route.user, &route.server) {
+                    shared.hub.servers.check_soon(id);
+                }
+            }
+            tracing::warn!(user = %route.user, server = %route.server, error = %e, "proxy error");
+            let message = match &e {
+                ProxyError::Refused { .. } => {
+                    format!("{}'s server is not answering; berth is checking on it. Reload in a moment.", route.user)
+                }
+                other => other.to_string(),
+            };
+            json_error(e.status(), &message)
+        }
+    }
+}
