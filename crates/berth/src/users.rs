@@ -71,20 +71,28 @@ async fn hub(config: &Config) -> Result<berth_web::SharedHub> {
     berth_server::offline_hub(config).await.context("preparing the hub")
 }
 
+/// A hub refusal in the CLI's words.
+fn said(e: berth_hub::HubError) -> anyhow::Error {
+    match e {
+        berth_hub::HubError::NoSuchUser { user } => anyhow::anyhow!("user {user} not found"),
+        other => other.into(),
+    }
+}
+
 pub async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()> {
     let op = Actor::Operator;
     match cmd {
         UserCommand::Add { name, admin, password_stdin } => {
             let name = UserName::normalize(&name)?;
             let (pw, generated) = read_password(password_stdin)?;
-            hub(config).await?.create_user(&op, &name, admin, Some(pw.clone())).await?;
+            hub(config).await?.create_user(&op, &name, admin, Some(pw.clone())).await.map_err(said)?;
             println!("created {name}{}", if admin { " (admin)" } else { "" });
             if generated {
                 println!("password: {pw}");
             }
         }
         UserCommand::Approve { name } => {
-            hub(config).await?.set_authorized(&op, &name, true).await?;
+            hub(config).await?.set_authorized(&op, &name, true).await.map_err(said)?;
             println!("{name} is authorized");
         }
         UserCommand::List { pending } => {
@@ -115,7 +123,7 @@ pub async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()>
                 bail!("{name} has running servers; stop them in the hub first (or DELETE /hub/api/users/{name}, which stops them)");
             }
             let hub = hub(config).await?;
-            hub.delete_user(&op, &name, remove_volumes).await?;
+            hub.delete_user(&op, &name, remove_volumes).await.map_err(said)?;
             println!("deleted {name}");
             if remove_volumes {
                 println!("removed {name}'s data ({} spawner)", hub.servers.spawner_kind());
@@ -126,14 +134,14 @@ pub async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()>
                 bail!("user {name} not found");
             }
             let (pw, generated) = read_password(password_stdin)?;
-            hub(config).await?.reset_password(&op, &name, pw.clone()).await?;
+            hub(config).await?.reset_password(&op, &name, pw.clone()).await.map_err(said)?;
             println!("password of {name} changed; their sessions are logged out");
             if generated {
                 println!("password: {pw}");
             }
         }
         UserCommand::Admin { name, revoke } => {
-            hub(config).await?.set_admin(&op, &name, !revoke).await?;
+            hub(config).await?.set_admin(&op, &name, !revoke).await.map_err(said)?;
             println!("{name} is {}an admin", if revoke { "no longer " } else { "" });
         }
         UserCommand::ImportNativeauth { database } => import_nativeauth(store, &database).await?,

@@ -278,3 +278,68 @@ async fn host_mode_serves_the_app_at_root_on_its_own_host_with_its_own_cookie() 
     let r = c3.get(format!("http://nope--alice.apps.test:{port}/")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+/// Visits `url` on an app host the way a browser does: to the hub and back
+/// with a one-time code when it has no app cookie yet. The final status.
+async fn host_visit(client: &reqwest::Client, url: &str) -> StatusCode {
+    let mut next = url.to_string();
+    for _ in 0..4 {
+        let r = client.get(&next).send().await.unwrap();
+        if !r.status().is_redirection() {
+            return r.status();
+        }
+        let to = r.headers()["location"].to_str().unwrap().to_string();
+        next = if to.starts_with('/') { format!("{}{to}", url.split("/get").next().unwrap().trim_end_matches('/')) } else { to };
+    }
+    panic!("too many redirects from {url}");
+}
+
+#[tokio::test]
+async fn host_and_path_routed_servers_admit_the_same_callers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cat = tmp.path().join("catalog");
+    catalog(&cat);
+    let b =
+        Berth::start_with(&[("BERTH_TEMPLATES_DIR", cat.to_str().unwrap()), ("BERTH_APP_DOMAIN", "apps.test")], &[]);
+    let port: u16 = b.url.rsplit(':').next().unwrap().parse().unwrap();
+    let (admin, alice) = admin_and_user(&b, "alice", PW).await;
+    let bob = authorized_user(&b, &admin, "bob", PW).await;
+    for t in ["hbstrip", "hbhost"] {
+        let ev = start_template(&alice, "alice", t, t).await;
+        assert_eq!(ev["ready"], true, "{ev}\n{}", b.log());
+    }
+    let path_url = format!("{}/user/alice/hbstrip/get", b.url);
+    let host_url = format!("http://hbhost--alice.apps.test:{port}/get");
+    let hub = format!("http://apps.test:{port}");
+
+    // Sessions: each visitor's browser, logged in at the hub.
+    for (who, password, admitted) in [("alice", PW, true), ("admin", "admin-pass-42x", true), ("bob", PW, false)] {
+        let (client, jar) = browser_for(port, &["apps.test", "hbhost--alice.apps.test"]);
+        let browser = Browser { base: hub.clone(), jar, client: client.clone() };
+        browser.login_ok(who, password).await;
+        let on_path = browser.client.get(path_url.replace(&b.url, &hub)).send().await.unwrap().status();
+        let on_host = host_visit(&client, &host_url).await;
+        assert_eq!(on_path.is_success(), admitted, "{who} by path: {on_path}");
+        assert_eq!(on_host.is_success(), admitted, "{who} by host: {on_host}");
+    }
+
+    // Tokens, in the Authorization header of both.
+    let token = |b: Browser, user: &'static str, scopes: Value| async move {
+        let r = b.api(Method::POST, &format!("/hub/api/users/{user}/tokens")).json(&json!({"scopes": scopes})).send();
+        r.await.unwrap().json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string()
+    };
+    let cases = [
+        ("alice, all of hers", token(alice.clone(), "alice", json!([])).await, true),
+        ("alice, read-only", token(alice.clone(), "alice", json!(["read:users!user=alice"])).await, false),
+        ("alice, this one server", token(alice.clone(), "alice", json!(["access:servers!server=alice/hbhost", "access:servers!server=alice/hbstrip"])).await, true),
+        ("bob", token(bob.clone(), "bob", json!([])).await, false),
+        ("admin", token(admin.clone(), "admin", json!([])).await, true),
+    ];
+    let (client, _) = browser_for(port, &["hbhost--alice.apps.test"]);
+    for (who, t, admitted) in cases {
+        let auth = format!("token {t}");
+        let on_path = client.get(&path_url).header("Authorization", &auth).send().await.unwrap().status();
+        let on_host = client.get(&host_url).header("Authorization", &auth).send().await.unwrap().status();
+        assert_eq!((on_path.is_success(), on_host.is_success()), (admitted, admitted), "{who}: path {on_path}, host {on_host}");
+    }
+}

@@ -64,3 +64,32 @@ impl Spawner for Failing {
         Box::pin(async { Ok(Status::Exited("never started".into())) })
     }
 }
+
+/// Runs nothing; what it says of a server is what its saved state says:
+/// `{"alive": true, "target": …}` is running. For re-adoption tests, where
+/// the records are written as an earlier berth left them.
+#[derive(Default)]
+pub struct Scripted;
+
+impl Spawner for Scripted {
+    fn kind(&self) -> &'static str {
+        "fake-scripted"
+    }
+    fn start(&self, spec: SpawnSpec, _p: ProgressTx) -> BoxFuture<'_, Result<Started, SpawnError>> {
+        Box::pin(async move {
+            Err(SpawnError::Failed(format!("the scripted spawner does not start servers ({})", spec.user)))
+        })
+    }
+    fn stop<'a>(&'a self, _s: &'a serde_json::Value, _g: StopGrace) -> BoxFuture<'a, Result<(), SpawnError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn poll<'a>(&'a self, state: &'a serde_json::Value) -> BoxFuture<'a, Result<Status, SpawnError>> {
+        Box::pin(async move {
+            Ok(if state.get("alive").and_then(|a| a.as_bool()).unwrap_or(false) {
+                Status::Running
+            } else {
+                Status::Exited("its process is gone".into())
+            })
+        })
+    }
+}
