@@ -1,6 +1,13 @@
 //! The server lifecycle in-process: a temporary SQLite store, the
 //! failure-mode spawners, and a paused clock, so timeouts of minutes run in
 //! milliseconds and nothing waits on a sleep.
+//!
+//! The clock is paused once the store is open. SQLite answers from a thread
+//! of its own, which a paused runtime cannot see: while a query runs, the
+//! clock would jump straight to the next timer — the connection pool's
+//! acquire time-out when nothing nearer is pending. A ticker every virtual
+//! millisecond keeps each jump small, and the pool's time-out is set beyond
+//! every deadline here.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -27,7 +34,8 @@ struct World {
 
 async fn world(spawner: Arc<dyn Spawner>, cfg: Config, gpus: &[&str]) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_in_dir(dir.path()).await.unwrap();
+    let url = format!("sqlite://{}", dir.path().join("berth.sqlite").display());
+    let store = Store::open_with_acquire_timeout(&url, Duration::from_secs(10 * 365 * 24 * 3600)).await.unwrap();
     for name in ["alice", "bob"] {
         let u = NewUser { name: name.into(), admin: false, authorized: true, password_hash: None };
         store.create_user(&u).await.unwrap();
@@ -44,6 +52,12 @@ async fn world(spawner: Arc<dyn Spawner>, cfg: Config, gpus: &[&str]) -> World {
         g,
         Templates::new(TemplatesConfig::default(), Vec::new()),
     );
+    tokio::time::pause();
+    tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
     World { store, servers: Arc::new(servers), _dir: dir }
 }
 
@@ -55,7 +69,7 @@ fn far() -> Instant {
     Instant::now() + Duration::from_secs(24 * 3600)
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_failed_start_frees_its_gpus_and_tokens() {
     let w = world(Arc::new(Failing("the image cannot be pulled".into())), Config::default(), &["GPU-0", "GPU-1"]).await;
     let alice = id("alice", "");
@@ -74,7 +88,7 @@ async fn a_failed_start_frees_its_gpus_and_tokens() {
     assert_eq!(record.state, ServerState::Stopped);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_start_that_never_answers_ends_stopped_at_its_timeout_with_the_reason() {
     let cfg = Config { start_timeout_seconds: Duration::from_secs(90), ..Config::default() };
     let w = world(Arc::new(NeverReady::default()), cfg, &["GPU-0"]).await;
@@ -96,7 +110,7 @@ async fn a_start_that_never_answers_ends_stopped_at_its_timeout_with_the_reason(
     assert!(events.iter().any(|e| e.kind == "start-failed" && e.detail.contains("did not answer")), "{events:?}");
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn the_named_server_limit_names_the_servers_that_count() {
     let cfg = Config { max_named_servers: 2, ..Config::default() };
     let w = world(Arc::new(NeverReady::default()), cfg, &[]).await;
@@ -116,7 +130,7 @@ async fn the_named_server_limit_names_the_servers_that_count() {
     w.servers.start(&id("bob", "a"), UserOptions::default()).await.unwrap();
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn reconcile_adopts_what_runs_and_marks_what_vanished() {
     let w = world(Arc::new(Scripted), Config::default(), &["GPU-0", "GPU-1"]).await;
     // As a berth killed with -9 left them: two running servers holding a GPU each.

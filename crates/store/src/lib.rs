@@ -106,6 +106,13 @@ impl Store {
     /// Opens (creating if needed) the database at `url` and migrates it.
     /// `sqlite://PATH` or `postgres://...`.
     pub async fn open(url: &str) -> Result<Store> {
+        Store::open_with_acquire_timeout(url, Duration::from_secs(10)).await
+    }
+
+    /// [`Store::open`] with the time a query may wait for a pooled
+    /// connection. Tests on a paused clock set it beyond their deadlines:
+    /// there, virtual time runs on while a query is in SQLite's thread.
+    pub async fn open_with_acquire_timeout(url: &str, acquire_timeout: Duration) -> Result<Store> {
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -141,7 +148,7 @@ impl Store {
         let pool = AnyPoolOptions::new()
             .max_connections(max)
             .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(acquire_timeout)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {

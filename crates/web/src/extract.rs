@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::extract::{FromRequest, FromRequestParts, OriginalUri, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -72,7 +72,9 @@ pub struct ServerPath(pub ServerId);
 impl<S: Send + Sync> FromRequestParts<S> for ServerPath {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let api = parts.uri.path().contains("/hub/api/");
+        // Inside nested routers the URI has lost its prefix; the original has it.
+        let path = parts.extensions.get::<OriginalUri>().map_or(parts.uri.path(), |u| u.0.path());
+        let api = path.contains("/hub/api/");
         let as_page = |e: ApiError| if api { e } else { e.page() };
         let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
             .await

@@ -98,14 +98,16 @@ async fn the_user_and_server_models_have_jupyterhubs_fields() {
     let a = api().await;
     let (status, user) = a.call("GET", "/hub/api/users/bob", Some(ADMIN_TOKEN), "").await;
     assert_eq!(status, StatusCode::OK, "{user}");
+    // JupyterHub's fields, and berth's `authorized` (NativeAuthenticator's approval).
     let want = [
         "kind", "name", "admin", "groups", "roles", "created", "last_activity", "server", "pending", "servers",
-        "auth_state", "user_info",
+        "auth_state", "user_info", "authorized",
     ];
     assert_eq!(keys(&user), set(&want), "{user}");
     assert_eq!((&user["kind"], &user["name"], &user["admin"]), (&json!("user"), &json!("bob"), &json!(false)));
     assert_eq!((&user["server"], &user["pending"], &user["roles"]), (&json!("/user/bob/"), &Value::Null, &json!(["user"])));
     let server = &user["servers"][""];
+    // JupyterHub's fields, and berth's `template` and `last_error`.
     let want = [
         "name", "display_name", "full_name", "last_activity", "started", "pending", "ready", "stopped", "url",
         "user_options", "progress_url", "full_url", "full_progress_url", "state", "template", "last_error",
