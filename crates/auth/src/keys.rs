@@ -70,7 +70,6 @@ authorized_keys options are not supported",
     })
 }
 
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -289,7 +289,11 @@ async fn host_visit(client: &reqwest::Client, url: &str) -> StatusCode {
             return r.status();
         }
         let to = r.headers()["location"].to_str().unwrap().to_string();
-        next = if to.starts_with('/') { format!("{}{to}", url.split("/get").next().unwrap().trim_end_matches('/')) } else { to };
+        next = if to.starts_with('/') {
+            format!("{}{to}", url.split("/get").next().unwrap().trim_end_matches('/'))
+        } else {
+            to
+        };
     }
     panic!("too many redirects from {url}");
 }
@@ -331,7 +335,16 @@ async fn host_and_path_routed_servers_admit_the_same_callers() {
     let cases = [
         ("alice, all of hers", token(alice.clone(), "alice", json!([])).await, true),
         ("alice, read-only", token(alice.clone(), "alice", json!(["read:users!user=alice"])).await, false),
-        ("alice, this one server", token(alice.clone(), "alice", json!(["access:servers!server=alice/hbhost", "access:servers!server=alice/hbstrip"])).await, true),
+        (
+            "alice, this one server",
+            token(
+                alice.clone(),
+                "alice",
+                json!(["access:servers!server=alice/hbhost", "access:servers!server=alice/hbstrip"]),
+            )
+            .await,
+            true,
+        ),
         ("bob", token(bob.clone(), "bob", json!([])).await, false),
         ("admin", token(admin.clone(), "admin", json!([])).await, true),
     ];
@@ -340,6 +353,10 @@ async fn host_and_path_routed_servers_admit_the_same_callers() {
         let auth = format!("token {t}");
         let on_path = client.get(&path_url).header("Authorization", &auth).send().await.unwrap().status();
         let on_host = client.get(&host_url).header("Authorization", &auth).send().await.unwrap().status();
-        assert_eq!((on_path.is_success(), on_host.is_success()), (admitted, admitted), "{who}: path {on_path}, host {on_host}");
+        assert_eq!(
+            (on_path.is_success(), on_host.is_success()),
+            (admitted, admitted),
+            "{who}: path {on_path}, host {on_host}"
+        );
     }
 }

@@ -44,7 +44,8 @@ impl Hub {
         let hash = self.login.hash_password(password).await?;
         let new = NewUser { name: name.to_string(), admin, authorized: admin, password_hash: Some(hash) };
         self.store.create_user(&new).await.map_err(|e| conflict_as_exists(e, name.as_str()))?;
-        let _ = self.store.add_event(name.as_str(), "signup", name.as_str(), if admin { "admin" } else { "pending" }).await;
+        let _ =
+            self.store.add_event(name.as_str(), "signup", name.as_str(), if admin { "admin" } else { "pending" }).await;
         tracing::info!(user = %name, admin, "sign-up");
         Ok(Signup { name, admin })
     }

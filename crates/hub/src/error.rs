@@ -93,7 +93,9 @@ pub enum HubError {
     BadKey(String),
     #[error("{user} already has {max} keys; remove one first")]
     TooManyKeys { user: String, max: usize },
-    #[error("the key {fingerprint} is already registered (to this or another account); each key can belong to one account")]
+    #[error(
+        "the key {fingerprint} is already registered (to this or another account); each key can belong to one account"
+    )]
     KeyExists { fingerprint: String },
     #[error("{user} has no key {key}")]
     NoSuchKey { user: String, key: String },

@@ -13,10 +13,19 @@ use crate::error::{HubError, HubResult};
 
 #[derive(Debug, Clone)]
 pub enum Via {
-    Session { id_hash: String, public_id: String },
-    Token { id: String, kind: TokenKind, session_id: Option<String> },
+    Session {
+        id_hash: String,
+        public_id: String,
+    },
+    Token {
+        id: String,
+        kind: TokenKind,
+        session_id: Option<String>,
+    },
     /// An app host's own cookie (`host` routing).
-    AppHost { host: String },
+    AppHost {
+        host: String,
+    },
 }
 
 /// An authenticated caller with the scopes this request may use.
@@ -144,36 +153,35 @@ impl Identity {
         &self.signer
     }
 
-/// Resolves a token to its caller, or None when unknown, expired, or its
-/// owner is not (or no longer) authorized.
-pub async fn from_token(&self, token: &str) -> HubResult<Option<Caller>> {
-    let now = now_ms();
-    // Keyed by the credential itself (memory only), so a hit costs no hashing.
-    let key = format!("t:{token}");
-    let generation = self.store.auth_generation();
-    if let Some((c, due)) = self.cache.get(&key, generation, now) {
-        if let (true, Via::Token { id, .. }) = (due, &c.via) {
-            self.activity.token(id, now);
+    /// Resolves a token to its caller, or None when unknown, expired, or its
+    /// owner is not (or no longer) authorized.
+    pub async fn from_token(&self, token: &str) -> HubResult<Option<Caller>> {
+        let now = now_ms();
+        // Keyed by the credential itself (memory only), so a hit costs no hashing.
+        let key = format!("t:{token}");
+        let generation = self.store.auth_generation();
+        if let Some((c, due)) = self.cache.get(&key, generation, now) {
+            if let (true, Via::Token { id, .. }) = (due, &c.via) {
+                self.activity.token(id, now);
+            }
+            return Ok(Some(c));
         }
-        return Ok(Some(c));
+        let Some((tok, user)) = self.store.find_token(&hash_token(token)).await? else {
+            return Ok(None);
+        };
+        if tok.is_expired(now) || !user.authorized {
+            return Ok(None);
+        }
+        self.activity.token(&tok.id, now);
+        let scopes = token_scopes(&tok, &user);
+        let caller = Caller {
+            user,
+            scopes: std::sync::Arc::new(scopes),
+            via: Via::Token { id: tok.id, kind: tok.kind, session_id: tok.session_id },
+        };
+        self.cache.put(key, caller.clone(), tok.expires_at, generation);
+        Ok(Some(caller))
     }
-    let Some((tok, user)) = self.store.find_token(&hash_token(token)).await? else {
-        return Ok(None);
-    };
-    if tok.is_expired(now) || !user.authorized {
-        return Ok(None);
-    }
-    self.activity.token(&tok.id, now);
-    let scopes = token_scopes(&tok, &user);
-    let caller = Caller {
-        user,
-        scopes: std::sync::Arc::new(scopes),
-        via: Via::Token { id: tok.id, kind: tok.kind, session_id: tok.session_id },
-    };
-    self.cache.put(key, caller.clone(), tok.expires_at, generation);
-    Ok(Some(caller))
-}
-
 }
 
 /// What a token may do: what it was given, never more than its owner holds
@@ -198,37 +206,37 @@ pub fn token_scopes(tok: &berth_store::Token, owner: &User) -> ScopeSet {
 }
 
 impl Identity {
-/// Resolves a session cookie to its caller.
-pub async fn from_session(&self, cookie_value: &str) -> HubResult<Option<Caller>> {
-    let now = now_ms();
-    let generation = self.store.auth_generation();
-    let key = format!("s:{cookie_value}");
-    if let Some((c, due)) = self.cache.get(&key, generation, now) {
-        if let (true, Via::Session { id_hash, .. }) = (due, &c.via) {
-            self.activity.session(id_hash, now);
+    /// Resolves a session cookie to its caller.
+    pub async fn from_session(&self, cookie_value: &str) -> HubResult<Option<Caller>> {
+        let now = now_ms();
+        let generation = self.store.auth_generation();
+        let key = format!("s:{cookie_value}");
+        if let Some((c, due)) = self.cache.get(&key, generation, now) {
+            if let (true, Via::Session { id_hash, .. }) = (due, &c.via) {
+                self.activity.session(id_hash, now);
+            }
+            return Ok(Some(c));
         }
-        return Ok(Some(c));
+        let Some(id_hash) = SessionCookie::id_hash_of(&self.signer, cookie_value) else {
+            return Ok(None);
+        };
+        let Some((session, user)) = self.store.get_session(&id_hash).await? else {
+            return Ok(None);
+        };
+        let max_age = self.session_max_age.as_millis() as i64;
+        if !user.authorized || now - session.created > max_age {
+            return Ok(None);
+        }
+        self.activity.session(&id_hash, now);
+        let scopes = ScopeSet::for_user(&user.name, user.admin);
+        let caller = Caller {
+            user,
+            scopes: std::sync::Arc::new(scopes),
+            via: Via::Session { id_hash: id_hash.clone(), public_id: session.public_id },
+        };
+        self.cache.put(key, caller.clone(), Some(session.created + max_age), generation);
+        Ok(Some(caller))
     }
-    let Some(id_hash) = SessionCookie::id_hash_of(&self.signer, cookie_value) else {
-        return Ok(None);
-    };
-    let Some((session, user)) = self.store.get_session(&id_hash).await? else {
-        return Ok(None);
-    };
-    let max_age = self.session_max_age.as_millis() as i64;
-    if !user.authorized || now - session.created > max_age {
-        return Ok(None);
-    }
-    self.activity.session(&id_hash, now);
-    let scopes = ScopeSet::for_user(&user.name, user.admin);
-    let caller = Caller {
-        user,
-        scopes: std::sync::Arc::new(scopes),
-        via: Via::Session { id_hash: id_hash.clone(), public_id: session.public_id },
-    };
-    self.cache.put(key, caller.clone(), Some(session.created + max_age), generation);
-    Ok(Some(caller))
-}
 }
 
 impl Identity {
@@ -253,11 +261,7 @@ impl Identity {
             return Ok(None);
         }
         let scopes = ScopeSet::for_user(&user.name, user.admin);
-        Ok(Some(Caller {
-            user,
-            scopes: Arc::new(scopes),
-            via: Via::AppHost { host: host.to_string() },
-        }))
+        Ok(Some(Caller { user, scopes: Arc::new(scopes), via: Via::AppHost { host: host.to_string() } }))
     }
 }
 

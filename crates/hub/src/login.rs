@@ -21,7 +21,9 @@ pub enum LoginOutcome {
     Invalid,
     /// Right password, but an admin has not authorized the account yet.
     Pending(String),
-    Locked { until: i64 },
+    Locked {
+        until: i64,
+    },
 }
 
 /// A new session: the cookie values a front end sets.

@@ -128,10 +128,7 @@ mod tests {
     fn events_serialise_in_jupyterhubs_shape() {
         let cases = [
             (ProgressEvent::step(10, "Spawning server..."), r#"{"progress":10,"message":"Spawning server..."}"#),
-            (
-                ProgressEvent::failed("boom"),
-                r#"{"progress":100,"message":"Spawn failed: boom","failed":true}"#,
-            ),
+            (ProgressEvent::failed("boom"), r#"{"progress":100,"message":"Spawn failed: boom","failed":true}"#),
             (
                 ProgressEvent::ready("/user/a/"),
                 r#"{"progress":100,"message":"Server ready at /user/a/","html_message":"Server ready at <a href=\"/user/a/\">/user/a/</a>","ready":true,"url":"/user/a/"}"#,

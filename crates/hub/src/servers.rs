@@ -10,7 +10,11 @@
 //! does not allow. [`Servers::wait_settled`] is the one wait for a start or
 //! stop to finish, used by the REST API, the progress stream and SSH.
 
+mod adopt;
+mod config;
+mod readiness;
 pub mod spec;
+mod wait;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,20 +23,20 @@ use std::time::Duration;
 use berth_auth::{hash_token, new_token};
 use berth_core::{RoutingMode, ScopeSet, ServerId, ServerState, Transition};
 use berth_proxy::{Route, RouteTable};
-use berth_spawner::{Progress, Spawner, Status, StopGrace};
+use berth_spawner::{Spawner, StopGrace};
 use berth_store::{now_ms, NewToken, OAuthClient, Server, Store, TokenKind};
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use config::Config;
 pub use spec::{StartPlan, UserOptions};
 
 use crate::activity::Activity;
@@ -40,52 +44,6 @@ use crate::error::{HubError, HubResult};
 use crate::gpus::Gpus;
 use crate::progress::{ProgressEvent, ProgressLog};
 use crate::templates::Templates;
-
-/// The `[spawner]` section of berth's configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// `auto` (Docker when its engine answers, else local), `local` or `docker`.
-    pub kind: String,
-    /// The local spawner's command line.
-    pub local_cmd: String,
-    /// Provide `jupyterhub-singleuser` in a virtualenv under the data directory when it is not installed.
-    pub provision: bool,
-    /// Time from a start request until the server must answer.
-    #[serde(with = "berth_core::serde_secs")]
-    pub start_timeout_seconds: Duration,
-    /// Seconds between SIGINT and SIGTERM, and between SIGTERM and SIGKILL, when stopping.
-    #[serde(with = "berth_core::serde_secs")]
-    pub stop_grace_seconds: Duration,
-    /// Servers that may be starting at once.
-    pub max_concurrent_starts: u32,
-    /// Servers that may run at once on this hub; 0 means no limit.
-    pub max_running: u32,
-    /// Named servers a user may have besides the default one.
-    pub max_named_servers: u32,
-    /// Stop every server when berth shuts down (otherwise they keep running and are re-adopted).
-    pub stop_on_shutdown: bool,
-    /// Seconds between checks that running servers are still alive.
-    #[serde(with = "berth_core::serde_secs")]
-    pub poll_interval_seconds: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            kind: "auto".into(),
-            local_cmd: "jupyterhub-singleuser".into(),
-            provision: true,
-            start_timeout_seconds: Duration::from_secs(120),
-            stop_grace_seconds: Duration::from_secs(10),
-            max_concurrent_starts: 20,
-            max_running: 0,
-            max_named_servers: 5,
-            stop_on_shutdown: false,
-            poll_interval_seconds: Duration::from_secs(30),
-        }
-    }
-}
 
 /// The spawner's saved state for a server, as recorded: empty until the
 /// spawner returned from `start`.
@@ -110,15 +68,20 @@ impl SpawnerState {
 /// How a start or stop ended, or that it has not yet.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settled {
-    Running { url: Option<String>, state: SpawnerState },
-    Stopped { error: Option<String> },
+    Running {
+        url: Option<String>,
+        state: SpawnerState,
+    },
+    Stopped {
+        error: Option<String>,
+    },
     /// Still starting or stopping at the deadline.
     Pending,
 }
 
 /// Why a server goes away: one teardown for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
+pub(super) enum Ending {
     Failed,
     Stop,
     Vanished,
@@ -236,7 +199,7 @@ impl Servers {
     }
 
     /// The route for a server that answers at `target`, and its public URL.
-    fn route_for(&self, id: &ServerId, mode: RoutingMode, target: String) -> (Route, String) {
+    pub(super) fn route_for(&self, id: &ServerId, mode: RoutingMode, target: String) -> (Route, String) {
         let (user, server) = (id.user().to_string(), id.server().to_string());
         match mode {
             RoutingMode::Host => {
@@ -259,7 +222,7 @@ impl Servers {
     }
 
     /// Applies a transition and writes the record; illegal moves are refused.
-    async fn transition(&self, s: &mut Server, t: Transition) -> HubResult<()> {
+    pub(super) async fn transition(&self, s: &mut Server, t: Transition) -> HubResult<()> {
         s.state = s.state.apply(t)?;
         self.store.put_server(s).await?;
         Ok(())
@@ -401,7 +364,14 @@ impl Servers {
         Ok(())
     }
 
-    async fn run_start(&self, id: ServerId, mut record: Server, mode: RoutingMode, plan: StartPlan, log: Arc<ProgressLog>) {
+    async fn run_start(
+        &self,
+        id: ServerId,
+        mut record: Server,
+        mode: RoutingMode,
+        plan: StartPlan,
+        log: Arc<ProgressLog>,
+    ) {
         let deadline = Instant::now() + self.cfg.start_timeout_seconds;
         match self.spawn_and_wait(&mut record, plan, &log, deadline).await {
             Ok(target) => {
@@ -422,79 +392,13 @@ impl Servers {
         }
     }
 
-    async fn spawn_and_wait(
-        &self,
-        record: &mut Server,
-        plan: StartPlan,
-        log: &Arc<ProgressLog>,
-        deadline: Instant,
-    ) -> Result<String, String> {
-        let timeout = self.cfg.start_timeout_seconds.as_secs();
-        let (ptx, mut prx) = mpsc::unbounded_channel::<Progress>();
-        let fwd_log = log.clone();
-        let forwarder = tokio::spawn(async move {
-            while let Some(p) = prx.recv().await {
-                fwd_log.push(ProgressEvent::step(p.progress.min(99), p.message));
-            }
-        });
-        let stop_forwarding = forwarder.abort_handle();
-        log.push(ProgressEvent::step(10, "Spawning server..."));
-        let (user, server) = (plan.spec.user.clone(), plan.spec.server.clone());
-        let started = tokio::time::timeout_at(deadline, self.spawner.start(plan.spec, ptx)).await;
-        // Events the spawner sent before returning are still delivered; a
-        // spawner that keeps its sender gets no more say after that.
-        let _ = tokio::time::timeout(Duration::from_millis(200), forwarder).await;
-        stop_forwarding.abort();
-        let started = match started {
-            Err(_) => return Err(format!("the server did not start within {timeout} s")),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Ok(Ok(s)) => s,
-        };
-        record.spawner_state = started.state.to_string();
-        if let Err(e) = self.store.put_server(record).await {
-            return Err(format!("could not record the server: {e}"));
-        }
-        log.push(ProgressEvent::step(50, "Waiting for the server to answer..."));
-        let Some(probe) = plan.probe else {
-            // Nothing answers HTTP (an SSH-only environment): running is ready.
-            return match self.spawner.poll(&started.state).await {
-                Ok(Status::Running) => Ok(started.target),
-                Ok(Status::Exited(why)) => Err(why),
-                Err(e) => Err(e.to_string()),
-            };
-        };
-        let probe = format!("{}{probe}", started.target);
-        let uri: http::Uri = probe.parse().map_err(|e| format!("bad target {probe}: {e}"))?;
-        let mut delay = Duration::from_millis(100);
-        loop {
-            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), self.http.get(uri.clone())).await {
-                if resp.status().as_u16() < 500 {
-                    return Ok(started.target);
-                }
-            }
-            match self.spawner.poll(&started.state).await {
-                Ok(Status::Exited(why)) => {
-                    let tail = self.spawner.logs(&user, &server).await.map(|l| last_lines(&l, 3)).unwrap_or_default();
-                    return Err(if tail.is_empty() { why } else { format!("{why}; its last output: {tail}") });
-                }
-                Ok(Status::Running) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            if Instant::now() + delay > deadline {
-                return Err(format!("the server did not answer at {probe} within {timeout} s"));
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
-        }
-    }
-
     // -------------------------------------------------- the one teardown
 
     /// Everything that must happen when a server goes away, whatever the
     /// reason: no route, the spawner's process or container gone, the
     /// server's credentials revoked, its GPUs freed, the record stopped
     /// (with the reason for a failure or a vanish), an event.
-    async fn teardown(&self, id: &ServerId, mut record: Server, ending: Ending, reason: &str) {
+    pub(super) async fn teardown(&self, id: &ServerId, mut record: Server, ending: Ending, reason: &str) {
         // The route goes first: nothing reaches a server that is going away.
         self.remove_routes(id);
         if ending == Ending::Stop && record.state != ServerState::Stopping {
@@ -555,9 +459,9 @@ impl Servers {
         }
         let me = self.clone();
         let target = id.clone();
-        let task = self.tasks.spawn(
-            async move { me.stop_now(&target).await }.instrument(tracing::info_span!("stop", server = %id)),
-        );
+        let task = self
+            .tasks
+            .spawn(async move { me.stop_now(&target).await }.instrument(tracing::info_span!("stop", server = %id)));
         match tokio::time::timeout(wait, task).await {
             Ok(Ok(r)) => r.map(|_| true),
             Ok(Err(e)) => Err(HubError::internal(format!("stopping {id} failed: {e}"))),
@@ -606,168 +510,6 @@ impl Servers {
         Ok(())
     }
 
-    // ------------------------------------------------------------ waiting
-
-    /// Waits until `id` is running or stopped, or `deadline` passes. With
-    /// `progress`, every event of the current start (the ones so far, then
-    /// each new one) is sent there as well; the wait ends early when that
-    /// receiver goes away.
-    pub async fn wait_settled(
-        &self,
-        id: &ServerId,
-        deadline: Instant,
-        progress: Option<&mpsc::UnboundedSender<ProgressEvent>>,
-    ) -> HubResult<Settled> {
-        let mut followed = false;
-        loop {
-            if !followed {
-                if let Some(log) = self.progress_log(id) {
-                    followed = true;
-                    let mut watch = log.watch();
-                    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, watch.next()).await {
-                        if let Some(tx) = progress {
-                            if tx.send(ev).is_err() {
-                                return Ok(Settled::Pending);
-                            }
-                        }
-                    }
-                }
-            }
-            let record = self.store.get_server(id.user(), id.server()).await?;
-            match record {
-                None => return Ok(Settled::Stopped { error: None }),
-                Some(r) if r.state == ServerState::Running => {
-                    return Ok(Settled::Running { url: r.url, state: SpawnerState::from_record(&r.spawner_state) })
-                }
-                Some(r) if r.state == ServerState::Stopped => return Ok(Settled::Stopped { error: r.last_error }),
-                Some(_) => {}
-            }
-            if Instant::now() >= deadline || progress.is_some_and(|tx| tx.is_closed()) {
-                return Ok(Settled::Pending);
-            }
-            tokio::time::sleep(Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now())))
-                .await;
-        }
-    }
-
-    /// The server's lifecycle state and saved spawner state (`None` when it has no record).
-    pub async fn state_of(&self, id: &ServerId) -> HubResult<Option<(ServerState, SpawnerState)>> {
-        Ok(self
-            .store
-            .get_server(id.user(), id.server())
-            .await?
-            .map(|r| (r.state, SpawnerState::from_record(&r.spawner_state))))
-    }
-
-    // ------------------------------------------------ checks and re-adoption
-
-    /// Checks one server now: a running one whose process or container is
-    /// gone is torn down as vanished.
-    pub async fn check(&self, id: &ServerId) {
-        if self.busy.lock().map(|b| b.contains(id)).unwrap_or(true) {
-            return;
-        }
-        let Ok(Some(record)) = self.store.get_server(id.user(), id.server()).await else { return };
-        if record.state != ServerState::Running {
-            return;
-        }
-        let state = SpawnerState::from_record(&record.spawner_state);
-        if let Ok(Status::Exited(why)) = self.spawner.poll(state.value()).await {
-            self.teardown(id, record, Ending::Vanished, &why).await;
-        }
-    }
-
-    /// [`Servers::check`] in the background, at most one at a time per
-    /// server (the proxy calls this when a server refuses connections).
-    pub fn check_soon(self: &Arc<Self>, id: ServerId) {
-        let first = self.checking.lock().map(|mut c| c.insert(id.clone())).unwrap_or(false);
-        if !first {
-            return;
-        }
-        let me = self.clone();
-        let span = tracing::info_span!("check", server = %id);
-        self.tasks.spawn(
-            async move {
-                me.check(&id).await;
-                if let Ok(mut c) = me.checking.lock() {
-                    c.remove(&id);
-                }
-            }
-            .instrument(span),
-        );
-    }
-
-    /// At start-up, before the listener accepts: re-adopt what still runs,
-    /// restore its routes, and mark what vanished as stopped. Returns
-    /// (adopted, vanished).
-    pub async fn reconcile(&self) -> HubResult<(usize, usize)> {
-        let (mut adopted, mut vanished) = (0, 0);
-        for mut record in self.store.list_servers(None).await? {
-            if record.state == ServerState::Stopped {
-                continue;
-            }
-            let Ok(id) = ServerId::parse(&record.user, &record.name) else { continue };
-            let state = SpawnerState::from_record(&record.spawner_state);
-            let status = if state.is_started() {
-                self.spawner.poll(state.value()).await.unwrap_or_else(|e| Status::Exited(e.to_string()))
-            } else {
-                Status::Exited("it had not started when berth stopped".into())
-            };
-            match (status, self.spawner.target(state.value())) {
-                (Status::Running, Some(target)) if record.state != ServerState::Stopping => {
-                    let mode = UserOptions::from_record(&record.user_options).routing_mode();
-                    let (route, url) = self.route_for(&id, mode, target);
-                    self.routes.insert(route);
-                    if record.state == ServerState::Starting {
-                        record.url = Some(url);
-                        let _ = self.transition(&mut record, Transition::Ready).await;
-                    }
-                    tracing::info!(server = %id, "re-adopted a running server");
-                    adopted += 1;
-                }
-                (Status::Running, _) => {
-                    // It was stopping: finish the job.
-                    self.teardown(&id, record, Ending::Stop, "").await;
-                    vanished += 1;
-                }
-                (Status::Exited(why), _) => {
-                    let reason = format!("stopped while berth was not running: {why}");
-                    self.teardown(&id, record, Ending::Vanished, &reason).await;
-                    vanished += 1;
-                }
-            }
-        }
-        // Containers labelled as berth's that no active record claims are
-        // reported, never deleted: they may hold someone's work.
-        let active: HashSet<(String, String)> = self
-            .store
-            .list_servers(None)
-            .await?
-            .into_iter()
-            .filter(|s| s.state.is_active())
-            .map(|s| (s.user, s.name))
-            .collect();
-        for (user, server, handle) in self.spawner.list_managed().await {
-            if !active.contains(&(user.clone(), server.clone())) {
-                tracing::warn!(
-                    user = %user, server = %server, handle = %handle,
-                    "found a server berth started but has no record of; left as it is (remove it by hand if it is not needed)"
-                );
-            }
-        }
-        Ok((adopted, vanished))
-    }
-
-    /// One round of the poll job: running servers that died are marked stopped.
-    pub async fn poll_all(&self) {
-        let Ok(records) = self.store.list_servers(None).await else { return };
-        for r in records.into_iter().filter(|r| r.state == ServerState::Running) {
-            if let Ok(id) = ServerId::parse(&r.user, &r.name) {
-                self.check(&id).await;
-            }
-        }
-    }
-
     /// Waits (up to `timeout`) for the starts, stops and checks under way.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.tasks.close();
@@ -784,9 +526,4 @@ impl Servers {
     pub async fn logs(&self, id: &ServerId) -> Option<String> {
         self.spawner.logs(id.user(), id.server()).await
     }
-}
-
-fn last_lines(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
 }

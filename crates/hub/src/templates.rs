@@ -51,7 +51,12 @@ impl Templates {
     pub fn new(cfg: TemplatesConfig, templates: Vec<HubTemplate>) -> Templates {
         let templates =
             templates.into_iter().filter(|t| cfg.allowed.is_empty() || cfg.allowed.contains(&t.id)).collect();
-        Templates { cfg, templates, origin: RwLock::new(("http".into(), String::new())), codes: Mutex::new(HashMap::new()) }
+        Templates {
+            cfg,
+            templates,
+            origin: RwLock::new(("http".into(), String::new())),
+            codes: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn templates(&self) -> &[HubTemplate] {

@@ -48,7 +48,9 @@ impl Hub {
         }
         let expires_at = match req.expires_in {
             None | Some(0) => None,
-            Some(s) if s < 0 => return Err(HubError::BadToken("expires_in must be a positive number of seconds".into())),
+            Some(s) if s < 0 => {
+                return Err(HubError::BadToken("expires_in must be a positive number of seconds".into()))
+            }
             Some(s) if s > MAX_EXPIRES_IN => {
                 return Err(HubError::BadToken(format!("expires_in must be at most {MAX_EXPIRES_IN} seconds")))
             }

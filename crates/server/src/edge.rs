@@ -146,13 +146,19 @@ async fn path_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
             return deny(shared, &parts, StatusCode::FORBIDDEN, &format!("{} may not access this server", c.name()));
         }
         Ok(None) => {
-            let has_token = berth_web::auth::token_from_headers(&parts.headers).is_some() || query_token(&parts).is_some();
+            let has_token =
+                berth_web::auth::token_from_headers(&parts.headers).is_some() || query_token(&parts).is_some();
             if !has_token && wants_html(&parts.method, &parts.headers, parts.uri.path()) {
                 let here = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
                 let next = percent_encoding::utf8_percent_encode(here, percent_encoding::NON_ALPHANUMERIC);
                 return Redirect::to(&format!("{}login?next={next}", shared.hub.hub_prefix())).into_response();
             }
-            return deny(shared, &parts, StatusCode::FORBIDDEN, "authentication required: log in to the hub or send a token");
+            return deny(
+                shared,
+                &parts,
+                StatusCode::FORBIDDEN,
+                "authentication required: log in to the hub or send a token",
+            );
         }
     }
     forward(shared, hyper::Request::from_parts(parts, body), &route, peer).await
@@ -167,7 +173,8 @@ async fn host_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
     }
     let Some(route) = shared.routes.lookup_host(&host) else {
         let hub = templates.origin_of(&templates.cfg.app_domain);
-        let body = format!("{} of {} is not running; start it at {hub}{}home\n", id.server, id.user, shared.hub.hub_prefix());
+        let body =
+            format!("{} of {} is not running; start it at {hub}{}home\n", id.server, id.user, shared.hub.hub_prefix());
         return text(StatusCode::NOT_FOUND, body);
     };
     let (parts, body) = req.into_parts();
@@ -181,7 +188,12 @@ async fn host_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
         Ok(Some(c)) if admit(&c, &id) => {}
         Ok(Some(c)) => return text(StatusCode::FORBIDDEN, format!("{} may not access {}\n", c.name(), id.server)),
         Ok(None) if berth_web::auth::token_from_headers(&parts.headers).is_some() => {
-            return deny(shared, &parts, StatusCode::FORBIDDEN, "authentication required: log in to the hub or send a token")
+            return deny(
+                shared,
+                &parts,
+                StatusCode::FORBIDDEN,
+                "authentication required: log in to the hub or send a token",
+            )
         }
         Ok(None) => {
             // To the hub, which sends the visitor back with a one-time code.
@@ -200,7 +212,10 @@ fn take_code(shared: &Shared, host: &str, query: &str, tls: bool) -> Response<Bo
     let params: std::collections::HashMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
     let templates = &shared.hub.servers.templates;
     let Some(visitor) = params.get("code").and_then(|c| templates.take_code(c, host)) else {
-        return text(StatusCode::FORBIDDEN, "this sign-in link was used already or has expired; open the app again\n".into());
+        return text(
+            StatusCode::FORBIDDEN,
+            "this sign-in link was used already or has expired; open the app again\n".into(),
+        );
     };
     let value = shared.hub.identity.app_cookie(host, &visitor);
     let secure = if tls { "; Secure" } else { "" };

@@ -116,7 +116,12 @@ pub async fn offline_hub(config: &Config) -> Result<SharedHub, StartError> {
     build_hub(config, store, &secret, spawner)
 }
 
-fn build_hub(config: &Config, store: Store, secret: &Secret, spawner: Arc<dyn Spawner>) -> Result<SharedHub, StartError> {
+fn build_hub(
+    config: &Config,
+    store: Store,
+    secret: &Secret,
+    spawner: Arc<dyn Spawner>,
+) -> Result<SharedHub, StartError> {
     let activity = Arc::new(Activity::default());
     let servers = Servers::new(
         config.spawner.clone(),
@@ -265,9 +270,7 @@ impl App {
             println!("berth ssh listening on {addr}");
             tracing::info!(%addr, host_keys = %gw.host_key_summary(), "SSH gateway listening");
             let (gw, stop) = (gw.clone(), shutdown.clone());
-            tasks.spawn(
-                gw.serve(l, stop, Duration::from_secs(10)).instrument(tracing::info_span!("ssh-gateway")),
-            );
+            tasks.spawn(gw.serve(l, stop, Duration::from_secs(10)).instrument(tracing::info_span!("ssh-gateway")));
         }
         // The one line scripts and tests wait for.
         println!("berth listening on {scheme}://{local}");
@@ -306,4 +309,3 @@ impl App {
         Ok(())
     }
 }
-

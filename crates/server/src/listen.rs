@@ -160,4 +160,3 @@ pub(crate) fn https_redirect(req: &hyper::Request<Incoming>, local_port: u16) ->
         .body(Body::from(format!("berth serves HTTPS on this port: {location}\n")))
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
-

@@ -14,7 +14,9 @@ use crate::{Config, StartError};
 
 /// The spawner the configuration asks for: `docker`, `local`, or `auto`
 /// (Docker when its engine answers, else local).
-pub(crate) async fn build_spawner(config: &Config) -> Result<(Arc<dyn Spawner>, Option<Arc<DockerSpawner>>), StartError> {
+pub(crate) async fn build_spawner(
+    config: &Config,
+) -> Result<(Arc<dyn Spawner>, Option<Arc<DockerSpawner>>), StartError> {
     let local = || -> Arc<dyn Spawner> {
         let cmd: Vec<String> = config.spawner.local_cmd.split_whitespace().map(str::to_string).collect();
         Arc::new(LocalSpawner::new(LocalConfig {
@@ -130,4 +132,3 @@ pub(crate) fn load_templates(config: &Config) -> Result<Templates, StartError> {
     }
     Ok(Templates::new(config.templates.clone(), catalog.hub_templates()))
 }
-

@@ -268,11 +268,7 @@ impl Gateway {
 
     /// The running server's spawner state, with the upstream's progress
     /// lines shown through `notices` while it starts.
-    async fn running_state(
-        &self,
-        login: &session::Login,
-        notices: Option<&process::Notices>,
-    ) -> Result<Value, String> {
+    async fn running_state(&self, login: &session::Login, notices: Option<&process::Notices>) -> Result<Value, String> {
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let wait = self.upstream.ensure_running(&login.user, &login.server, tx);
         let show = async {

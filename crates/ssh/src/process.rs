@@ -98,7 +98,7 @@ pub(crate) async fn run_process(
     // Input: from the unbounded queue into the process, counting it down.
     let stdin = proc.stdin;
     let (queued, drained, closed) = queue;
-    tokio::spawn(async move {
+    gw.tasks.spawn(async move {
         let mut rx = stdin_rx;
         while let Some(chunk) = rx.recv().await {
             let n = chunk.len();
@@ -171,4 +171,3 @@ pub(crate) async fn run_process(
     let _ = handle.eof(channel).await;
     let _ = handle.close(channel).await;
 }
-

@@ -170,13 +170,16 @@ impl Drop for Conn {
             self.channels.values().filter(|c| c.pty.is_some()).map(|c| c.shared.clone()).collect();
         if !shells.is_empty() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    for s in shells {
-                        if let Some(c) = s.control.get() {
-                            let _ = c.signal("HUP").await;
+                self.gw.tasks.spawn_on(
+                    async move {
+                        for s in shells {
+                            if let Some(c) = s.control.get() {
+                                let _ = c.signal("HUP").await;
+                            }
                         }
-                    }
-                });
+                    },
+                    &rt,
+                );
             }
         }
         match &self.login {
@@ -204,7 +207,7 @@ impl Drop for Conn {
                 };
                 let upstream = self.gw.upstream.clone();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move { upstream.session_ended(record).await });
+                    self.gw.tasks.spawn_on(async move { upstream.session_ended(record).await }, &rt);
                 }
             }
             None if self.tried && self.blocked.is_none() => {
@@ -378,7 +381,7 @@ impl russh::server::Handler for Conn {
         reply.accept().await;
         let traffic = self.traffic.clone();
         let user = login.user.clone();
-        tokio::spawn(async move {
+        self.gw.tasks.spawn(async move {
             let mut stream = channel.into_stream();
             match tokio::io::copy_bidirectional(&mut stream, &mut tcp).await {
                 Ok((up, down)) => {

@@ -153,8 +153,11 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
         }
     }
 
-    let xsrf =
-        if cookie_xsrf_valid { cookie_xsrf.clone().unwrap_or_default() } else { hub.signer().xsrf_token(&binding, now) };
+    let xsrf = if cookie_xsrf_valid {
+        cookie_xsrf.clone().unwrap_or_default()
+    } else {
+        hub.signer().xsrf_token(&binding, now)
+    };
     let set_xsrf = !cookie_xsrf_valid && safe && !api;
     parts.extensions.insert(RequestAuth { caller, cookies, xsrf: xsrf.clone() });
     let mut resp = next.run(Request::from_parts(parts, body)).await;

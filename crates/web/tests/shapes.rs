@@ -100,17 +100,45 @@ async fn the_user_and_server_models_have_jupyterhubs_fields() {
     assert_eq!(status, StatusCode::OK, "{user}");
     // JupyterHub's fields, and berth's `authorized` (NativeAuthenticator's approval).
     let want = [
-        "kind", "name", "admin", "groups", "roles", "created", "last_activity", "server", "pending", "servers",
-        "auth_state", "user_info", "authorized",
+        "kind",
+        "name",
+        "admin",
+        "groups",
+        "roles",
+        "created",
+        "last_activity",
+        "server",
+        "pending",
+        "servers",
+        "auth_state",
+        "user_info",
+        "authorized",
     ];
     assert_eq!(keys(&user), set(&want), "{user}");
     assert_eq!((&user["kind"], &user["name"], &user["admin"]), (&json!("user"), &json!("bob"), &json!(false)));
-    assert_eq!((&user["server"], &user["pending"], &user["roles"]), (&json!("/user/bob/"), &Value::Null, &json!(["user"])));
+    assert_eq!(
+        (&user["server"], &user["pending"], &user["roles"]),
+        (&json!("/user/bob/"), &Value::Null, &json!(["user"]))
+    );
     let server = &user["servers"][""];
     // JupyterHub's fields, and berth's `template` and `last_error`.
     let want = [
-        "name", "display_name", "full_name", "last_activity", "started", "pending", "ready", "stopped", "url",
-        "user_options", "progress_url", "full_url", "full_progress_url", "state", "template", "last_error",
+        "name",
+        "display_name",
+        "full_name",
+        "last_activity",
+        "started",
+        "pending",
+        "ready",
+        "stopped",
+        "url",
+        "user_options",
+        "progress_url",
+        "full_url",
+        "full_progress_url",
+        "state",
+        "template",
+        "last_error",
     ];
     assert_eq!(keys(server), set(&want), "{server}");
     assert_eq!(server["full_name"], "bob/");
@@ -132,8 +160,18 @@ async fn the_token_model_has_jupyterhubs_fields() {
     let (status, t) = a.call("POST", "/hub/api/users/bob/tokens", Some(ADMIN_TOKEN), r#"{"note":"ci"}"#).await;
     assert_eq!(status, StatusCode::CREATED, "{t}");
     let want = [
-        "user", "id", "kind", "roles", "scopes", "created", "last_activity", "expires_at", "note", "session_id",
-        "oauth_client", "token",
+        "user",
+        "id",
+        "kind",
+        "roles",
+        "scopes",
+        "created",
+        "last_activity",
+        "expires_at",
+        "note",
+        "session_id",
+        "oauth_client",
+        "token",
     ];
     assert_eq!(keys(&t), set(&want), "{t}");
     assert_eq!((&t["user"], &t["kind"], &t["note"]), (&json!("bob"), &json!("api_token"), &json!("ci")));

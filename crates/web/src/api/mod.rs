@@ -49,7 +49,6 @@ pub async fn version() -> Json<Value> {
     Json(json!({"version": berth_core::JUPYTERHUB_API_VERSION, "berth": berth_core::VERSION}))
 }
 
-
 /// The user called `name`, or 404.
 async fn existing_user(hub: &SharedHub, name: &str) -> crate::ApiResult<berth_store::User> {
     hub.store.get_user(name).await?.ok_or_else(|| ApiError::not_found(format!("No such user: {name}")))

@@ -119,7 +119,10 @@ pub(super) async fn token(State(hub): State<SharedHub>, headers: HeaderMap, body
         (Some(id), Some(s), _) => (id, s),
         (_, _, Some((id, s))) => (id, s),
         _ => {
-            return oauth_error(OAuthError { error: "invalid_client", description: "client credentials are missing".into() })
+            return oauth_error(OAuthError {
+                error: "invalid_client",
+                description: "client credentials are missing".into(),
+            })
         }
     };
     let req = TokenRequest {

@@ -109,7 +109,8 @@ pub(super) async fn progress(
             Some((last, (rx, None, true)))
         }
     });
-    let sse = events.map(|ev| Ok::<_, Infallible>(Event::default().data(serde_json::to_string(&ev).unwrap_or_default())));
+    let sse =
+        events.map(|ev| Ok::<_, Infallible>(Event::default().data(serde_json::to_string(&ev).unwrap_or_default())));
     let mut resp = Sse::new(sse).keep_alive(KeepAlive::new().interval(Duration::from_secs(8))).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
     resp.headers_mut().insert("x-accel-buffering", header::HeaderValue::from_static("no"));

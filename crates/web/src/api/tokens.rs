@@ -9,10 +9,10 @@ use berth_hub::tokens::TokenRequest;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::existing_user;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiCaller, JsonBody};
 use crate::model::token_model;
-use super::existing_user;
 use crate::SharedHub;
 
 pub(super) async fn list_tokens(
@@ -86,5 +86,3 @@ pub(super) async fn delete_token(
     hub.revoke_token(&c, &name, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
-
-

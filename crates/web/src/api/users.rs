@@ -12,10 +12,10 @@ use berth_store::{StateFilter, UserQuery};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::existing_user;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiCaller, JsonBody};
 use crate::model::{user_model, user_model_typed, UserModel};
-use super::existing_user;
 use crate::SharedHub;
 
 pub(super) async fn whoami(State(hub): State<SharedHub>, ApiCaller(c): ApiCaller) -> ApiResult<Json<Value>> {
@@ -142,7 +142,6 @@ async fn list_named_users(hub: &SharedHub, c: &Caller) -> ApiResult<Json<Value>>
     }
     Ok(Json(Value::Array(items)))
 }
-
 
 /// Looks up a user the caller may see: 403 before 404, so names do not leak.
 async fn visible_user(hub: &SharedHub, c: &Caller, name: &str, scope: &str) -> ApiResult<berth_store::User> {

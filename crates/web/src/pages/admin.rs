@@ -215,4 +215,3 @@ pub async fn gpu_action(
     let msg = percent_encoding::utf8_percent_encode(&msg, percent_encoding::NON_ALPHANUMERIC);
     Ok(Redirect::to(&format!("{}authorize?msg={msg}", hub.hub_prefix())).into_response())
 }
-

@@ -166,4 +166,3 @@ fn template_picker(hub: &SharedHub, xsrf: &str, allowed: Option<&[String]>) -> S
         x = xsrf_input(xsrf),
     )
 }
-

@@ -79,9 +79,7 @@ pub async fn page_add(
 ) -> ApiResult<Html<String>> {
     let notice = match hub.add_key(&user.caller, &name, &f.key).await {
         Ok(k) => alert(Level::Success, &format!("Added {}.", k.fingerprint)),
-        Err(e @ (HubError::MissingScope { .. } | HubError::NoSuchUser { .. })) => {
-            return Err(ApiError::from(e).page())
-        }
+        Err(e @ (HubError::MissingScope { .. } | HubError::NoSuchUser { .. })) => return Err(ApiError::from(e).page()),
         Err(e) => alert(Level::Danger, &ApiError::from(e).message),
     };
     render(&hub, &user, &name, &notice).await
@@ -95,4 +93,3 @@ pub async fn page_delete(
     hub.remove_key(&user.caller, &name, &id).await.map_err(|e| ApiError::from(e).page())?;
     Ok(Redirect::to(&format!("{}keys/{name}", hub.hub_prefix())).into_response())
 }
-

@@ -69,7 +69,6 @@ fn signup_form(hub: &SharedHub, xsrf: &str, username: &str) -> String {
     )
 }
 
-
 pub async fn signup_page(State(hub): State<SharedHub>, MaybeUser(a): MaybeUser) -> ApiResult<Html<String>> {
     if !hub.auth.signup {
         return Err(ApiError::not_found("sign-up is turned off on this hub; ask an admin for an account").page());
@@ -318,7 +317,8 @@ pub async fn change_password(
     user: PageUser,
     PageForm(f): PageForm<PasswordForm>,
 ) -> ApiResult<Html<String>> {
-    let result = hub.change_own_password(&user.caller, f.old_password, f.new_password, &f.new_password_confirmation).await;
+    let result =
+        hub.change_own_password(&user.caller, f.old_password, f.new_password, &f.new_password_confirmation).await;
     let msg = match result {
         Ok(()) => alert(Level::Success, "Your password has been changed successfully!"),
         Err(HubError::WrongPassword) => alert(Level::Danger, "Your current password was incorrect. Please try again."),
@@ -331,4 +331,3 @@ pub async fn change_password(
     let body = format!("{msg}{}", change_password_form(&hub, &user.xsrf, None));
     Ok(html::page(&hub.cfg.base_url, "Change password", Some(&user.viewer()), &body))
 }
-

@@ -4,8 +4,8 @@
 pub mod admin;
 pub mod apps;
 pub mod home;
-pub mod login;
 pub mod keys;
+pub mod login;
 pub mod servers;
 pub mod tokens;
 

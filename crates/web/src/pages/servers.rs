@@ -53,7 +53,9 @@ async fn spawn_form(hub: SharedHub, user: PageUser, id: ServerId) -> ApiResult<R
     let (owner, server) = (id.user(), id.server());
     if let Some(s) = hub.store.get_server(owner, server).await? {
         match s.state {
-            ServerState::Running => return Ok(Redirect::to(&server_url(&hub.cfg.base_url, owner, server)).into_response()),
+            ServerState::Running => {
+                return Ok(Redirect::to(&server_url(&hub.cfg.base_url, owner, server)).into_response())
+            }
             ServerState::Starting => return Ok(Redirect::to(&pending_path(&hub, owner, server)).into_response()),
             _ => {}
         }
@@ -75,7 +77,11 @@ pub async fn spawn_page_own(State(hub): State<SharedHub>, user: PageUser) -> Api
 }
 
 /// `GET /hub/spawn/<user>[/<server>]`
-pub async fn spawn_page(State(hub): State<SharedHub>, user: PageUser, ServerPath(id): ServerPath) -> ApiResult<Response> {
+pub async fn spawn_page(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    ServerPath(id): ServerPath,
+) -> ApiResult<Response> {
     spawn_form(hub, user, id).await
 }
 
@@ -101,7 +107,11 @@ pub async fn spawn_post_own(State(hub): State<SharedHub>, user: PageUser) -> Api
 }
 
 /// `POST /hub/spawn/<user>[/<server>]`
-pub async fn spawn_post(State(hub): State<SharedHub>, user: PageUser, ServerPath(id): ServerPath) -> ApiResult<Response> {
+pub async fn spawn_post(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    ServerPath(id): ServerPath,
+) -> ApiResult<Response> {
     do_spawn(hub, user, id, UserOptions::default()).await
 }
 
@@ -204,7 +214,11 @@ pub async fn logs(State(hub): State<SharedHub>, user: PageUser, ServerPath(id): 
 }
 
 /// `POST /hub/stop/<user>[/<server>]`
-pub async fn stop_post(State(hub): State<SharedHub>, user: PageUser, ServerPath(id): ServerPath) -> ApiResult<Response> {
+pub async fn stop_post(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    ServerPath(id): ServerPath,
+) -> ApiResult<Response> {
     may_manage(&user.caller, &id)?;
     hub.servers.stop(&id, SLOW).await.map_err(|e| ApiError::from(e).page())?;
     Ok(Redirect::to(&format!("{}home", hub.hub_prefix())).into_response())

@@ -1,0 +1,121 @@
+//! Checks and re-adoption: a running server found dead is torn down as
+//! vanished; at start-up what still runs is adopted and its routes restored.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use berth_core::{ServerId, ServerState, Transition};
+use berth_spawner::Status;
+use tracing::Instrument;
+
+use super::{Ending, Servers, SpawnerState, UserOptions};
+use crate::error::HubResult;
+
+impl Servers {
+    /// Checks one server now: a running one whose process or container is
+    /// gone is torn down as vanished.
+    pub async fn check(&self, id: &ServerId) {
+        if self.busy.lock().map(|b| b.contains(id)).unwrap_or(true) {
+            return;
+        }
+        let Ok(Some(record)) = self.store.get_server(id.user(), id.server()).await else { return };
+        if record.state != ServerState::Running {
+            return;
+        }
+        let state = SpawnerState::from_record(&record.spawner_state);
+        if let Ok(Status::Exited(why)) = self.spawner.poll(state.value()).await {
+            self.teardown(id, record, Ending::Vanished, &why).await;
+        }
+    }
+
+    /// [`Servers::check`] in the background, at most one at a time per
+    /// server (the proxy calls this when a server refuses connections).
+    pub fn check_soon(self: &Arc<Self>, id: ServerId) {
+        let first = self.checking.lock().map(|mut c| c.insert(id.clone())).unwrap_or(false);
+        if !first {
+            return;
+        }
+        let me = self.clone();
+        let span = tracing::info_span!("check", server = %id);
+        self.tasks.spawn(
+            async move {
+                me.check(&id).await;
+                if let Ok(mut c) = me.checking.lock() {
+                    c.remove(&id);
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// At start-up, before the listener accepts: re-adopt what still runs,
+    /// restore its routes, and mark what vanished as stopped. Returns
+    /// (adopted, vanished).
+    pub async fn reconcile(&self) -> HubResult<(usize, usize)> {
+        let (mut adopted, mut vanished) = (0, 0);
+        for mut record in self.store.list_servers(None).await? {
+            if record.state == ServerState::Stopped {
+                continue;
+            }
+            let Ok(id) = ServerId::parse(&record.user, &record.name) else { continue };
+            let state = SpawnerState::from_record(&record.spawner_state);
+            let status = if state.is_started() {
+                self.spawner.poll(state.value()).await.unwrap_or_else(|e| Status::Exited(e.to_string()))
+            } else {
+                Status::Exited("it had not started when berth stopped".into())
+            };
+            match (status, self.spawner.target(state.value())) {
+                (Status::Running, Some(target)) if record.state != ServerState::Stopping => {
+                    let mode = UserOptions::from_record(&record.user_options).routing_mode();
+                    let (route, url) = self.route_for(&id, mode, target);
+                    self.routes.insert(route);
+                    if record.state == ServerState::Starting {
+                        record.url = Some(url);
+                        let _ = self.transition(&mut record, Transition::Ready).await;
+                    }
+                    tracing::info!(server = %id, "re-adopted a running server");
+                    adopted += 1;
+                }
+                (Status::Running, _) => {
+                    // It was stopping: finish the job.
+                    self.teardown(&id, record, Ending::Stop, "").await;
+                    vanished += 1;
+                }
+                (Status::Exited(why), _) => {
+                    let reason = format!("stopped while berth was not running: {why}");
+                    self.teardown(&id, record, Ending::Vanished, &reason).await;
+                    vanished += 1;
+                }
+            }
+        }
+        // Containers labelled as berth's that no active record claims are
+        // reported, never deleted: they may hold someone's work.
+        let active: HashSet<(String, String)> = self
+            .store
+            .list_servers(None)
+            .await?
+            .into_iter()
+            .filter(|s| s.state.is_active())
+            .map(|s| (s.user, s.name))
+            .collect();
+        for (user, server, handle) in self.spawner.list_managed().await {
+            if !active.contains(&(user.clone(), server.clone())) {
+                tracing::warn!(
+                    user = %user, server = %server, handle = %handle,
+                    "found a server berth started but has no record of; left as it is (remove it by hand if it is not needed)"
+                );
+            }
+        }
+        Ok((adopted, vanished))
+    }
+
+    /// One round of the poll job: running servers that died are marked stopped.
+    pub async fn poll_all(&self) {
+        let Ok(records) = self.store.list_servers(None).await else { return };
+        for r in records.into_iter().filter(|r| r.state == ServerState::Running) {
+            if let Ok(id) = ServerId::parse(&r.user, &r.name) {
+                self.check(&id).await;
+            }
+        }
+    }
+}

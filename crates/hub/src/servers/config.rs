@@ -1,0 +1,51 @@
+//! The `[spawner]` section of berth's configuration.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The `[spawner]` section of berth's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `auto` (Docker when its engine answers, else local), `local` or `docker`.
+    pub kind: String,
+    /// The local spawner's command line.
+    pub local_cmd: String,
+    /// Provide `jupyterhub-singleuser` in a virtualenv under the data directory when it is not installed.
+    pub provision: bool,
+    /// Time from a start request until the server must answer.
+    #[serde(with = "berth_core::serde_secs")]
+    pub start_timeout_seconds: Duration,
+    /// Seconds between SIGINT and SIGTERM, and between SIGTERM and SIGKILL, when stopping.
+    #[serde(with = "berth_core::serde_secs")]
+    pub stop_grace_seconds: Duration,
+    /// Servers that may be starting at once.
+    pub max_concurrent_starts: u32,
+    /// Servers that may run at once on this hub; 0 means no limit.
+    pub max_running: u32,
+    /// Named servers a user may have besides the default one.
+    pub max_named_servers: u32,
+    /// Stop every server when berth shuts down (otherwise they keep running and are re-adopted).
+    pub stop_on_shutdown: bool,
+    /// Seconds between checks that running servers are still alive.
+    #[serde(with = "berth_core::serde_secs")]
+    pub poll_interval_seconds: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kind: "auto".into(),
+            local_cmd: "jupyterhub-singleuser".into(),
+            provision: true,
+            start_timeout_seconds: Duration::from_secs(120),
+            stop_grace_seconds: Duration::from_secs(10),
+            max_concurrent_starts: 20,
+            max_running: 0,
+            max_named_servers: 5,
+            stop_on_shutdown: false,
+            poll_interval_seconds: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Running a plan: the spawner's start with its progress, then the
+//! readiness probe until the server answers, exits, or the deadline passes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_spawner::{Progress, Status};
+use berth_store::Server;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{Servers, StartPlan};
+use crate::progress::{ProgressEvent, ProgressLog};
+
+impl Servers {
+    pub(super) async fn spawn_and_wait(
+        &self,
+        record: &mut Server,
+        plan: StartPlan,
+        log: &Arc<ProgressLog>,
+        deadline: Instant,
+    ) -> Result<String, String> {
+        let timeout = self.cfg.start_timeout_seconds.as_secs();
+        let (ptx, mut prx) = mpsc::unbounded_channel::<Progress>();
+        let fwd_log = log.clone();
+        let forwarder = tokio::spawn(async move {
+            while let Some(p) = prx.recv().await {
+                fwd_log.push(ProgressEvent::step(p.progress.min(99), p.message));
+            }
+        });
+        let stop_forwarding = forwarder.abort_handle();
+        log.push(ProgressEvent::step(10, "Spawning server..."));
+        let (user, server) = (plan.spec.user.clone(), plan.spec.server.clone());
+        let started = tokio::time::timeout_at(deadline, self.spawner.start(plan.spec, ptx)).await;
+        // Events the spawner sent before returning are still delivered; a
+        // spawner that keeps its sender gets no more say after that.
+        let _ = tokio::time::timeout(Duration::from_millis(200), forwarder).await;
+        stop_forwarding.abort();
+        let started = match started {
+            Err(_) => return Err(format!("the server did not start within {timeout} s")),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Ok(s)) => s,
+        };
+        record.spawner_state = started.state.to_string();
+        if let Err(e) = self.store.put_server(record).await {
+            return Err(format!("could not record the server: {e}"));
+        }
+        log.push(ProgressEvent::step(50, "Waiting for the server to answer..."));
+        let Some(probe) = plan.probe else {
+            // Nothing answers HTTP (an SSH-only environment): running is ready.
+            return match self.spawner.poll(&started.state).await {
+                Ok(Status::Running) => Ok(started.target),
+                Ok(Status::Exited(why)) => Err(why),
+                Err(e) => Err(e.to_string()),
+            };
+        };
+        let probe = format!("{}{probe}", started.target);
+        let uri: http::Uri = probe.parse().map_err(|e| format!("bad target {probe}: {e}"))?;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), self.http.get(uri.clone())).await {
+                if resp.status().as_u16() < 500 {
+                    return Ok(started.target);
+                }
+            }
+            match self.spawner.poll(&started.state).await {
+                Ok(Status::Exited(why)) => {
+                    let tail = self.spawner.logs(&user, &server).await.map(|l| last_lines(&l, 3)).unwrap_or_default();
+                    return Err(if tail.is_empty() { why } else { format!("{why}; its last output: {tail}") });
+                }
+                Ok(Status::Running) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if Instant::now() + delay > deadline {
+                return Err(format!("the server did not answer at {probe} within {timeout} s"));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
