@@ -7,7 +7,7 @@ use berth_catalog::{check, render, Catalog, Problem};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
-pub enum TemplatesCommand {
+pub(crate) enum TemplatesCommand {
     /// List the templates, grouped by category.
     List {
         /// A catalog directory instead of the one built into berth.
@@ -44,14 +44,14 @@ fn problems_text(p: &[Problem]) -> String {
 }
 
 /// The catalog in `dir`, or the built-in one.
-pub fn open(dir: Option<&Path>) -> anyhow::Result<Catalog> {
+pub(crate) fn open(dir: Option<&Path>) -> anyhow::Result<Catalog> {
     match dir {
         Some(d) => Catalog::load(d).map_err(|p| anyhow!("{}", problems_text(&p))),
         None => Catalog::builtin().map_err(|p| anyhow!("the built-in catalog is damaged:\n{}", problems_text(&p))),
     }
 }
 
-pub fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
     match cmd {
         TemplatesCommand::List { catalog } => {
             let c = open(catalog.as_deref())?;
@@ -113,7 +113,7 @@ pub fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
     }
 }
 
-pub fn unknown(c: &Catalog, id: &str) -> anyhow::Error {
+pub(crate) fn unknown(c: &Catalog, id: &str) -> anyhow::Error {
     let ids: Vec<&str> = c.templates.iter().map(|t| t.template.id.as_str()).collect();
     anyhow!("no template {id:?}; the catalog has: {}", ids.join(", "))
 }

@@ -17,7 +17,7 @@ use berth_spawner_docker::single::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(clap::Args)]
-pub struct UpArgs {
+pub(crate) struct UpArgs {
     /// Template id.
     pub id: String,
     /// Public key to install for root (authorized_keys).
@@ -81,7 +81,7 @@ fn draw_step(stderr: &mut std::io::Stderr, step: BuildStep<'_>) {
     let _ = stderr.flush();
 }
 
-pub async fn up(a: UpArgs) -> anyhow::Result<()> {
+pub(crate) async fn up(a: UpArgs) -> anyhow::Result<()> {
     let catalog = crate::templates::open(a.catalog.as_deref())?;
     let loaded = catalog.get(&a.id).ok_or_else(|| crate::templates::unknown(&catalog, &a.id))?;
     let problems = berth_catalog::check::check_spec(loaded);
@@ -189,7 +189,7 @@ async fn running_or_bail(engine: &Engine, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn down(id: &str, volumes: bool) -> anyhow::Result<()> {
+pub(crate) async fn down(id: &str, volumes: bool) -> anyhow::Result<()> {
     let engine = Engine::connect().await?;
     let name = container_name(id);
     match engine.remove(id).await? {
@@ -207,7 +207,7 @@ pub async fn down(id: &str, volumes: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn ps() -> anyhow::Result<()> {
+pub(crate) async fn ps() -> anyhow::Result<()> {
     let list = Engine::connect().await?.list().await?;
     if list.is_empty() {
         println!("nothing started with `berth up`");

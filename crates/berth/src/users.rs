@@ -13,7 +13,7 @@ use clap::Subcommand;
 use sqlx::Row;
 
 #[derive(Subcommand)]
-pub enum UserCommand {
+pub(crate) enum UserCommand {
     /// Create an authorized account.
     Add {
         name: String,
@@ -79,7 +79,7 @@ fn said(e: berth_hub::HubError) -> anyhow::Error {
     }
 }
 
-pub async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()> {
+pub(crate) async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Result<()> {
     let op = Actor::Operator;
     match cmd {
         UserCommand::Add { name, admin, password_stdin } => {

@@ -1,6 +1,6 @@
 //! Issue 2's acceptance, through real HTTP against `berth serve`.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! with real apps from PyPI (jupyter_server for `prefix`, httpbin for
 //! `strip` and `host`), run by the local-process spawner.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
 use std::path::Path;

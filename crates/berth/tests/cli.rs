@@ -1,7 +1,7 @@
 //! The command line: configuration errors, start-up failures, and account
 //! management while berth runs.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
 use std::net::TcpListener;

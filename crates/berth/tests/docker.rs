@@ -1,7 +1,7 @@
 //! Issue 4's acceptance against the real Docker engine: servers in
 //! containers built from an image made here from nothing pulled.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! servers admit exactly the same callers is in `apps.rs`, beside the other
 //! host-mode tests.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
 use common::*;
@@ -13,16 +13,6 @@ use serde_json::{json, Value};
 
 /// A server that answers HTTP at once: Python's own, on the port berth gives it.
 const HTTP_SERVER: &str = "python3 -m http.server {port} --bind 127.0.0.1";
-
-async fn token_of(b: &Browser, user: &str, scopes: Option<&[&str]>) -> String {
-    let body = match scopes {
-        Some(s) => json!({"scopes": s}),
-        None => json!({}),
-    };
-    let r = b.api(Method::POST, &format!("/hub/api/users/{user}/tokens")).json(&body).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string()
-}
 
 async fn holders(admin: &Browser) -> Vec<Value> {
     let gpus: Value = admin.api(Method::GET, "/hub/api/gpus").send().await.unwrap().json().await.unwrap();

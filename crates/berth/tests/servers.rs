@@ -1,7 +1,7 @@
 //! Issue 3's acceptance: servers started through the hub and reached through
 //! berth's own proxy, with the real `jupyterhub-singleuser` from PyPI.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! (ssh, scp, sftp from Debian's packages), against the local-process
 //! spawner and the Docker spawner.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! real binary, and `berth up` running a template on the real Docker engine
 //! (image made here from nothing pulled) reached with the real OpenSSH client.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
 use std::path::Path;

@@ -139,7 +139,7 @@ impl Templates {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use berth_core::{AppProtocol, GpuRange};

@@ -9,7 +9,7 @@
 //! millisecond keeps each jump small, and the pool's time-out is set beyond
 //! every deadline here.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::sync::Arc;
 use std::time::Duration;

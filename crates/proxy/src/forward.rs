@@ -120,7 +120,7 @@ fn remove_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 /// Removes the named cookies from the `Cookie` header(s), keeping the rest.
 /// Strip mode, on the way back: an app answering at `/` sends redirects and
 /// cookie paths for `/`; they are moved under the public prefix.
-pub fn rewrite_for_prefix(h: &mut HeaderMap, prefix: &str, target: &str) {
+pub(crate) fn rewrite_for_prefix(h: &mut HeaderMap, prefix: &str, target: &str) {
     let base = prefix.trim_end_matches('/');
     if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string) {
         // An absolute URL pointing at the app itself becomes a path first.

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<TlsState>>, shutdown: CancellationToken) {
+pub(crate) fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<TlsState>>, shutdown: CancellationToken) {
     tasks
         .spawn(flush_activity(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "activity")));
     tasks.spawn(

@@ -1,7 +1,7 @@
 //! Against the real Docker engine: what a GPU server's container carries,
 //! and GPU detection (on a machine without GPUs, and on one with them).
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 use std::collections::BTreeMap;
 use std::process::Command;
 

@@ -4,7 +4,7 @@
 //! command (`scripts/test`) sets after starting a throw-away cluster. Without
 //! it the PostgreSQL half fails and says so: it is never silently skipped.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 use berth_core::ServerState;
 use berth_store::*;
 

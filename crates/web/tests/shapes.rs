@@ -2,7 +2,7 @@
 //! the user model, the server model, the token model, and error JSON, as
 //! `../shared/jupyterhub-protocol.md` records JupyterHub sending them.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

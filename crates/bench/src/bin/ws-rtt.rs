@@ -1,6 +1,7 @@
 //! WebSocket round-trip latency: `ws-rtt URL COUNT [HEADER: VALUE]...`
 //! Sends COUNT small text messages one at a time and prints p50/p99 in µs.
 #![forbid(unsafe_code)]
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark tool: a failed expect is a failed run
 
 use std::time::Instant;
 

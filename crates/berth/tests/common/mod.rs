@@ -13,10 +13,10 @@ use reqwest::cookie::{CookieStore, Jar};
 use reqwest::redirect::Policy;
 use reqwest::{Client, Response, StatusCode, Url};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_berth");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_berth");
 
 /// A running `berth serve`; killed (SIGKILL) when dropped.
-pub struct Berth {
+pub(crate) struct Berth {
     pub child: Child,
     pub url: String,
     /// The SSH gateway's address, when the test enabled it.
@@ -32,11 +32,11 @@ pub struct Berth {
 }
 
 impl Berth {
-    pub fn start() -> Berth {
+    pub(crate) fn start() -> Berth {
         Berth::start_with(&[], &[])
     }
 
-    pub fn start_with(env: &[(&str, &str)], args: &[&str]) -> Berth {
+    pub(crate) fn start_with(env: &[(&str, &str)], args: &[&str]) -> Berth {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("data");
         let mut b = Berth::spawn_in(&data_dir, env, args);
@@ -45,7 +45,7 @@ impl Berth {
     }
 
     /// Starts berth on an existing data directory (for restarts).
-    pub fn spawn_in(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Berth {
+    pub(crate) fn spawn_in(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Berth {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         std::fs::create_dir_all(data_dir).expect("data dir");
@@ -111,7 +111,7 @@ impl Berth {
     }
 
     /// kill -9, then start again on the same data directory.
-    pub fn kill9_and_restart(&mut self) {
+    pub(crate) fn kill9_and_restart(&mut self) {
         self.child.kill().expect("kill -9");
         let _ = self.child.wait();
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -126,12 +126,12 @@ impl Berth {
         self._tmp.take()
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
     /// Runs `berth <args>` against this data directory; (exit code, stdout, stderr).
-    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    pub(crate) fn cli(&self, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
         run_cli(args, Some(&self.data_dir), stdin)
     }
 }
@@ -148,7 +148,7 @@ impl Drop for Berth {
 
 /// Kills every process whose working directory is under `dir`: the servers
 /// (and their kernels) a test's berth started, which outlive berth by design.
-pub fn kill_processes_under(dir: &Path) {
+pub(crate) fn kill_processes_under(dir: &Path) {
     let Ok(dir) = dir.canonicalize() else { return };
     let Ok(entries) = std::fs::read_dir("/proc") else { return };
     for e in entries.flatten() {
@@ -161,7 +161,7 @@ pub fn kill_processes_under(dir: &Path) {
     }
 }
 
-pub fn run_cli(args: &[&str], data_dir: Option<&Path>, stdin: Option<&str>) -> (i32, String, String) {
+pub(crate) fn run_cli(args: &[&str], data_dir: Option<&Path>, stdin: Option<&str>) -> (i32, String, String) {
     use std::io::Write;
     let mut cmd = Command::new(BIN);
     cmd.args(args);
@@ -190,14 +190,14 @@ pub fn run_cli(args: &[&str], data_dir: Option<&Path>, stdin: Option<&str>) -> (
 
 /// A browser-like client: keeps cookies, does not follow redirects.
 #[derive(Clone)]
-pub struct Browser {
+pub(crate) struct Browser {
     pub base: String,
     pub jar: Arc<Jar>,
     pub client: Client,
 }
 
 impl Browser {
-    pub fn new(base: &str) -> Browser {
+    pub(crate) fn new(base: &str) -> Browser {
         let jar = Arc::new(Jar::default());
         let client = Client::builder()
             .cookie_provider(jar.clone())
@@ -208,28 +208,28 @@ impl Browser {
         Browser { base: base.trim_end_matches('/').to_string(), jar, client }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
-    pub async fn get(&self, path: &str) -> Response {
+    pub(crate) async fn get(&self, path: &str) -> Response {
         self.client.get(self.url(path)).send().await.expect("GET")
     }
 
-    pub async fn get_text(&self, path: &str) -> (StatusCode, String) {
+    pub(crate) async fn get_text(&self, path: &str) -> (StatusCode, String) {
         let r = self.get(path).await;
         let s = r.status();
         (s, r.text().await.expect("body"))
     }
 
     /// The `_xsrf` cookie for `path`, as the page's forms embed it.
-    pub fn xsrf(&self, path: &str) -> Option<String> {
+    pub(crate) fn xsrf(&self, path: &str) -> Option<String> {
         let url = Url::parse(&self.url(path)).ok()?;
         let header = self.jar.cookies(&url)?;
         header.to_str().ok()?.split("; ").find_map(|c| c.strip_prefix("_xsrf=").map(str::to_string))
     }
 
-    pub fn cookie(&self, path: &str, name: &str) -> Option<String> {
+    pub(crate) fn cookie(&self, path: &str, name: &str) -> Option<String> {
         let url = Url::parse(&self.url(path)).ok()?;
         let header = self.jar.cookies(&url)?;
         let prefix = format!("{name}=");
@@ -237,7 +237,7 @@ impl Browser {
     }
 
     /// GETs the page (for its `_xsrf`), then POSTs the form with the token.
-    pub async fn submit(&self, page: &str, action: &str, fields: &[(&str, &str)]) -> Response {
+    pub(crate) async fn submit(&self, page: &str, action: &str, fields: &[(&str, &str)]) -> Response {
         let (status, body) = self.get_text(page).await;
         assert!(status.is_success(), "GET {page}: {status}");
         let token = form_xsrf(&body).unwrap_or_else(|| panic!("no _xsrf field on {page}"));
@@ -246,7 +246,7 @@ impl Browser {
         self.client.post(self.url(action)).form(&form).send().await.expect("POST")
     }
 
-    pub async fn signup(&self, name: &str, password: &str) -> String {
+    pub(crate) async fn signup(&self, name: &str, password: &str) -> String {
         let r = self
             .submit(
                 "/hub/signup",
@@ -258,11 +258,11 @@ impl Browser {
         r.text().await.expect("body")
     }
 
-    pub async fn login(&self, name: &str, password: &str) -> Response {
+    pub(crate) async fn login(&self, name: &str, password: &str) -> Response {
         self.submit("/hub/login", "/hub/login?next=", &[("username", name), ("password", password)]).await
     }
 
-    pub async fn login_ok(&self, name: &str, password: &str) {
+    pub(crate) async fn login_ok(&self, name: &str, password: &str) {
         let r = self.login(name, password).await;
         let status = r.status();
         let body = r.text().await.unwrap_or_default();
@@ -270,7 +270,7 @@ impl Browser {
     }
 
     /// Calls the API with cookies and the `X-XSRFToken` header, as the hub's pages do.
-    pub fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut rb = self.client.request(method, self.url(path));
         if let Some(x) = self.xsrf("/hub/") {
             rb = rb.header("X-XSRFToken", x);
@@ -280,14 +280,14 @@ impl Browser {
 }
 
 /// The `_xsrf` hidden field of a page.
-pub fn form_xsrf(html: &str) -> Option<String> {
+pub(crate) fn form_xsrf(html: &str) -> Option<String> {
     let i = html.find(r#"name="_xsrf" value=""#)? + r#"name="_xsrf" value=""#.len();
     let end = html[i..].find('"')?;
     Some(html[i..i + end].replace("&amp;", "&"))
 }
 
 /// The text of the first alert or login error on a page.
-pub fn alert_text(html: &str) -> String {
+pub(crate) fn alert_text(html: &str) -> String {
     for marker in [r#"class="login_error"#, r#"class="alert"#] {
         if let Some(i) = html.find(marker) {
             let rest = &html[i..];
@@ -301,7 +301,7 @@ pub fn alert_text(html: &str) -> String {
 }
 
 /// Polls `f` until it returns true, or fails after `timeout`.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -318,12 +318,12 @@ where
     }
 }
 
-pub fn api_client() -> Client {
+pub(crate) fn api_client() -> Client {
     Client::builder().redirect(Policy::none()).timeout(Duration::from_secs(60)).build().expect("client")
 }
 
 /// The virtualenv with the real `jupyterhub-singleuser` (scripts/test makes it).
-pub fn singleuser_cmd() -> String {
+pub(crate) fn singleuser_cmd() -> String {
     let venv = std::env::var("BERTH_TEST_VENV")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../.build/venv").to_string());
     let cmd = format!("{venv}/bin/jupyterhub-singleuser");
@@ -334,12 +334,12 @@ pub fn singleuser_cmd() -> String {
     cmd
 }
 
-pub fn fixture(name: &str) -> String {
+pub(crate) fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Signs up the admin and `user`, authorizes `user`, logs both in.
-pub async fn admin_and_user(b: &Berth, user: &str, password: &str) -> (Browser, Browser) {
+pub(crate) async fn admin_and_user(b: &Berth, user: &str, password: &str) -> (Browser, Browser) {
     let admin = Browser::new(&b.url);
     admin.signup("admin", "admin-pass-42x").await;
     admin.login_ok("admin", "admin-pass-42x").await;
@@ -352,7 +352,7 @@ pub async fn admin_and_user(b: &Berth, user: &str, password: &str) -> (Browser, 
 }
 
 /// Signs `name` up with `password`, has `admin` authorize them, logs them in.
-pub async fn authorized_user(b: &Berth, admin: &Browser, name: &str, password: &str) -> Browser {
+pub(crate) async fn authorized_user(b: &Berth, admin: &Browser, name: &str, password: &str) -> Browser {
     let u = Browser::new(&b.url);
     u.signup(name, password).await;
     let r = admin.submit("/hub/authorize", &format!("/hub/authorize/{name}"), &[("action", "authorize")]).await;
@@ -363,7 +363,7 @@ pub async fn authorized_user(b: &Berth, admin: &Browser, name: &str, password: &
 
 /// Starts `user`'s default server through the pages and waits for the
 /// progress stream's final event, which it returns.
-pub async fn start_via_pages(b: &Browser, user: &str) -> serde_json::Value {
+pub(crate) async fn start_via_pages(b: &Browser, user: &str) -> serde_json::Value {
     let r = b.submit("/hub/home", &format!("/hub/spawn/{user}"), &[]).await;
     assert_eq!(r.status(), StatusCode::FOUND, "spawn: {}", r.status());
     assert_eq!(r.headers()["location"], format!("/hub/spawn-pending/{user}").as_str());
@@ -376,7 +376,7 @@ pub async fn start_via_pages(b: &Browser, user: &str) -> serde_json::Value {
 }
 
 /// Reads a progress event stream to its end and returns the last event.
-pub async fn wait_progress(b: &Browser, path: &str) -> serde_json::Value {
+pub(crate) async fn wait_progress(b: &Browser, path: &str) -> serde_json::Value {
     use futures_util::StreamExt;
     let r = b.api(reqwest::Method::GET, path).send().await.expect("progress");
     assert_eq!(r.status(), StatusCode::OK);
@@ -404,7 +404,7 @@ pub async fn wait_progress(b: &Browser, path: &str) -> serde_json::Value {
 
 /// Follows redirects by hand (so each hop's cookies land in the jar) until a
 /// non-redirect answer; returns it and the final path.
-pub async fn follow(b: &Browser, path: &str) -> (Response, String) {
+pub(crate) async fn follow(b: &Browser, path: &str) -> (Response, String) {
     let mut url = b.url(path);
     for _ in 0..10 {
         let r = b.client.get(&url).header("Accept", "text/html").send().await.expect("GET");
@@ -418,7 +418,7 @@ pub async fn follow(b: &Browser, path: &str) -> (Response, String) {
 }
 
 /// The resident memory of a process, in KiB.
-pub fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -429,7 +429,7 @@ pub fn rss_kib(pid: u32) -> u64 {
 
 impl Browser {
     /// A browser that trusts the given certificate authority (for HTTPS tests).
-    pub fn with_ca(base: &str, ca_pem: &str) -> Browser {
+    pub(crate) fn with_ca(base: &str, ca_pem: &str) -> Browser {
         let jar = Arc::new(Jar::default());
         let client = Client::builder()
             .cookie_provider(jar.clone())
@@ -443,7 +443,7 @@ impl Browser {
 }
 
 /// A Jupyter kernel driven over its WebSocket channels through berth.
-pub mod kernel {
+pub(crate) mod kernel {
     use super::*;
     use futures_util::{SinkExt, StreamExt};
     use reqwest::Method;
@@ -452,7 +452,7 @@ pub mod kernel {
     use tokio_tungstenite::tungstenite::Message;
 
     /// Starts a kernel through `/user/<user>/api/kernels` (cookie + XSRF header).
-    pub async fn start(b: &Browser, user: &str) -> String {
+    pub(crate) async fn start(b: &Browser, user: &str) -> String {
         let prefix = format!("/user/{user}/");
         let xsrf = b.cookie(&prefix, "_xsrf").expect("the single-user server's _xsrf cookie");
         let r = b
@@ -470,7 +470,7 @@ pub mod kernel {
 
     /// Runs `code` in the kernel and returns its `text/plain` result.
     /// `tls`: the CA to trust when the base URL is https.
-    pub async fn run(b: &Browser, user: &str, kernel: &str, code: &str, tls: Option<&str>) -> String {
+    pub(crate) async fn run(b: &Browser, user: &str, kernel: &str, code: &str, tls: Option<&str>) -> String {
         let prefix = format!("/user/{user}/");
         let url = Url::parse(&b.url(&format!("{prefix}api/kernels/{kernel}/channels?session_id=berthtest"))).unwrap();
         let cookie = b.jar.cookies(&url).expect("cookies for the server");
@@ -541,14 +541,14 @@ pub mod kernel {
 
 impl Browser {
     /// The `Cookie` header this browser would send to `path`.
-    pub fn jar_cookie_header(&self, path: &str) -> String {
+    pub(crate) fn jar_cookie_header(&self, path: &str) -> String {
         let url = Url::parse(&self.url(path)).expect("url");
         self.jar.cookies(&url).and_then(|h| h.to_str().ok().map(str::to_string)).unwrap_or_default()
     }
 }
 
 /// Sends a GET with the path exactly as given (no normalization) and returns the status.
-pub async fn raw_get(base: &str, path: &str, cookie: &str) -> u16 {
+pub(crate) async fn raw_get(base: &str, path: &str, cookie: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://").trim_end_matches('/').to_string();
     let mut s = tokio::net::TcpStream::connect(&addr).await.expect("connect");
@@ -561,7 +561,7 @@ pub async fn raw_get(base: &str, path: &str, cookie: &str) -> u16 {
 }
 
 /// Docker resources a test creates, removed when dropped (pass or fail).
-pub struct DockerScope {
+pub(crate) struct DockerScope {
     pub suffix: String,
     pub network: String,
     pub shared: String,
@@ -570,7 +570,7 @@ pub struct DockerScope {
 }
 
 impl DockerScope {
-    pub fn new() -> DockerScope {
+    pub(crate) fn new() -> DockerScope {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
@@ -585,13 +585,13 @@ impl DockerScope {
     }
 
     /// A user name unique to this test, remembered for clean-up.
-    pub fn user(&self, base: &str) -> String {
+    pub(crate) fn user(&self, base: &str) -> String {
         let name = format!("{base}{}", self.suffix);
         self.users.lock().unwrap().push(name.clone());
         name
     }
 
-    pub fn env(&self, image: &str) -> Vec<(String, String)> {
+    pub(crate) fn env(&self, image: &str) -> Vec<(String, String)> {
         vec![
             ("BERTH_SPAWNER".into(), "docker".into()),
             ("BERTH_DOCKER_IMAGE".into(), image.into()),
@@ -631,7 +631,7 @@ impl Drop for DockerScope {
 }
 
 /// The test image (built from nothing pulled by scripts/build-test-image).
-pub fn test_image() -> String {
+pub(crate) fn test_image() -> String {
     if let Ok(i) = std::env::var("BERTH_TEST_IMAGE") {
         return i;
     }
@@ -642,7 +642,7 @@ pub fn test_image() -> String {
 }
 
 /// `docker inspect` of a container, as JSON.
-pub fn docker_inspect(name: &str) -> Option<serde_json::Value> {
+pub(crate) fn docker_inspect(name: &str) -> Option<serde_json::Value> {
     let out = Command::new("docker").args(["inspect", name]).output().ok()?;
     if !out.status.success() {
         return None;
@@ -652,7 +652,7 @@ pub fn docker_inspect(name: &str) -> Option<serde_json::Value> {
 }
 
 /// Logs a user in to their running server (OAuth round trip) at `prefix`.
-pub async fn oauth_login(b: &Browser, user: &str) {
+pub(crate) async fn oauth_login(b: &Browser, user: &str) {
     let (r, last) = follow(b, &format!("/user/{user}/files/nothing-here")).await;
     assert!(last.ends_with("/files/nothing-here"), "ended at {last} with {}", r.status());
     assert!(
@@ -663,7 +663,7 @@ pub async fn oauth_login(b: &Browser, user: &str) {
 
 /// The real OpenSSH client trying `login@127.0.0.1` on `port` with only a
 /// password, typed by an SSH_ASKPASS script (written into `dir`).
-pub fn ssh_with_password(dir: &Path, port: u16, login: &str, password: &str) -> std::process::Output {
+pub(crate) fn ssh_with_password(dir: &Path, port: u16, login: &str, password: &str) -> std::process::Output {
     let askpass = dir.join("askpass.sh");
     std::fs::write(&askpass, format!("#!/bin/sh\necho '{password}'\n")).expect("askpass");
     std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");

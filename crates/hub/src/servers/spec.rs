@@ -173,7 +173,7 @@ pub fn plan(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use berth_core::GpuRange;

@@ -81,7 +81,7 @@ fn basic_auth(h: &HeaderMap) -> Option<(String, String)> {
 
 /// A minimal standard base64 decoder for HTTP Basic credentials.
 mod base64_decode {
-    pub fn decode(s: &str) -> Option<String> {
+    pub(super) fn decode(s: &str) -> Option<String> {
         let mut bits = 0u32;
         let mut n = 0;
         let mut out = Vec::new();
