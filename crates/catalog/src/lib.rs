@@ -2,6 +2,9 @@
 //! (`templates/<id>/`), the shared parts every template repeats written once
 //! (`render`), the two-port rules (`check`), and the `template_config.json`
 //! export. The hub runs templates through [`Template::hub_template`].
+//!
+//! Must not know Docker or HTTP: building and running images is
+//! `berth-spawner-docker`'s, offering templates is the hub's.
 #![forbid(unsafe_code)]
 
 pub mod check;

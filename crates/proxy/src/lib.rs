@@ -4,7 +4,7 @@
 //! the same port as plain HTTP.
 //!
 //! Must not know the store or the web framework: the server decides who may
-//! pass (its `Authorize` step runs before [`Forwarder::forward`]) and renders
+//! pass (its edge admits a request before [`Forwarder::forward`]) and renders
 //! the errors this crate classifies.
 #![forbid(unsafe_code)]
 

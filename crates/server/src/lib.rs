@@ -1,6 +1,11 @@
 //! The composition root: the configuration tree, [`App::build`] (the one
-//! place every part is wired together, shared by the binary and the tests),
-//! the listener, and the background jobs.
+//! place every part is wired together, shared by the binary and the tests;
+//! [`App::build_with`] takes a spawner, for the failure-mode fakes), the
+//! one edge every request passes (`edge`), the listeners (`listen`), the
+//! hub as the SSH gateway's upstream, and the background jobs.
+//!
+//! It may depend on every other berth crate; none may depend on it but the
+//! binary.
 #![forbid(unsafe_code)]
 
 pub mod config;

@@ -7,6 +7,11 @@
 //! Routing: the SSH user `alice` is alice's default server, `alice+NAME` her
 //! named server NAME. A stopped server is started (unless `auto_start` is
 //! off) with its progress on the terminal.
+//!
+//! Must not depend on berth's store, hub or web crates: everything it asks
+//! of the hub goes through its own [`Upstream`] trait (which rejects by
+//! default), implemented by the server crate; it knows `berth-core` and
+//! `berth-spawner` only.
 #![forbid(unsafe_code)]
 
 mod hostkeys;
