@@ -38,7 +38,7 @@ pub(crate) async fn handle(
         let api_call =
             (internal || peer.addr.ip().is_loopback()) && req.uri().path().starts_with(&shared.hub_api_prefix);
         if !api_call {
-            return crate::listen::https_redirect(&req, peer.local_port);
+            return https_redirect(&req, peer.local_port);
         }
     }
     let templates = &shared.hub.servers.templates;
@@ -255,4 +255,23 @@ async fn forward(shared: &Arc<Shared>, mut req: hyper::Request<Incoming>, route:
             json_error(e.status(), &message)
         }
     }
+}
+
+/// Where plain HTTP goes when TLS is on: the same URL over https. Loopback
+/// calls to the hub API (local single-user servers) are served as they are.
+fn https_redirect(req: &hyper::Request<Incoming>, local_port: u16) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("localhost:{local_port}"));
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let location = format!("https://{host}{path}");
+    Response::builder()
+        .status(StatusCode::PERMANENT_REDIRECT)
+        .header(http::header::LOCATION, location.clone())
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(format!("berth serves HTTPS on this port: {location}\n")))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
 }

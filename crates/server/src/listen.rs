@@ -7,10 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use berth_proxy::Peer;
 use berth_spawner_docker::DockerSpawner;
-use http::{Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
@@ -140,23 +138,4 @@ where
         }
     }
     Ok(())
-}
-
-/// Where plain HTTP goes when TLS is on: the same URL over https. Loopback
-/// calls to the hub API (local single-user servers) are served as they are.
-pub(crate) fn https_redirect(req: &hyper::Request<Incoming>, local_port: u16) -> Response<Body> {
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("localhost:{local_port}"));
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let location = format!("https://{host}{path}");
-    Response::builder()
-        .status(StatusCode::PERMANENT_REDIRECT)
-        .header(http::header::LOCATION, location.clone())
-        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Body::from(format!("berth serves HTTPS on this port: {location}\n")))
-        .unwrap_or_else(|_| Response::new(Body::empty()))
 }

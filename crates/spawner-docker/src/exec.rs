@@ -162,5 +162,5 @@ fn connect_in_netns(pid: i64, port: u16) -> Result<StdTcpStream, SpawnError> {
 }
 
 pub(crate) fn state_container(state: &serde_json::Value) -> Result<String, SpawnError> {
-    crate::spawner::state_id(state)
+    crate::state_id(state)
 }

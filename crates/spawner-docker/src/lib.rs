@@ -132,6 +132,15 @@ impl DockerSpawner {
     }
 }
 
+/// The container id a started server's state records.
+pub(crate) fn state_id(state: &serde_json::Value) -> Result<String, SpawnError> {
+    state
+        .get("container_id")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| SpawnError::BadState(format!("no container_id in {state}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,18 +10,9 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::{
-    container_name, engine_error, exec, is_not_found, DockerSpawner, CONTAINER_PORT, LABEL_MANAGED, LABEL_SERVER,
-    LABEL_USER,
+    container_name, engine_error, exec, is_not_found, state_id, DockerSpawner, CONTAINER_PORT, LABEL_MANAGED,
+    LABEL_SERVER, LABEL_USER,
 };
-
-/// The container id a started server's state records.
-pub(crate) fn state_id(state: &serde_json::Value) -> Result<String, SpawnError> {
-    state
-        .get("container_id")
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
-        .ok_or_else(|| SpawnError::BadState(format!("no container_id in {state}")))
-}
 
 impl Spawner for DockerSpawner {
     fn exec<'a>(

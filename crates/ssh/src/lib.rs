@@ -14,6 +14,7 @@
 //! `berth-spawner` only.
 #![forbid(unsafe_code)]
 
+mod chan;
 mod hostkeys;
 mod process;
 mod session;
@@ -273,7 +274,7 @@ impl Gateway {
 
     /// The running server's spawner state, with the upstream's progress
     /// lines shown through `notices` while it starts.
-    async fn running_state(&self, login: &session::Login, notices: Option<&process::Notices>) -> Result<Value, String> {
+    async fn running_state(&self, login: &chan::Login, notices: Option<&process::Notices>) -> Result<Value, String> {
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let wait = self.upstream.ensure_running(&login.user, &login.server, tx);
         let show = async {

@@ -13,7 +13,7 @@ use russh::server::Handle;
 use russh::{ChannelId, Sig};
 use tokio::sync::{mpsc, Notify};
 
-use crate::session::{ChanShared, Login, Traffic};
+use crate::chan::{ChanShared, Login, Traffic};
 use crate::Gateway;
 
 pub(crate) fn sig_name(s: &Sig) -> String {

@@ -4,12 +4,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_core::{ServerName, UserName};
-use berth_spawner::exec::{env_allowed, ExecControl};
+use berth_spawner::exec::env_allowed;
 use berth_spawner::{ExecKind, ExecRequest, PtySpec};
 use bytes::Bytes;
 use russh::keys::HashAlg;
@@ -17,6 +17,7 @@ use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, Verif
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty, Sig};
 use tokio::sync::{mpsc, Notify};
 
+use crate::chan::{ChanShared, Login, Traffic};
 use crate::process::{run_process, sig_name};
 use crate::upstream::SessionRecord;
 use crate::Gateway;
@@ -27,24 +28,6 @@ use crate::Gateway;
 /// wait for it to read input would then never finish).
 const STDIN_HIGH: usize = 32 * 1024 * 1024;
 const STDIN_LOW: usize = 8 * 1024 * 1024;
-
-#[derive(Debug, Clone)]
-pub(crate) struct Login {
-    pub(crate) user: String,
-    pub(crate) server: String,
-    pub(crate) key_id: String,
-    pub(crate) fingerprint: String,
-}
-
-impl Login {
-    pub(crate) fn describe(&self) -> String {
-        if self.server.is_empty() {
-            self.user.clone()
-        } else {
-            format!("{}/{}", self.user, self.server)
-        }
-    }
-}
 
 /// `alice` → (alice, ""), `alice+lab` → (alice, lab).
 pub(crate) fn parse_login(name: &str) -> Option<(String, String)> {
@@ -57,14 +40,6 @@ pub(crate) fn parse_login(name: &str) -> Option<(String, String)> {
     }
     let server = ServerName::parse(server).ok()?;
     Some((user.to_string(), server.to_string()))
-}
-
-/// What a channel shares with the task running its process.
-#[derive(Default)]
-pub(crate) struct ChanShared {
-    pub(crate) control: OnceLock<Box<dyn ExecControl>>,
-    /// The latest terminal size, applied once the process runs.
-    pub(crate) size: Mutex<Option<(u16, u16)>>,
 }
 
 /// Input on its way to a process, counted so the session can wait when a
@@ -103,13 +78,6 @@ impl Chan {
             shared: Arc::new(ChanShared::default()),
         }
     }
-}
-
-/// Bytes moved, for the audit line.
-#[derive(Default)]
-pub(crate) struct Traffic {
-    pub(crate) to_client: AtomicU64,
-    pub(crate) from_client: AtomicU64,
 }
 
 pub(crate) struct Conn {
