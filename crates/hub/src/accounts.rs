@@ -5,6 +5,10 @@
 //! `signup`, `user-create`, `user-authorize`, `user-unauthorize`,
 //! `admin-grant`, `admin-revoke`, `user-rename`, `user-delete`,
 //! `volumes-remove`, `password-change`, `password-reset`.
+//!
+//! Withdrawing an account (unauthorize, delete) or setting its password
+//! ends its sessions and revokes its tokens; a user changing their own
+//! password keeps only the session they did it from.
 
 use berth_core::{Target, UserName};
 use berth_store::{NewUser, StoreError, User};
@@ -22,6 +26,24 @@ pub struct Signup {
 }
 
 impl Hub {
+    /// Ends every session of `name` and revokes every token they hold.
+    async fn revoke_everything(&self, name: &str) -> HubResult<()> {
+        self.store.revoke_user_sessions(name).await?;
+        self.store.revoke_user_tokens(name).await?;
+        Ok(())
+    }
+
+    /// Logs one browser session out: the session, and what servers were
+    /// given through it (their OAuth tokens; app hosts' cookies check it).
+    pub async fn logout(&self, caller: &Caller) -> HubResult<()> {
+        if let Via::Session { id_hash, public_id } = &caller.via {
+            self.store.revoke_session(id_hash).await?;
+            let n = self.store.revoke_session_tokens(public_id).await?;
+            tracing::info!(user = %caller.name(), oauth_tokens = n, "logged out");
+        }
+        Ok(())
+    }
+
     async fn existing(&self, name: &str) -> HubResult<User> {
         self.store.get_user(name).await?.ok_or_else(|| HubError::NoSuchUser { user: name.to_string() })
     }
@@ -103,7 +125,7 @@ impl Hub {
         }
         self.store.set_authorized(name, authorized).await?;
         if !authorized {
-            self.store.revoke_user_sessions(name).await?;
+            self.revoke_everything(name).await?;
             self.servers.stop_all_of(name).await?;
         }
         self.event(actor, if authorized { "user-authorize" } else { "user-unauthorize" }, name, "").await;
@@ -146,6 +168,7 @@ impl Hub {
             return Err(HubError::SelfAction { action: SelfAction::Delete });
         }
         self.existing(name).await?;
+        self.revoke_everything(name).await?;
         self.servers.stop_all_of(name).await?;
         self.store.delete_user(name).await?;
         self.event(actor, "user-delete", name, "").await;
@@ -165,6 +188,7 @@ impl Hub {
         self.auth.password_policy().check(name, &password)?;
         let hash = self.login.hash_password(password).await?;
         self.store.set_password(name, &hash, None).await?;
+        self.store.revoke_user_tokens(name).await?;
         self.event(actor, "password-reset", name, "").await;
         Ok(())
     }
@@ -193,6 +217,7 @@ impl Hub {
             _ => None,
         };
         self.store.set_password(name, &hash, keep).await?;
+        self.store.revoke_user_tokens(name).await?;
         self.event(&Actor::Caller(caller), "password-change", name, "").await;
         Ok(())
     }

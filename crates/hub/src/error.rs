@@ -73,6 +73,8 @@ pub enum HubError {
     NeedsHostRouting { name: String },
     #[error("invalid user options: {message}")]
     BadOptions { message: String },
+    #[error("the image {image:?} may not be chosen here; an admin allows images in spawner.allowed_images")]
+    ImageNotAllowed { image: String },
 
     // --- GPUs
     #[error("GPUs are turned off on this hub (gpu.mode / ENABLE_GPU_SUPPORT is 0)")]

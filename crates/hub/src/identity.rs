@@ -21,6 +21,10 @@ pub enum Via {
         id: String,
         kind: TokenKind,
         session_id: Option<String>,
+        /// The server a server's own token belongs to.
+        server: Option<String>,
+        /// The server an OAuth token was issued to (its client id).
+        oauth_client: Option<String>,
     },
     /// An app host's own cookie (`host` routing).
     AppHost {
@@ -63,6 +67,18 @@ impl Caller {
 
     pub fn is_session(&self) -> bool {
         matches!(self.via, Via::Session { .. })
+    }
+
+    /// Whether this caller's credential was made for `id` alone — an OAuth
+    /// token the hub issued to that server for a visitor, or the server's own
+    /// token — so the server may see it (it needs it to identify the
+    /// visitor). Any other credential is removed before a request goes on.
+    pub fn credential_is_for(&self, id: &ServerId) -> bool {
+        match &self.via {
+            Via::Token { kind: TokenKind::OAuth, oauth_client: Some(c), .. } => *c == id.client_id(),
+            Via::Token { kind: TokenKind::Server, server: Some(s), .. } => self.name() == id.user() && s == id.server(),
+            _ => false,
+        }
     }
 
     pub fn session_public_id(&self) -> Option<&str> {
@@ -177,7 +193,13 @@ impl Identity {
         let caller = Caller {
             user,
             scopes: std::sync::Arc::new(scopes),
-            via: Via::Token { id: tok.id, kind: tok.kind, session_id: tok.session_id },
+            via: Via::Token {
+                id: tok.id,
+                kind: tok.kind,
+                session_id: tok.session_id,
+                server: tok.server,
+                oauth_client: tok.oauth_client,
+            },
         };
         self.cache.put(key, caller.clone(), tok.expires_at, generation);
         Ok(Some(caller))
@@ -242,9 +264,11 @@ impl Identity {
 impl Identity {
     /// The value of an app host's own cookie for `visitor`, good for
     /// [`crate::templates::APP_SESSION_SECS`] on `host` only.
-    pub fn app_cookie(&self, host: &str, visitor: &str) -> String {
+    /// Bound to the visitor's hub session: logging out of the hub (or any
+    /// revocation of that session) ends it.
+    pub fn app_cookie(&self, host: &str, visitor: &str, session: &str) -> String {
         let expires = now_ms() / 1000 + crate::templates::APP_SESSION_SECS;
-        self.signer.sign(&format!("app:{host}"), &format!("{visitor}|{expires}"))
+        self.signer.sign(&format!("app:{host}"), &format!("{visitor}|{expires}|{session}"))
     }
 
     /// The caller an app host's cookie stands for, with the scopes their
@@ -252,9 +276,17 @@ impl Identity {
     /// a demoted or unauthorized visitor loses it at once).
     pub async fn from_app_cookie(&self, host: &str, value: &str) -> HubResult<Option<Caller>> {
         let Some(inner) = self.signer.unsign(&format!("app:{host}"), value) else { return Ok(None) };
-        let Some((name, expires)) = inner.split_once('|') else { return Ok(None) };
+        let mut parts = inner.splitn(3, '|');
+        let (Some(name), Some(expires), Some(session)) = (parts.next(), parts.next(), parts.next()) else {
+            return Ok(None);
+        };
         if expires.parse::<i64>().ok().is_none_or(|e| e <= now_ms() / 1000) {
             return Ok(None);
+        }
+        let max_age = self.session_max_age.as_millis() as i64;
+        match self.store.session_started(session).await? {
+            Some(created) if now_ms() - created <= max_age => {}
+            _ => return Ok(None),
         }
         let Some(user) = self.store.get_user(name).await? else { return Ok(None) };
         if !user.authorized {

@@ -62,6 +62,8 @@ pub struct Hub {
     pub servers: Arc<Servers>,
     pub identity: Identity,
     pub login: login::Login,
+    /// Visitors who agreed to log in to another user's server.
+    pub consents: oauth::Consents,
     /// `<base>hub/` and `<base>hub/api`, made once.
     prefixes: (String, String),
 }
@@ -81,6 +83,7 @@ impl Hub {
         Hub {
             prefixes,
             login: login::Login::new(auth.clone(), store.clone()),
+            consents: oauth::Consents::default(),
             cfg,
             auth,
             store,

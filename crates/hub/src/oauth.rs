@@ -49,17 +49,53 @@ impl OAuthError {
     }
 }
 
+/// What the authorize step comes to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Authorization {
+    /// Send the browser here (the server's callback with a one-time code).
+    Redirect(String),
+    /// The visitor is not the server's owner: ask them first, naming the owner.
+    Consent { owner: String, server: String },
+}
+
+/// Visitors who agreed, in this session, to log in to someone else's server.
+#[derive(Default)]
+pub struct Consents(std::sync::Mutex<std::collections::HashSet<(String, String)>>);
+
+impl Consents {
+    fn given(&self, session: &str, client: &str) -> bool {
+        self.0.lock().map(|s| s.contains(&(session.to_string(), client.to_string()))).unwrap_or(false)
+    }
+
+    fn give(&self, session: &str, client: &str) {
+        if let Ok(mut s) = self.0.lock() {
+            if s.len() > 100_000 {
+                s.clear();
+            }
+            s.insert((session.to_string(), client.to_string()));
+        }
+    }
+}
+
 /// The access token a server gets for its visitor.
 #[derive(Debug)]
 pub struct Grant {
     pub access_token: String,
     pub scopes: Vec<String>,
+    /// Seconds.
+    pub expires_in: i64,
 }
 
 impl Hub {
     /// The redirect (with a one-time code) that logs `caller` in to a
-    /// server, or why not.
-    pub async fn oauth_authorize(&self, caller: &Caller, q: AuthorizeRequest) -> HubResult<String> {
+    /// server, a question first when the caller is not its owner (asked
+    /// once a session, `consented` carries the answer), or why not.
+    pub async fn oauth_authorize(
+        &self,
+        caller: &Caller,
+        q: AuthorizeRequest,
+        consented: bool,
+    ) -> HubResult<Authorization> {
         let bad = |m: String| HubError::OAuth(m);
         let client_id = q.client_id.ok_or_else(|| bad("client_id is missing".into()))?;
         let client = self
@@ -80,6 +116,14 @@ impl Hub {
         let id = berth_core::ServerId::parse(&client.user, &client.server)?;
         if !caller.may_access(&id) {
             return Err(HubError::MissingScope { scope: format!("access:servers!server={id}") });
+        }
+        let session = caller.session_public_id().unwrap_or_default().to_string();
+        if caller.name() != client.user {
+            if consented {
+                self.consents.give(&session, &client.id);
+            } else if !self.consents.given(&session, &client.id) {
+                return Ok(Authorization::Consent { owner: client.user.clone(), server: client.server.clone() });
+            }
         }
         let code = new_token();
         let scopes = vec![
@@ -105,7 +149,7 @@ impl Hub {
             let enc = percent_encoding::utf8_percent_encode(&state, percent_encoding::NON_ALPHANUMERIC);
             location.push_str(&format!("&state={enc}"));
         }
-        Ok(location)
+        Ok(Authorization::Redirect(location))
     }
 
     /// Trades a code for an access token; the server authenticates with its
@@ -140,6 +184,16 @@ impl Hub {
                 _ => return Err(OAuthError::new("invalid_grant", "PKCE verification failed")),
             }
         }
+        // No longer than the visitor's session: a token outliving a log-out
+        // or a revoked session would be a way around both.
+        let mut expires_at = now_ms() + ACCESS_TOKEN_TTL_S * 1000;
+        if let Some(session) = &grant.session_id {
+            let max_age = self.auth.session_max_age_seconds.as_millis() as i64;
+            match self.store.session_started(session).await.map_err(internal)? {
+                Some(created) => expires_at = expires_at.min(created + max_age),
+                None => return Err(OAuthError::new("invalid_grant", "the visitor's session has ended")),
+            }
+        }
         let access = new_token();
         self.store
             .create_token(&NewToken {
@@ -149,12 +203,13 @@ impl Hub {
                 server: Some(client.server.clone()),
                 scopes: grant.scopes.clone(),
                 note: format!("OAuth access to {}", client.id),
-                expires_at: Some(now_ms() + ACCESS_TOKEN_TTL_S * 1000),
+                expires_at: Some(expires_at),
                 session_id: grant.session_id.clone(),
                 oauth_client: Some(client.id.clone()),
             })
             .await
             .map_err(internal)?;
-        Ok(Grant { access_token: access.expose().to_string(), scopes: grant.scopes })
+        let expires_in = ((expires_at - now_ms()) / 1000).max(0);
+        Ok(Grant { access_token: access.expose().to_string(), scopes: grant.scopes, expires_in })
     }
 }

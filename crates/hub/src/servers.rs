@@ -248,6 +248,11 @@ impl Servers {
     /// the claim, the state, the limits — and the GPUs it holds.
     async fn admit(self: &Arc<Self>, id: &ServerId, mut options: UserOptions) -> HubResult<Admission> {
         let (user, server) = (id.user(), id.server());
+        if let Some(image) = &options.image {
+            if options.template.is_some() || !self.cfg.allowed_images.contains(image) {
+                return Err(HubError::ImageNotAllowed { image: image.clone() });
+            }
+        }
         if let Some(tid) = options.template.clone() {
             if let Some(allowed) = self.store.user_limits(user).await?.templates {
                 if !allowed.contains(&tid) {

@@ -35,6 +35,8 @@ pub struct TemplatesConfig {
 
 struct Code {
     visitor: String,
+    /// The visitor's hub session (public id): the app host's cookie lives as long as it.
+    session: String,
     host: String,
     expires: Instant,
 }
@@ -119,22 +121,20 @@ impl Templates {
         format!("{s}://{host}{p}")
     }
 
-    pub fn issue_code(&self, visitor: &str, host: &str) -> String {
+    pub fn issue_code(&self, visitor: &str, session: &str, host: &str) -> String {
         let code = berth_auth::new_token().expose().to_string();
         if let Ok(mut m) = self.codes.lock() {
             m.retain(|_, c| c.expires > Instant::now());
-            m.insert(
-                code.clone(),
-                Code { visitor: visitor.into(), host: host.into(), expires: Instant::now() + CODE_TTL },
-            );
+            let expires = Instant::now() + CODE_TTL;
+            m.insert(code.clone(), Code { visitor: visitor.into(), session: session.into(), host: host.into(), expires });
         }
         code
     }
 
-    /// The visitor a code was issued to, once, for this host only.
-    pub fn take_code(&self, code: &str, host: &str) -> Option<String> {
+    /// The visitor (and their session) a code was issued to, once, for this host only.
+    pub fn take_code(&self, code: &str, host: &str) -> Option<(String, String)> {
         let c = self.codes.lock().ok()?.remove(code)?;
-        (c.expires > Instant::now() && c.host == host).then_some(c.visitor)
+        (c.expires > Instant::now() && c.host == host).then_some((c.visitor, c.session))
     }
 }
 
@@ -187,10 +187,10 @@ mod tests {
     #[test]
     fn codes_are_single_use_and_bound_to_their_host() {
         let a = Templates::new(TemplatesConfig { app_domain: "apps.test".into(), ..Default::default() }, vec![]);
-        let c = a.issue_code("alice", "lab--alice.apps.test");
+        let c = a.issue_code("alice", "s1", "lab--alice.apps.test");
         assert_eq!(a.take_code(&c, "other--bob.apps.test"), None, "another host cannot use it");
-        let c = a.issue_code("alice", "lab--alice.apps.test");
-        assert_eq!(a.take_code(&c, "lab--alice.apps.test").as_deref(), Some("alice"));
+        let c = a.issue_code("alice", "s1", "lab--alice.apps.test");
+        assert_eq!(a.take_code(&c, "lab--alice.apps.test"), Some(("alice".into(), "s1".into())));
         assert_eq!(a.take_code(&c, "lab--alice.apps.test"), None, "used once");
     }
 }

@@ -122,6 +122,7 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("spawner.max_running", &["BERTH_MAX_RUNNING"], "Servers that may run at once; 0 means no limit."),
     ("spawner.max_named_servers", &["BERTH_MAX_NAMED_SERVERS"], "Named servers a user may have besides the default one."),
     ("spawner.stop_on_shutdown", &["BERTH_STOP_ON_SHUTDOWN"], "Stop every server when berth shuts down; by default they keep running and are re-adopted."),
+    ("spawner.allowed_images", &["BERTH_ALLOWED_IMAGES"], "Images users may name in a start's `image` option (comma-separated in the environment); empty means none: the image comes from the template or `docker.image`."),
     ("spawner.poll_interval_seconds", &["BERTH_POLL_INTERVAL"], "Seconds between checks that running servers are alive."),
     ("docker.image", &["BERTH_DOCKER_IMAGE", "DOCKER_NOTEBOOK_IMAGE"], "Image for servers that do not name one (pulled with progress when not present)."),
     ("docker.network", &["BERTH_DOCKER_NETWORK", "DOCKER_NETWORK_NAME"], "Docker network the server containers join; created if missing."),

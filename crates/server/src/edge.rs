@@ -24,8 +24,6 @@ use tower::ServiceExt;
 
 use crate::Shared;
 
-/// Cookies of berth's own that never reach a user's server.
-const STRIPPED_COOKIES: &[&str] = &[cookies::SESSION, APP_COOKIE];
 
 /// `internal`: the connection came in on the listener for containers.
 pub(crate) async fn handle(
@@ -112,7 +110,7 @@ async fn caller_of(shared: &Shared, parts: &Parts, app_host: Option<&str>) -> Re
             Some(v) => identity.from_app_cookie(host, v).await,
             None => Ok(None),
         },
-        (None, None) => match jar.get(cookies::SESSION) {
+        (None, None) => match jar.get(cookies::session_cookie(shared.hub.cfg.secure_cookies, "/").0) {
             Some(v) => identity.from_session(v).await,
             None => Ok(None),
         },
@@ -138,9 +136,9 @@ async fn path_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
     let Ok(id) = ServerId::parse(&route.user, &route.server) else {
         return json_error(StatusCode::NOT_FOUND, "no such server");
     };
-    match caller_of(shared, &parts, None).await {
+    let caller = match caller_of(shared, &parts, None).await {
         Err(r) => return r,
-        Ok(Some(c)) if admit(&c, &id) => {}
+        Ok(Some(c)) if admit(&c, &id) => c,
         Ok(Some(c)) => {
             tracing::info!(visitor = %c.name(), server = %id, "refused access to a server");
             return deny(shared, &parts, StatusCode::FORBIDDEN, &format!("{} may not access this server", c.name()));
@@ -160,8 +158,8 @@ async fn path_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
                 "authentication required: log in to the hub or send a token",
             );
         }
-    }
-    forward(shared, hyper::Request::from_parts(parts, body), &route, peer).await
+    };
+    forward(shared, hyper::Request::from_parts(parts, body), &route, &id, &caller, peer).await
 }
 
 /// A request on an app's own host name (`host` routing).
@@ -183,9 +181,9 @@ async fn host_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
     if path == AUTH_PATH {
         return take_code(shared, &host, query, peer.tls);
     }
-    match caller_of(shared, &parts, Some(&host)).await {
+    let caller = match caller_of(shared, &parts, Some(&host)).await {
         Err(r) => return r,
-        Ok(Some(c)) if admit(&c, &id) => {}
+        Ok(Some(c)) if admit(&c, &id) => c,
         Ok(Some(c)) => return text(StatusCode::FORBIDDEN, format!("{} may not access {}\n", c.name(), id.server)),
         Ok(None) if berth_web::auth::token_from_headers(&parts.headers).is_some() => {
             return deny(
@@ -202,8 +200,8 @@ async fn host_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
             return Redirect::to(&format!("{hubo}{}app-login?host={host}&next={next}", shared.hub.hub_prefix()))
                 .into_response();
         }
-    }
-    forward(shared, hyper::Request::from_parts(parts, body), &route, peer).await
+    };
+    forward(shared, hyper::Request::from_parts(parts, body), &route, &id, &caller, peer).await
 }
 
 /// `<app host>/_berth/auth?code=…&next=…`: trades the hub's single-use code
@@ -211,13 +209,13 @@ async fn host_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
 fn take_code(shared: &Shared, host: &str, query: &str, tls: bool) -> Response<Body> {
     let params: std::collections::HashMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
     let templates = &shared.hub.servers.templates;
-    let Some(visitor) = params.get("code").and_then(|c| templates.take_code(c, host)) else {
+    let Some((visitor, session)) = params.get("code").and_then(|c| templates.take_code(c, host)) else {
         return text(
             StatusCode::FORBIDDEN,
             "this sign-in link was used already or has expired; open the app again\n".into(),
         );
     };
-    let value = shared.hub.identity.app_cookie(host, &visitor);
+    let value = shared.hub.identity.app_cookie(host, &visitor, &session);
     let secure = if tls { "; Secure" } else { "" };
     let cookie = format!("{APP_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={APP_SESSION_SECS}{secure}");
     let next = berth_web::pages::apps::safe_app_next(params.get("next").map(String::as_str).unwrap_or("/"));
@@ -228,17 +226,40 @@ fn take_code(shared: &Shared, host: &str, query: &str, tls: bool) -> Response<Bo
     r
 }
 
-/// The one forward path: activity recorded, berth's cookies removed, the
-/// request sent to the route's target; a server that refuses connections
-/// is checked on in the background.
-async fn forward(shared: &Arc<Shared>, mut req: hyper::Request<Incoming>, route: &Route, peer: Peer) -> Response<Body> {
+/// The one forward path: activity recorded, the visitor's credentials
+/// removed (berth's cookies always; a token unless it was made for this
+/// server alone), the request sent to the route's target, and berth's
+/// cookies kept out of the answer; a server that refuses connections is
+/// checked on in the background.
+async fn forward(
+    shared: &Arc<Shared>,
+    mut req: hyper::Request<Incoming>,
+    route: &Route,
+    id: &ServerId,
+    caller: &Caller,
+    peer: Peer,
+) -> Response<Body> {
     let now = berth_store::now_ms();
     if route.touch(now) {
         shared.hub.activity.server(&route.user, &route.server, now);
     }
-    strip_cookies(req.headers_mut(), STRIPPED_COOKIES);
+    strip_cookies(req.headers_mut(), cookies::OWN);
+    if !caller.credential_is_for(id) {
+        req.headers_mut().remove(header::AUTHORIZATION);
+        if let Some(uri) = without_token_param(req.uri()) {
+            *req.uri_mut() = uri;
+        }
+    }
+    let prefix = match route.mode {
+        berth_core::RoutingMode::Host => None,
+        _ => Some(route.prefix.as_str()),
+    };
     match shared.forwarder.forward(req, route, peer).await {
-        Ok(resp) => resp.map(Body::new),
+        Ok(resp) => {
+            let mut resp = resp.map(Body::new);
+            guard_cookies(resp.headers_mut(), prefix);
+            resp
+        }
         Err(e) => {
             if matches!(e, ProxyError::Refused { .. }) {
                 if let Ok(id) = ServerId::parse(&route.user, &route.server) {
@@ -274,4 +295,109 @@ fn https_redirect(req: &hyper::Request<Incoming>, local_port: u16) -> Response<B
         .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from(format!("berth serves HTTPS on this port: {location}\n")))
         .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// The URI without its `token` query parameters, when it has any.
+fn without_token_param(uri: &http::Uri) -> Option<http::Uri> {
+    let q = uri.query()?;
+    if !q.split('&').any(|kv| kv == "token" || kv.starts_with("token=")) {
+        return None;
+    }
+    let kept: Vec<&str> = q.split('&').filter(|kv| !(*kv == "token" || kv.starts_with("token="))).collect();
+    let pq = if kept.is_empty() { uri.path().to_string() } else { format!("{}?{}", uri.path(), kept.join("&")) };
+    pq.parse().ok()
+}
+
+/// What a user's server may not do with cookies: set one of berth's own
+/// (`Set-Cookie` naming them is dropped), set one for another host
+/// (`Domain` is removed, so it stays host-only), or, on a path route, set
+/// one outside its own prefix (the path is moved under it).
+fn guard_cookies(h: &mut http::HeaderMap, prefix: Option<&str>) {
+    let set: Vec<HeaderValue> = h.get_all(header::SET_COOKIE).iter().cloned().collect();
+    if set.is_empty() {
+        return;
+    }
+    h.remove(header::SET_COOKIE);
+    for v in set {
+        let Ok(text) = v.to_str() else { continue };
+        let name = text.split(['=', ';']).next().unwrap_or("").trim();
+        if cookies::OWN.iter().any(|own| own.eq_ignore_ascii_case(name)) || name.starts_with("__Host-berth") {
+            tracing::warn!(cookie = %name, "dropped a server's attempt to set one of berth's cookies");
+            continue;
+        }
+        let mut attrs: Vec<String> = Vec::new();
+        let mut path_seen = false;
+        for (i, part) in text.split(';').enumerate() {
+            let p = part.trim();
+            if i == 0 {
+                attrs.push(p.to_string());
+                continue;
+            }
+            let key = p.split('=').next().unwrap_or("").trim().to_ascii_lowercase();
+            match key.as_str() {
+                "domain" => continue,
+                "path" => {
+                    path_seen = true;
+                    let value = p.split_once('=').map(|(_, v)| v.trim()).unwrap_or("");
+                    match prefix {
+                        Some(pre) if !value.starts_with(pre) => attrs.push(format!("Path={pre}")),
+                        _ => attrs.push(p.to_string()),
+                    }
+                }
+                _ => attrs.push(p.to_string()),
+            }
+        }
+        if let (false, Some(pre)) = (path_seen, prefix) {
+            attrs.push(format!("Path={pre}"));
+        }
+        if let Ok(v) = HeaderValue::from_str(&attrs.join("; ")) {
+            h.append(header::SET_COOKIE, v);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_parameters_are_removed_and_the_rest_kept() {
+        let cases = [
+            ("/user/a/lab?token=abc", Some("/user/a/lab")),
+            ("/user/a/lab?x=1&token=abc&y=2", Some("/user/a/lab?x=1&y=2")),
+            ("/user/a/lab?tokens=1", None),
+            ("/user/a/lab", None),
+        ];
+        for (input, want) in cases {
+            let got = without_token_param(&input.parse().unwrap());
+            assert_eq!(got.map(|u| u.to_string()), want.map(str::to_string), "{input}");
+        }
+    }
+
+    #[test]
+    fn servers_cannot_set_berths_cookies_or_leave_their_prefix() {
+        let mut h = http::HeaderMap::new();
+        for c in [
+            "berth-session=evil; Path=/hub/",
+            "__Host-berth-session=evil; Path=/; Secure",
+            "_xsrf=evil; Path=/hub/",
+            "jupyterhub-session-id=evil; Path=/",
+            "app=1; Path=/; Domain=apps.test; HttpOnly",
+            "lab=2; Path=/user/alice/lab/x",
+            "bare=3",
+        ] {
+            h.append(header::SET_COOKIE, HeaderValue::from_str(c).unwrap());
+        }
+        guard_cookies(&mut h, Some("/user/alice/lab/"));
+        let got: Vec<&str> = h.get_all(header::SET_COOKIE).iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(
+            got,
+            ["app=1; Path=/user/alice/lab/; HttpOnly", "lab=2; Path=/user/alice/lab/x", "bare=3; Path=/user/alice/lab/"]
+        );
+        let mut h = http::HeaderMap::new();
+        h.append(header::SET_COOKIE, HeaderValue::from_static("app=1; Path=/; Domain=.apps.test"));
+        guard_cookies(&mut h, None);
+        assert_eq!(h.get(header::SET_COOKIE).unwrap(), "app=1; Path=/", "host routes: host-only");
+    }
 }

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Image for servers that do not name one.
     pub image: String,
-    /// Network the containers join (created if missing); the hub reaches them on it.
+    /// Network the containers join (created if missing, as a bridge with
+    /// inter-container traffic off); the hub reaches them on it.
     pub network: String,
     /// URL containers use to reach the hub's API; empty derives it from the network's gateway.
     pub hub_connect_url: String,
@@ -29,10 +30,21 @@ pub struct Config {
     pub shared_volume_opts: String,
     /// `/dev/shm` size in MiB (PyTorch data loaders need more than Docker's 64 MB).
     pub shm_size_mib: u64,
-    /// CPU limit in cores (0: none) and memory limit in MiB (0: none).
+    /// CPU limit in cores (0: none).
     pub cpu_limit: f64,
+    /// Memory limit per server in MiB; 0 (the default) means three quarters
+    /// of the host's memory (`MemTotal` of `/proc/meminfo`; no limit, with a
+    /// warning, when that cannot be read), unless `mem_unlimited`.
     pub mem_limit_mib: u64,
-    /// Extra environment for every container: `KEY=value;KEY=value`.
+    /// With `mem_limit_mib = 0`: no memory limit at all instead of three
+    /// quarters of the host's (default false). A positive `mem_limit_mib`
+    /// applies either way.
+    pub mem_unlimited: bool,
+    /// Most processes (threads count) a server's container may run at once,
+    /// so a fork bomb stays inside it; 0 means no limit (default 4096).
+    pub pids_limit: u64,
+    /// Extra environment for every container: `KEY=value;KEY=value`
+    /// (`NVIDIA_VISIBLE_DEVICES` is berth's: the server's GPUs, or `void`).
     pub env: String,
     /// Driver named in GPU device requests.
     pub gpu_driver: String,
@@ -55,6 +67,8 @@ impl Default for Config {
             shm_size_mib: 2048,
             cpu_limit: 0.0,
             mem_limit_mib: 0,
+            mem_unlimited: false,
+            pids_limit: 4096,
             env: String::new(),
             gpu_driver: "nvidia".into(),
         }

@@ -1,5 +1,6 @@
-//! A server's container: its creation request, creation (replacing a stale
-//! container of berth's), its address, and removal.
+//! A server's container: its creation request (hardened as `hardening`
+//! says), creation (replacing a stale container of berth's), its address,
+//! and removal.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use bollard::models::{
 use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions, RemoveContainerOptions};
 
 use crate::config::parse_pairs;
+use crate::hardening;
 use crate::{
     container_name, engine_error, is_not_found, DockerSpawner, CONTAINER_PORT, LABEL_MANAGED, LABEL_SERVER,
     LABEL_TEMPLATE, LABEL_USER,
@@ -20,13 +22,17 @@ use crate::{
 /// original deployment's service toggles).
 const PASS_THROUGH: &[&str] = &["ENABLE_SERVICE_MLFLOW", "ENABLE_SERVICE_GLANCES", "ENABLE_SERVICE_TENSORBOARD"];
 
+/// The NVIDIA runtime's list of the GPUs a container sees.
+const GPU_VAR: &str = "NVIDIA_VISIBLE_DEVICES";
+
 impl DockerSpawner {
     /// The container's creation request, as `start` sends it (public so tests
     /// can check what a GPU server's container carries without a GPU).
     pub fn container_body(&self, spec: &SpawnSpec, api_url: &str) -> ContainerCreateBody {
         let image = spec.image.clone().unwrap_or_else(|| self.cfg.image.clone());
         let mut env: Vec<String> = Vec::new();
-        for (k, v) in &spec.env {
+        // Which GPUs a server sees is berth's to say, once, at the end.
+        for (k, v) in spec.env.iter().filter(|(k, _)| k.as_str() != GPU_VAR) {
             let v = match k.as_str() {
                 "JUPYTERHUB_API_URL" => api_url.to_string(),
                 "JUPYTERHUB_ACTIVITY_URL" => format!("{api_url}/users/{}/activity", spec.user),
@@ -41,10 +47,10 @@ impl DockerSpawner {
                 env.push(format!("{k}={v}"));
             }
         }
-        env.extend(parse_pairs(&self.cfg.env).into_iter().map(|(k, v)| format!("{k}={v}")));
-        if !spec.gpus.is_empty() {
-            env.push(format!("NVIDIA_VISIBLE_DEVICES={}", spec.gpus.join(",")));
-        }
+        env.extend(
+            parse_pairs(&self.cfg.env).into_iter().filter(|(k, _)| k != GPU_VAR).map(|(k, v)| format!("{k}={v}")),
+        );
+        env.push(format!("{GPU_VAR}={}", hardening::visible_devices(&spec.gpus)));
         let vol = |suffix: &str| format!("berth-{}-{suffix}", spec.user);
         let mount = |source: String, target: &str| Mount {
             source: Some(source),
@@ -79,7 +85,10 @@ impl DockerSpawner {
             mounts: Some(mounts),
             shm_size: Some((self.cfg.shm_size_mib * 1024 * 1024) as i64),
             nano_cpus: (self.cfg.cpu_limit > 0.0).then_some((self.cfg.cpu_limit * 1e9) as i64),
-            memory: (self.cfg.mem_limit_mib > 0).then(|| (self.cfg.mem_limit_mib * 1024 * 1024) as i64),
+            memory: hardening::memory_limit(&self.cfg, hardening::host_memory()),
+            pids_limit: hardening::pids_limit(&self.cfg),
+            security_opt: Some(hardening::SECURITY_OPT.iter().map(|s| s.to_string()).collect()),
+            cap_drop: Some(hardening::CAP_DROP.iter().map(|s| s.to_string()).collect()),
             device_requests,
             restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),
             init: Some(true),
@@ -171,5 +180,72 @@ impl DockerSpawner {
                 tracing::warn!(container = %id, error = %e, "could not remove the container");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::Config;
+
+    fn spec(gpus: &[&str]) -> SpawnSpec {
+        SpawnSpec {
+            user: "alice".into(),
+            server: String::new(),
+            env: BTreeMap::from([
+                ("JUPYTERHUB_API_URL".to_string(), "x".to_string()),
+                (GPU_VAR.to_string(), "all".to_string()),
+            ]),
+            cmd: vec![],
+            prefix: "/user/alice/".into(),
+            template: "default".into(),
+            image: None,
+            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+            port: None,
+        }
+    }
+
+    fn body(cfg: Config, gpus: &[&str]) -> ContainerCreateBody {
+        DockerSpawner::connect(cfg, "/").unwrap().container_body(&spec(gpus), "http://192.168.0.1:8081/hub/api")
+    }
+
+    fn gpu_env(b: &ContainerCreateBody) -> Vec<String> {
+        b.env.iter().flatten().filter(|e| e.starts_with("NVIDIA_VISIBLE_DEVICES=")).cloned().collect()
+    }
+
+    #[test]
+    fn hardened_by_default() {
+        let b = body(Config { env: format!("{GPU_VAR}=all;A=b"), ..Config::default() }, &[]);
+        let hc = b.host_config.clone().unwrap_or_default();
+        assert_eq!(hc.security_opt, Some(vec!["no-new-privileges:true".to_string()]));
+        let dropped = hc.cap_drop.unwrap_or_default();
+        for cap in ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SYS_CHROOT", "SETFCAP", "NET_BIND_SERVICE"] {
+            assert!(dropped.iter().any(|c| c == cap), "{cap} not in {dropped:?}");
+        }
+        // What images that start as root and switch user need stays.
+        for cap in ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP"] {
+            assert!(!dropped.iter().any(|c| c == cap), "{cap} dropped");
+        }
+        assert_eq!(hc.cap_add, None);
+        assert_eq!(hc.pids_limit, Some(4096));
+        let host = hardening::host_memory().unwrap_or_default();
+        assert_eq!(hc.memory, Some((host / 4 * 3) as i64));
+        // No GPU: none visible, whatever the template or the extra environment said.
+        assert_eq!(gpu_env(&b), ["NVIDIA_VISIBLE_DEVICES=void"]);
+        assert!(b.env.iter().flatten().any(|e| e == "A=b"));
+        assert_eq!(hc.device_requests, None);
+    }
+
+    #[test]
+    fn gpus_and_limits_as_configured() {
+        let b = body(Config { pids_limit: 0, mem_unlimited: true, ..Config::default() }, &["GPU-1", "GPU-3"]);
+        let hc = b.host_config.clone().unwrap_or_default();
+        assert_eq!((hc.pids_limit, hc.memory), (None, None));
+        assert_eq!(gpu_env(&b), ["NVIDIA_VISIBLE_DEVICES=GPU-1,GPU-3"]);
+        let b = body(Config { mem_limit_mib: 2048, pids_limit: 100, ..Config::default() }, &[]);
+        let hc = b.host_config.unwrap_or_default();
+        assert_eq!((hc.pids_limit, hc.memory), (Some(100), Some(2048 * 1024 * 1024)));
     }
 }

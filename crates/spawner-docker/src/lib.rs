@@ -5,7 +5,9 @@
 //! server and template, so a restarted hub finds them again; per-user named
 //! volumes (home, workspace, cache) and one shared volume are created on
 //! first use and kept. GPUs arrive as explicit device ids (allocated by the
-//! hub) and become `DeviceRequests`.
+//! hub) and become `DeviceRequests`. The network keeps containers from
+//! connecting to each other, and every container runs hardened (no new
+//! privileges, fewer capabilities, process and memory limits).
 //!
 //! Must not know the store or HTTP.
 #![forbid(unsafe_code)]
@@ -14,6 +16,7 @@ mod config;
 mod container;
 mod exec;
 pub mod gpu;
+mod hardening;
 mod image;
 mod network;
 pub mod single;
@@ -56,6 +59,9 @@ pub struct DockerSpawner {
     /// The engine does not refuse a second network of the same name, so
     /// creation is one at a time.
     network_lock: tokio::sync::Mutex<()>,
+    /// Whether the network's warning (containers can reach each other on
+    /// it) was logged: once per process.
+    network_warned: std::sync::atomic::AtomicBool,
 }
 
 fn engine_error(e: bollard::errors::Error) -> SpawnError {
@@ -86,6 +92,7 @@ impl DockerSpawner {
             base_url: base_url.to_string(),
             pull_lock: tokio::sync::Mutex::new(()),
             network_lock: tokio::sync::Mutex::new(()),
+            network_warned: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 

@@ -71,4 +71,17 @@ impl Store {
         sqlx::query("UPDATE sessions SET revoked = 1 WHERE user_name = $1").bind(user).execute(&self.pool).await?;
         Ok(())
     }
+
+    /// Whether the session with this public id is live (not revoked), and
+    /// when it began: what an app host's cookie is checked against.
+    pub async fn session_started(&self, public_id: &str) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT created FROM sessions WHERE public_id = $1 AND revoked = 0")
+            .bind(public_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get("created")?),
+            None => None,
+        })
+    }
 }

@@ -77,7 +77,9 @@ impl Store {
     pub async fn delete_server_tokens(&self, user: &str, server: &str, client_id: &str) -> Result<()> {
         self.auth_changed();
         sqlx::query(
-            "DELETE FROM tokens WHERE user_name = $1 AND ((kind = 'server' AND server_name = $2) OR oauth_client = $3)",
+            // The server's own token, and every OAuth token issued to it —
+            // for its owner and for any visitor.
+            "DELETE FROM tokens WHERE (user_name = $1 AND kind = 'server' AND server_name = $2) OR oauth_client = $3",
         )
         .bind(user)
         .bind(server)
@@ -111,5 +113,27 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Revokes what was issued through one browser session (OAuth tokens
+    /// servers got for that visitor): on log-out.
+    pub async fn revoke_session_tokens(&self, session_public_id: &str) -> Result<u64> {
+        self.auth_changed();
+        let r = sqlx::query("DELETE FROM tokens WHERE session_id = $1 AND kind = 'oauth'")
+            .bind(session_public_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Revokes every API and OAuth token a user holds (their servers' own
+    /// tokens stay with the servers): on a password change, unauthorize or delete.
+    pub async fn revoke_user_tokens(&self, user: &str) -> Result<u64> {
+        self.auth_changed();
+        let r = sqlx::query("DELETE FROM tokens WHERE user_name = $1 AND kind <> 'server'")
+            .bind(user)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
     }
 }

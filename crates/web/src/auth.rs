@@ -100,8 +100,11 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
     let cookies = Cookies::from_headers(&parts.headers);
     let now = now_ms();
 
-    let bearer = token_from_headers(&parts.headers);
-    let session_cookie = cookies.get(cookies::SESSION).map(str::to_string);
+    // Pages answer to the browser's session alone, as JupyterHub's do: a
+    // token gains no power on a page that it lacks on the API.
+    let bearer = if api { token_from_headers(&parts.headers) } else { None };
+    let (session_name, _) = cookies::session_cookie(hub.cfg.secure_cookies, &hub.cfg.base_url);
+    let session_cookie = cookies.get(session_name).map(str::to_string);
     let caller = match (&bearer, &session_cookie) {
         (Some(t), _) => hub.identity.from_token(t).await?,
         (None, Some(c)) => hub.identity.from_session(c).await?,

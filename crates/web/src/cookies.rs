@@ -3,10 +3,26 @@
 use axum::http::{header, HeaderMap, HeaderValue};
 
 pub const SESSION: &str = "berth-session";
+/// The session cookie's name over TLS: browsers accept a `__Host-` cookie
+/// only from a secure origin, for `Path=/`, without `Domain` — so no
+/// server on another host or path can set one that shadows it.
+pub const SECURE_SESSION: &str = "__Host-berth-session";
 /// JupyterHub's session id cookie: not a credential, read by single-user
 /// servers to bind their own XSRF tokens.
 pub const SESSION_ID: &str = "jupyterhub-session-id";
 pub const XSRF: &str = "_xsrf";
+
+/// Cookies of berth's own, which no user's server may set or receive.
+pub const OWN: &[&str] = &[SESSION, SECURE_SESSION, SESSION_ID, XSRF, "berth-app"];
+
+/// The session cookie's name and path: `__Host-` and `/` when cookies are secure.
+pub fn session_cookie(secure: bool, base_url: &str) -> (&'static str, &str) {
+    if secure {
+        (SECURE_SESSION, "/")
+    } else {
+        (SESSION, base_url)
+    }
+}
 
 /// Cookies of a request (the first of each name wins).
 #[derive(Debug, Clone, Default)]

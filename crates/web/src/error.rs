@@ -91,6 +91,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         | E::GpuCountOutOfRange { .. }
         | E::NeedsHostRouting { .. }
         | E::BadOptions { .. }
+        | E::ImageNotAllowed { .. }
         | E::GpusOff
         | E::TooManyGpus { .. }
         | E::BadToken(_)

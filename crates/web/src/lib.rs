@@ -38,7 +38,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/home", get(home::home))
         .route("/signup", get(login::signup_page).post(login::signup))
         .route("/login", get(login::login_page).post(login::login))
-        .route("/logout", get(login::logout).post(login::logout))
+        .route("/logout", get(login::logout_page).post(login::logout))
         .route("/change-password", get(login::change_password_page).post(login::change_password))
         .route("/change-password/{name}", get(admin::admin_password_page).post(admin::admin_password))
         .route("/authorize", get(admin::authorize_page))

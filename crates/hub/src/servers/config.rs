@@ -28,6 +28,9 @@ pub struct Config {
     pub max_named_servers: u32,
     /// Stop every server when berth shuts down (otherwise they keep running and are re-adopted).
     pub stop_on_shutdown: bool,
+    /// Images users may name in a start's `image` option; empty: none (the
+    /// image comes from the template or the configuration).
+    pub allowed_images: Vec<String>,
     /// Seconds between checks that running servers are still alive.
     #[serde(with = "berth_core::serde_secs")]
     pub poll_interval_seconds: Duration,
@@ -45,6 +48,7 @@ impl Default for Config {
             max_running: 0,
             max_named_servers: 5,
             stop_on_shutdown: false,
+            allowed_images: Vec::new(),
             poll_interval_seconds: Duration::from_secs(30),
         }
     }

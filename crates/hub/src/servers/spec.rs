@@ -12,9 +12,10 @@ use serde_json::{Map, Value};
 
 use crate::error::{HubError, HubResult};
 
-/// What a start is asked with (JupyterHub's `user_options`). berth reads
-/// `template`, `gpus` and `image`, records the `routing` mode it chose, and
-/// keeps anything else a JupyterHub client sends, as JupyterHub does.
+/// What a start is asked with (JupyterHub's `user_options`): a closed set —
+/// `template`, `gpus`, and `image` where the admin allows images by name.
+/// berth records the `routing` mode it chose itself; `extra` only holds
+/// what records written by older versions carry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -30,10 +31,16 @@ pub struct UserOptions {
 }
 
 impl UserOptions {
-    /// From a request body: a JSON object, or a clear error.
+    /// From a request body: a JSON object of the options berth knows, or
+    /// an error naming the one it does not.
     pub fn from_json(v: Value) -> HubResult<UserOptions> {
-        if !v.is_object() {
+        let Some(o) = v.as_object() else {
             return Err(HubError::BadOptions { message: "the body must be a JSON object of user options".into() });
+        };
+        if let Some(k) = o.keys().find(|k| !matches!(k.as_str(), "template" | "gpus" | "image")) {
+            return Err(HubError::BadOptions {
+                message: format!("unknown option {k:?}; a start takes template, gpus and (where allowed) image"),
+            });
         }
         serde_json::from_value(v).map_err(|e| HubError::BadOptions { message: e.to_string() })
     }
@@ -198,12 +205,21 @@ mod tests {
 
     #[test]
     fn options_keep_what_clients_send_and_refuse_non_objects() {
-        let o = UserOptions::from_json(json!({"template": "app", "gpus": 1, "profile": "x"})).unwrap();
+        let o = UserOptions::from_json(json!({"template": "app", "gpus": 1})).unwrap();
         assert_eq!((o.template.as_deref(), o.gpus), (Some("app"), Some(1)));
-        assert_eq!(o.extra.get("profile"), Some(&json!("x")));
         let back = UserOptions::from_record(&o.to_record());
         assert_eq!(back, o);
-        for bad in [json!([1]), json!("x"), json!({"gpus": "two"}), json!({"routing": "sideways"})] {
+        // Records of older versions keep what they had.
+        let old = UserOptions::from_record(r#"{"routing":"strip","profile":"x"}"#);
+        assert_eq!((old.routing_mode(), old.extra.get("profile")), (RoutingMode::Strip, Some(&json!("x"))));
+        for bad in [
+            json!([1]),
+            json!("x"),
+            json!({"gpus": "two"}),
+            json!({"routing": "strip"}),
+            json!({"profile": "x"}),
+            json!({"cmd": ["sh"]}),
+        ] {
             assert!(matches!(UserOptions::from_json(bad.clone()), Err(HubError::BadOptions { .. })), "{bad}");
         }
         assert_eq!(UserOptions::from_record("not json"), UserOptions::default());

@@ -36,7 +36,7 @@ pub fn router() -> Router<SharedHub> {
         .route("/users/{name}/servers/{server}/progress", get(servers::progress))
         .route("/users/{name}/activity", post(servers::activity))
         .route("/gpus", get(servers::gpus))
-        .route("/oauth2/authorize", get(oauth::authorize))
+        .route("/oauth2/authorize", get(oauth::authorize).post(oauth::authorize_consented))
         .route("/oauth2/token", post(oauth::token))
         .fallback(not_found)
 }

@@ -6,15 +6,16 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
-use berth_hub::oauth::{AuthorizeRequest, OAuthError, TokenRequest, ACCESS_TOKEN_TTL_S};
+use berth_hub::oauth::{AuthorizeRequest, Authorization, OAuthError, TokenRequest};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::MaybeUser;
+use crate::extract::{MaybeUser, PageForm};
+use crate::html::{self, esc, xsrf_input};
 use crate::SharedHub;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 pub(super) struct AuthorizeQuery {
     client_id: Option<String>,
     redirect_uri: Option<String>,
@@ -25,30 +26,85 @@ pub(super) struct AuthorizeQuery {
 }
 
 /// `GET /hub/api/oauth2/authorize`: the browser arrives with a session; the
-/// hub answers with a redirect carrying a one-time code.
+/// hub answers with a redirect carrying a one-time code — or, when the
+/// visitor is not the server's owner, first asks whether to go on.
 pub(super) async fn authorize(
     State(hub): State<SharedHub>,
     MaybeUser(a): MaybeUser,
     uri: axum::http::Uri,
     Query(q): Query<AuthorizeQuery>,
 ) -> ApiResult<Response> {
-    let Some(caller) = a.caller.filter(|c| c.is_session()) else {
+    authorize_as(hub, a, uri, q, false).await
+}
+
+/// `POST /hub/api/oauth2/authorize`: the visitor said yes on the question page.
+pub(super) async fn authorize_consented(
+    State(hub): State<SharedHub>,
+    MaybeUser(a): MaybeUser,
+    uri: axum::http::Uri,
+    PageForm(q): PageForm<AuthorizeQuery>,
+) -> ApiResult<Response> {
+    authorize_as(hub, a, uri, q, true).await
+}
+
+async fn authorize_as(
+    hub: SharedHub,
+    a: crate::extract::RequestAuth,
+    uri: axum::http::Uri,
+    q: AuthorizeQuery,
+    consented: bool,
+) -> ApiResult<Response> {
+    let Some(caller) = a.caller.clone().filter(|c| c.is_session()) else {
         let here = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
         let next = percent_encoding::utf8_percent_encode(here, percent_encoding::NON_ALPHANUMERIC);
         return Ok(Redirect::to(&format!("{}login?next={next}", hub.hub_prefix())).into_response());
     };
     let req = AuthorizeRequest {
-        client_id: q.client_id,
-        redirect_uri: q.redirect_uri,
-        response_type: q.response_type,
-        state: q.state,
-        code_challenge: q.code_challenge,
-        code_challenge_method: q.code_challenge_method,
+        client_id: q.client_id.clone(),
+        redirect_uri: q.redirect_uri.clone(),
+        response_type: q.response_type.clone(),
+        state: q.state.clone(),
+        code_challenge: q.code_challenge.clone(),
+        code_challenge_method: q.code_challenge_method.clone(),
     };
-    let location = hub.oauth_authorize(&caller, req).await.map_err(|e| ApiError::from(e).page())?;
-    let mut resp = Redirect::to(&location).into_response();
-    *resp.status_mut() = StatusCode::FOUND;
-    Ok(resp)
+    match hub.oauth_authorize(&caller, req, consented).await.map_err(|e| ApiError::from(e).page())? {
+        Authorization::Redirect(location) => {
+            let mut resp = Redirect::to(&location).into_response();
+            *resp.status_mut() = StatusCode::FOUND;
+            Ok(resp)
+        }
+        Authorization::Consent { owner, server } => Ok(consent_page(&hub, &a, &q, &owner, &server)),
+    }
+}
+
+/// The question a visitor answers before another user's server learns who they are.
+fn consent_page(hub: &SharedHub, a: &crate::extract::RequestAuth, q: &AuthorizeQuery, owner: &str, server: &str) -> Response {
+    let hidden = [
+        ("client_id", &q.client_id),
+        ("redirect_uri", &q.redirect_uri),
+        ("response_type", &q.response_type),
+        ("state", &q.state),
+        ("code_challenge", &q.code_challenge),
+        ("code_challenge_method", &q.code_challenge_method),
+    ]
+    .iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!(r#"<input type="hidden" name="{k}" value="{}">"#, esc(v))))
+    .collect::<String>();
+    let what = if server.is_empty() { format!("{owner}'s server") } else { format!("{owner}'s server {server}") };
+    let who = a.caller.as_ref().map(|c| c.name().to_string()).unwrap_or_default();
+    let body = format!(
+        r#"<div class="card"><h1>Log in to {what}?</h1>
+<p>This server belongs to <b>{owner}</b>, and runs code {owner} controls. Going on tells it that you are <b>{who}</b>
+and lets it act on this server in your name; it gets nothing else of your account.</p>
+<form method="post" action="{p}api/oauth2/authorize">{x}{hidden}<button type="submit" id="consent">Continue as {who}</button>
+<a class="button secondary" href="{p}home">Cancel</a></form></div>"#,
+        what = esc(&what),
+        owner = esc(owner),
+        who = esc(&who),
+        p = hub.hub_prefix(),
+        x = xsrf_input(&a.xsrf),
+    );
+    html::page(&hub.cfg.base_url, "Log in to a server", a.viewer().as_ref(), &body).into_response()
 }
 
 fn oauth_error(e: OAuthError) -> Response {
@@ -140,7 +196,7 @@ pub(super) async fn token(State(hub): State<SharedHub>, headers: HeaderMap, body
     let body = json!({
         "access_token": grant.access_token,
         "token_type": "Bearer",
-        "expires_in": ACCESS_TOKEN_TTL_S,
+        "expires_in": grant.expires_in,
         "scope": grant.scopes.join(" "),
     });
     let mut resp = Json(body).into_response();

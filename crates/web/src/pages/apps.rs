@@ -36,7 +36,10 @@ pub async fn app_login(State(hub): State<SharedHub>, user: PageUser, Query(q): Q
         return Err(ApiError::forbidden(format!("{} may not access this server", user.caller.name())).page());
     }
     let host = apps.host_for(&id);
-    let code = apps.issue_code(user.caller.name(), &host);
+    let Some(session) = user.caller.session_public_id() else {
+        return Err(ApiError::forbidden("app hosts are reached from a browser session").page());
+    };
+    let code = apps.issue_code(user.caller.name(), session, &host);
     let next = safe_app_next(&q.next);
     let next = percent_encoding::utf8_percent_encode(&next, percent_encoding::NON_ALPHANUMERIC);
     Ok(Redirect::to(&format!("{}{AUTH_PATH}?code={code}&next={next}", apps.origin_of(&host))).into_response())

@@ -7,7 +7,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use berth_core::UserName;
 use berth_hub::login::LoginOutcome;
-use berth_hub::{HubError, Via};
+use berth_hub::HubError;
 use berth_store::now_ms;
 use serde::Deserialize;
 
@@ -23,11 +23,17 @@ use crate::SharedHub;
 pub fn safe_next(hub: &SharedHub, next: Option<&str>) -> String {
     let home = format!("{}home", hub.hub_prefix());
     let Some(n) = next.filter(|n| !n.is_empty()) else { return home };
+    // Also as a browser may read it once decoded: no `//host`, `/\host`, controls.
+    let decoded = percent_encoding::percent_decode_str(n).decode_utf8_lossy();
     let ok = n.starts_with(&hub.cfg.base_url)
-        && !n.starts_with("//")
-        && !n.contains('\\')
-        && !n.contains("://")
-        && !n.chars().any(|c| c.is_control());
+        && n.starts_with('/')
+        && [n, decoded.as_ref()].iter().all(|v| {
+            !v.starts_with("//")
+                && !v.starts_with("/\\")
+                && !v.contains('\\')
+                && !v.contains("://")
+                && !v.chars().any(|c| c.is_control())
+        });
     if ok {
         n.to_string()
     } else {
@@ -210,9 +216,10 @@ pub(crate) async fn start_session(hub: &SharedHub, user: &str) -> ApiResult<Vec<
     let secure = hub.cfg.secure_cookies;
     let max_age = Some(hub.auth.session_max_age_seconds.as_secs());
     let xsrf = sc.xsrf;
+    let (session_name, session_path) = cookies::session_cookie(secure, base);
     let hub_path = hub.hub_prefix();
     Ok(vec![
-        CookieSpec { name: cookies::SESSION, value: &sc.cookie_value, path: base, http_only: true, secure, max_age }
+        CookieSpec { name: session_name, value: &sc.cookie_value, path: session_path, http_only: true, secure, max_age }
             .header(),
         CookieSpec {
             name: cookies::SESSION_ID,
@@ -259,17 +266,30 @@ pub async fn login(
     Ok(html::page(&hub.cfg.base_url, "Log in", None, &body).into_response())
 }
 
+/// `GET /hub/logout`: a button, never the log-out itself (a link or an
+/// image elsewhere must not log anyone out).
+pub async fn logout_page(State(hub): State<SharedHub>, MaybeUser(a): MaybeUser) -> Response {
+    let Some(viewer) = a.viewer() else {
+        return Redirect::to(&format!("{}login", hub.hub_prefix())).into_response();
+    };
+    let body = format!(
+        r#"<div class="card"><h1>Log out</h1><form method="post" action="{p}logout">{x}<button type="submit" id="logout">Log out</button></form></div>"#,
+        p = hub.hub_prefix(),
+        x = xsrf_input(&a.xsrf),
+    );
+    html::page(&hub.cfg.base_url, "Log out", Some(&viewer), &body).into_response()
+}
+
+/// `POST /hub/logout`: ends this session and what servers got through it.
 pub async fn logout(State(hub): State<SharedHub>, MaybeUser(a): MaybeUser) -> ApiResult<Response> {
     if let Some(c) = &a.caller {
-        if let Via::Session { id_hash, .. } = &c.via {
-            hub.store.revoke_session(id_hash).await?;
-            tracing::info!(user = %c.name(), "logged out");
-        }
+        hub.logout(c).await.map_err(|e| ApiError::from(e).page())?;
     }
     let base = &hub.cfg.base_url;
+    let (session_name, session_path) = cookies::session_cookie(hub.cfg.secure_cookies, base);
     let mut resp = Redirect::to(&format!("{}login", hub.hub_prefix())).into_response();
     let h = resp.headers_mut();
-    h.append(header::SET_COOKIE, cookies::clear(cookies::SESSION, base));
+    h.append(header::SET_COOKIE, cookies::clear(session_name, session_path));
     h.append(header::SET_COOKIE, cookies::clear(cookies::SESSION_ID, base));
     h.append(header::SET_COOKIE, cookies::clear(cookies::XSRF, hub.hub_prefix()));
     Ok(resp)
