@@ -9,14 +9,10 @@ use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-const ADMIN_PW: &str = "admin-pass-42x";
 const ALICE_PW: &str = "alice-pass-42x";
 
 async fn admin_and_alice(b: &Berth) -> (Browser, Browser) {
-    let admin = Browser::new(&b.url);
-    let msg = admin.signup("admin", ADMIN_PW).await;
-    assert!(alert_text(&msg).contains("signup was successful"), "{}", alert_text(&msg));
-    admin.login_ok("admin", ADMIN_PW).await;
+    let admin = b.first_admin().await;
     let alice = Browser::new(&b.url);
     let msg = alice.signup("alice", ALICE_PW).await;
     assert!(alert_text(&msg).contains("sent to the admin"), "{}", alert_text(&msg));

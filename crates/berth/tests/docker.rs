@@ -25,10 +25,7 @@ async fn user(b: &Berth, admin: &Browser, name: &str) -> Browser {
 }
 
 async fn admin(b: &Berth) -> Browser {
-    let a = Browser::new(&b.url);
-    a.signup("admin", "admin-pass-42x").await;
-    a.login_ok("admin", "admin-pass-42x").await;
-    a
+    b.first_admin().await
 }
 
 #[tokio::test]

@@ -230,8 +230,7 @@ async fn https_on_the_same_port() {
     assert!(r.headers()["location"].to_str().unwrap().starts_with("https://"));
 
     let admin = Browser::with_ca(&base, &ca);
-    admin.signup("admin", "admin-pass-42x").await;
-    admin.login_ok("admin", "admin-pass-42x").await;
+    b.make_first_admin(&admin).await;
     let alice = Browser::with_ca(&base, &ca);
     alice.signup("alice", ALICE_PW).await;
     admin.submit("/hub/authorize", "/hub/authorize/alice", &[("action", "authorize")]).await;

@@ -469,9 +469,7 @@ async fn docker_exec_forwarding_stays_inside_the_container() {
     env.push(("BERTH_SSH_HOST_KEY_TYPES".into(), "ed25519".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let b = Berth::start_with(&env, &[]);
-    let admin = Browser::new(&b.url);
-    admin.signup("admin", "admin-pass-42x").await;
-    admin.login_ok("admin", "admin-pass-42x").await;
+    let admin = b.first_admin().await;
     let alice_name = scope.user("al");
     let bob_name = scope.user("bo");
     let alice = authorized(&b, &admin, &alice_name).await;

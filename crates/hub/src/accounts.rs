@@ -21,7 +21,7 @@ use crate::Hub;
 #[derive(Debug)]
 pub struct Signup {
     pub name: UserName,
-    /// The configured admin's own sign-up: authorized and admin at once.
+    /// Always false: kept so pages can say what happened.
     pub admin: bool,
 }
 
@@ -54,15 +54,15 @@ impl Hub {
         }
     }
 
-    /// Self-service sign-up: the account waits for an admin, except the
-    /// configured admin's own.
+    /// Self-service sign-up: the account waits for an admin. No name is
+    /// special (the first admin comes from the setup link).
     pub async fn signup(&self, raw_name: &str, password: String, confirmation: &str) -> HubResult<Signup> {
         let name = UserName::normalize(raw_name)?;
         if password != confirmation {
             return Err(HubError::PasswordMismatch);
         }
         self.auth.password_policy().check(name.as_str(), &password)?;
-        let admin = name.as_str() == self.cfg.admin;
+        let admin = false;
         let hash = self.login.hash_password(password).await?;
         let new = NewUser { name: name.to_string(), admin, authorized: admin, password_hash: Some(hash) };
         self.store.create_user(&new).await.map_err(|e| conflict_as_exists(e, name.as_str()))?;
@@ -91,6 +91,9 @@ impl Hub {
         };
         let new = NewUser { name: name.to_string(), admin, authorized: true, password_hash };
         let u = self.store.create_user(&new).await.map_err(|e| conflict_as_exists(e, name.as_str()))?;
+        if admin {
+            self.close_setup().await?;
+        }
         self.event(actor, "user-create", &u.name, if admin { "admin" } else { "" }).await;
         Ok(u)
     }
@@ -140,6 +143,9 @@ impl Hub {
             return Err(HubError::SelfAction { action: SelfAction::RemoveAdmin });
         }
         self.store.set_admin(name, admin).await?;
+        if admin {
+            self.close_setup().await?;
+        }
         self.event(actor, if admin { "admin-grant" } else { "admin-revoke" }, name, "").await;
         tracing::info!(by = %actor.name(), user = %name, admin, "admin rights changed");
         Ok(())

@@ -31,6 +31,8 @@ pub enum HubError {
     PasswordMismatch,
     #[error("the current password is wrong")]
     WrongPassword,
+    #[error("this setup link is not valid: it was used, or berth printed a newer one when it last started")]
+    SetupClosed,
 
     // --- scopes
     #[error("Action is not authorized with current scopes; requires any of [{scope}]")]
@@ -61,6 +63,8 @@ pub enum HubError {
     Transition(#[from] berth_core::TransitionError),
     #[error("{message}")]
     Spawner { message: String },
+    #[error("the {spawner} spawner here cannot run your server under an account of your own (berth is not running as root), so only the admin may start one; ask the admin to use the Docker spawner")]
+    NotIsolated { spawner: &'static str },
 
     // --- templates and options
     #[error("{user} may not start the template {template:?}; allowed: {}", if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") })]

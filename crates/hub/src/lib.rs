@@ -19,6 +19,7 @@ pub mod login;
 pub mod oauth;
 pub mod progress;
 pub mod servers;
+pub mod setup;
 pub mod templates;
 pub mod tokens;
 
@@ -39,7 +40,8 @@ pub use servers::{Servers, Settled, SpawnerState, UserOptions};
 pub struct Config {
     /// URL prefix of everything berth serves; the hub lives at `<base_url>hub/`.
     pub base_url: String,
-    /// The admin's user name: their own sign-up is authorized and made admin at once.
+    /// The name the first admin's setup page suggests (nobody becomes admin
+    /// by signing up with it: see `berth_hub::setup`).
     pub admin: String,
     /// Largest request body the hub accepts, in bytes (proxied bodies are streamed and not limited).
     pub max_body_bytes: u64,

@@ -270,6 +270,9 @@ impl Servers {
         if !owner.authorized {
             return Err(HubError::NotAuthorized { user: user.into() });
         }
+        if !owner.admin && self.cfg.local_isolate_users && !self.spawner.isolates_users() {
+            return Err(HubError::NotIsolated { spawner: self.spawner.kind() });
+        }
         let claimed = self.busy.lock().map(|mut b| b.insert(id.clone())).unwrap_or(false);
         if !claimed {
             return Err(HubError::Busy { server: id.to_string() });

@@ -277,6 +277,17 @@ impl App {
             let (gw, stop) = (gw.clone(), shutdown.clone());
             tasks.spawn(gw.serve(l, stop, Duration::from_secs(10)).instrument(tracing::info_span!("ssh-gateway")));
         }
+        // Until the hub has had an admin: the one-time link that makes one.
+        match hub.setup_code().await {
+            Ok(Some(code)) => {
+                let host = if local.ip().is_unspecified() { format!("localhost:{}", local.port()) } else { local.to_string() };
+                let url = format!("{scheme}://{host}{}setup?code={code}", hub.hub_prefix());
+                println!("berth setup: no admin yet; open {url} to make one (or run `berth user add NAME --admin`)");
+                tracing::warn!("no admin yet: open the setup link printed on standard output to make one");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot prepare the setup link"),
+        }
         // The one line scripts and tests wait for.
         println!("berth listening on {scheme}://{local}");
         tracing::info!(%local, spawner = hub.servers.spawner_kind(), "listening");

@@ -13,7 +13,7 @@ use berth_spawner_docker::DockerSpawner;
 use crate::{Config, StartError};
 
 /// The spawner the configuration asks for: `docker`, `local`, or `auto`
-/// (Docker when its engine answers, else local).
+/// (Docker; local processes only when configured, never as a fall-back).
 pub(crate) async fn build_spawner(
     config: &Config,
 ) -> Result<(Arc<dyn Spawner>, Option<Arc<DockerSpawner>>), StartError> {
@@ -24,6 +24,9 @@ pub(crate) async fn build_spawner(
             data_dir: config.data_dir.clone(),
             provision: config.spawner.provision,
             provision_packages: vec!["jupyterhub".into(), "jupyterlab".into()],
+            isolate_users: config.spawner.local_isolate_users,
+            uid_min: config.spawner.local_uid_min,
+            uid_max: config.spawner.local_uid_max,
         }))
     };
     match config.spawner.kind.as_str() {
@@ -41,17 +44,19 @@ pub(crate) async fn build_spawner(
                     tracing::info!(%version, "using the Docker spawner");
                     Ok((d.clone() as Arc<dyn Spawner>, Some(d)))
                 }
-                ("docker", Ok(d), Err(e)) => {
-                    // Asked for explicitly: start anyway; spawns fail with a clear
-                    // message until the engine answers.
-                    tracing::warn!(error = %e, "the Docker engine does not answer now; servers cannot start until it does");
+                (_, Ok(d), Err(e)) => {
+                    // Never a silent fall-back to local processes (they isolate
+                    // users less): keep to Docker, which reconnects by itself;
+                    // starts fail with a clear message until the engine answers.
+                    tracing::warn!(
+                        error = %e,
+                        "the Docker engine does not answer now; servers cannot start until it does (berth keeps trying; set spawner.kind = \"local\" to run servers as local processes instead)"
+                    );
                     Ok((d.clone() as Arc<dyn Spawner>, Some(d)))
                 }
-                ("docker", Err(e), _) => Err(StartError::Unsupported(format!("cannot use the Docker spawner: {e}"))),
-                (_, _, Err(e)) | (_, Err(e), _) => {
-                    tracing::info!(reason = %e, "no Docker engine answers; using the local-process spawner");
-                    Ok((local(), None))
-                }
+                (_, Err(e), _) => Err(StartError::Unsupported(format!(
+                    "cannot use the Docker spawner: {e} (set spawner.kind = \"local\" to run servers as local processes)"
+                ))),
             }
         }
     }

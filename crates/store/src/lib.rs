@@ -15,6 +15,7 @@ mod oauth;
 mod records;
 mod servers;
 mod sessions;
+mod settings;
 mod ssh_keys;
 mod tokens;
 mod users;

@@ -139,6 +139,16 @@ CREATE TABLE user_limits (
 );
 "#,
     ),
+    (
+        6,
+        "immutable account ids (data is keyed by them) and hub settings",
+        r#"
+ALTER TABLE users ADD COLUMN account_id TEXT;
+UPDATE users SET account_id = name;
+CREATE UNIQUE INDEX users_account_id ON users(account_id);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+"#,
+    ),
 ];
 
 impl Store {

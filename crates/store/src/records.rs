@@ -7,10 +7,11 @@ use sqlx::Row;
 use crate::{get_bool, Result};
 
 pub(crate) const USER_COLS: &str =
-    "name, admin, authorized, password_hash, failed_logins, last_failed_login, locked_until, created, last_activity";
+    "name, admin, authorized, password_hash, failed_logins, last_failed_login, locked_until, created, last_activity, account_id";
 pub(crate) const USER_COLS_U: &str = "u.name AS u_name, u.admin AS u_admin, u.authorized AS u_authorized, \
      u.password_hash AS u_password_hash, u.failed_logins AS u_failed_logins, u.last_failed_login AS u_last_failed_login, \
-     u.locked_until AS u_locked_until, u.created AS u_created, u.last_activity AS u_last_activity";
+     u.locked_until AS u_locked_until, u.created AS u_created, u.last_activity AS u_last_activity, \
+     u.account_id AS u_account_id";
 pub(crate) const TOKEN_COLS: &str = "t.id, t.hash, t.user_name, t.kind, t.server_name, t.scopes, t.note, t.created, \
      t.expires_at, t.last_activity, t.session_id, t.oauth_client";
 pub(crate) const SERVER_COLS: &str =
@@ -19,6 +20,10 @@ pub(crate) const SERVER_COLS: &str =
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     pub name: String,
+    /// Never changes, and never comes back after a deletion: what the
+    /// user's data (volumes, home) is named by, so a new account with an
+    /// old name starts empty. Accounts from before migration 6 have their name.
+    pub account_id: String,
     pub admin: bool,
     pub authorized: bool,
     /// A PHC string (argon2id), or an imported bcrypt hash (`$2b$...`).
@@ -39,6 +44,9 @@ impl User {
         let c = |n: &str| format!("{p}{n}");
         Ok(User {
             name: r.try_get(c("name").as_str())?,
+            account_id: r
+                .try_get::<Option<String>, _>(c("account_id").as_str())?
+                .unwrap_or_else(|| r.try_get(c("name").as_str()).unwrap_or_default()),
             admin: get_bool(r, &c("admin"))?,
             authorized: get_bool(r, &c("authorized"))?,
             password_hash: r.try_get(c("password_hash").as_str())?,

@@ -7,14 +7,17 @@ use crate::{b, is_unique_violation, now_ms, NewUser, Result, Store, StoreError, 
 impl Store {
     pub async fn create_user(&self, u: &NewUser) -> Result<User> {
         let now = now_ms();
+        // Starts with a digit, so it is never a user name (those start with a letter).
+        let account_id = crate::random_id("1");
         let res = sqlx::query(
-            "INSERT INTO users (name, admin, authorized, password_hash, created) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO users (name, admin, authorized, password_hash, created, account_id) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&u.name)
         .bind(b(u.admin))
         .bind(b(u.authorized))
         .bind(u.password_hash.clone())
         .bind(now)
+        .bind(&account_id)
         .execute(&self.pool)
         .await;
         match res {

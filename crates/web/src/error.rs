@@ -61,7 +61,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         E::NoSuchUser { .. } | E::NoSuchServer { .. } | E::NoSuchToken { .. } | E::NoSuchKey { .. } => {
             StatusCode::NOT_FOUND
         }
-        E::NoSuchGpu { .. } => StatusCode::NOT_FOUND,
+        E::NoSuchGpu { .. } | E::SetupClosed => StatusCode::NOT_FOUND,
         E::UserExists { .. } | E::AllUsersExist { .. } | E::KeyExists { .. } => StatusCode::CONFLICT,
         E::NoGpus { .. } => StatusCode::CONFLICT,
         E::MissingScope { .. } | E::ScopesNotHeld { .. } => StatusCode::FORBIDDEN,
@@ -91,6 +91,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         | E::GpuCountOutOfRange { .. }
         | E::NeedsHostRouting { .. }
         | E::BadOptions { .. }
+        | E::NotIsolated { .. }
         | E::ImageNotAllowed { .. }
         | E::GpusOff
         | E::TooManyGpus { .. }

@@ -1,4 +1,9 @@
 //! Server-rendered pages: one layout, escaping done in one place.
+//!
+//! The pages run no inline script and no `on…=` handler: the hub's
+//! Content-Security-Policy ([`crate::headers`]) allows script from the hub's
+//! own files only. A page that needs script links one with [`script`] and
+//! hands it data through `data-` attributes (escaped with [`esc`]).
 
 use axum::response::Html;
 
@@ -39,6 +44,7 @@ td form{display:inline;margin:0}td button{padding:.2rem .6rem;font-size:.85rem}
 .muted{color:#6b7385}.badge{display:inline-block;padding:0 .45rem;border-radius:10px;font-size:.8rem;background:#e8ebf0}
 .badge.ok{background:#e3f4e6}.badge.warn{background:#fdf1d8}code{background:#eef0f4;padding:.1rem .3rem;border-radius:3px;word-break:break-all}
 .progress{height:1.2rem;background:#e8ebf0;border-radius:6px;overflow:hidden}.progress>div{height:100%;background:#2f6fde;width:0;transition:width .3s}
+.progress>div.failed{background:#c8372d}
 "#;
 
 /// Who the page is shown to, for the header.
@@ -100,12 +106,47 @@ pub fn alert(level: Level, msg: &str) -> String {
     format!(r#"<div class="alert alert-{class}" role="alert"><p>{}</p></div>"#, esc(msg))
 }
 
+/// The `<script>` element for one of the hub's static files ([`crate::assets`]),
+/// versioned by its content; `hub_prefix` is `<base>hub/`.
+pub fn script(hub_prefix: &str, name: &str) -> String {
+    match crate::assets::url(hub_prefix, name) {
+        Some(src) => format!(r#"<script src="{}" defer></script>"#, esc(&src)),
+        None => {
+            tracing::error!(file = name, "a page links a static file the hub does not have");
+            String::new()
+        }
+    }
+}
+
 pub fn xsrf_input(token: &str) -> String {
     format!(r#"<input type="hidden" name="_xsrf" value="{}">"#, esc(token))
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scripts_are_files_of_the_hub() {
+        let tag = super::script("/b/hub/", "pending.js");
+        assert!(tag.starts_with(r#"<script src="/b/hub/static/pending.js?v="#), "{tag}");
+        assert!(tag.ends_with(r#"" defer></script>"#), "{tag}");
+        assert_eq!(super::script("/b/hub/", "missing.js"), "");
+    }
+
+    #[test]
+    fn the_layout_has_no_inline_script() {
+        let v = super::Viewer { name: "<al>", admin: true, xsrf: "x\"y" };
+        for page in [super::page("/", "T", Some(&v), "<p>b</p>").0, super::bare_page("T", "<p>b</p>").0] {
+            assert!(!page.contains("<script"), "{page}");
+            let lower = page.to_ascii_lowercase();
+            let handler = lower.match_indices(" on").any(|(i, _)| {
+                let rest = &lower[i + 3..];
+                let n = rest.chars().take_while(|c| c.is_ascii_alphabetic()).count();
+                n > 0 && rest[n..].starts_with('=')
+            });
+            assert!(!handler, "no on…= handlers: {page}");
+        }
+    }
+
     #[test]
     fn escapes_markup() {
         assert_eq!(super::esc(r#"<a href="x">'&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");

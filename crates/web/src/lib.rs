@@ -9,10 +9,12 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod assets;
 pub mod auth;
 pub mod cookies;
 pub mod error;
 pub mod extract;
+pub mod headers;
 pub mod html;
 pub mod model;
 pub mod pages;
@@ -31,11 +33,12 @@ pub type SharedHub = Arc<berth_hub::Hub>;
 /// The hub's routes, under `<base_url>hub/`, and `<base_url>user/*` for
 /// servers the proxy has no route to (they are not running).
 pub fn router(hub: SharedHub) -> Router {
-    use pages::{admin, apps, home, keys, login, servers, tokens};
+    use pages::{admin, apps, home, keys, login, servers, setup, tokens};
     let max_body = hub.cfg.max_body_bytes as usize;
     let hub_routes = Router::new()
         .route("/", get(login::root))
         .route("/home", get(home::home))
+        .route("/setup", get(setup::setup_page).post(setup::setup))
         .route("/signup", get(login::signup_page).post(login::signup))
         .route("/login", get(login::login_page).post(login::login))
         .route("/logout", get(login::logout_page).post(login::logout))
@@ -80,5 +83,9 @@ pub fn router(hub: SharedHub) -> Router {
     app.fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(hub.clone(), auth::authenticate))
         .layer(DefaultBodyLimit::max(max_body))
+        // Static files need no caller: outside the authentication layer.
+        .merge(assets::router(hub.hub_prefix()))
+        // Outermost: every answer of the router, refusals included.
+        .layer(axum::middleware::from_fn_with_state(headers::HubHeaders::for_hub(&hub), headers::hub_headers))
         .with_state(hub)
 }

@@ -21,6 +21,8 @@ pub(crate) struct Berth {
     pub url: String,
     /// The SSH gateway's address, when the test enabled it.
     pub ssh_addr: Option<String>,
+    /// The one-time link to make the first admin, when berth printed one.
+    pub setup_url: Option<String>,
     pub data_dir: PathBuf,
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
@@ -60,8 +62,10 @@ impl Berth {
             .args(&args)
             .env_remove("BERTH_CONFIG")
             .env("BERTH_LOG", std::env::var("BERTH_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            // The local-process spawner unless a test asks for Docker.
+            // The local-process spawner unless a test asks for Docker, running
+            // servers as berth itself unless a test asks for accounts of their own.
             .env("BERTH_SPAWNER", "local")
+            .env("BERTH_LOCAL_ISOLATE_USERS", "false")
             // No SSH gateway unless a test asks (BERTH_SSH_BIND=127.0.0.1:0).
             .env("BERTH_SSH_BIND", "off")
             // Keep password hashing cheap in tests; the bench measures the real cost.
@@ -76,11 +80,15 @@ impl Berth {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         let (ssh_tx, ssh_rx) = std::sync::mpsc::channel::<String>();
+        let (setup_tx, setup_rx) = std::sync::mpsc::channel::<String>();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(line)) = lines.next() {
                 if let Some(rest) = line.strip_prefix("berth ssh listening on ") {
                     let _ = ssh_tx.send(rest.trim().to_string());
+                }
+                if let Some(rest) = line.strip_prefix("berth setup: no admin yet; open ") {
+                    let _ = setup_tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
                 }
                 if let Some(rest) = line.strip_prefix("berth listening on ") {
                     let _ = tx.send(rest.trim().to_string());
@@ -95,12 +103,14 @@ impl Berth {
                 panic!("berth did not start listening within 60 s; its log:\n{log}");
             }
         };
-        // Printed before the HTTP line, so it is there already when enabled.
+        // Printed before the HTTP line, so they are there already when printed.
         let ssh_addr = ssh_rx.try_recv().ok();
+        let setup_url = setup_rx.try_recv().ok();
         Berth {
             child,
             url,
             ssh_addr,
+            setup_url,
             data_dir: data_dir.to_path_buf(),
             env,
             args,
@@ -170,6 +180,7 @@ pub(crate) fn run_cli(args: &[&str], data_dir: Option<&Path>, stdin: Option<&str
     }
     cmd.env_remove("BERTH_CONFIG")
         .env("BERTH_SPAWNER", "local")
+        .env("BERTH_LOCAL_ISOLATE_USERS", "false")
         .env("BERTH_ARGON2_MEMORY_KIB", "1024")
         .env("BERTH_ARGON2_ITERATIONS", "1")
         .stdin(Stdio::piped())
@@ -338,11 +349,33 @@ pub(crate) fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Signs up the admin and `user`, authorizes `user`, logs both in.
+pub(crate) const ADMIN_PW: &str = "admin-pass-42x";
+
+impl Berth {
+    /// Makes the first admin `admin` through the setup link berth printed,
+    /// and returns a browser logged in as them.
+    pub(crate) async fn first_admin(&self) -> Browser {
+        let admin = Browser::new(&self.url);
+        self.make_first_admin(&admin).await;
+        admin
+    }
+
+    /// The same with a browser of the test's (one that trusts berth's CA, say).
+    pub(crate) async fn make_first_admin(&self, admin: &Browser) {
+        let link = self.setup_url.clone().expect("berth printed a setup link (no admin yet)");
+        let path = link.split_once("/hub/").map(|(_, p)| format!("/hub/{p}")).expect("a hub path");
+        let code = path.split("code=").nth(1).unwrap_or("").to_string();
+        let fields =
+            [("code", code.as_str()), ("username", "admin"), ("password", ADMIN_PW), ("password_confirmation", ADMIN_PW)];
+        let r = admin.submit(&path, "/hub/setup", &fields).await;
+        assert_eq!(r.status(), StatusCode::FOUND, "setup: {}", r.status());
+        assert_eq!(admin.get("/hub/api/user").await.status(), StatusCode::OK, "logged in as the new admin");
+    }
+}
+
+/// Makes the first admin, signs up `user`, authorizes `user`, logs both in.
 pub(crate) async fn admin_and_user(b: &Berth, user: &str, password: &str) -> (Browser, Browser) {
-    let admin = Browser::new(&b.url);
-    admin.signup("admin", "admin-pass-42x").await;
-    admin.login_ok("admin", "admin-pass-42x").await;
+    let admin = b.first_admin().await;
     let u = Browser::new(&b.url);
     u.signup(user, password).await;
     let r = admin.submit("/hub/authorize", &format!("/hub/authorize/{user}"), &[("action", "authorize")]).await;

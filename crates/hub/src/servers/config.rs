@@ -8,12 +8,21 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// `auto` (Docker when its engine answers, else local), `local` or `docker`.
+    /// `auto` (Docker; never falls back to local processes), `local` or `docker`.
     pub kind: String,
     /// The local spawner's command line.
     pub local_cmd: String,
     /// Provide `jupyterhub-singleuser` in a virtualenv under the data directory when it is not installed.
     pub provision: bool,
+    /// Local spawner, berth running as root: each user's server and SSH
+    /// sessions run under their own Unix account (`berth-<user>`). Where
+    /// that cannot be done (berth is not root), only the admin may start a
+    /// local server. Turned off, everyone's run as berth itself — only for
+    /// users who may read berth's data.
+    pub local_isolate_users: bool,
+    /// The uid range of the Unix accounts the local spawner makes.
+    pub local_uid_min: u32,
+    pub local_uid_max: u32,
     /// Time from a start request until the server must answer.
     #[serde(with = "berth_core::serde_secs")]
     pub start_timeout_seconds: Duration,
@@ -42,6 +51,9 @@ impl Default for Config {
             kind: "auto".into(),
             local_cmd: "jupyterhub-singleuser".into(),
             provision: true,
+            local_isolate_users: true,
+            local_uid_min: 20000,
+            local_uid_max: 29999,
             start_timeout_seconds: Duration::from_secs(120),
             stop_grace_seconds: Duration::from_secs(10),
             max_concurrent_starts: 20,

@@ -7,6 +7,7 @@ pub mod home;
 pub mod keys;
 pub mod login;
 pub mod servers;
+pub mod setup;
 pub mod tokens;
 
 use crate::error::ApiError;

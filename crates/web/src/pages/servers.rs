@@ -173,29 +173,20 @@ pub async fn pending(State(hub): State<SharedHub>, user: PageUser, ServerPath(id
         return Ok(Redirect::to(&url).into_response());
     }
     let progress = progress_url(&hub.cfg.base_url, &owner, &server);
+    // No inline script (the hub's CSP forbids it): static/pending.js reads the data- attributes.
     let body = format!(
-        r##"<div class="card"><h1>Starting {what}</h1>
+        r#"<div class="card" id="spawn-progress" data-progress-url="{progress}" data-server-url="{url}" data-xsrf="{xsrf}"><h1>Starting {what}</h1>
 <div class="progress"><div id="bar"></div></div>
 <p id="message" class="muted">Waiting for the server…</p>
 <ul id="log" class="muted"></ul>
 <p><a href="{p}home">Back home</a></p></div>
-<script>
-(function(){{
-  var bar=document.getElementById("bar"),msg=document.getElementById("message"),log=document.getElementById("log");
-  var es=new EventSource({progress:?});
-  es.onmessage=function(e){{
-    var ev=JSON.parse(e.data);
-    if(ev.progress!==undefined)bar.style.width=ev.progress+"%";
-    msg.textContent=ev.message||"";
-    var li=document.createElement("li");li.textContent=ev.message||"";log.appendChild(li);
-    if(ev.ready){{es.close();window.location.href=ev.url||{url:?};}}
-    if(ev.failed){{es.close();bar.style.background="#c8372d";}}
-  }};
-  es.onerror=function(){{msg.textContent="Lost the connection to the progress stream; reload to retry.";}};
-}})();
-</script>"##,
+{script}"#,
+        progress = esc(&progress),
+        url = esc(&url),
+        xsrf = esc(&user.xsrf),
         what = esc(&if server.is_empty() { owner.clone() } else { format!("{owner}/{server}") }),
         p = hub.hub_prefix(),
+        script = html::script(hub.hub_prefix(), "pending.js"),
     );
     Ok(html::page(&hub.cfg.base_url, "Starting", Some(&user.viewer()), &body).into_response())
 }
