@@ -69,16 +69,33 @@ impl Caller {
         matches!(self.via, Via::Session { .. })
     }
 
-    /// Whether this caller's credential was made for `id` alone — an OAuth
-    /// token the hub issued to that server for a visitor, or the server's own
-    /// token — so the server may see it (it needs it to identify the
-    /// visitor). Any other credential is removed before a request goes on.
+    /// Whether this caller's credential is scoped to `id` alone, so that
+    /// server may see it (a server needs the token to identify its
+    /// visitor): a token whose scopes reach that server and nothing else —
+    /// an OAuth token the hub issued to it, a token made for it — or the
+    /// server's own token. Any other credential is removed before a request
+    /// goes on, so a visitor's wider token never reaches a server's owner.
     pub fn credential_is_for(&self, id: &ServerId) -> bool {
+        use berth_core::scopes::Filter;
         match &self.via {
-            Via::Token { kind: TokenKind::OAuth, oauth_client: Some(c), .. } => *c == id.client_id(),
-            Via::Token { kind: TokenKind::Server, server: Some(s), .. } => self.name() == id.user() && s == id.server(),
-            _ => false,
+            Via::Token { kind: TokenKind::Server, server: Some(s), .. } => {
+                return self.name() == id.user() && s == id.server();
+            }
+            Via::Token { .. } => {}
+            _ => return false,
         }
+        let me = self.name();
+        let mut reaches = false;
+        for scope in self.scopes.iter() {
+            match (scope.name.as_str(), &scope.filter) {
+                ("access:servers", Filter::Server { user, server }) if user == id.user() && server == id.server() => {
+                    reaches = true
+                }
+                ("read:users:name" | "read:users:groups", Filter::User(u)) if u == me => {}
+                _ => return false,
+            }
+        }
+        reaches
     }
 
     pub fn session_public_id(&self) -> Option<&str> {

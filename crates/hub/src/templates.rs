@@ -126,7 +126,10 @@ impl Templates {
         if let Ok(mut m) = self.codes.lock() {
             m.retain(|_, c| c.expires > Instant::now());
             let expires = Instant::now() + CODE_TTL;
-            m.insert(code.clone(), Code { visitor: visitor.into(), session: session.into(), host: host.into(), expires });
+            m.insert(
+                code.clone(),
+                Code { visitor: visitor.into(), session: session.into(), host: host.into(), expires },
+            );
         }
         code
     }

@@ -24,7 +24,6 @@ use tower::ServiceExt;
 
 use crate::Shared;
 
-
 /// `internal`: the connection came in on the listener for containers.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -381,8 +380,8 @@ mod tests {
         for c in [
             "berth-session=evil; Path=/hub/",
             "__Host-berth-session=evil; Path=/; Secure",
-            "_xsrf=evil; Path=/hub/",
-            "jupyterhub-session-id=evil; Path=/",
+            "berth-app=evil; Path=/",
+            "_xsrf=theirs; Path=/hub/",
             "app=1; Path=/; Domain=apps.test; HttpOnly",
             "lab=2; Path=/user/alice/lab/x",
             "bare=3",
@@ -393,7 +392,11 @@ mod tests {
         let got: Vec<&str> = h.get_all(header::SET_COOKIE).iter().map(|v| v.to_str().unwrap()).collect();
         assert_eq!(
             got,
-            ["app=1; Path=/user/alice/lab/; HttpOnly", "lab=2; Path=/user/alice/lab/x", "bare=3; Path=/user/alice/lab/"]
+            [
+                "app=1; Path=/user/alice/lab/; HttpOnly",
+                "lab=2; Path=/user/alice/lab/x",
+                "bare=3; Path=/user/alice/lab/"
+            ]
         );
         let mut h = http::HeaderMap::new();
         h.append(header::SET_COOKIE, HeaderValue::from_static("app=1; Path=/; Domain=.apps.test"));

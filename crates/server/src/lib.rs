@@ -280,7 +280,8 @@ impl App {
         // Until the hub has had an admin: the one-time link that makes one.
         match hub.setup_code().await {
             Ok(Some(code)) => {
-                let host = if local.ip().is_unspecified() { format!("localhost:{}", local.port()) } else { local.to_string() };
+                let host =
+                    if local.ip().is_unspecified() { format!("localhost:{}", local.port()) } else { local.to_string() };
                 let url = format!("{scheme}://{host}{}setup?code={code}", hub.hub_prefix());
                 println!("berth setup: no admin yet; open {url} to make one (or run `berth user add NAME --admin`)");
                 tracing::warn!("no admin yet: open the setup link printed on standard output to make one");

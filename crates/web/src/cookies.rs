@@ -12,8 +12,10 @@ pub const SECURE_SESSION: &str = "__Host-berth-session";
 pub const SESSION_ID: &str = "jupyterhub-session-id";
 pub const XSRF: &str = "_xsrf";
 
-/// Cookies of berth's own, which no user's server may set or receive.
-pub const OWN: &[&str] = &[SESSION, SECURE_SESSION, SESSION_ID, XSRF, "berth-app"];
+/// berth's credential cookies, which no user's server may set or receive.
+/// (`_xsrf` and `jupyterhub-session-id` are not credentials: single-user
+/// servers use cookies of those names themselves, under their own paths.)
+pub const OWN: &[&str] = &[SESSION, SECURE_SESSION, "berth-app"];
 
 /// The session cookie's name and path: `__Host-` and `/` when cookies are secure.
 pub fn session_cookie(secure: bool, base_url: &str) -> (&'static str, &str) {

@@ -365,8 +365,12 @@ impl Berth {
         let link = self.setup_url.clone().expect("berth printed a setup link (no admin yet)");
         let path = link.split_once("/hub/").map(|(_, p)| format!("/hub/{p}")).expect("a hub path");
         let code = path.split("code=").nth(1).unwrap_or("").to_string();
-        let fields =
-            [("code", code.as_str()), ("username", "admin"), ("password", ADMIN_PW), ("password_confirmation", ADMIN_PW)];
+        let fields = [
+            ("code", code.as_str()),
+            ("username", "admin"),
+            ("password", ADMIN_PW),
+            ("password_confirmation", ADMIN_PW),
+        ];
         let r = admin.submit(&path, "/hub/setup", &fields).await;
         assert_eq!(r.status(), StatusCode::FOUND, "setup: {}", r.status());
         assert_eq!(admin.get("/hub/api/user").await.status(), StatusCode::OK, "logged in as the new admin");
@@ -403,7 +407,10 @@ pub(crate) async fn start_via_pages(b: &Browser, user: &str) -> serde_json::Valu
     let (status, page) = b.get_text(&format!("/hub/spawn-pending/{user}")).await;
     assert!(status.is_success() || status.is_redirection(), "{status}");
     if status.is_success() {
-        assert!(page.contains("EventSource"), "the pending page follows the progress stream");
+        assert!(
+            page.contains("data-progress-url=") && page.contains("pending.js"),
+            "the pending page follows the progress stream"
+        );
     }
     wait_progress(b, &format!("/hub/api/users/{user}/server/progress")).await
 }
