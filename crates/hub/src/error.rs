@@ -109,6 +109,8 @@ pub enum HubError {
     OAuth(String),
 
     // --- the hub itself
+    #[error("the hub is busy checking passwords; try again in a moment")]
+    Busy503,
     #[error("internal error; see the hub's log")]
     Internal(String),
     #[error(transparent)]

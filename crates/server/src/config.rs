@@ -39,12 +39,27 @@ pub struct ProxyConfig {
     pub connect_timeout_seconds: std::time::Duration,
     #[serde(with = "berth_core::serde_secs")]
     pub response_timeout_seconds: std::time::Duration,
+    /// Connections berth serves at once; more are answered 503.
+    pub max_connections: u32,
+    /// Connections one source address may hold at once (loopback is not
+    /// limited: local servers and the hub's own clients live there).
+    pub max_connections_per_address: u32,
+    /// Time a client has for the TLS handshake (first byte included) and
+    /// for sending a request's headers; an idle request body the same.
+    #[serde(with = "berth_core::serde_secs")]
+    pub client_timeout_seconds: std::time::Duration,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         let d = berth_proxy::ForwarderConfig::default();
-        ProxyConfig { connect_timeout_seconds: d.connect_timeout, response_timeout_seconds: d.response_timeout }
+        ProxyConfig {
+            connect_timeout_seconds: d.connect_timeout,
+            response_timeout_seconds: d.response_timeout,
+            max_connections: 10_000,
+            max_connections_per_address: 256,
+            client_timeout_seconds: std::time::Duration::from_secs(15),
+        }
     }
 }
 
@@ -149,6 +164,9 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("gpu.max_per_server", &["BERTH_GPU_MAX_PER_SERVER"], "Most GPUs one server may ask for."),
     ("proxy.connect_timeout_seconds", &["BERTH_PROXY_CONNECT_TIMEOUT"], "Time to connect to a server before the proxy gives up."),
     ("proxy.response_timeout_seconds", &["BERTH_PROXY_RESPONSE_TIMEOUT"], "Time a server may take to start answering before the proxy answers 504."),
+    ("proxy.max_connections", &["BERTH_MAX_CONNECTIONS"], "Connections berth serves at once; more are answered 503 with a message."),
+    ("proxy.max_connections_per_address", &["BERTH_MAX_CONNECTIONS_PER_ADDRESS"], "Connections one source address may hold at once; more are answered 503 (loopback is not limited)."),
+    ("proxy.client_timeout_seconds", &["BERTH_CLIENT_TIMEOUT"], "Time a client has for the TLS handshake and for a request's headers, and that a request body may stay idle."),
     ("templates.dir", &["BERTH_TEMPLATES_DIR"], "A catalog directory (`<id>/template.toml`) to offer on the start page instead of the catalog built into berth."),
     ("templates.allowed", &["BERTH_TEMPLATES_ALLOWED"], "Template ids users may start (comma-separated in the environment); empty means all."),
     ("templates.app_domain", &["BERTH_APP_DOMAIN"], "Wildcard domain for `host` routing: apps at `<server>--<user>.<app_domain>`, the hub at `<app_domain>`; empty turns it off."),
@@ -159,6 +177,8 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("ssh.host_key_types", &["BERTH_SSH_HOST_KEY_TYPES"], "Host key types offered (`ed25519`, `ecdsa`, `rsa`); made once in `<data_dir>/ssh/`."),
     ("ssh.window_bytes", &["BERTH_SSH_WINDOW_BYTES"], "SSH flow-control window per channel in bytes; large windows keep bulk transfers fast."),
     ("ssh.idle_timeout_seconds", &["BERTH_SSH_IDLE_TIMEOUT"], "Close SSH connections idle this long; 0 means never."),
+    ("ssh.login_grace_seconds", &["BERTH_SSH_LOGIN_GRACE"], "Time a client has to log in after connecting; then the connection is closed."),
+    ("ssh.recheck_seconds", &["BERTH_SSH_RECHECK"], "How often an open SSH session's key and account are checked again: removing the key or withdrawing the account ends it within this."),
     ("tls.mode", &["BERTH_TLS"], "`off` or `auto` (generate and keep a certificate authority and server certificate in the data directory)."),
     ("tls.cert", &["BERTH_TLS_CERT"], "PEM certificate chain to serve (with `tls.key`); reloaded when it changes or on SIGHUP."),
     ("tls.key", &["BERTH_TLS_KEY"], "PEM private key for `tls.cert`."),

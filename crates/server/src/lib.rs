@@ -161,6 +161,10 @@ pub(crate) struct Shared {
     hub_api_prefix: String,
     tls: Option<Arc<TlsState>>,
     hsts: Option<HeaderValue>,
+    /// Open connections, capped.
+    conns: Arc<listen::Conns>,
+    /// TLS handshake and request-header time-out.
+    client_timeout: Duration,
 }
 
 impl App {
@@ -218,6 +222,8 @@ impl App {
             hub_api_prefix: format!("{}hub/api", config.hub.base_url),
             tls,
             hsts,
+            conns: listen::Conns::new(config.proxy.max_connections, config.proxy.max_connections_per_address),
+            client_timeout: config.proxy.client_timeout_seconds,
         });
         Ok(App { config, hub, shared, docker, ssh })
     }

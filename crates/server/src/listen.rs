@@ -76,8 +76,17 @@ pub(crate) async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        let slot = match shared.conns.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::warn!(%peer, %why, "connection refused");
+                tasks.spawn(refuse(stream, why));
+                continue;
+            }
+        };
         let (shared, stop) = (shared.clone(), shutdown.clone());
         tasks.spawn(async move {
+            let _slot = slot;
             if let Err(e) = serve_connection(shared, stream, peer, port, stop, internal).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -93,10 +102,16 @@ async fn serve_connection(
     stop: CancellationToken,
     internal: bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let wait = shared.client_timeout;
+    let is_tls = match &shared.tls {
+        // A client that connects and sends nothing is dropped at the same time-out.
+        Some(_) => tokio::time::timeout(wait, berth_proxy::tls::peek_is_tls(&stream)).await??,
+        None => false,
+    };
     match &shared.tls {
-        Some(tls) if berth_proxy::tls::peek_is_tls(&stream).await? => {
+        Some(tls) if is_tls => {
             let acceptor = tls.acceptor();
-            let stream = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await??;
+            let stream = tokio::time::timeout(wait, acceptor.accept(stream)).await??;
             let p = Peer { addr: peer, tls: true, local_port };
             drive(shared, TokioIo::new(stream), p, stop, internal).await
         }
@@ -117,6 +132,7 @@ async fn drive<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let header_timeout = shared.client_timeout;
     let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(crate::edge::handle(shared, req, peer, internal).await) }
@@ -125,7 +141,7 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         // Bounded buffers keep memory flat with many streaming connections.
         .max_buf_size(64 * 1024)
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(header_timeout)
         .serve_connection(io, svc)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
@@ -138,4 +154,91 @@ where
         }
     }
     Ok(())
+}
+
+/// A connection over a cap: one plain answer, then closed.
+async fn refuse(mut stream: TcpStream, why: &'static str) {
+    use tokio::io::AsyncWriteExt;
+    let body = format!("{{\"status\": 503, \"message\": \"{why}; try again in a moment\"}}");
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 5\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(resp.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Open connections, in total and per source address.
+pub(crate) struct Conns {
+    max_total: usize,
+    max_per_address: usize,
+    state: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// One admitted connection; counted until dropped.
+pub(crate) struct Slot {
+    conns: Arc<Conns>,
+    ip: std::net::IpAddr,
+}
+
+impl Conns {
+    pub(crate) fn new(max_total: u32, max_per_address: u32) -> Arc<Conns> {
+        Arc::new(Conns {
+            max_total: max_total.max(1) as usize,
+            max_per_address: max_per_address.max(1) as usize,
+            state: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+        })
+    }
+
+    pub(crate) fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<Slot, &'static str> {
+        let mut g = self.state.lock().map_err(|_| "berth is shutting down")?;
+        if g.0 >= self.max_total {
+            return Err("berth serves its maximum of connections");
+        }
+        let mine = g.1.get(&ip).copied().unwrap_or(0);
+        if !ip.is_loopback() && mine >= self.max_per_address {
+            return Err("too many connections from your address");
+        }
+        g.0 += 1;
+        *g.1.entry(ip).or_insert(0) += 1;
+        Ok(Slot { conns: self.clone(), ip })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.conns.state.lock() {
+            g.0 = g.0.saturating_sub(1);
+            if let Some(n) = g.1.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    g.1.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_count_per_address_and_in_total() {
+        let c = Conns::new(3, 2);
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let s1 = c.admit(a).unwrap();
+        let _s2 = c.admit(a).unwrap();
+        assert_eq!(c.admit(a).err(), Some("too many connections from your address"));
+        let _s3 = c.admit(b).unwrap();
+        assert_eq!(c.admit(lo).err(), Some("berth serves its maximum of connections"));
+        drop(s1);
+        assert!(c.admit(a).is_ok(), "a closed connection frees its place");
+        let c = Conns::new(10, 1);
+        let _l1 = c.admit(lo).unwrap();
+        assert!(c.admit(lo).is_ok(), "loopback is not limited per address");
+    }
 }

@@ -58,6 +58,13 @@ pub struct Config {
     /// Close connections idle this long (0: never).
     #[serde(with = "berth_core::serde_secs")]
     pub idle_timeout_seconds: Duration,
+    /// Time a client has to log in after connecting (as sshd's LoginGraceTime).
+    #[serde(with = "berth_core::serde_secs")]
+    pub login_grace_seconds: Duration,
+    /// How often an open session's key and account are checked again: a
+    /// removed key or a withdrawn account ends its sessions within this.
+    #[serde(with = "berth_core::serde_secs")]
+    pub recheck_seconds: Duration,
 }
 
 impl Default for Config {
@@ -70,6 +77,8 @@ impl Default for Config {
             host_key_types: vec!["ed25519".into(), "ecdsa".into(), "rsa".into()],
             window_bytes: 16 * 1024 * 1024,
             idle_timeout_seconds: Duration::from_secs(3600),
+            login_grace_seconds: Duration::from_secs(60),
+            recheck_seconds: Duration::from_secs(5),
         }
     }
 }
@@ -241,25 +250,58 @@ impl Gateway {
                 Ok(c) => c.clone(),
                 Err(_) => continue,
             };
-            let handler = session::Conn::new(self.clone(), peer, blocked);
+            let logged_in = Arc::new(Mutex::new(None));
+            let handler = session::Conn::new(self.clone(), peer, blocked, logged_in.clone());
             let stop = shutdown.clone();
             let span = tracing::info_span!("ssh", %peer);
+            let gw = self.clone();
             self.tasks.spawn(
                 async move {
-                    let session = match russh::server::run_stream(cfg, stream, handler).await {
-                        Ok(s) => s,
-                        Err(e) => return tracing::debug!(error = %e, "SSH handshake failed"),
+                    let grace = tokio::time::sleep(gw.cfg.login_grace_seconds);
+                    let session = tokio::select! {
+                        s = russh::server::run_stream(cfg, stream, handler) => match s {
+                            Ok(s) => s,
+                            Err(e) => return tracing::debug!(error = %e, "SSH handshake failed"),
+                        },
+                        _ = tokio::time::sleep(gw.cfg.login_grace_seconds) => {
+                            return tracing::info!("SSH connection closed: no handshake within the log-in grace time");
+                        }
                     };
                     let handle = session.handle();
                     let mut session = std::pin::pin!(session);
-                    tokio::select! {
-                        r = session.as_mut() => if let Err(e) = r {
-                            tracing::debug!(error = %e, "SSH connection ended with an error");
-                        },
-                        _ = stop.cancelled() => {
-                            let _ = handle
-                                .disconnect(russh::Disconnect::ByApplication, "berth is shutting down".into(), "en".into())
-                                .await;
+                    let mut grace = std::pin::pin!(grace);
+                    let mut recheck = tokio::time::interval(gw.cfg.recheck_seconds.max(Duration::from_secs(1)));
+                    let bye = |why: &'static str| {
+                        let handle = handle.clone();
+                        async move {
+                            let _ = handle.disconnect(russh::Disconnect::ByApplication, why.into(), "en".into()).await;
+                        }
+                    };
+                    let mut grace_over = false;
+                    let logged = || logged_in.lock().ok().and_then(|l| l.clone());
+                    loop {
+                        tokio::select! {
+                            r = session.as_mut() => {
+                                if let Err(e) = r {
+                                    tracing::debug!(error = %e, "SSH connection ended with an error");
+                                }
+                                return;
+                            }
+                            _ = stop.cancelled() => return bye("berth is shutting down").await,
+                            _ = grace.as_mut(), if !grace_over => {
+                                grace_over = true;
+                                if logged().is_none() {
+                                    tracing::info!("SSH connection closed: no log-in within the grace time");
+                                    return bye("no log-in within the grace time").await;
+                                }
+                            }
+                            _ = recheck.tick() => {
+                                let Some(l) = logged() else { continue };
+                                if gw.upstream.authenticate(&l.user, &l.fingerprint).await.is_none() {
+                                    tracing::info!(user = %l.user, key = %l.fingerprint, "SSH session ended: its key or account was withdrawn");
+                                    return bye("your key or account was withdrawn").await;
+                                }
+                            }
                         }
                     }
                 }

@@ -81,6 +81,9 @@ impl Chan {
 }
 
 pub(crate) struct Conn {
+    /// Who logged in, shared with the connection's watcher (which ends the
+    /// connection when the key is removed or the account withdrawn).
+    logged_in: Arc<std::sync::Mutex<Option<Login>>>,
     gw: Arc<Gateway>,
     peer: SocketAddr,
     login: Option<Login>,
@@ -97,8 +100,14 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(gw: Arc<Gateway>, peer: SocketAddr, blocked: Option<u64>) -> Conn {
+    pub(crate) fn new(
+        gw: Arc<Gateway>,
+        peer: SocketAddr,
+        blocked: Option<u64>,
+        logged_in: Arc<std::sync::Mutex<Option<Login>>>,
+    ) -> Conn {
         Conn {
+            logged_in,
             gw,
             peer,
             blocked,
@@ -273,6 +282,9 @@ impl russh::server::Handler for Conn {
             Some(login) => {
                 self.gw.upstream.key_used(&login.key_id).await;
                 tracing::info!(user = %login.user, server = %login.server, peer = %self.peer, key = %fp, "SSH log-in");
+                if let Ok(mut l) = self.logged_in.lock() {
+                    *l = Some(login.clone());
+                }
                 self.login = Some(login);
                 Ok(Auth::Accept)
             }

@@ -141,12 +141,20 @@ CREATE TABLE user_limits (
     ),
     (
         6,
-        "immutable account ids (data is keyed by them) and hub settings",
+        "immutable account ids (data is keyed by them), hub settings, log-in failures per source address",
         r#"
 ALTER TABLE users ADD COLUMN account_id TEXT;
 UPDATE users SET account_id = name;
 CREATE UNIQUE INDEX users_account_id ON users(account_id);
-CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE login_failures (
+    user_name TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    addr TEXT NOT NULL,
+    failed BIGINT NOT NULL,
+    last_failed BIGINT NOT NULL,
+    locked_until BIGINT,
+    PRIMARY KEY (user_name, addr)
+)
 "#,
     ),
 ];

@@ -17,7 +17,11 @@ impl Store {
 
     pub async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
         sqlx::query("DELETE FROM settings WHERE key = $1").bind(key).execute(&self.pool).await?;
-        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2)").bind(key).bind(value).execute(&self.pool).await?;
+        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -1,6 +1,8 @@
 //! User accounts: creation, flags, passwords, log-in bookkeeping, renames
 //! and deletion. Reads go through the directory (`directory.rs`).
 
+use sqlx::Row;
+
 use crate::records::USER_COLS;
 use crate::{b, is_unique_violation, now_ms, NewUser, Result, Store, StoreError, User};
 
@@ -82,6 +84,7 @@ impl Store {
             .bind(keep_session.unwrap_or(""))
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM login_failures WHERE user_name = $1").bind(name).execute(&mut *tx).await?;
         tx.commit().await?;
         self.directory_changed(&[name]).await?;
         Ok(())
@@ -162,5 +165,57 @@ impl Store {
             return Err(StoreError::NotFound { what: format!("user {name}") });
         }
         self.directory_changed(&[name]).await
+    }
+
+    /// Failed log-ins of `user` from one source address: (count, last, locked until).
+    pub async fn login_failures(&self, user: &str, addr: &str) -> Result<Option<(i64, i64, Option<i64>)>> {
+        let row = sqlx::query(
+            "SELECT failed, last_failed, locked_until FROM login_failures WHERE user_name = $1 AND addr = $2",
+        )
+        .bind(user)
+        .bind(addr)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get("failed")?, r.try_get("last_failed")?, r.try_get("locked_until")?)),
+            None => None,
+        })
+    }
+
+    pub async fn record_address_failure(
+        &self,
+        user: &str,
+        addr: &str,
+        failed: i64,
+        at: i64,
+        locked_until: Option<i64>,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM login_failures WHERE user_name = $1 AND addr = $2")
+            .bind(user)
+            .bind(addr)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO login_failures (user_name, addr, failed, last_failed, locked_until) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(user)
+        .bind(addr)
+        .bind(failed)
+        .bind(at)
+        .bind(locked_until)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn clear_address_failures(&self, user: &str, addr: &str) -> Result<()> {
+        sqlx::query("DELETE FROM login_failures WHERE user_name = $1 AND addr = $2")
+            .bind(user)
+            .bind(addr)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }

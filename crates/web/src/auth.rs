@@ -136,12 +136,21 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
         let mut submitted = xsrf_from_headers_or_query(&parts);
         if submitted.is_none() && is_form(&parts.headers) {
             let limit = hub.cfg.max_body_bytes as usize;
-            let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-                as_page(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body is larger than {limit} bytes"),
-                ))
-            })?;
+            let read = tokio::time::timeout(crate::extract::BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await;
+            let bytes: Bytes = match read {
+                Err(_) => {
+                    return Err(as_page(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body did not arrive in time",
+                    )))
+                }
+                Ok(r) => r.map_err(|_| {
+                    as_page(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("request body is larger than {limit} bytes"),
+                    ))
+                })?,
+            };
             submitted = form_field(&bytes, "_xsrf");
             body = Body::from(bytes);
         }

@@ -67,6 +67,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         E::MissingScope { .. } | E::ScopesNotHeld { .. } => StatusCode::FORBIDDEN,
         E::NamedServerLimit { .. } | E::HubFull { .. } | E::TooManyStarting { .. } => StatusCode::TOO_MANY_REQUESTS,
         E::Internal(_) | E::Spawner { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        E::Busy503 => StatusCode::SERVICE_UNAVAILABLE,
         E::Store(s) => match s {
             berth_store::StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
             berth_store::StoreError::Conflict { .. } => StatusCode::CONFLICT,

@@ -28,6 +28,21 @@ pub fn wants_html(method: &Method, headers: &HeaderMap, path: &str) -> bool {
     accept.contains("text/html") || ((accept.is_empty() || accept == "*/*") && !path.contains("/api/"))
 }
 
+/// How long a hub request's body may take to arrive (bodies here are small;
+/// proxied bodies stream and are not read by the hub).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state)).await {
+        Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time")),
+        Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::new(e.status(), "request body is larger than the hub accepts (hub.max_body_bytes)"))
+        }
+        Ok(Err(e)) => Err(ApiError::new(e.status(), e.body_text())),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
 /// A JSON body. Parsed whatever the `Content-Type` (JupyterHub's own
 /// clients send JSON as text/plain); an empty body reads as `{}`.
 pub struct JsonBody<T>(pub T);
@@ -35,14 +50,7 @@ pub struct JsonBody<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            let status = e.status();
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(status, "request body is larger than the hub accepts (hub.max_body_bytes)")
-            } else {
-                ApiError::new(status, e.body_text())
-            }
-        })?;
+        let bytes = body_bytes(req, state).await?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
         serde_json::from_slice(bytes)
             .map(JsonBody)
@@ -56,8 +64,7 @@ pub struct PageForm<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for PageForm<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes =
-            Bytes::from_request(req, state).await.map_err(|e| ApiError::new(e.status(), e.body_text()).page())?;
+        let bytes = body_bytes(req, state).await.map_err(ApiError::page)?;
         serde_urlencoded::from_bytes(&bytes)
             .map(PageForm)
             .map_err(|e| ApiError::bad_request(format!("malformed form: {e}")).page())
@@ -85,6 +92,17 @@ impl<S: Send + Sync> FromRequestParts<S> for ServerPath {
             return Err(as_page(ApiError::bad_request("a named server needs a name")));
         }
         ServerId::parse(user, server).map(ServerPath).map_err(|e| as_page(e.into()))
+    }
+}
+
+/// The client's address (for throttling), as the listener saw it.
+pub struct PeerAddr(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let addr = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+        Ok(PeerAddr(addr.map_or_else(|| "unknown".to_string(), |a| a.to_string())))
     }
 }
 

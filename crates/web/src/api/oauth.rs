@@ -6,7 +6,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
-use berth_hub::oauth::{AuthorizeRequest, Authorization, OAuthError, TokenRequest};
+use berth_hub::oauth::{Authorization, AuthorizeRequest, OAuthError, TokenRequest};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -78,7 +78,13 @@ async fn authorize_as(
 }
 
 /// The question a visitor answers before another user's server learns who they are.
-fn consent_page(hub: &SharedHub, a: &crate::extract::RequestAuth, q: &AuthorizeQuery, owner: &str, server: &str) -> Response {
+fn consent_page(
+    hub: &SharedHub,
+    a: &crate::extract::RequestAuth,
+    q: &AuthorizeQuery,
+    owner: &str,
+    server: &str,
+) -> Response {
     let hidden = [
         ("client_id", &q.client_id),
         ("redirect_uri", &q.redirect_uri),

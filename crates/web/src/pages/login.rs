@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::upper_first;
 use crate::cookies::{self, CookieSpec};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{MaybeUser, PageForm, PageUser};
+use crate::extract::{MaybeUser, PageForm, PageUser, PeerAddr};
 use crate::html::{self, alert, esc, xsrf_input, Level};
 use crate::model::iso;
 use crate::SharedHub;
@@ -219,8 +219,15 @@ pub(crate) async fn start_session(hub: &SharedHub, user: &str) -> ApiResult<Vec<
     let (session_name, session_path) = cookies::session_cookie(secure, base);
     let hub_path = hub.hub_prefix();
     Ok(vec![
-        CookieSpec { name: session_name, value: &sc.cookie_value, path: session_path, http_only: true, secure, max_age }
-            .header(),
+        CookieSpec {
+            name: session_name,
+            value: &sc.cookie_value,
+            path: session_path,
+            http_only: true,
+            secure,
+            max_age,
+        }
+        .header(),
         CookieSpec {
             name: cookies::SESSION_ID,
             value: &sc.public_id,
@@ -238,11 +245,12 @@ pub(crate) async fn start_session(hub: &SharedHub, user: &str) -> ApiResult<Vec<
 pub async fn login(
     State(hub): State<SharedHub>,
     MaybeUser(a): MaybeUser,
+    PeerAddr(addr): PeerAddr,
     Query(q): Query<NextQuery>,
     PageForm(f): PageForm<LoginForm>,
 ) -> ApiResult<Response> {
     let now = now_ms();
-    let outcome = hub.login.check(&f.username, f.password).await.map_err(|e| ApiError::from(e).page())?;
+    let outcome = hub.login.check(&f.username, f.password, &addr).await.map_err(|e| ApiError::from(e).page())?;
     let message = match outcome {
         LoginOutcome::Ok(user) => {
             let set = start_session(&hub, &user.name).await.map_err(ApiError::page)?;
