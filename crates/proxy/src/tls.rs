@@ -91,6 +91,20 @@ fn fingerprint(der: &[u8]) -> String {
     Sha256::digest(der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
 }
 
+/// The names a generated authority may vouch for: the hub's DNS names (and
+/// their subdomains, for app hosts) and its addresses.
+fn name_constraints(names: &[String]) -> rcgen::NameConstraints {
+    let permitted = names
+        .iter()
+        .filter_map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(_)) => format!("{n}/32").parse().ok().map(rcgen::GeneralSubtree::IpAddress),
+            Ok(std::net::IpAddr::V6(_)) => format!("{n}/128").parse().ok().map(rcgen::GeneralSubtree::IpAddress),
+            Err(_) => Some(rcgen::GeneralSubtree::DnsName(n.trim_start_matches("*.").to_string())),
+        })
+        .collect();
+    rcgen::NameConstraints { permitted_subtrees: permitted, excluded_subtrees: Vec::new() }
+}
+
 /// Creates the CA and server certificate in `dir` unless they exist.
 fn ensure_auto(dir: &Path, names: &[String]) -> Result<(), TlsError> {
     let ca_cert = dir.join("ca.pem");
@@ -108,6 +122,9 @@ fn ensure_auto(dir: &Path, names: &[String]) -> Result<(), TlsError> {
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
     ca_params.not_after = rcgen::date_time_ymd(2045, 1, 1);
+    // The authority vouches for the hub's own names and nothing else, so
+    // trusting it cannot let anyone impersonate another site.
+    ca_params.name_constraints = Some(name_constraints(names));
     let ca = ca_params.self_signed(&ca_key).map_err(gen)?;
 
     let server_key = rcgen::KeyPair::generate().map_err(gen)?;
@@ -128,7 +145,11 @@ fn ensure_auto(dir: &Path, names: &[String]) -> Result<(), TlsError> {
             .and_then(|mut f| f.write_all(data.as_bytes()))
             .map_err(|e| TlsError::Read { path: p.display().to_string(), message: e.to_string() })
     };
-    write(&dir.join("ca-key.pem"), &ca_key.serialize_pem(), true)?;
+    // The authority's key is not kept: it signed the one server certificate
+    // it exists for (new names make a new authority), so nothing on this
+    // machine can sign with it again.
+    let _ = std::fs::remove_file(dir.join("ca-key.pem"));
+    drop(ca_key);
     write(&ca_cert, &ca.pem(), false)?;
     write(&key, &server_key.serialize_pem(), true)?;
     // Chain: server certificate then the CA.

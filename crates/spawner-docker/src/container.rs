@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(hc.cap_add, None);
         assert_eq!(hc.pids_limit, Some(4096));
         let host = hardening::host_memory().unwrap_or_default();
-        assert_eq!(hc.memory, Some((host / 4 * 3) as i64));
+        assert_eq!(hc.memory, Some((host / 4 * 3 / (1 << 20) * (1 << 20)) as i64));
         // No GPU: none visible, whatever the template or the extra environment said.
         assert_eq!(gpu_env(&b), ["NVIDIA_VISIBLE_DEVICES=void"]);
         assert!(b.env.iter().flatten().any(|e| e == "A=b"));

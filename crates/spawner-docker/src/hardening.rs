@@ -21,6 +21,8 @@ pub(crate) const CAP_DROP: &[&str] = &[
     "NET_BIND_SERVICE",
 ];
 
+const MIB: u64 = 1024 * 1024;
+
 /// `NVIDIA_VISIBLE_DEVICES` for a server holding `gpus`: their ids, or
 /// `void` (the NVIDIA runtime then mounts no GPU, whatever the image's
 /// environment or the engine's default runtime says).
@@ -38,15 +40,16 @@ pub(crate) fn pids_limit(cfg: &Config) -> Option<i64> {
 }
 
 /// The memory limit in bytes: `mem_limit_mib` when positive; otherwise none
-/// when `mem_unlimited`, else three quarters of the host's memory (none when
-/// that is unknown).
+/// when `mem_unlimited`, else three quarters of the host's memory rounded
+/// down to a MiB (none when that is unknown).
 pub(crate) fn memory_limit(cfg: &Config, host_bytes: Option<u64>) -> Option<i64> {
     let bytes = if cfg.mem_limit_mib > 0 {
-        cfg.mem_limit_mib.saturating_mul(1024 * 1024)
+        cfg.mem_limit_mib.saturating_mul(MIB)
     } else if cfg.mem_unlimited {
         return None;
     } else {
-        host_bytes? / 4 * 3
+        // Whole MiB, as the engine's other limits are given.
+        host_bytes? / 4 * 3 / MIB * MIB
     };
     Some(i64::try_from(bytes).unwrap_or(i64::MAX))
 }
@@ -101,6 +104,7 @@ mod tests {
         assert_eq!(memory_limit(&cfg(512, false), Some(8 * gib)), Some(512 * 1024 * 1024));
         assert_eq!(memory_limit(&cfg(512, true), None), Some(512 * 1024 * 1024));
         assert_eq!(memory_limit(&cfg(u64::MAX, false), None), Some(i64::MAX));
+        assert_eq!(memory_limit(&cfg(0, false), Some(24683584 * 1024)), Some(18078 * 1024 * 1024));
     }
 
     #[test]

@@ -97,3 +97,130 @@ async fn detection_on_a_machine_with_gpus_finds_them() {
     assert!(!d.devices.is_empty(), "the nvidia runtime is there but detection found no GPU: {}", d.how);
     assert!(d.devices.iter().all(|g| !g.id.is_empty() && !g.name.is_empty()), "{d:?}");
 }
+
+/// The warnings logged on this thread while the guard lives.
+struct Logs {
+    buf: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Logs {
+    fn capture() -> Logs {
+        struct W(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || W(b.clone()))
+            .finish();
+        Logs { buf, _guard: tracing::subscriber::set_default(sub) }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+}
+
+/// Removes the containers and networks named when dropped.
+struct Gone(Vec<(&'static str, String)>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        for (kind, name) in self.0.iter().rev() {
+            let args: &[&str] = if *kind == "container" { &["rm", "-f", name] } else { &["network", "rm", name] };
+            let _ = Command::new("docker").args(args).output();
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn network_json(name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&docker(&["network", "inspect", name])).unwrap();
+    v[0].clone()
+}
+
+/// A network as a berth from before inter-container traffic was turned off made it.
+fn old_berth_network(name: &str) -> serde_json::Value {
+    docker(&["network", "create", "--label", "berth.managed=true", name]);
+    let net = network_json(name);
+    assert!(net["Options"].get("com.docker.network.bridge.enable_icc").is_none(), "{net}");
+    net
+}
+
+#[tokio::test]
+async fn a_new_network_keeps_containers_apart() {
+    let name = format!("berth-test-icc-new-{:x}", std::process::id());
+    let _gone = Gone(vec![("network", name.clone())]);
+    let spawner = DockerSpawner::connect(Config { network: name.clone(), ..Config::default() }, "/").unwrap();
+    let gateway = spawner.ensure_network().await.unwrap();
+    let net = network_json(&name);
+    assert_eq!(net["Options"]["com.docker.network.bridge.enable_icc"], "false", "{net}");
+    assert_eq!(net["Driver"], "bridge");
+    assert_eq!(net["Labels"]["berth.managed"], "true");
+    assert_eq!(net["IPAM"]["Config"][0]["Gateway"], gateway.as_str());
+    // Again: the same network.
+    assert_eq!(spawner.ensure_network().await.unwrap(), gateway);
+    assert_eq!(network_json(&name)["Id"], net["Id"]);
+}
+
+#[tokio::test]
+async fn an_older_berths_unused_network_is_recreated_with_containers_apart() {
+    let name = format!("berth-test-icc-old-{:x}", std::process::id());
+    let _gone = Gone(vec![("network", name.clone())]);
+    let before = old_berth_network(&name);
+    let logs = Logs::capture();
+    let spawner = DockerSpawner::connect(Config { network: name.clone(), ..Config::default() }, "/").unwrap();
+    let gateway = spawner.ensure_network().await.unwrap();
+    let after = network_json(&name);
+    assert_ne!(after["Id"], before["Id"], "re-created");
+    assert_eq!(after["Options"]["com.docker.network.bridge.enable_icc"], "false", "{after}");
+    assert_eq!(after["Labels"]["berth.managed"], "true");
+    // Same addresses, so a hub listening on the old gateway still serves.
+    assert_eq!(gateway, before["IPAM"]["Config"][0]["Gateway"].as_str().unwrap());
+    assert_eq!(after["IPAM"]["Config"][0]["Subnet"], before["IPAM"]["Config"][0]["Subnet"]);
+    let log = logs.text();
+    assert!(log.contains(&name) && log.contains("re-creating"), "{log}");
+}
+
+#[tokio::test]
+async fn an_older_berths_network_in_use_is_kept_and_named_in_a_warning() {
+    let suffix = format!("{:x}", std::process::id());
+    let name = format!("berth-test-icc-busy-{suffix}");
+    let holder = format!("berth-test-icc-holder-{suffix}");
+    let _gone = Gone(vec![("network", name.clone()), ("container", holder.clone())]);
+    let before = old_berth_network(&name);
+    docker(&["run", "-d", "--name", &holder, "--network", &name, &image(), "sleep", "300"]);
+    let logs = Logs::capture();
+    let spawner = DockerSpawner::connect(Config { network: name.clone(), ..Config::default() }, "/").unwrap();
+    let gateway = spawner.ensure_network().await.unwrap();
+    assert_eq!(gateway, before["IPAM"]["Config"][0]["Gateway"].as_str().unwrap());
+    assert_eq!(network_json(&name)["Id"], before["Id"], "kept: a container uses it");
+    let log = logs.text();
+    assert!(log.contains("WARN"), "{log}");
+    assert!(log.contains(&name) && log.contains(&holder), "names the network and who uses it: {log}");
+    assert!(log.contains(&format!("docker network rm {name}")) && log.contains("re-creates"), "says what to do: {log}");
+    // Said once, not at every start.
+    spawner.ensure_network().await.unwrap();
+    assert_eq!(logs.text().matches("WARN").count(), 1, "{}", logs.text());
+
+    // Once nobody uses it, the next start re-creates it.
+    docker(&["rm", "-f", &holder]);
+    let spawner = DockerSpawner::connect(Config { network: name.clone(), ..Config::default() }, "/").unwrap();
+    spawner.ensure_network().await.unwrap();
+    assert_eq!(network_json(&name)["Options"]["com.docker.network.bridge.enable_icc"], "false");
+}
