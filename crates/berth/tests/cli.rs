@@ -66,7 +66,7 @@ fn corrupt_database_and_unwritable_dir_are_clear_errors() {
 #[tokio::test]
 async fn user_commands_work_while_serving() {
     let b = Berth::start();
-    let admin = b.first_admin().await;
+    let _admin = b.first_admin().await;
     let bob = Browser::new(&b.url);
     bob.signup("bob", "bob-pass-42xy").await;
     let (code, out, err) = b.cli(&["user", "list", "--pending"], None);

@@ -72,7 +72,32 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"ok").map_err(|e| err(format!("cannot write into it: {e}")))?;
     let _ = std::fs::remove_file(&probe);
+    // Users' processes (the local spawner's accounts) may pass through to
+    // their homes under `home/`, but not list or read anything here.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| err(format!("cannot set its permissions: {e}")))?;
+    }
     Ok(())
+}
+
+/// The SQLite database and its journal files: readable by berth alone.
+fn protect_database(config: &Config) {
+    if !config.database_url.is_empty() {
+        return;
+    }
+    #[cfg(unix)]
+    for suffix in ["", "-wal", "-shm"] {
+        use std::os::unix::fs::PermissionsExt;
+        let p = config.data_dir.join(format!("berth.sqlite{suffix}"));
+        if p.exists() {
+            if let Err(e) = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot make the database readable by berth alone");
+            }
+        }
+    }
 }
 
 /// Reads the cookie secret, generating it (mode 0600) on first start.
@@ -108,7 +133,9 @@ pub fn load_cookie_secret(dir: &Path) -> Result<Secret, StartError> {
 /// Opens the database the configuration names, preparing the data directory.
 pub async fn open_store(config: &Config) -> Result<Store, StartError> {
     prepare_data_dir(&config.data_dir)?;
-    Ok(Store::open(&config.database_url()).await?)
+    let store = Store::open(&config.database_url()).await?;
+    protect_database(config);
+    Ok(store)
 }
 
 /// The hub alone, on the configured store and spawner, without listening:

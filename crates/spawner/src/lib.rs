@@ -116,6 +116,13 @@ pub trait Spawner: Send + Sync + 'static {
         state.get("target").and_then(|t| t.as_str()).map(str::to_string)
     }
 
+    /// Whether each user's servers and sessions run apart from berth's data
+    /// and from other users' (their own container, their own Unix account).
+    /// The hub lets only the admin use a spawner that does not.
+    fn isolates_users(&self) -> bool {
+        true
+    }
+
     /// Servers this spawner runs that it labelled as berth's: (user, server,
     /// handle). The hub reports those it has no record of.
     fn list_managed(&self) -> BoxFuture<'_, Vec<(String, String, String)>> {

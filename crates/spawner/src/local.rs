@@ -3,8 +3,13 @@
 //! process group so it outlives a hub that is killed (and is re-adopted by
 //! pid, checked against the process's start time so a reused pid is not
 //! mistaken for it).
+//!
+//! When berth runs as root, each user's processes run under that user's own
+//! Unix account (`account.rs`), so they cannot read berth's data or each
+//! other's homes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +21,16 @@ use serde_json::json;
 use tokio::process::Command;
 
 use crate::{BoxFuture, Progress, ProgressTx, SpawnError, SpawnSpec, Spawner, Started, Status, StopGrace};
+
+pub(crate) mod account;
+#[cfg(test)]
+mod isolation_tests;
+mod process;
+#[cfg(test)]
+mod tests;
+
+use account::Account;
+use process::{alive, end_group, start_time};
 
 /// Variables kept from berth's own environment (JupyterHub's `env_keep`).
 const ENV_KEEP: &[&str] = &[
@@ -41,10 +56,34 @@ pub struct LocalConfig {
     pub provision: bool,
     /// Packages for that virtualenv.
     pub provision_packages: Vec<String>,
+    /// When berth runs as root, run each user's server and SSH sessions under
+    /// the user's own Unix account (`berth-<user>`, made on first use). Off,
+    /// they run as root and can read berth's data: for a single-user machine.
+    pub isolate_users: bool,
+    /// The uids (and gids) of the accounts berth makes; an account berth did
+    /// not make is never used, whatever its uid.
+    pub uid_min: u32,
+    pub uid_max: u32,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            cmd: vec!["jupyterhub-singleuser".into()],
+            data_dir: PathBuf::from("./berth-data"),
+            provision: true,
+            provision_packages: vec!["jupyterhub".into(), "jupyterlab".into()],
+            isolate_users: true,
+            uid_min: 20000,
+            uid_max: 29999,
+        }
+    }
 }
 
 pub struct LocalSpawner {
     cfg: LocalConfig,
+    /// Whether berth runs as root.
+    root: bool,
     /// Exit reasons of children this process started (it reaps them).
     exited: Arc<Mutex<HashMap<u32, String>>>,
     /// Children this process started and has not yet reaped.
@@ -54,12 +93,46 @@ pub struct LocalSpawner {
 
 impl LocalSpawner {
     pub fn new(cfg: LocalConfig) -> LocalSpawner {
+        LocalSpawner::with_root(cfg, nix::unistd::geteuid().is_root())
+    }
+
+    /// As [`LocalSpawner::new`], with berth's privilege given (tests).
+    pub(crate) fn with_root(mut cfg: LocalConfig, root: bool) -> LocalSpawner {
+        // Homes go into the passwd database and HOME: they must be absolute.
+        if let Ok(abs) = std::path::absolute(&cfg.data_dir) {
+            cfg.data_dir = abs;
+        }
+        if root && !cfg.isolate_users {
+            tracing::warn!("local servers and SSH sessions run as root: every user can read berth's data");
+        }
         LocalSpawner {
             cfg,
+            root,
             exited: Arc::default(),
             children: Arc::default(),
             provision_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Whether users' processes run under their own accounts.
+    fn isolating(&self) -> bool {
+        self.root && self.cfg.isolate_users
+    }
+
+    /// The user's home, made if missing, and (when isolating) the account
+    /// their processes run under, made on first use.
+    pub(crate) async fn prepare_user(&self, user: &str) -> Result<(PathBuf, Option<Account>), SpawnError> {
+        let home = self.home(user);
+        if !self.isolating() {
+            std::fs::create_dir_all(&home)?;
+            return Ok((home, None));
+        }
+        let (name, uids) = (user.to_string(), self.cfg.uid_min..=self.cfg.uid_max);
+        let path = home.clone();
+        let account = tokio::task::spawn_blocking(move || account::ensure(&name, &path, uids))
+            .await
+            .map_err(|e| SpawnError::Failed(format!("preparing {user}'s account failed: {e}")))??;
+        Ok((home, Some(account)))
     }
 
     fn log_path(&self, user: &str, server: &str) -> PathBuf {
@@ -134,11 +207,38 @@ impl LocalSpawner {
             "installing JupyterLab with pip",
         )
         .await?;
-        if provided.is_file() {
-            Ok(provided)
-        } else {
-            Err(SpawnError::Failed(format!("pip finished but {} is missing", provided.display())))
+        if !provided.is_file() {
+            return Err(SpawnError::Failed(format!("pip finished but {} is missing", provided.display())));
         }
+        self.open_venv(true).await?;
+        Ok(provided)
+    }
+
+    /// Makes the provided virtualenv readable and runnable by every user's
+    /// account (berth made it as root, maybe under a strict umask).
+    async fn open_venv(&self, always: bool) -> Result<(), SpawnError> {
+        let venv = self.venv();
+        let open = std::fs::metadata(&venv).map(|m| m.mode() & 0o755 == 0o755).unwrap_or(true);
+        if open && !always {
+            return Ok(());
+        }
+        let path = venv.clone();
+        tokio::task::spawn_blocking(move || account::open_to_all(&path))
+            .await
+            .map_err(|e| SpawnError::Failed(format!("opening {} failed: {e}", venv.display())))??;
+        Ok(())
+    }
+
+    /// The log file: berth writes it (the server gets its descriptor), in a
+    /// directory only berth can read.
+    fn open_log(&self, path: &Path) -> Result<std::fs::File, SpawnError> {
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            if self.isolating() && std::fs::metadata(dir)?.mode() & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
+        Ok(std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?)
     }
 }
 
@@ -165,32 +265,6 @@ fn free_port() -> std::io::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// The kernel's start time of a process (field 22 of /proc/<pid>/stat), to
-/// tell a re-used pid from ours.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
-        .unwrap_or(false)
-}
-
-fn alive(pid: u32, started: Option<u64>) -> bool {
-    if kill(Pid::from_raw(pid as i32), None).is_err() || is_zombie(pid) {
-        return false;
-    }
-    match (started, start_time(pid)) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
-    }
-}
-
 /// Removes a user's home if it exists. Only a plain directory goes: a
 /// symlink (or anything else) in its place is refused, and links inside it
 /// are removed, not followed.
@@ -210,13 +284,15 @@ fn remove_home(home: &Path) -> Result<(), SpawnError> {
     Ok(())
 }
 
-fn state_pid(state: &serde_json::Value) -> Result<(u32, Option<u64>), SpawnError> {
+/// The server's pid, its start time and its account's uid, from its saved state.
+fn state_pid(state: &serde_json::Value) -> Result<(u32, Option<u64>, Option<u32>), SpawnError> {
     let pid = state
         .get("pid")
         .and_then(|p| p.as_u64())
         .filter(|p| *p > 1 && *p < i32::MAX as u64)
         .ok_or_else(|| SpawnError::BadState(format!("no pid in {state}")))?;
-    Ok((pid as u32, state.get("start_time").and_then(|s| s.as_u64())))
+    let uid = state.get("uid").and_then(|u| u.as_u64()).and_then(|u| u32::try_from(u).ok());
+    Ok((pid as u32, state.get("start_time").and_then(|s| s.as_u64()), uid))
 }
 
 impl Spawner for LocalSpawner {
@@ -232,13 +308,21 @@ impl Spawner for LocalSpawner {
             };
             let exe = self.resolve(program, &progress).await?;
             let port = free_port()?;
-            let home = self.home(&spec.user);
-            std::fs::create_dir_all(&home)?;
-            let log_path = self.log_path(&spec.user, &spec.server);
-            if let Some(d) = log_path.parent() {
-                std::fs::create_dir_all(d)?;
+            let (home, account) = self.prepare_user(&spec.user).await?;
+            if let Some(a) = &account {
+                if exe.starts_with(self.venv()) {
+                    self.open_venv(false).await?;
+                }
+                account::runnable(&exe, a).map_err(|why| {
+                    SpawnError::Failed(format!(
+                        "{} cannot run the server command {}: {why}; install it where every user can run it",
+                        a.name,
+                        exe.display()
+                    ))
+                })?;
             }
-            let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+            let log_path = self.log_path(&spec.user, &spec.server);
+            let log = self.open_log(&log_path)?;
             let log2 = log.try_clone()?;
 
             let mut env: BTreeMap<String, String> =
@@ -251,9 +335,12 @@ impl Spawner for LocalSpawner {
             env.extend(spec.env.clone());
             let url = format!("http://127.0.0.1:{port}{}", spec.prefix);
             env.insert("JUPYTERHUB_SERVICE_URL".into(), url);
-            env.insert("USER".into(), spec.user.clone());
+            let login = account.as_ref().map_or(spec.user.as_str(), |a| a.name.as_str());
+            env.insert("USER".into(), login.to_string());
+            env.insert("LOGNAME".into(), login.to_string());
             env.insert("HOME".into(), home.display().to_string());
-            env.insert("SHELL".into(), "/bin/bash".into());
+            let shell = account.as_ref().map_or_else(|| "/bin/bash".into(), |a| a.shell.display().to_string());
+            env.insert("SHELL".into(), shell);
             if !spec.gpus.is_empty() {
                 env.insert("CUDA_VISIBLE_DEVICES".into(), spec.gpus.join(","));
             }
@@ -261,10 +348,14 @@ impl Spawner for LocalSpawner {
             let mut cmd = Command::new(&exe);
             cmd.args(cmdline[1..].iter().map(|a| a.replace("{port}", &port.to_string())));
             let is_singleuser = Path::new(program).file_name().is_some_and(|n| n == "jupyterhub-singleuser");
-            if is_singleuser && nix::unistd::geteuid().is_root() && !cmdline.iter().any(|a| a == "--allow-root") {
-                // jupyter_server refuses root without it; berth runs every local
-                // server as its own user, so this is the operator's choice already.
+            if is_singleuser && self.root && account.is_none() && !cmdline.iter().any(|a| a == "--allow-root") {
+                // jupyter_server refuses root without it; with isolation off
+                // the operator chose to run servers as root already.
                 cmd.arg("--allow-root");
+            }
+            if let Some(a) = &account {
+                // std drops root's supplementary groups when it sets the uid.
+                cmd.uid(a.uid).gid(a.gid);
             }
             cmd.env_clear()
                 .envs(&env)
@@ -279,7 +370,8 @@ impl Spawner for LocalSpawner {
                 cmd.spawn().map_err(|e| SpawnError::Failed(format!("cannot run {}: {e}", exe.display())))?;
             let pid = child.id().ok_or_else(|| SpawnError::Failed("the server exited at once".into()))?;
             let started = start_time(pid);
-            tracing::info!(user = %spec.user, server = %spec.server, pid, port, log = %log_path.display(), "started local server");
+            let (uid, login) = (account.as_ref().map(|a| a.uid), account.as_ref().map(|a| a.name.clone()));
+            tracing::info!(user = %spec.user, server = %spec.server, pid, port, ?uid, log = %log_path.display(), "started local server");
             // Reap the child when it exits, and remember why.
             let exited = self.exited.clone();
             let children = self.children.clone();
@@ -300,15 +392,15 @@ impl Spawner for LocalSpawner {
             });
             Ok(Started {
                 target: format!("http://127.0.0.1:{port}"),
-                state: json!({"pid": pid, "port": port, "start_time": started, "target": format!("http://127.0.0.1:{port}"), "log": log_path}),
+                state: json!({"pid": pid, "port": port, "start_time": started, "target": format!("http://127.0.0.1:{port}"), "log": log_path, "uid": uid, "account": login}),
             })
         })
     }
 
     fn stop<'a>(&'a self, state: &'a serde_json::Value, grace: StopGrace) -> BoxFuture<'a, Result<(), SpawnError>> {
         Box::pin(async move {
-            let (pid, started) = state_pid(state)?;
-            if !alive(pid, started) {
+            let (pid, started, uid) = state_pid(state)?;
+            if !alive(pid, started, uid) {
                 return Ok(());
             }
             let target = Pid::from_raw(pid as i32);
@@ -316,7 +408,10 @@ impl Spawner for LocalSpawner {
                 let _ = kill(target, signal);
                 let deadline = tokio::time::Instant::now() + wait;
                 while tokio::time::Instant::now() < deadline {
-                    if !alive(pid, started) {
+                    if !alive(pid, started, uid) {
+                        // What the server left in its group (it was alive a
+                        // moment ago, so the group's id is still its own).
+                        end_group(pid, grace.terminate).await;
                         return Ok(());
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -328,6 +423,10 @@ impl Spawner for LocalSpawner {
             let _ = kill(target, Signal::SIGKILL);
             Ok(())
         })
+    }
+
+    fn isolates_users(&self) -> bool {
+        self.isolating()
     }
 
     fn exec<'a>(
@@ -360,8 +459,8 @@ impl Spawner for LocalSpawner {
 
     fn poll<'a>(&'a self, state: &'a serde_json::Value) -> BoxFuture<'a, Result<Status, SpawnError>> {
         Box::pin(async move {
-            let (pid, started) = state_pid(state)?;
-            if alive(pid, started) {
+            let (pid, started, uid) = state_pid(state)?;
+            if alive(pid, started, uid) {
                 return Ok(Status::Running);
             }
             // Our own child: give the reaper a moment to record its exit status.
@@ -377,7 +476,8 @@ impl Spawner for LocalSpawner {
         })
     }
 
-    /// Removes the user's home (`<data_dir>/home/<user>`); the logs stay.
+    /// Removes the user's home (`<data_dir>/home/<user>`) and, when isolating,
+    /// the Unix account berth made for them; the logs stay.
     fn remove_user_data<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
         Box::pin(async move {
             let name = UserName::parse(user)
@@ -388,6 +488,12 @@ impl Spawner for LocalSpawner {
                 .await
                 .map_err(|e| SpawnError::Failed(format!("removing {} failed: {e}", home.display())))??;
             tracing::info!(user = %name, home = %home.display(), "removed the local home");
+            if self.isolating() {
+                let (user, uids) = (name.as_str().to_string(), self.cfg.uid_min..=self.cfg.uid_max);
+                tokio::task::spawn_blocking(move || account::remove(&user, uids))
+                    .await
+                    .map_err(|e| SpawnError::Failed(format!("removing {name}'s Unix account failed: {e}")))??;
+            }
             Ok(())
         })
     }
@@ -398,118 +504,5 @@ impl Spawner for LocalSpawner {
             let start = data.len().saturating_sub(64 * 1024);
             Some(String::from_utf8_lossy(&data[start..]).into_owned())
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(prefix: &str) -> SpawnSpec {
-        SpawnSpec {
-            user: "al".into(),
-            server: String::new(),
-            env: BTreeMap::new(),
-            cmd: vec![],
-            prefix: prefix.into(),
-            template: String::new(),
-            image: None,
-            gpus: vec![],
-            port: None,
-        }
-    }
-
-    #[test]
-    fn own_start_time_is_readable() {
-        let me = std::process::id();
-        assert!(start_time(me).is_some());
-        assert!(alive(me, start_time(me)));
-        assert!(!alive(me, start_time(me).map(|t| t + 1)), "a different start time is another process");
-    }
-
-    #[tokio::test]
-    async fn start_poll_stop_a_real_process() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = LocalSpawner::new(LocalConfig {
-            cmd: vec!["sleep".into(), "30".into()],
-            data_dir: dir.path().to_path_buf(),
-            provision: false,
-            provision_packages: vec![],
-        });
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let spec = spec("/user/al/");
-        let started = s.start(spec, tx).await.unwrap();
-        assert_eq!(s.poll(&started.state).await.unwrap(), Status::Running);
-        s.stop(&started.state, StopGrace::default()).await.unwrap();
-        let mut status = s.poll(&started.state).await.unwrap();
-        for _ in 0..50 {
-            if status != Status::Running {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            status = s.poll(&started.state).await.unwrap();
-        }
-        assert!(matches!(status, Status::Exited(_)), "{status:?}");
-        assert!(matches!(s.poll(&json!({})).await, Err(SpawnError::BadState(_))));
-    }
-
-    #[tokio::test]
-    async fn removing_user_data_removes_only_the_plain_home() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let outside = dir.path().join("outside");
-        std::fs::create_dir_all(&outside).unwrap();
-        std::fs::write(outside.join("keep.txt"), "precious").unwrap();
-        let s = LocalSpawner::new(LocalConfig {
-            cmd: vec![],
-            data_dir: data.clone(),
-            provision: false,
-            provision_packages: vec![],
-        });
-
-        // No home (not even `home/`) is not an error.
-        s.remove_user_data("al").await.unwrap();
-
-        // A home with files, a subdirectory and a link out: the home goes, the
-        // link's target and the logs stay.
-        let home = data.join("home").join("al");
-        std::fs::create_dir_all(home.join("work")).unwrap();
-        std::fs::write(home.join("work").join("notes.txt"), "x").unwrap();
-        std::os::unix::fs::symlink(&outside, home.join("link-out")).unwrap();
-        std::fs::create_dir_all(data.join("logs")).unwrap();
-        std::fs::write(data.join("logs").join("al.log"), "log").unwrap();
-        s.remove_user_data("al").await.unwrap();
-        assert!(!home.exists());
-        assert!(data.join("home").is_dir(), "only the user's home goes");
-        assert!(data.join("logs").join("al.log").is_file(), "logs stay");
-        assert!(outside.join("keep.txt").is_file());
-
-        // A home that is a symlink out of `home/` is refused, not followed.
-        let linked = data.join("home").join("bo");
-        std::os::unix::fs::symlink(&outside, &linked).unwrap();
-        let err = s.remove_user_data("bo").await.unwrap_err().to_string();
-        assert!(err.contains("not a plain directory"), "{err}");
-        assert!(outside.join("keep.txt").is_file(), "the link's target survives");
-        assert!(std::fs::symlink_metadata(&linked).unwrap().file_type().is_symlink());
-
-        // A name that is not a user name never becomes a path.
-        assert!(s.remove_user_data("../outside").await.is_err());
-        assert!(s.remove_user_data("").await.is_err());
-        assert!(outside.join("keep.txt").is_file());
-    }
-
-    #[tokio::test]
-    async fn missing_command_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = LocalSpawner::new(LocalConfig {
-            cmd: vec!["no-such-program-berth".into()],
-            data_dir: dir.path().to_path_buf(),
-            provision: false,
-            provision_packages: vec![],
-        });
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let spec = spec("/");
-        let err = s.start(spec, tx).await.unwrap_err().to_string();
-        assert!(err.contains("no-such-program-berth") && err.contains("not found"), "{err}");
     }
 }

@@ -1,7 +1,8 @@
 //! The local-process spawner's side of the SSH gateway: a shell or command
-//! runs on this machine as berth's own user (the user the local servers run
-//! as), in the user's home under the data directory, with a terminal from
-//! `pty-process` when the client asked for one.
+//! runs on this machine as the user the local servers run as (the user's own
+//! Unix account when berth isolates users, else berth's own), in the user's
+//! home under the data directory, with a terminal from `pty-process` when
+//! the client asked for one.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -14,6 +15,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 use crate::exec::{
     command_line, pump_stdin, signal_number, ExecControl, ExecProcess, ExecRequest, Output, STDIN_QUEUE,
 };
+use crate::local::account::Account;
 use crate::local::LocalSpawner;
 use crate::{BoxFuture, SpawnError};
 
@@ -118,15 +120,29 @@ async fn pump_terminal<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Makes the terminal the account's, as sshd does (owner read-write, group
+/// write), so programs that check who owns their terminal accept it.
+fn give_terminal(pts: &pty_process::Pts, a: &Account) -> Result<(), SpawnError> {
+    use std::os::fd::AsRawFd;
+    std::os::unix::fs::fchown(pts, Some(a.uid), None)
+        .map_err(|e| SpawnError::Failed(format!("cannot give the terminal to {}: {e}", a.name)))?;
+    nix::sys::stat::fchmod(pts.as_raw_fd(), nix::sys::stat::Mode::from_bits_truncate(0o620))
+        .map_err(|e| SpawnError::Failed(format!("cannot set the terminal's mode: {e}")))
+}
+
 impl LocalSpawner {
     /// Runs `req` as this user's session process.
     pub(crate) async fn exec_local(&self, user: &str, req: ExecRequest) -> Result<ExecProcess, SpawnError> {
-        let home = self.home(user);
-        std::fs::create_dir_all(&home)?;
+        let (home, account) = self.prepare_user(user).await?;
         let mut env: BTreeMap<String, String> = self.base_env();
-        env.insert("USER".into(), user.to_string());
-        env.insert("LOGNAME".into(), user.to_string());
+        let login = account.as_ref().map_or(user, |a| a.name.as_str());
+        env.insert("USER".into(), login.to_string());
+        env.insert("LOGNAME".into(), login.to_string());
         env.insert("HOME".into(), home.display().to_string());
+        if let Some(a) = &account {
+            // The login shell itself comes from the passwd entry (SHELL_SCRIPT).
+            env.insert("SHELL".into(), a.shell.display().to_string());
+        }
         env.extend(req.env.iter().cloned());
         let line = command_line(&req.kind);
         let (out_tx, out_rx) = mpsc::channel(32);
@@ -139,13 +155,13 @@ impl LocalSpawner {
                 pty_process::open().map_err(|e| SpawnError::Failed(format!("cannot open a terminal: {e}")))?;
             pty.resize(pty_process::Size::new(p.rows.max(1), p.cols.max(1)))
                 .map_err(|e| SpawnError::Failed(format!("cannot size the terminal: {e}")))?;
-            let child = pty_process::Command::new(&line[0])
-                .args(&line[1..])
-                .env_clear()
-                .envs(&env)
-                .current_dir(&home)
-                .spawn(pts)
-                .map_err(|e| SpawnError::Failed(format!("cannot start a shell: {e}")))?;
+            let mut cmd =
+                pty_process::Command::new(&line[0]).args(&line[1..]).env_clear().envs(&env).current_dir(&home);
+            if let Some(a) = &account {
+                give_terminal(&pts, a)?;
+                cmd = cmd.uid(a.uid).gid(a.gid);
+            }
+            let child = cmd.spawn(pts).map_err(|e| SpawnError::Failed(format!("cannot start a shell: {e}")))?;
             let (read, write) = pty.into_split();
             let write = Arc::new(Mutex::new(write));
             tokio::spawn(pump_terminal(read, out_tx, status_rx.clone()));
@@ -161,7 +177,12 @@ impl LocalSpawner {
             });
             (child, Some(write))
         } else {
-            let mut child = tokio::process::Command::new(&line[0])
+            let mut cmd = tokio::process::Command::new(&line[0]);
+            if let Some(a) = &account {
+                // std drops root's supplementary groups when it sets the uid.
+                cmd.uid(a.uid).gid(a.gid);
+            }
+            let mut child = cmd
                 .args(&line[1..])
                 .env_clear()
                 .envs(&env)
@@ -209,6 +230,8 @@ mod tests {
             data_dir: dir.to_path_buf(),
             provision: false,
             provision_packages: vec![],
+            isolate_users: false,
+            ..LocalConfig::default()
         })
     }
 
