@@ -173,15 +173,18 @@ impl Hub {
         if actor.is(name) {
             return Err(HubError::SelfAction { action: SelfAction::Delete });
         }
-        self.existing(name).await?;
+        let account = self.existing(name).await?;
         self.revoke_everything(name).await?;
         self.servers.stop_all_of(name).await?;
         self.store.delete_user(name).await?;
-        self.event(actor, "user-delete", name, "").await;
-        tracing::info!(by = %actor.name(), user = %name, "account deleted");
+        self.event(actor, "user-delete", name, &account.account_id).await;
+        tracing::info!(by = %actor.name(), user = %name, account = %account.account_id, "account deleted");
         if remove_data {
-            self.servers.remove_user_data(name).await?;
-            self.event(actor, "volumes-remove", name, "").await;
+            self.servers.remove_user_data(name, &account.account_id).await?;
+            self.event(actor, "volumes-remove", name, &account.account_id).await;
+        } else {
+            // Kept for the admin, out of reach of the next account of that name.
+            self.servers.retire_user_data(name, &account.account_id).await?;
         }
         Ok(())
     }

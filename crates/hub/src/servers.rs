@@ -91,6 +91,8 @@ pub(super) enum Ending {
 /// passed, GPUs held.
 struct Admission {
     id: ServerId,
+    /// The owner's immutable account id (what their data is named by).
+    owner_id: String,
     record: Server,
     options: UserOptions,
     gpus: Vec<String>,
@@ -303,13 +305,13 @@ impl Servers {
             .try_acquire_owned()
             .map_err(|_| HubError::TooManyStarting { limit: self.cfg.max_concurrent_starts })?;
         let gpus = self.gpus.allocate(id, options.gpus.unwrap_or(0) as usize).await?;
-        Ok(Admission { id: id.clone(), record, options, gpus, permit, claim })
+        Ok(Admission { id: id.clone(), owner_id: owner.account_id, record, options, gpus, permit, claim })
     }
 
     /// Steps 2 and 3: the server's credentials, the plan, the record, and
     /// the tracked task that runs it.
     async fn plan_and_launch(self: &Arc<Self>, a: Admission) -> HubResult<()> {
-        let Admission { id, mut record, options, gpus, permit, claim } = a;
+        let Admission { id, owner_id, mut record, options, gpus, permit, claim } = a;
         let (user, server) = (id.user(), id.server());
         // The server's own credentials: an API token and an OAuth client.
         let secret = new_token();
@@ -340,7 +342,8 @@ impl Servers {
             .await?;
         let env = spec::jupyterhub_env(&id, secret.expose(), &self.api_url(), &self.base_url);
         let template = options.template.as_deref().and_then(|t| self.templates.get(t));
-        let plan = spec::plan(&id, env, &self.base_url, &options, template, gpus);
+        let mut plan = spec::plan(&id, env, &self.base_url, &options, template, gpus);
+        plan.spec.owner_id = owner_id;
 
         record.last_error = None;
         record.started = Some(now_ms());
@@ -527,8 +530,13 @@ impl Servers {
     }
 
     /// Deletes what the user's servers kept (volumes, home) through the spawner.
-    pub async fn remove_user_data(&self, user: &str) -> HubResult<()> {
-        self.spawner.remove_user_data(user).await.map_err(|e| HubError::Spawner { message: e.to_string() })
+    pub async fn remove_user_data(&self, user: &str, owner_id: &str) -> HubResult<()> {
+        self.spawner.remove_user_data(user, owner_id).await.map_err(|e| HubError::Spawner { message: e.to_string() })
+    }
+
+    /// Puts a deleted user's kept data out of reach of a new account of that name.
+    pub async fn retire_user_data(&self, user: &str, owner_id: &str) -> HubResult<()> {
+        self.spawner.retire_user_data(user, owner_id).await.map_err(|e| HubError::Spawner { message: e.to_string() })
     }
 
     pub async fn logs(&self, id: &ServerId) -> Option<String> {

@@ -18,7 +18,8 @@ pub(crate) fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<Tls
     tasks.spawn(
         expire_tokens(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "token-expiry")),
     );
-    tasks.spawn(poll_servers(hub, shutdown.clone()).instrument(tracing::info_span!("job", name = "poll")));
+    tasks.spawn(poll_servers(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "poll")));
+    tasks.spawn(watch_exits(hub, shutdown.clone()).instrument(tracing::info_span!("job", name = "exits")));
     if let Some(tls) = tls {
         tasks.spawn(reload_tls(tls, shutdown).instrument(tracing::info_span!("job", name = "tls-reload")));
     }
@@ -34,6 +35,25 @@ async fn poll_servers(hub: SharedHub, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         hub.servers.poll_all().await;
+    }
+}
+
+/// Servers whose container died are checked at once: their route goes
+/// before the address can be given to another container.
+async fn watch_exits(hub: SharedHub, shutdown: CancellationToken) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let spawner = hub.servers.spawner();
+    let watcher = spawner.watch_exits(tx);
+    let consume = async {
+        while let Some((user, server)) = rx.recv().await {
+            if let Ok(id) = berth_core::ServerId::parse(&user, &server) {
+                hub.servers.check(&id).await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = async { tokio::join!(watcher, consume) } => {}
     }
 }
 

@@ -51,7 +51,7 @@ impl DockerSpawner {
             parse_pairs(&self.cfg.env).into_iter().filter(|(k, _)| k != GPU_VAR).map(|(k, v)| format!("{k}={v}")),
         );
         env.push(format!("{GPU_VAR}={}", hardening::visible_devices(&spec.gpus)));
-        let vol = |suffix: &str| format!("berth-{}-{suffix}", spec.user);
+        let vol = |suffix: &str| format!("berth-{}-{suffix}", owner_of(spec));
         let mount = |source: String, target: &str| Mount {
             source: Some(source),
             target: Some(target.to_string()),
@@ -123,7 +123,7 @@ impl DockerSpawner {
         self.ensure_image(&image, progress).await?;
         let _ = progress.send(Progress { progress: 40, message: "Preparing volumes…".into() });
         for suffix in ["home", "workspace", "cache"] {
-            self.ensure_volume(&format!("berth-{}-{suffix}", spec.user), "local", &[], &spec.user).await?;
+            self.ensure_volume(&format!("berth-{}-{suffix}", owner_of(spec)), "local", &[], &spec.user).await?;
         }
         if !self.cfg.shared_volume.is_empty() {
             let opts = parse_pairs(&self.cfg.shared_volume_opts);
@@ -183,6 +183,15 @@ impl DockerSpawner {
     }
 }
 
+/// What a user's volumes are named by: the account's immutable id.
+fn owner_of(spec: &SpawnSpec) -> &str {
+    if spec.owner_id.is_empty() {
+        &spec.user
+    } else {
+        &spec.owner_id
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -192,6 +201,7 @@ mod tests {
 
     fn spec(gpus: &[&str]) -> SpawnSpec {
         SpawnSpec {
+            owner_id: String::new(),
             user: "alice".into(),
             server: String::new(),
             env: BTreeMap::from([

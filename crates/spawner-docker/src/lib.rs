@@ -14,6 +14,7 @@
 
 mod config;
 mod container;
+mod events;
 mod exec;
 pub mod gpu;
 mod hardening;

@@ -163,8 +163,12 @@ impl Spawner for DockerSpawner {
         })
     }
 
-    fn remove_user_data<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
-        Box::pin(self.remove_user_volumes(user))
+    fn watch_exits(&self, exits: tokio::sync::mpsc::UnboundedSender<(String, String)>) -> BoxFuture<'_, ()> {
+        Box::pin(self.watch_container_exits(exits))
+    }
+
+    fn remove_user_data<'a>(&'a self, user: &'a str, owner_id: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        Box::pin(self.remove_user_volumes(if owner_id.is_empty() { user } else { owner_id }))
     }
 
     fn logs<'a>(&'a self, user: &'a str, server: &'a str) -> BoxFuture<'a, Option<String>> {

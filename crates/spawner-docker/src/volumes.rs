@@ -36,13 +36,14 @@ impl DockerSpawner {
         Ok(())
     }
 
-    /// Removes a user's volumes (asked for explicitly when deleting a user).
-    pub async fn remove_user_volumes(&self, user: &str) -> Result<(), SpawnError> {
+    /// Removes a user's volumes (asked for explicitly when deleting a user);
+    /// `owner` is what they are named by: the account id.
+    pub async fn remove_user_volumes(&self, owner: &str) -> Result<(), SpawnError> {
         for suffix in ["home", "workspace", "cache"] {
             match self
                 .client()?
                 .remove_volume(
-                    &format!("berth-{user}-{suffix}"),
+                    &format!("berth-{owner}-{suffix}"),
                     None::<bollard::query_parameters::RemoveVolumeOptions>,
                 )
                 .await

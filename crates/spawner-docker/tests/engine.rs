@@ -38,6 +38,7 @@ async fn gpu_servers_carry_device_requests() {
         Config { network: guard.network.clone(), shared_volume: String::new(), image: image(), ..Config::default() };
     let spawner = DockerSpawner::connect(cfg, "/").unwrap();
     let spec = SpawnSpec {
+        owner_id: String::new(),
         user: guard.user.clone(),
         server: String::new(),
         env: BTreeMap::from([("JUPYTERHUB_API_URL".to_string(), "x".to_string())]),

@@ -30,6 +30,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone)]
 pub struct SpawnSpec {
     pub user: String,
+    /// The account's immutable id: per-user data that outlives a server
+    /// (Docker volumes) is named by it, so a new account that takes a
+    /// deleted one's name starts empty. Empty: named by `user`.
+    pub owner_id: String,
     /// "" for the default server.
     pub server: String,
     /// The single-user environment (`JUPYTERHUB_*`), and anything else to pass.
@@ -129,9 +133,17 @@ pub trait Spawner: Send + Sync + 'static {
         Box::pin(async { Vec::new() })
     }
 
-    /// Deletes what a user's servers kept between runs (Docker volumes, the
-    /// local spawner's home), when an admin deletes the user and asks for it.
-    fn remove_user_data<'a>(&'a self, _user: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+    /// Deletes what a user's servers kept between runs (volumes, the local
+    /// home), when an admin deletes the user and asks for it. `owner_id` is
+    /// the account's immutable id (see [`SpawnSpec::owner_id`]).
+    fn remove_user_data<'a>(&'a self, _user: &'a str, _owner_id: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// A user was deleted and their data kept (for an admin to restore or
+    /// remove): put it where a new account of the same name cannot reach it.
+    /// Data named by the immutable id needs nothing.
+    fn retire_user_data<'a>(&'a self, _user: &'a str, _owner_id: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
         Box::pin(async { Ok(()) })
     }
 
@@ -157,6 +169,15 @@ pub trait Spawner: Send + Sync + 'static {
         Box::pin(async move {
             Err(SpawnError::Failed(format!("the {} spawner cannot forward to port {port}", self.kind())))
         })
+    }
+
+    /// Sends `(user, server)` on `exits` whenever a server of berth's stops
+    /// on its own (its container died), until `exits` is closed, so the hub
+    /// removes its route at once rather than at the next poll (an address a
+    /// dead container had can be given to another). Spawners that cannot
+    /// watch return at once; the poll job covers them.
+    fn watch_exits(&self, _exits: mpsc::UnboundedSender<(String, String)>) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
 
     /// The tail of the server's own output, if the spawner keeps it.

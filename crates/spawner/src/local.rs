@@ -478,7 +478,49 @@ impl Spawner for LocalSpawner {
 
     /// Removes the user's home (`<data_dir>/home/<user>`) and, when isolating,
     /// the Unix account berth made for them; the logs stay.
-    fn remove_user_data<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+    /// The local home stays named by the user; a deleted user's is moved
+    /// to `home/.retired/` (0700), where a new account of that name cannot
+    /// reach it, and their Unix account removed.
+    fn retire_user_data<'a>(&'a self, user: &'a str, _owner_id: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        Box::pin(async move {
+            let name = UserName::parse(user)
+                .map_err(|e| SpawnError::Failed(format!("not retiring the home of {user:?}: {e}")))?;
+            let home = self.home(name.as_str());
+            let retired = self.cfg.data_dir.join("home").join(".retired");
+            let to = retired.join(format!("{}-{}", name, now_millis()));
+            let shown = home.display().to_string();
+            let moved = {
+                let to = to.clone();
+                tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+                    if std::fs::symlink_metadata(&home).map(|m| !m.is_dir()).unwrap_or(true) {
+                        return Ok(false);
+                    }
+                    std::fs::create_dir_all(&retired)?;
+                    #[cfg(unix)]
+                    {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(&retired, std::fs::Permissions::from_mode(0o700))?;
+                    }
+                    std::fs::rename(&home, &to)?;
+                    Ok(true)
+                })
+                .await
+                .map_err(|e| SpawnError::Failed(format!("retiring {shown} failed: {e}")))??
+            };
+            if moved {
+                tracing::info!(user = %name, kept = %to.display(), "kept a deleted user's home out of reach");
+            }
+            if self.isolating() {
+                let (user, uids) = (name.as_str().to_string(), self.cfg.uid_min..=self.cfg.uid_max);
+                tokio::task::spawn_blocking(move || account::remove(&user, uids))
+                    .await
+                    .map_err(|e| SpawnError::Failed(format!("removing {name}'s Unix account failed: {e}")))??;
+            }
+            Ok(())
+        })
+    }
+
+    fn remove_user_data<'a>(&'a self, user: &'a str, _owner_id: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
         Box::pin(async move {
             let name = UserName::parse(user)
                 .map_err(|e| SpawnError::Failed(format!("not removing the home of {user:?}: {e}")))?;
@@ -505,4 +547,8 @@ impl Spawner for LocalSpawner {
             Some(String::from_utf8_lossy(&data[start..]).into_owned())
         })
     }
+}
+
+fn now_millis() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }

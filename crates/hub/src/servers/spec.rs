@@ -146,6 +146,7 @@ pub fn plan(
 ) -> StartPlan {
     let prefix = server_prefix(base_url, id);
     let mut spec = SpawnSpec {
+        owner_id: String::new(),
         user: id.user().to_string(),
         server: id.server().to_string(),
         env,

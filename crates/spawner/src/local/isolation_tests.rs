@@ -86,6 +86,7 @@ fn isolated(dir: &Path, cmd: &[&str]) -> LocalSpawner {
 
 fn spec(user: &str) -> SpawnSpec {
     SpawnSpec {
+        owner_id: String::new(),
         user: user.into(),
         server: String::new(),
         env: BTreeMap::new(),
@@ -201,7 +202,7 @@ async fn servers_run_under_their_own_accounts_with_private_homes() {
     eventually("the server and its job to end", || !alive(pid, None, None) && !alive(job, None, None)).await;
 
     // Deleting alice's data removes her home and her account.
-    again.remove_user_data(&alice).await.unwrap();
+    again.remove_user_data(&alice, "").await.unwrap();
     assert!(!home.exists());
     assert!(User::from_name(&login).unwrap().is_none(), "the account is gone");
 }

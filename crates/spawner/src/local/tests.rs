@@ -5,6 +5,7 @@ use crate::local::process::alive;
 
 fn spec(prefix: &str) -> SpawnSpec {
     SpawnSpec {
+        owner_id: String::new(),
         user: "al".into(),
         server: String::new(),
         env: BTreeMap::new(),
@@ -73,7 +74,7 @@ async fn removing_user_data_removes_only_the_plain_home() {
     });
 
     // No home (not even `home/`) is not an error.
-    s.remove_user_data("al").await.unwrap();
+    s.remove_user_data("al", "").await.unwrap();
 
     // A home with files, a subdirectory and a link out: the home goes, the
     // link's target and the logs stay.
@@ -83,7 +84,7 @@ async fn removing_user_data_removes_only_the_plain_home() {
     std::os::unix::fs::symlink(&outside, home.join("link-out")).unwrap();
     std::fs::create_dir_all(data.join("logs")).unwrap();
     std::fs::write(data.join("logs").join("al.log"), "log").unwrap();
-    s.remove_user_data("al").await.unwrap();
+    s.remove_user_data("al", "").await.unwrap();
     assert!(!home.exists());
     assert!(data.join("home").is_dir(), "only the user's home goes");
     assert!(data.join("logs").join("al.log").is_file(), "logs stay");
@@ -92,14 +93,14 @@ async fn removing_user_data_removes_only_the_plain_home() {
     // A home that is a symlink out of `home/` is refused, not followed.
     let linked = data.join("home").join("bo");
     std::os::unix::fs::symlink(&outside, &linked).unwrap();
-    let err = s.remove_user_data("bo").await.unwrap_err().to_string();
+    let err = s.remove_user_data("bo", "").await.unwrap_err().to_string();
     assert!(err.contains("not a plain directory"), "{err}");
     assert!(outside.join("keep.txt").is_file(), "the link's target survives");
     assert!(std::fs::symlink_metadata(&linked).unwrap().file_type().is_symlink());
 
     // A name that is not a user name never becomes a path.
-    assert!(s.remove_user_data("../outside").await.is_err());
-    assert!(s.remove_user_data("").await.is_err());
+    assert!(s.remove_user_data("../outside", "").await.is_err());
+    assert!(s.remove_user_data("", "").await.is_err());
     assert!(outside.join("keep.txt").is_file());
 }
 
