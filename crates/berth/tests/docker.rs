@@ -61,9 +61,16 @@ async fn containers_run_jupyter_keep_work_and_share_a_volume() {
         .iter()
         .map(|m| format!("{}:{}", m["Name"].as_str().unwrap_or(""), m["Destination"].as_str().unwrap_or("")))
         .collect();
+    // Per-user volumes are named by the account's immutable id, not the name.
+    let owner = mounts
+        .iter()
+        .find_map(|m| m.strip_suffix("-workspace:/home/lab/workspace").and_then(|v| v.strip_prefix("berth-")))
+        .unwrap_or_else(|| panic!("a workspace volume in {mounts:?}"))
+        .to_string();
+    assert!(owner != alice_name && owner.starts_with('1'), "named by the account id: {owner}");
     for want in [
-        format!("berth-{alice_name}-workspace:/home/lab/workspace"),
-        format!("berth-{alice_name}-home:/home"),
+        format!("berth-{owner}-workspace:/home/lab/workspace"),
+        format!("berth-{owner}-home:/home"),
         format!("{}:/mnt/shared", scope.shared),
     ] {
         assert!(mounts.contains(&want), "{want} not in {mounts:?}");
@@ -112,11 +119,19 @@ async fn containers_run_jupyter_keep_work_and_share_a_volume() {
     // Deleting bob keeps his volumes unless asked; asked, they go.
     let volume_exists =
         |v: &str| Command::new("docker").args(["volume", "inspect", v]).output().unwrap().status.success();
+    let bobs = docker_inspect(&format!("berth-{bob_name}")).expect("bob's container")["Mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["Destination"] == "/home/lab/workspace")
+        .and_then(|m| m["Name"].as_str().map(str::to_string))
+        .expect("bob's workspace volume");
+    assert!(volume_exists(&bobs));
     let r = admin.api(Method::DELETE, &format!("/hub/api/users/{bob_name}?remove_volumes=true")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT, "{}", r.text().await.unwrap_or_default());
     assert!(docker_inspect(&format!("berth-{bob_name}")).is_none(), "bob's container was stopped and removed");
-    assert!(!volume_exists(&format!("berth-{bob_name}-workspace")), "bob's volumes were removed");
-    assert!(volume_exists(&format!("berth-{alice_name}-workspace")), "alice's stay");
+    assert!(!volume_exists(&bobs), "bob's volumes were removed");
+    assert!(volume_exists(&format!("berth-{owner}-workspace")), "alice's stay");
 }
 
 #[tokio::test]
@@ -224,7 +239,8 @@ async fn images_only_in_a_registry_are_pulled_with_progress() {
     sh(&["docker", "push", "-q", &remote]);
     sh(&["docker", "rmi", "-f", &remote]);
 
-    let b = docker_berth(&scope, &image, &[]);
+    // Users may name an image only where the admin allows it.
+    let b = docker_berth(&scope, &image, &[("BERTH_ALLOWED_IMAGES", remote.as_str())]);
     let admin = admin(&b).await;
     let name = scope.user("ed");
     let u = user(&b, &admin, &name).await;

@@ -87,5 +87,10 @@ async fn the_clis_delete_removes_data_through_the_configured_spawner() {
     bob.api(Method::DELETE, "/hub/api/users/bob/server").send().await.unwrap();
     let (code, out, err) = b.cli(&["user", "delete", "bob"], None);
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(b.data_dir.join("home").join("bob").is_dir(), "kept without --remove-volumes");
+    // Without --remove-volumes it is kept for the admin, out of reach of a new bob.
+    assert!(!b.data_dir.join("home").join("bob").exists(), "a new bob does not get the old home");
+    let retired: Vec<String> = std::fs::read_dir(b.data_dir.join("home").join(".retired"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(retired.iter().any(|n| n.starts_with("bob-")), "kept: {retired:?}");
 }

@@ -257,6 +257,11 @@ async fn forward(
         Ok(resp) => {
             let mut resp = resp.map(Body::new);
             guard_cookies(resp.headers_mut(), prefix);
+            if prefix.is_some() {
+                // A service worker of a path-routed server stays within its
+                // prefix: it may not widen its scope to the hub's pages.
+                resp.headers_mut().remove("service-worker-allowed");
+            }
             resp
         }
         Err(e) => {
@@ -393,6 +398,7 @@ mod tests {
         assert_eq!(
             got,
             [
+                "_xsrf=theirs; Path=/user/alice/lab/",
                 "app=1; Path=/user/alice/lab/; HttpOnly",
                 "lab=2; Path=/user/alice/lab/x",
                 "bare=3; Path=/user/alice/lab/"

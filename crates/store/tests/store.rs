@@ -235,7 +235,11 @@ async fn sqlite_is_wal_and_reopens() {
     }
     assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
     let s = Store::open_in_dir(dir.path()).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 5, "every migration, through 5 (user limits), applied once");
+    assert_eq!(
+        s.schema_version().await.unwrap(),
+        6,
+        "every migration, through 6 (account ids, settings, log-in failures), applied once"
+    );
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
     assert_eq!(mode, "wal");

@@ -658,8 +658,14 @@ impl Drop for DockerScope {
             for id in out.split_whitespace() {
                 docker(&["rm", "-f", id]);
             }
-            for v in ["home", "workspace", "cache"] {
-                docker(&["volume", "rm", "-f", &format!("berth-{u}-{v}")]);
+            // Volumes are named by the account's id and labelled with the user.
+            let vols = Command::new("docker")
+                .args(["volume", "ls", "-q", "--filter", &format!("label=berth.user={u}")])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for v in vols.split_whitespace() {
+                docker(&["volume", "rm", "-f", v]);
             }
         }
         docker(&["volume", "rm", "-f", &self.shared]);
