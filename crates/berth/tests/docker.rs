@@ -240,7 +240,9 @@ async fn images_only_in_a_registry_are_pulled_with_progress() {
     sh(&["docker", "rmi", "-f", &remote]);
 
     // Users may name an image only where the admin allows it.
-    let b = docker_berth(&scope, &image, &[("BERTH_ALLOWED_IMAGES", remote.as_str())]);
+    let missing = format!("{}/berth-pull-{}:nope", reg.addr, scope.suffix);
+    let allowed = format!("{remote},{missing}");
+    let b = docker_berth(&scope, &image, &[("BERTH_ALLOWED_IMAGES", allowed.as_str())]);
     let admin = admin(&b).await;
     let name = scope.user("ed");
     let u = user(&b, &admin, &name).await;
@@ -261,7 +263,6 @@ async fn images_only_in_a_registry_are_pulled_with_progress() {
     u.api(Method::DELETE, &format!("/hub/api/users/{name}/server")).send().await.unwrap();
 
     // A missing tag is a clear error, and the server is stopped again.
-    let missing = format!("{}/berth-pull-{}:nope", reg.addr, scope.suffix);
     let r = u
         .api(Method::POST, &format!("/hub/api/users/{name}/server"))
         .json(&json!({"image": missing}))

@@ -258,9 +258,12 @@ async fn forward(
             let mut resp = resp.map(Body::new);
             guard_cookies(resp.headers_mut(), prefix);
             if prefix.is_some() {
-                // A service worker of a path-routed server stays within its
-                // prefix: it may not widen its scope to the hub's pages.
+                // A path-routed server shares the hub's origin: its service
+                // worker stays within its prefix (it may not widen its scope
+                // to the hub's pages), and it may not clear the origin's data
+                // (which would log its visitors out of the hub).
                 resp.headers_mut().remove("service-worker-allowed");
+                resp.headers_mut().remove("clear-site-data");
             }
             resp
         }

@@ -187,7 +187,7 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
                 name: cookies::XSRF,
                 value: &xsrf,
                 path: hub.hub_prefix(),
-                http_only: false,
+                http_only: true,
                 secure: hub.cfg.secure_cookies,
                 max_age: (binding == ANON_BINDING).then_some(3600),
             };

@@ -237,7 +237,7 @@ pub(crate) async fn start_session(hub: &SharedHub, user: &str) -> ApiResult<Vec<
             max_age: None,
         }
         .header(),
-        CookieSpec { name: cookies::XSRF, value: &xsrf, path: hub_path, http_only: false, secure, max_age: None }
+        CookieSpec { name: cookies::XSRF, value: &xsrf, path: hub_path, http_only: true, secure, max_age: None }
             .header(),
     ])
 }
