@@ -564,3 +564,55 @@ async fn docker_exec_forwarding_stays_inside_the_container() {
     let o = ssh(&b, &bob_key, &alice_name, "true", None);
     assert_eq!(o.status.code(), Some(255));
 }
+
+#[tokio::test]
+async fn a_removed_key_ends_its_open_sessions_and_silent_clients_are_cut_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Berth::start_with(
+        &[
+            ("BERTH_SSH_BIND", "127.0.0.1:0"),
+            ("BERTH_SSH_HOST_KEY_TYPES", "ed25519"),
+            ("BERTH_SSH_RECHECK", "1"),
+            ("BERTH_SSH_LOGIN_GRACE", "2"),
+            ("BERTH_LOCAL_CMD", "python3 -m http.server {port} --bind 127.0.0.1"),
+        ],
+        &[],
+    );
+    let (_admin, alice) = admin_and_user(&b, "alice", PW).await;
+    let key = keygen(tmp.path(), "alice");
+    assert_eq!(add_key(&alice, "alice", &key.public).await.status(), StatusCode::CREATED);
+    // A long session with the key …
+    let mut c = Command::new("timeout");
+    c.arg("120").arg("ssh").args(client_opts(&port_of(&b))).arg("-i").arg(&key.private);
+    c.arg("alice@127.0.0.1").arg("echo started; sleep 100");
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    assert_eq!(&first, b"started\n", "the session runs");
+    // … ends soon after the key is removed.
+    let fp = fingerprint(&key);
+    let r = alice.api(Method::DELETE, &format!("/hub/api/users/alice/keys/{fp}")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the session outlived its key\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "ended by berth, not by the command");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    assert!(b.log().contains("its key or account was withdrawn"), "{}", b.log());
+
+    // A client that connects and never logs in is closed after the grace time.
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(b.ssh_addr.clone().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(t0.elapsed() < Duration::from_secs(20), "closed by the log-in grace time");
+    assert!(String::from_utf8_lossy(&buf).starts_with("SSH-2.0-berth"), "it was berth's SSH server");
+}
