@@ -117,7 +117,7 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("database_url", &["BERTH_DATABASE_URL"], "Database URL; empty means SQLite in the data directory. `postgres://user:pass@host/db` selects PostgreSQL."),
     ("log", &["BERTH_LOG"], "Log filter, e.g. `info` or `berth_hub=debug,info`."),
     ("hub.base_url", &["BERTH_BASE_URL", "JUPYTERHUB_BASE_URL"], "URL prefix of everything berth serves; the hub is at `<base_url>hub/`."),
-    ("hub.admin", &["BERTH_ADMIN", "JUPYTERHUB_ADMIN"], "The admin's user name: their own sign-up is authorized and made admin at once."),
+    ("hub.admin", &["BERTH_ADMIN", "JUPYTERHUB_ADMIN"], "The name the first admin's setup page suggests. Nobody becomes admin by signing up with it: the first admin is made with the one-time link berth prints at its first start (or `berth user add NAME --admin`)."),
     ("hub.max_body_bytes", &["BERTH_MAX_BODY_BYTES"], "Largest request body the hub accepts (413 beyond); proxied bodies are streamed and not limited."),
     ("hub.secure_cookies", &["BERTH_SECURE_COOKIES"], "Mark cookies `Secure` (on by itself when berth serves TLS; set it behind a TLS-terminating proxy)."),
     ("auth.signup", &["BERTH_SIGNUP"], "Whether people may sign up; new accounts wait for an admin's approval."),
