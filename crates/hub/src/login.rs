@@ -241,3 +241,42 @@ impl HashPool {
         rx.await.map_err(|_| HubError::internal("a password hashing thread failed"))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_hash_queue_is_bounded_and_says_busy() {
+        let pool = Arc::new(HashPool::new(1, 2));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        // Two jobs fill the queue (one runs, one waits) …
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let (pool, rx) = (pool.clone(), release_rx.clone());
+            held.push(tokio::spawn(async move {
+                pool.run(move || {
+                    let _ = rx.lock().map(|r| r.recv());
+                })
+                .await
+            }));
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pool.waiting.load(std::sync::atomic::Ordering::Acquire) < 2 {
+            assert!(std::time::Instant::now() < deadline, "the jobs never queued");
+            tokio::task::yield_now().await;
+        }
+        // … so a third is refused at once, with a message to try again.
+        let refused = pool.run(|| ()).await;
+        assert!(matches!(refused, Err(HubError::Busy503)), "{refused:?}");
+        for _ in 0..2 {
+            release_tx.send(()).unwrap();
+        }
+        for h in held {
+            h.await.unwrap().unwrap();
+        }
+        assert!(pool.run(|| 7).await.unwrap() == 7, "free again once they finished");
+    }
+}
