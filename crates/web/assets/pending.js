@@ -7,6 +7,7 @@
 // What it needs comes from data- attributes of #spawn-progress:
 //   data-progress-url  the progress event stream (JupyterHub's API)
 //   data-server-url    where the server is reached, when the event names none
+//   data-next-url      (optional) the page on that server to land on instead
 //   data-xsrf          the page's XSRF token: an EventSource is not a
 //                      navigation, so the hub asks it for the token (?_xsrf=)
 (function () {
@@ -20,6 +21,7 @@
   var log = document.getElementById("log");
   var src = root.getAttribute("data-progress-url") || "";
   var serverUrl = root.getAttribute("data-server-url") || "";
+  var nextUrl = root.getAttribute("data-next-url") || "";
   var xsrf = root.getAttribute("data-xsrf") || "";
   if (!src) {
     return;
@@ -49,7 +51,7 @@
       done = true;
       es.close();
       root.setAttribute("data-state", "ready");
-      window.location.href = ev.url || serverUrl;
+      window.location.href = nextUrl || ev.url || serverUrl;
     } else if (ev.failed) {
       done = true;
       es.close();

@@ -155,7 +155,11 @@ impl<S: Send + Sync> FromRequestParts<S> for PageUser {
         match auth {
             Some(RequestAuth { caller: Some(caller), xsrf, .. }) => Ok(PageUser { caller, xsrf }),
             _ => {
-                let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                // The original URI: inside the hub's nested router the path
+                // has lost `<base>hub`, and `next` must point at the page itself.
+                let original = parts.extensions.get::<OriginalUri>().map(|u| u.0.clone());
+                let uri = original.as_ref().unwrap_or(&parts.uri);
+                let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
                 let hub_prefix = hub_prefix_of(path);
                 let next = percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC);
                 Err(Redirect::to(&format!("{hub_prefix}login?next={next}")).into_response())

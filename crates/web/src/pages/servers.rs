@@ -70,10 +70,22 @@ async fn spawn_form(hub: SharedHub, user: PageUser, id: ServerId) -> ApiResult<R
     Ok(html::page(&hub.cfg.base_url, "Start", Some(&user.viewer()), &body).into_response())
 }
 
-/// `GET /hub/spawn`: one's own default server.
-pub async fn spawn_page_own(State(hub): State<SharedHub>, user: PageUser) -> ApiResult<Response> {
+/// Whether a GET came from the hub's own pages or a typed URL, not from
+/// another site (which must not start servers by linking here).
+fn same_site(headers: &HeaderMap) -> bool {
+    matches!(headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()), None | Some("same-origin") | Some("none"))
+}
+
+/// `GET /hub/spawn`: as JupyterHub does when there is nothing to choose,
+/// starts one's own default server (the templates are named servers) and
+/// shows its progress — unless another site sent the browser here: then the
+/// start form asks first.
+pub async fn spawn_page_own(State(hub): State<SharedHub>, user: PageUser, headers: HeaderMap) -> ApiResult<Response> {
     let id = own_default(&user)?;
-    spawn_form(hub, user, id).await
+    if !same_site(&headers) {
+        return spawn_form(hub, user, id).await;
+    }
+    do_spawn(hub, user, id, UserOptions::default()).await
 }
 
 /// `GET /hub/spawn/<user>[/<server>]`
@@ -161,21 +173,38 @@ pub async fn spawn_named_form(
     do_spawn(hub, user, id, UserOptions::default()).await
 }
 
-/// `GET /hub/spawn-pending/<user>[/<server>]`
-pub async fn pending(State(hub): State<SharedHub>, user: PageUser, ServerPath(id): ServerPath) -> ApiResult<Response> {
+#[derive(Deserialize, Default)]
+pub struct PendingQuery {
+    #[serde(default)]
+    next: Option<String>,
+}
+
+/// `GET /hub/spawn-pending/<user>[/<server>][?next=<path on that server>]`
+pub async fn pending(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    ServerPath(id): ServerPath,
+    axum::extract::Query(q): axum::extract::Query<PendingQuery>,
+) -> ApiResult<Response> {
     let (owner, server) = (id.user().to_string(), id.server().to_string());
+    // Where to land once ready: a path on this very server, nothing else.
+    let prefix = server_url(&hub.cfg.base_url, &owner, &server);
+    let next = q.next.filter(|n| {
+        n.starts_with(&prefix) && !n.contains("..") && !n.contains('\\') && !n.chars().any(|c| c.is_control())
+    });
     if !user.caller.allows("read:servers", Target::Server { user: &owner, server: &server }) {
         return Err(ApiError::forbidden("you may not see this server").page());
     }
     let record = hub.store.get_server(&owner, &server).await?;
     let url = public_url(&hub, &id).await;
     if record.as_ref().is_some_and(|r| r.state == ServerState::Running) {
-        return Ok(Redirect::to(&url).into_response());
+        return Ok(Redirect::to(next.as_deref().unwrap_or(&url)).into_response());
     }
     let progress = progress_url(&hub.cfg.base_url, &owner, &server);
+    let next_attr = next.map(|n| format!(r#" data-next-url="{}""#, esc(&n))).unwrap_or_default();
     // No inline script (the hub's CSP forbids it): static/pending.js reads the data- attributes.
     let body = format!(
-        r#"<div class="card" id="spawn-progress" data-progress-url="{progress}" data-server-url="{url}" data-xsrf="{xsrf}"><h1>Starting {what}</h1>
+        r#"<div class="card" id="spawn-progress" data-progress-url="{progress}" data-server-url="{url}"{next_attr} data-xsrf="{xsrf}"><h1>Starting {what}</h1>
 <div class="progress"><div id="bar"></div></div>
 <p id="message" class="muted">Waiting for the server…</p>
 <ul id="log" class="muted"></ul>
@@ -298,6 +327,33 @@ pub async fn not_running(
     let body = format!(r#"<div class="card"><h1>{} is not running</h1>{error}<p>{action}</p></div>"#, esc(&who));
     Ok((StatusCode::SERVICE_UNAVAILABLE, html::page(&hub.cfg.base_url, "Not running", viewer.as_ref(), &body))
         .into_response())
+}
+
+/// `/hub/user-redirect/<path>` (what nbgitpuller links and JupyterHub's own
+/// pages use): the caller's own default server at `<path>`, started first
+/// when it is stopped (and the link did not come from another site).
+pub async fn user_redirect(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    headers: HeaderMap,
+    Path(rest): Path<String>,
+    uri: Uri,
+) -> ApiResult<Response> {
+    let id = own_default(&user)?;
+    let q = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let target = format!("{}{}{q}", server_url(&hub.cfg.base_url, id.user(), ""), rest.trim_start_matches('/'));
+    let state = hub.store.get_server(id.user(), "").await?.map(|s| s.state).unwrap_or(ServerState::Stopped);
+    if state == ServerState::Stopped && same_site(&headers) {
+        match hub.servers.start(&id, UserOptions::default()).await {
+            Ok(()) | Err(HubError::PendingSpawn { .. }) | Err(HubError::AlreadyRunning { .. }) => {}
+            Err(e) => return Err(ApiError::for_viewer(e, user.caller.user.admin).page()),
+        }
+    }
+    if matches!(state, ServerState::Stopped | ServerState::Starting) && same_site(&headers) {
+        let next = percent_encoding::utf8_percent_encode(&target, percent_encoding::NON_ALPHANUMERIC);
+        return Ok(Redirect::to(&format!("{}?next={next}", pending_path(&hub, id.user(), ""))).into_response());
+    }
+    Ok(Redirect::to(&target).into_response())
 }
 
 /// `/hub/user/<name>/...` (JupyterHub's hub-side URL for a user's server): send the browser to it.
