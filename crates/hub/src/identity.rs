@@ -292,6 +292,14 @@ impl Identity {
     /// account holds now (so access follows the same rule as on paths, and
     /// a demoted or unauthorized visitor loses it at once).
     pub async fn from_app_cookie(&self, host: &str, value: &str) -> HubResult<Option<Caller>> {
+        // Cached like tokens (a revocation invalidates at once), so an app
+        // host's requests cost no database round trip each.
+        let now = now_ms();
+        let key = format!("a:{host}:{value}");
+        let generation = self.store.auth_generation();
+        if let Some((c, _)) = self.cache.get(&key, generation, now) {
+            return Ok(Some(c));
+        }
         let Some(inner) = self.signer.unsign(&format!("app:{host}"), value) else { return Ok(None) };
         let mut parts = inner.splitn(3, '|');
         let (Some(name), Some(expires), Some(session)) = (parts.next(), parts.next(), parts.next()) else {
@@ -301,16 +309,19 @@ impl Identity {
             return Ok(None);
         }
         let max_age = self.session_max_age.as_millis() as i64;
-        match self.store.session_started(session).await? {
-            Some(created) if now_ms() - created <= max_age => {}
+        let created = match self.store.session_started(session).await? {
+            Some(created) if now - created <= max_age => created,
             _ => return Ok(None),
-        }
+        };
         let Some(user) = self.store.get_user(name).await? else { return Ok(None) };
         if !user.authorized {
             return Ok(None);
         }
         let scopes = ScopeSet::for_user(&user.name, user.admin);
-        Ok(Some(Caller { user, scopes: Arc::new(scopes), via: Via::AppHost { host: host.to_string() } }))
+        let caller = Caller { user, scopes: Arc::new(scopes), via: Via::AppHost { host: host.to_string() } };
+        let ends = expires.parse::<i64>().unwrap_or(0).saturating_mul(1000).min(created + max_age);
+        self.cache.put(key, caller.clone(), Some(ends), generation);
+        Ok(Some(caller))
     }
 }
 

@@ -92,6 +92,18 @@ pub struct LocalSpawner {
 }
 
 impl LocalSpawner {
+    /// Removes the Unix account berth made for `name`, when it makes them.
+    async fn remove_account(&self, name: &UserName) -> Result<(), SpawnError> {
+        if !self.isolating() {
+            return Ok(());
+        }
+        let (user, uids) = (name.as_str().to_string(), self.cfg.uid_min..=self.cfg.uid_max);
+        tokio::task::spawn_blocking(move || account::remove(&user, uids))
+            .await
+            .map_err(|e| SpawnError::Failed(format!("removing {name}'s Unix account failed: {e}")))??;
+        Ok(())
+    }
+
     pub fn new(cfg: LocalConfig) -> LocalSpawner {
         LocalSpawner::with_root(cfg, nix::unistd::geteuid().is_root())
     }
@@ -510,13 +522,7 @@ impl Spawner for LocalSpawner {
             if moved {
                 tracing::info!(user = %name, kept = %to.display(), "kept a deleted user's home out of reach");
             }
-            if self.isolating() {
-                let (user, uids) = (name.as_str().to_string(), self.cfg.uid_min..=self.cfg.uid_max);
-                tokio::task::spawn_blocking(move || account::remove(&user, uids))
-                    .await
-                    .map_err(|e| SpawnError::Failed(format!("removing {name}'s Unix account failed: {e}")))??;
-            }
-            Ok(())
+            self.remove_account(&name).await
         })
     }
 
@@ -530,13 +536,7 @@ impl Spawner for LocalSpawner {
                 .await
                 .map_err(|e| SpawnError::Failed(format!("removing {} failed: {e}", home.display())))??;
             tracing::info!(user = %name, home = %home.display(), "removed the local home");
-            if self.isolating() {
-                let (user, uids) = (name.as_str().to_string(), self.cfg.uid_min..=self.cfg.uid_max);
-                tokio::task::spawn_blocking(move || account::remove(&user, uids))
-                    .await
-                    .map_err(|e| SpawnError::Failed(format!("removing {name}'s Unix account failed: {e}")))??;
-            }
-            Ok(())
+            self.remove_account(&name).await
         })
     }
 
