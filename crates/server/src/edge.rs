@@ -86,7 +86,10 @@ fn deny(shared: &Shared, parts: &Parts, status: StatusCode, msg: &str) -> Respon
             html::esc(msg),
             shared.hub.hub_prefix()
         );
-        (status, html::bare_page("Forbidden", &body)).into_response()
+        let mut page = (status, html::bare_page("Forbidden", &body)).into_response();
+        // A page of the hub's own: its headers too (it must not be framed).
+        berth_web::headers::HubHeaders::for_hub(&shared.hub).apply(&mut page);
+        page
     } else {
         json_error(status, msg)
     }
