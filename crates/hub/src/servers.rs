@@ -521,6 +521,16 @@ impl Servers {
         Ok(())
     }
 
+    /// Runs `fut` as one of the hub's tasks (drained on shutdown), in `span`:
+    /// for the front ends' own waits, such as a progress stream's.
+    pub fn track<F>(&self, fut: F, span: tracing::Span) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tasks.spawn(fut.instrument(span))
+    }
+
     /// Waits (up to `timeout`) for the starts, stops and checks under way.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.tasks.close();

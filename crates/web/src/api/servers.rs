@@ -88,7 +88,9 @@ pub(super) async fn progress(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ProgressEvent>();
     let deadline = tokio::time::Instant::now() + hub.servers.cfg.start_timeout_seconds + Duration::from_secs(60);
     let path_url = server_url(&hub.cfg.base_url, id.user(), id.server());
-    let waiter = tokio::spawn(async move { hub.servers.wait_settled(&id, deadline, Some(&tx)).await });
+    let span = tracing::info_span!("progress-stream", server = %id);
+    let servers = hub.servers.clone();
+    let waiter = hub.servers.track(async move { servers.wait_settled(&id, deadline, Some(&tx)).await }, span);
     let events = stream::unfold((rx, Some(waiter), false), move |(mut rx, waiter, seen_final)| {
         let path_url = path_url.clone();
         async move {
