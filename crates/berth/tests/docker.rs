@@ -276,31 +276,6 @@ async fn images_only_in_a_registry_are_pulled_with_progress() {
     assert_eq!(me["servers"], json!({}));
 }
 
-/// Every event of a progress stream.
-async fn all_progress(b: &Browser, path: &str) -> Vec<Value> {
-    use futures_util::StreamExt;
-    let r = b.api(Method::GET, path).send().await.unwrap();
-    let mut stream = r.bytes_stream();
-    let mut buf = String::new();
-    let mut events = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
-    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, stream.next()).await {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(i) = buf.find("\n\n") {
-            let frame: String = buf.drain(..i + 2).collect();
-            for line in frame.lines() {
-                if let Some(d) = line.strip_prefix("data:") {
-                    events.push(serde_json::from_str::<Value>(d.trim()).unwrap());
-                }
-            }
-        }
-        if events.last().is_some_and(|e: &Value| e.get("ready").is_some() || e.get("failed").is_some()) {
-            break;
-        }
-    }
-    events
-}
-
 #[tokio::test]
 async fn engine_away_then_back_without_restarting_berth() {
     let image = test_image();

@@ -329,19 +329,22 @@ impl Template {
         if let Some(a) = self.app.as_ref().filter(|a| !a.base_url_env.is_empty()) {
             env.insert(a.base_url_env.clone(), "{base_url}".into());
         }
+        let build: Vec<(String, String)> =
+            render::render(self).into_iter().map(|(path, text)| (path.to_string(), text)).collect();
         HubTemplate {
             id: self.id.clone(),
             name: self.name.clone(),
             description: self.description.clone(),
             category: self.category.clone(),
             estimated_size: self.estimated_size.clone(),
-            image: self.image(),
+            image: format!("berth-template-{}:{}", self.id, context_hash(&build)),
             cmd,
             port,
             protocol,
             routing,
             gpus: GpuRange { min: self.gpus.min, default: self.gpus.default, max: *self.gpus.max.get_ref() },
             env,
+            build,
         }
     }
 }
@@ -399,4 +402,18 @@ mod tests {
         assert_eq!(h.port, APP_PORT);
         assert_eq!(h.image, "berth-template-comfyui:latest");
     }
+}
+
+/// Twelve hex digits of the SHA-256 of a build context (paths and contents),
+/// the tag of the image made from it.
+pub fn context_hash(files: &[(String, String)]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (path, text) in files {
+        h.update(path.as_bytes());
+        h.update([0u8]);
+        h.update(text.len().to_le_bytes());
+        h.update(text.as_bytes());
+    }
+    h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
 }

@@ -74,6 +74,11 @@ pub struct HubTemplate {
     pub gpus: GpuRange,
     /// Extra environment; values take the same placeholders as `cmd`.
     pub env: BTreeMap<String, String>,
+    /// The rendered build context (path, contents) the Docker spawner makes
+    /// `image` from when the engine does not have it; `image`'s tag is the
+    /// hash of these files, so a changed template builds anew.
+    #[serde(skip)]
+    pub build: Vec<(String, String)>,
 }
 
 impl HubTemplate {
@@ -102,6 +107,7 @@ mod tests {
             routing: vec![RoutingMode::Host, RoutingMode::Strip],
             gpus: GpuRange { min: 0, default: 1, max: 2 },
             env: BTreeMap::new(),
+            build: Vec::new(),
         };
         assert_eq!(t.expand("--port {port} --root {base_url}", "/user/a/c/"), "--port 27015 --root /user/a/c/");
     }

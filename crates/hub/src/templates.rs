@@ -165,6 +165,7 @@ mod tests {
             routing,
             gpus: GpuRange { min: 0, default: 0, max: 1 },
             env: Default::default(),
+            build: Vec::new(),
         }
     }
 

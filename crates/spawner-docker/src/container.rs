@@ -120,7 +120,11 @@ impl DockerSpawner {
     ) -> Result<(String, Duration), SpawnError> {
         let gateway = self.ensure_network().await?;
         let image = spec.image.clone().unwrap_or_else(|| self.cfg.image.clone());
-        self.ensure_image(&image, progress).await?;
+        if spec.build.is_empty() {
+            self.ensure_image(&image, progress).await?;
+        } else {
+            self.ensure_built(&image, &spec.build, progress).await?;
+        }
         let _ = progress.send(Progress { progress: 40, message: "Preparing volumes…".into() });
         for suffix in ["home", "workspace", "cache"] {
             self.ensure_volume(&format!("berth-{}-{suffix}", owner_of(spec)), "local", &[], &spec.user).await?;
@@ -202,6 +206,7 @@ mod tests {
     fn spec(gpus: &[&str]) -> SpawnSpec {
         SpawnSpec {
             owner_id: String::new(),
+            build: Vec::new(),
             user: "alice".into(),
             server: String::new(),
             env: BTreeMap::from([

@@ -12,6 +12,7 @@
 //! Must not know the store or HTTP.
 #![forbid(unsafe_code)]
 
+mod build;
 mod config;
 mod container;
 mod events;

@@ -212,7 +212,7 @@ pub fn parse_size(s: &str) -> Option<i64> {
 }
 
 /// A tar of the build context.
-fn context_tar(files: &[(&str, String)]) -> std::io::Result<Vec<u8>> {
+pub(crate) fn context_tar(files: &[(&str, String)]) -> std::io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, text) in files {
         let mut h = tar::Header::new_gnu();

@@ -39,6 +39,7 @@ async fn gpu_servers_carry_device_requests() {
     let spawner = DockerSpawner::connect(cfg, "/").unwrap();
     let spec = SpawnSpec {
         owner_id: String::new(),
+        build: Vec::new(),
         user: guard.user.clone(),
         server: String::new(),
         env: BTreeMap::from([("JUPYTERHUB_API_URL".to_string(), "x".to_string())]),

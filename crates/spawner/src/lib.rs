@@ -45,6 +45,9 @@ pub struct SpawnSpec {
     pub template: String,
     /// Container image (Docker spawner); `None` means the configured default.
     pub image: Option<String>,
+    /// The build context (path, contents) to make `image` from when the
+    /// engine does not have it (catalog templates); empty: pull it.
+    pub build: Vec<(String, String)>,
     /// GPU device ids allocated to this server.
     pub gpus: Vec<String>,
     /// The app's port inside a container (templates); `None`: the

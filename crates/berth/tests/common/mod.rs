@@ -727,3 +727,28 @@ pub(crate) fn ssh_with_password(dir: &Path, port: u16, login: &str, password: &s
         .output()
         .expect("ssh")
 }
+
+/// Every event of a progress stream.
+pub(crate) async fn all_progress(b: &Browser, path: &str) -> Vec<serde_json::Value> {
+    use futures_util::StreamExt;
+    let r = b.api(reqwest::Method::GET, path).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, stream.next()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(i) = buf.find("\n\n") {
+            let frame: String = buf.drain(..i + 2).collect();
+            for line in frame.lines() {
+                if let Some(d) = line.strip_prefix("data:") {
+                    events.push(serde_json::from_str::<serde_json::Value>(d.trim()).unwrap());
+                }
+            }
+        }
+        if events.last().is_some_and(|e: &serde_json::Value| e.get("ready").is_some() || e.get("failed").is_some()) {
+            break;
+        }
+    }
+    events
+}

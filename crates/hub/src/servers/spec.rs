@@ -147,6 +147,7 @@ pub fn plan(
     let prefix = server_prefix(base_url, id);
     let mut spec = SpawnSpec {
         owner_id: String::new(),
+        build: Vec::new(),
         user: id.user().to_string(),
         server: id.server().to_string(),
         env,
@@ -162,6 +163,7 @@ pub fn plan(
     let base = if options.routing_mode() == RoutingMode::Prefix { prefix.clone() } else { "/".to_string() };
     spec.template = t.id.clone();
     spec.image = Some(t.image.clone());
+    spec.build = t.build.clone();
     spec.cmd = t.cmd.iter().map(|a| a.replace("{base_url}", &base)).collect();
     spec.port = Some(t.port);
     if t.protocol != AppProtocol::Jupyter {
@@ -201,6 +203,7 @@ mod tests {
             routing: vec![RoutingMode::Prefix, RoutingMode::Strip],
             gpus: GpuRange { min: gpus.0, default: gpus.1, max: gpus.2 },
             env: [("APP_ROOT".to_string(), "{base_url}static".to_string())].into(),
+            build: Vec::new(),
         }
     }
 

@@ -87,6 +87,7 @@ fn isolated(dir: &Path, cmd: &[&str]) -> LocalSpawner {
 fn spec(user: &str) -> SpawnSpec {
     SpawnSpec {
         owner_id: String::new(),
+        build: Vec::new(),
         user: user.into(),
         server: String::new(),
         env: BTreeMap::new(),

@@ -6,6 +6,7 @@ use crate::local::process::alive;
 fn spec(prefix: &str) -> SpawnSpec {
     SpawnSpec {
         owner_id: String::new(),
+        build: Vec::new(),
         user: "al".into(),
         server: String::new(),
         env: BTreeMap::new(),

@@ -1,0 +1,101 @@
+//! Catalog templates built on demand from the hub (issue 12, item 1): a
+//! start whose image the engine lacks builds it from the rendered context,
+//! tagged with the context's hash, with the build's steps as progress; the
+//! next start reuses it. On the real Docker engine, with a template on the
+//! test image (made here from nothing pulled).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+mod common;
+
+use common::*;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const PW: &str = "builds-pass-42x";
+
+fn catalog(dir: &std::path::Path, id: &str, image: &str) {
+    let d = dir.join(id);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("template.toml"),
+        format!(
+            r#"id = "{id}"
+name = "Built on demand"
+description = "A web server on the test image."
+category = "Test"
+base_image = "{image}"
+estimated_size = "1 GB"
+use_case = "berth's own tests"
+start_mode = "app"
+
+[app]
+command = "python3 -m http.server {{port}} --bind 0.0.0.0"
+port = 27015
+routing = ["strip"]
+
+[gpus]
+min = 0
+default = 0
+max = 1
+
+[ssh]
+password_authentication = false
+pubkey_authentication = true
+
+[build]
+sshd = "present"
+workdir = "/app"
+expose = [22, 27015]
+"#
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["templates", "render", dir.to_str().unwrap()], None, None);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test]
+async fn a_template_without_an_image_is_built_on_its_first_start_and_reused() {
+    let image = test_image();
+    let scope = DockerScope::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let id = format!("bt{}", scope.suffix);
+    catalog(tmp.path(), &id, &image);
+    let mut env = scope.env(&image);
+    env.push(("BERTH_TEMPLATES_DIR".into(), tmp.path().to_str().unwrap().into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env, &[]);
+    let admin = b.first_admin().await;
+    let name = scope.user("bu");
+    let u = authorized_user(&b, &admin, &name, PW).await;
+
+    let start = || async {
+        let r = u
+            .api(Method::POST, &format!("/hub/api/users/{name}/servers/{id}"))
+            .json(&json!({"template": id}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "start: {} {}", r.status(), r.text().await.unwrap_or_default());
+        all_progress(&u, &format!("/hub/api/users/{name}/servers/{id}/progress")).await
+    };
+    let events = start().await;
+    let messages: Vec<String> = events.iter().map(|e| e["message"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(events.last().unwrap()["ready"], true, "{messages:?}\n{}", b.log());
+    let built =
+        messages.iter().find_map(|m| m.strip_prefix("Built ")).expect("the build is in the progress").to_string();
+    scope.extra_images.lock().unwrap().push(built.clone());
+    assert!(built.starts_with(&format!("berth-template-{id}:")) && !built.ends_with(":latest"), "{built}");
+    assert!(messages.iter().any(|m| m.contains("step 1/")), "the build's steps are shown: {messages:?}");
+    // The app answers through berth.
+    let r = u.get(&format!("/user/{name}/{id}/")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // Stopped and started again: the same image, no build.
+    let r = u.api(Method::DELETE, &format!("/hub/api/users/{name}/servers/{id}")).send().await.unwrap();
+    assert!(r.status().is_success());
+    let again = start().await;
+    assert_eq!(again.last().unwrap()["ready"], true, "{again:?}");
+    assert!(!again.iter().any(|e| e["message"].as_str().unwrap_or("").contains("Building")), "{again:?}");
+    let c = docker_inspect(&format!("berth-{name}--{id}")).unwrap();
+    assert_eq!(c["Config"]["Image"], Value::String(built));
+}
