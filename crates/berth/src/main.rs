@@ -78,7 +78,7 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// The template catalog: list, show, check, render, export.
+    /// The template catalog: list, show, check, render, export, build, images.
     Templates {
         #[command(subcommand)]
         command: templates::TemplatesCommand,
@@ -252,7 +252,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Err(Failure::Runtime(anyhow::anyhow!("some checks failed; see the lines marked FIX")))
             }
         }
-        Command::Templates { command } => templates::run(command).map_err(Failure::Runtime),
+        Command::Templates { command } => templates::run(command).await.map_err(Failure::Runtime),
         Command::Up(args) => up::up(args).await.map_err(Failure::Runtime),
         Command::Down { id, volumes } => up::down(&id, volumes).await.map_err(Failure::Runtime),
         Command::Ps => up::ps().await.map_err(Failure::Runtime),

@@ -30,6 +30,22 @@ pub(crate) enum TemplatesCommand {
         /// Catalog directory (default: ./templates).
         dir: Option<PathBuf>,
     },
+    /// Build the hub's images of templates (as a first start would), with
+    /// each build's steps; images already built are left as they are.
+    Build {
+        /// Template ids.
+        ids: Vec<String>,
+        /// Every template of the catalog.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+    },
+    /// Which templates have their hub image built: tag, size, age.
+    Images {
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+    },
     /// Print the catalog as template_config.json.
     Export {
         #[arg(long, default_value = "json")]
@@ -51,8 +67,10 @@ pub(crate) fn open(dir: Option<&Path>) -> anyhow::Result<Catalog> {
     }
 }
 
-pub(crate) fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
+pub(crate) async fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
     match cmd {
+        TemplatesCommand::Build { ids, all, catalog } => build(&open(catalog.as_deref())?, &ids, all).await,
+        TemplatesCommand::Images { catalog } => images(&open(catalog.as_deref())?).await,
         TemplatesCommand::List { catalog } => {
             let c = open(catalog.as_deref())?;
             let mut ts: Vec<_> = c.templates.iter().map(|l| &l.template).collect();
@@ -116,4 +134,72 @@ pub(crate) fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
 pub(crate) fn unknown(c: &Catalog, id: &str) -> anyhow::Error {
     let ids: Vec<&str> = c.templates.iter().map(|t| t.template.id.as_str()).collect();
     anyhow!("no template {id:?}; the catalog has: {}", ids.join(", "))
+}
+
+async fn build(c: &Catalog, ids: &[String], all: bool) -> anyhow::Result<()> {
+    use berth_spawner_docker::single::Engine;
+    let chosen: Vec<&berth_catalog::Template> = if all {
+        c.templates.iter().map(|l| &l.template).collect()
+    } else {
+        if ids.is_empty() {
+            bail!("name the templates to build, or --all");
+        }
+        ids.iter()
+            .map(|id| c.get(id).map(|l| &l.template).ok_or_else(|| anyhow!("no template {id:?} in the catalog")))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let engine = Engine::connect().await?;
+    let mut failed = Vec::new();
+    for t in chosen {
+        let ht = t.hub_template();
+        let started = std::time::Instant::now();
+        let built = engine
+            .build_template(&ht.image, &ht.build, |s| {
+                eprintln!("{}: [{}/{}] {}", t.id, s.done, s.total, s.text.trim());
+            })
+            .await;
+        match built {
+            Ok(true) => println!("built {} in {:.0} s", ht.image, started.elapsed().as_secs_f64()),
+            Ok(false) => println!("{} is built already", ht.image),
+            Err(e) => {
+                println!("{}: {e}", t.id);
+                failed.push(t.id.clone());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} template(s) did not build: {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
+}
+
+async fn images(c: &Catalog) -> anyhow::Result<()> {
+    let engine = berth_spawner_docker::single::Engine::connect().await?;
+    let have = engine.template_images().await?;
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    println!("{:<22} {:<8} {:<34} {:>9} AGE", "TEMPLATE", "BUILT", "IMAGE", "SIZE");
+    for l in &c.templates {
+        let image = l.template.hub_template().image;
+        match have.iter().find(|i| i.tag == image) {
+            Some(i) => println!(
+                "{:<22} {:<8} {:<34} {:>6} MB {}",
+                l.template.id,
+                "yes",
+                image,
+                i.size_bytes / 1_000_000,
+                age(now - i.created)
+            ),
+            None => println!("{:<22} {:<8} {:<34} {:>9} -", l.template.id, "no", image, "-"),
+        }
+    }
+    Ok(())
+}
+
+fn age(secs: i64) -> String {
+    match secs.max(0) {
+        s if s < 3600 => format!("{} min", s / 60),
+        s if s < 86_400 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
 }

@@ -97,5 +97,18 @@ async fn a_template_without_an_image_is_built_on_its_first_start_and_reused() {
     assert_eq!(again.last().unwrap()["ready"], true, "{again:?}");
     assert!(!again.iter().any(|e| e["message"].as_str().unwrap_or("").contains("Building")), "{again:?}");
     let c = docker_inspect(&format!("berth-{name}--{id}")).unwrap();
-    assert_eq!(c["Config"]["Image"], Value::String(built));
+    assert_eq!(c["Config"]["Image"], Value::String(built.clone()));
+
+    // The admin's view from the command line: built, and not built twice.
+    let dir = tmp.path().to_str().unwrap();
+    let (code, out, err) = run_cli(&["templates", "images", "--catalog", dir], None, None);
+    assert_eq!(code, 0, "{out}{err}");
+    let row = out.lines().find(|l| l.starts_with(&id)).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains(" yes ") && row.contains(&built), "{row}");
+    let (code, out, err) = run_cli(&["templates", "build", &id, "--catalog", dir], None, None);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("{built} is built already")), "{out}");
+    let (code, _, err) = run_cli(&["templates", "build", "nope", "--catalog", dir], None, None);
+    assert_ne!(code, 0);
+    assert!(err.contains("no template \"nope\""), "{err}");
 }

@@ -349,6 +349,20 @@ impl Template {
     }
 }
 
+/// Twelve hex digits of the SHA-256 of a build context (paths and contents),
+/// the tag of the image made from it.
+pub fn context_hash(files: &[(String, String)]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (path, text) in files {
+        h.update(path.as_bytes());
+        h.update([0u8]);
+        h.update(text.len().to_le_bytes());
+        h.update(text.as_bytes());
+    }
+    h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,18 +416,4 @@ mod tests {
         assert_eq!(h.port, APP_PORT);
         assert_eq!(h.image, "berth-template-comfyui:latest");
     }
-}
-
-/// Twelve hex digits of the SHA-256 of a build context (paths and contents),
-/// the tag of the image made from it.
-pub fn context_hash(files: &[(String, String)]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for (path, text) in files {
-        h.update(path.as_bytes());
-        h.update([0u8]);
-        h.update(text.len().to_le_bytes());
-        h.update(text.as_bytes());
-    }
-    h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
 }

@@ -6,10 +6,11 @@
 //! engine tags an image only when its build succeeds, so a failed build
 //! leaves no half-made tag.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use berth_spawner::{Progress, ProgressTx, SpawnError};
 use bollard::query_parameters::BuildImageOptions;
+use bollard::Docker;
 use futures_util::StreamExt;
 
 use crate::single::BuildStep;
@@ -36,40 +37,15 @@ impl DockerSpawner {
         let _ = progress
             .send(Progress { progress: 12, message: format!("Building {image} (first start of this template)…") });
         let refs: Vec<(&str, String)> = files.iter().map(|(p, t)| (p.as_str(), t.clone())).collect();
-        let tar = crate::single::context_tar(&refs).map_err(SpawnError::Io)?;
-        let opts = BuildImageOptions {
-            dockerfile: "Dockerfile".into(),
-            t: Some(image.to_string()),
-            rm: true,
-            forcerm: true,
-            labels: Some(std::collections::HashMap::from([(LABEL_MANAGED.to_string(), "true".to_string())])),
-            ..Default::default()
-        };
+        let labels = HashMap::from([(LABEL_MANAGED.to_string(), "true".to_string())]);
         let docker = self.client()?;
-        let mut stream = docker.build_image(opts, None, Some(bollard::body_full(tar.into())));
-        let mut tail: VecDeque<String> = VecDeque::new();
-        let mut step = String::new();
-        while let Some(item) = stream.next().await {
-            let info = match item {
-                Ok(info) => info,
-                Err(e) => return Err(failed(image, &step, &e.to_string(), &tail)),
-            };
-            if let Some(message) = info.error {
-                return Err(failed(image, &step, &message, &tail));
-            }
-            let Some(text) = info.stream.as_deref() else { continue };
-            for line in text.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()) {
-                if tail.len() == TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(line.to_string());
-            }
-            if let Some(s) = BuildStep::parse(text) {
-                step = format!("step {}/{} ({})", s.done, s.total, s.text.trim());
-                let pct = 12 + (s.done * 23 / s.total.max(1)) as u8;
-                let _ = progress.send(Progress { progress: pct.min(35), message: format!("Building {image}: {step}") });
-            }
-        }
+        build_image(&docker, image, &refs, HashMap::new(), labels, |s| {
+            let step = format!("step {}/{} ({})", s.done, s.total, s.text.trim());
+            let pct = 12 + (s.done * 23 / s.total.max(1)) as u8;
+            let _ = progress.send(Progress { progress: pct.min(35), message: format!("Building {image}: {step}") });
+        })
+        .await
+        .map_err(|f| SpawnError::Failed(f.describe(image)))?;
         if self.client()?.inspect_image(image).await.is_err() {
             return Err(SpawnError::Failed(format!("built {image}, but the engine does not list it")));
         }
@@ -79,8 +55,121 @@ impl DockerSpawner {
     }
 }
 
-fn failed(image: &str, step: &str, why: &str, tail: &VecDeque<String>) -> SpawnError {
-    let at = if step.is_empty() { String::new() } else { format!(" at {step}") };
-    let out: Vec<&str> = tail.iter().map(String::as_str).collect();
-    SpawnError::Failed(format!("building {image} failed{at}: {}; its last output: {}", why.trim(), out.join(" | ")))
+/// Why a build failed: the engine, the context, or a step (with where and
+/// the last lines of output).
+#[derive(Debug)]
+pub(crate) enum BuildFailure {
+    Engine(bollard::errors::Error),
+    Context(std::io::Error),
+    Step { step: String, message: String, tail: Vec<String> },
+}
+
+impl BuildFailure {
+    /// One line for users: what failed, at which step, and the last output.
+    pub(crate) fn describe(&self, image: &str) -> String {
+        match self {
+            BuildFailure::Engine(e) => format!("building {image} failed: {e}"),
+            BuildFailure::Context(e) => format!("building {image} failed: the build context: {e}"),
+            BuildFailure::Step { step, message, tail } => {
+                let at = if step.is_empty() { String::new() } else { format!(" at {step}") };
+                format!("building {image} failed{at}: {}; its last output: {}", message.trim(), tail.join(" | "))
+            }
+        }
+    }
+}
+
+/// The one builder, for the hub's starts and `berth up`: builds `image`
+/// from `files` (intermediate containers removed), calling `on_step` for
+/// each step the engine begins.
+pub(crate) async fn build_image(
+    docker: &Docker,
+    image: &str,
+    files: &[(&str, String)],
+    build_args: HashMap<String, String>,
+    labels: HashMap<String, String>,
+    mut on_step: impl FnMut(BuildStep<'_>),
+) -> Result<(), BuildFailure> {
+    let opts = BuildImageOptions {
+        dockerfile: "Dockerfile".into(),
+        t: Some(image.to_string()),
+        rm: true,
+        forcerm: true,
+        buildargs: Some(build_args),
+        labels: Some(labels),
+        ..Default::default()
+    };
+    let tar = crate::single::context_tar(files).map_err(BuildFailure::Context)?;
+    let mut stream = docker.build_image(opts, None, Some(bollard::body_full(tar.into())));
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut step = String::new();
+    while let Some(item) = stream.next().await {
+        let info = item.map_err(BuildFailure::Engine)?;
+        if let Some(message) = info.error {
+            return Err(BuildFailure::Step { step, message, tail: tail.into() });
+        }
+        let Some(text) = info.stream.as_deref() else { continue };
+        for line in text.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()) {
+            if tail.len() == TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line.to_string());
+        }
+        if let Some(s) = BuildStep::parse(text) {
+            step = format!("step {}/{} ({})", s.done, s.total, s.text.trim());
+            on_step(s);
+        }
+    }
+    Ok(())
+}
+
+/// A hub template's image as the engine has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateImage {
+    /// `berth-template-<id>:<hash>`.
+    pub tag: String,
+    pub size_bytes: i64,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+impl crate::single::Engine {
+    /// Builds a hub template's image (`image` = `berth-template-<id>:<hash>`)
+    /// unless the engine has it; `Ok(false)` when it was there already.
+    pub async fn build_template(
+        &self,
+        image: &str,
+        files: &[(String, String)],
+        on_step: impl FnMut(BuildStep<'_>),
+    ) -> Result<bool, crate::single::Error> {
+        if self.docker().inspect_image(image).await.is_ok() {
+            return Ok(false);
+        }
+        let refs: Vec<(&str, String)> = files.iter().map(|(p, t)| (p.as_str(), t.clone())).collect();
+        let labels = HashMap::from([(LABEL_MANAGED.to_string(), "true".to_string())]);
+        build_image(self.docker(), image, &refs, HashMap::new(), labels, on_step)
+            .await
+            .map_err(|f| crate::single::Error::BuildStep { image: image.to_string(), message: f.describe(image) })?;
+        Ok(true)
+    }
+
+    /// The hub templates' images the engine has (`berth-template-*`).
+    pub async fn template_images(&self) -> Result<Vec<TemplateImage>, crate::single::Error> {
+        use bollard::query_parameters::ListImagesOptions;
+        let filters = HashMap::from([("reference".to_string(), vec!["berth-template-*".to_string()])]);
+        let list = self
+            .docker()
+            .list_images(Some(ListImagesOptions { filters: Some(filters), ..Default::default() }))
+            .await
+            .map_err(|e| crate::single::Error::ListImages { cause: e.into() })?;
+        let mut out: Vec<TemplateImage> = list
+            .into_iter()
+            .flat_map(|i| {
+                let (size, created) = (i.size, i.created);
+                i.repo_tags.into_iter().map(move |tag| TemplateImage { tag, size_bytes: size, created })
+            })
+            .filter(|t| t.tag.starts_with("berth-template-"))
+            .collect();
+        out.sort_by(|a, b| a.tag.cmp(&b.tag));
+        Ok(out)
+    }
 }

@@ -12,7 +12,7 @@
 //! Must not know the store or HTTP.
 #![forbid(unsafe_code)]
 
-mod build;
+pub mod build;
 mod config;
 mod container;
 mod events;

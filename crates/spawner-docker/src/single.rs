@@ -19,7 +19,7 @@ use bollard::models::{
     RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
     RemoveVolumeOptions, StartContainerOptions,
 };
 use bollard::Docker;
@@ -106,6 +106,8 @@ pub enum Error {
     ExecFailed { container: String, command: Vec<String>, code: i64, output: String },
     #[error("cannot list the containers started with `berth up`: {cause}")]
     List { cause: Cause },
+    #[error("cannot list the template images: {cause}")]
+    ListImages { cause: Cause },
     #[error("cannot remove {container}: {cause}")]
     RemoveContainer { container: String, cause: Cause },
     #[error("cannot remove the volume {volume}: {cause}")]
@@ -271,6 +273,10 @@ pub struct Engine {
 }
 
 impl Engine {
+    pub(crate) fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
     /// Connects to the local engine (DOCKER_HOST or the default socket) and checks it answers.
     pub async fn connect() -> Result<Engine, Error> {
         let docker = Docker::connect_with_local_defaults().map_err(|e| Error::Connect { cause: e.into() })?;
@@ -301,31 +307,16 @@ impl Engine {
 
     /// Builds the image (intermediate containers removed), calling `on_step`
     /// for each step the engine begins.
-    pub async fn build(&self, b: &BuildSpec<'_>, mut on_step: impl FnMut(BuildStep<'_>)) -> Result<(), Error> {
+    pub async fn build(&self, b: &BuildSpec<'_>, on_step: impl FnMut(BuildStep<'_>)) -> Result<(), Error> {
         let image = b.image.to_string();
-        let opts = BuildImageOptions {
-            dockerfile: "Dockerfile".into(),
-            t: Some(image.clone()),
-            rm: true,
-            buildargs: Some(b.build_args.clone()),
-            labels: Some(HashMap::from([(LABEL_UP.to_string(), b.template.to_string())])),
-            ..Default::default()
-        };
-        let tar = context_tar(b.files).map_err(|cause| Error::Context { cause })?;
-        let mut stream = self.docker.build_image(opts, None, Some(bollard::body_full(tar.into())));
-        while let Some(item) = stream.next().await {
-            let info = match item {
-                Ok(info) => info,
-                Err(e) => return Err(Error::BuildEngine { image, cause: e.into() }),
-            };
-            if let Some(message) = info.error {
-                return Err(Error::BuildStep { image, message });
-            }
-            if let Some(step) = info.stream.as_deref().and_then(BuildStep::parse) {
-                on_step(step);
-            }
-        }
-        Ok(())
+        let labels = HashMap::from([(LABEL_UP.to_string(), b.template.to_string())]);
+        crate::build::build_image(&self.docker, &image, b.files, b.build_args.clone(), labels, on_step).await.map_err(
+            |f| match f {
+                crate::build::BuildFailure::Engine(e) => Error::BuildEngine { image, cause: e.into() },
+                crate::build::BuildFailure::Context(cause) => Error::Context { cause },
+                crate::build::BuildFailure::Step { message, .. } => Error::BuildStep { image, message },
+            },
+        )
     }
 
     /// Creates and starts the container; returns its id. A container that
