@@ -730,12 +730,17 @@ pub(crate) fn ssh_with_password(dir: &Path, port: u16, login: &str, password: &s
 
 /// Every event of a progress stream.
 pub(crate) async fn all_progress(b: &Browser, path: &str) -> Vec<serde_json::Value> {
+    all_progress_within(b, path, Duration::from_secs(240)).await
+}
+
+/// The same, waiting up to `limit` for the final event (first builds are slow).
+pub(crate) async fn all_progress_within(b: &Browser, path: &str, limit: Duration) -> Vec<serde_json::Value> {
     use futures_util::StreamExt;
     let r = b.api(reqwest::Method::GET, path).send().await.unwrap();
     let mut stream = r.bytes_stream();
     let mut buf = String::new();
     let mut events = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let deadline = tokio::time::Instant::now() + limit;
     while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, stream.next()).await {
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(i) = buf.find("\n\n") {
