@@ -414,6 +414,14 @@ mod tests {
         }
         let h = t.hub_template();
         assert_eq!(h.port, APP_PORT);
-        assert_eq!(h.image, "berth-template-comfyui:latest");
+        // The hub's image is tagged with the hash of its rendered build context.
+        let tag = h.image.strip_prefix("berth-template-comfyui:").unwrap();
+        assert_eq!(tag, context_hash(&h.build));
+        assert!(tag.len() == 12 && tag.chars().all(|c| c.is_ascii_hexdigit()), "{tag}");
+        assert!(h.build.iter().any(|(p, text)| p == "Dockerfile" && text.contains("torch==2.1.2")));
+        let mut changed = h.build.clone();
+        changed[0].1.push('\n');
+        assert_ne!(context_hash(&changed), tag, "a changed template builds anew");
+        assert_eq!(t.image(), "berth-template-comfyui:latest", "berth up keeps its own tag");
     }
 }

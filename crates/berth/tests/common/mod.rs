@@ -736,7 +736,7 @@ pub(crate) async fn all_progress(b: &Browser, path: &str) -> Vec<serde_json::Val
 /// The same, waiting up to `limit` for the final event (first builds are slow).
 pub(crate) async fn all_progress_within(b: &Browser, path: &str, limit: Duration) -> Vec<serde_json::Value> {
     use futures_util::StreamExt;
-    let r = b.api(reqwest::Method::GET, path).send().await.unwrap();
+    let r = b.api(reqwest::Method::GET, path).timeout(limit).send().await.unwrap();
     let mut stream = r.bytes_stream();
     let mut buf = String::new();
     let mut events = Vec::new();
