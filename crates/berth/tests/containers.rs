@@ -212,3 +212,32 @@ async fn containers_run_hardened() {
     assert_eq!(inside["pids_max"], "4096", "{inside}");
     assert_eq!(inside["memory_max"], memory.to_string().as_str(), "{inside}");
 }
+
+/// A container that dies loses its route at once (the engine's events), not
+/// at the next poll: its address could be given to another user's container.
+#[tokio::test]
+async fn a_dead_containers_route_goes_before_its_address_can_be_reused() {
+    let image = test_image();
+    let scope = DockerScope::new();
+    let mut env = scope.env(&image);
+    // The poll would take five minutes: only the event can be this quick.
+    env.push(("BERTH_POLL_INTERVAL".into(), "300".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env, &[]);
+    let name = scope.user("dd");
+    let (_admin, u) = admin_and_user(&b, &name, PW).await;
+    running_server(&b, &u, &name).await;
+    let st = Command::new("docker").args(["kill", &format!("berth-{name}")]).output().unwrap();
+    assert!(st.status.success());
+    let t0 = std::time::Instant::now();
+    eventually("the hub to mark the server stopped", Duration::from_secs(20), || async {
+        let m: Value =
+            u.api(Method::GET, &format!("/hub/api/users/{name}")).send().await.unwrap().json().await.unwrap();
+        m["servers"] == json!({})
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(20), "well before the poll");
+    // Its URL is the hub's "not running" answer, not a proxy to a dead (or reused) address.
+    let r = u.client.get(u.url(&format!("/user/{name}/api/status"))).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 424, "{}", r.text().await.unwrap_or_default());
+}

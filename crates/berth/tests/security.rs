@@ -354,3 +354,42 @@ async fn berths_files_are_its_own() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Name Constraints") && text.contains("DNS:localhost"), "{text}");
 }
+
+#[tokio::test]
+async fn withdrawing_an_account_or_its_password_revokes_its_tokens() {
+    let b = attacker_berth(&[]);
+    let (admin, mallory) = admin_and_user(&b, "mallory", PW).await;
+    let alice = authorized_user(&b, &admin, "alice", "alice-pass-42x").await;
+    let works = |t: String| {
+        let url = format!("{}/hub/api/user", b.url);
+        async move {
+            api_client().get(url).header("Authorization", format!("token {t}")).send().await.unwrap().status()
+                == StatusCode::OK
+        }
+    };
+    // Unauthorized: every token of mallory's stops working.
+    let t = token(&mallory, "mallory", json!([])).await;
+    assert!(works(t.clone()).await);
+    let r =
+        admin.api(Method::PATCH, "/hub/api/users/mallory").json(&json!({"authorized": false})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = admin.api(Method::PATCH, "/hub/api/users/mallory").json(&json!({"authorized": true})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(!works(t).await, "revoked, not only suspended");
+    // alice changes her password: her tokens go, the session she did it from stays.
+    let t = token(&alice, "alice", json!([])).await;
+    let r = alice
+        .submit(
+            "/hub/change-password",
+            "/hub/change-password",
+            &[
+                ("old_password", "alice-pass-42x"),
+                ("new_password", "alice-new-pass-77"),
+                ("new_password_confirmation", "alice-new-pass-77"),
+            ],
+        )
+        .await;
+    assert!(alert_text(&r.text().await.unwrap()).contains("changed successfully"));
+    assert!(!works(t).await, "a password change revokes the tokens");
+    assert_eq!(alice.get("/hub/api/user").await.status(), StatusCode::OK, "this session stays");
+}
