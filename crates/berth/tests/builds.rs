@@ -13,54 +13,15 @@ use serde_json::{json, Value};
 
 const PW: &str = "builds-pass-42x";
 
-fn catalog(dir: &std::path::Path, id: &str, image: &str) {
-    let d = dir.join(id);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(
-        d.join("template.toml"),
-        format!(
-            r#"id = "{id}"
-name = "Built on demand"
-description = "A web server on the test image."
-category = "Test"
-base_image = "{image}"
-estimated_size = "1 GB"
-use_case = "berth's own tests"
-start_mode = "app"
-
-[app]
-command = "python3 -m http.server {{port}} --bind 0.0.0.0"
-port = 27015
-routing = ["strip"]
-
-[gpus]
-min = 0
-default = 0
-max = 1
-
-[ssh]
-password_authentication = false
-pubkey_authentication = true
-
-[build]
-sshd = "present"
-workdir = "/app"
-expose = [22, 27015]
-"#
-        ),
-    )
-    .unwrap();
-    let (code, out, err) = run_cli(&["templates", "render", dir.to_str().unwrap()], None, None);
-    assert_eq!(code, 0, "{out}{err}");
-}
-
 #[tokio::test]
 async fn a_template_without_an_image_is_built_on_its_first_start_and_reused() {
     let image = test_image();
     let scope = DockerScope::new();
     let tmp = tempfile::tempdir().unwrap();
     let id = format!("bt{}", scope.suffix);
-    catalog(tmp.path(), &id, &image);
+    write_test_template(tmp.path(), &id, &image);
+    let (code, out, err) = run_cli(&["templates", "render", tmp.path().to_str().unwrap()], None, None);
+    assert_eq!(code, 0, "{out}{err}");
     let mut env = scope.env(&image);
     env.push(("BERTH_TEMPLATES_DIR".into(), tmp.path().to_str().unwrap().into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -119,42 +119,7 @@ async fn berth_up_runs_a_template_reached_by_ssh_key_and_http() {
     let tmp = tempfile::tempdir().unwrap();
     let id = format!("uptest{}", std::process::id());
     let _scope = UpScope { id: id.clone() };
-    let dir = tmp.path().join("catalog").join(&id);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("template.toml"),
-        format!(
-            r#"id = "{id}"
-name = "Test template"
-description = "A web server and sshd on the test image."
-category = "Test"
-base_image = "{image}"
-estimated_size = "1 GB"
-use_case = "berth's own tests"
-start_mode = "app"
-
-[app]
-command = "python3 -m http.server {{port}} --bind 0.0.0.0"
-port = 27015
-routing = ["strip"]
-
-[gpus]
-min = 0
-default = 0
-max = 1
-
-[ssh]
-password_authentication = false
-pubkey_authentication = true
-
-[build]
-sshd = "present"
-workdir = "/app"
-expose = [22, 27015]
-"#
-        ),
-    )
-    .unwrap();
+    write_test_template(&tmp.path().join("catalog"), &id, &image);
     let catalog = tmp.path().join("catalog");
     let (code, out, err) = berth(&["templates", "render", catalog.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");

@@ -757,3 +757,44 @@ pub(crate) async fn all_progress_within(b: &Browser, path: &str, limit: Duration
     }
     events
 }
+
+/// Writes `<dir>/<id>/template.toml`: a catalog template on the test image
+/// (a web server on its app port, sshd already in the image).
+pub(crate) fn write_test_template(dir: &Path, id: &str, image: &str) {
+    let d = dir.join(id);
+    std::fs::create_dir_all(&d).expect("template dir");
+    std::fs::write(
+        d.join("template.toml"),
+        format!(
+            r#"id = "{id}"
+name = "Test template"
+description = "A web server and sshd on the test image."
+category = "Test"
+base_image = "{image}"
+estimated_size = "1 GB"
+use_case = "berth's own tests"
+start_mode = "app"
+
+[app]
+command = "python3 -m http.server {{port}} --bind 0.0.0.0"
+port = 27015
+routing = ["strip"]
+
+[gpus]
+min = 0
+default = 0
+max = 1
+
+[ssh]
+password_authentication = false
+pubkey_authentication = true
+
+[build]
+sshd = "present"
+workdir = "/app"
+expose = [22, 27015]
+"#
+        ),
+    )
+    .expect("template.toml");
+}
