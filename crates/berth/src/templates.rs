@@ -41,8 +41,26 @@ pub(crate) enum TemplatesCommand {
         #[arg(long)]
         catalog: Option<PathBuf>,
     },
-    /// Which templates have their hub image built: tag, size, age.
+    /// Which templates have their hub image built: tag, size, age, the
+    /// containers made from it.
     Images {
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+    },
+    /// Remove hub template images no template of the catalog builds any more
+    /// (an older hash, a template since removed). Images a container still
+    /// uses are kept and named.
+    Prune {
+        /// Only these templates' images (ids of the catalog or of templates
+        /// since removed); default every template's.
+        ids: Vec<String>,
+        /// Also remove the current images nothing uses (the next start
+        /// rebuilds them).
+        #[arg(long)]
+        all: bool,
+        /// Print what would be removed and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         catalog: Option<PathBuf>,
     },
@@ -71,6 +89,9 @@ pub(crate) async fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
     match cmd {
         TemplatesCommand::Build { ids, all, catalog } => build(&open(catalog.as_deref())?, &ids, all).await,
         TemplatesCommand::Images { catalog } => images(&open(catalog.as_deref())?).await,
+        TemplatesCommand::Prune { ids, all, dry_run, catalog } => {
+            prune(&open(catalog.as_deref())?, &ids, all, dry_run).await
+        }
         TemplatesCommand::List { catalog } => {
             let c = open(catalog.as_deref())?;
             let mut ts: Vec<_> = c.templates.iter().map(|l| &l.template).collect();
@@ -178,21 +199,74 @@ async fn images(c: &Catalog) -> anyhow::Result<()> {
     let have = engine.template_images().await?;
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    println!("{:<22} {:<8} {:<34} {:>9} AGE", "TEMPLATE", "BUILT", "IMAGE", "SIZE");
+    println!("{:<22} {:<6} {:<46} {:>9} {:<8} IN USE BY", "TEMPLATE", "BUILT", "IMAGE", "SIZE", "AGE");
     for l in &c.templates {
         let image = l.template.hub_template().image;
         match have.iter().find(|i| i.tag == image) {
-            Some(i) => println!(
-                "{:<22} {:<8} {:<34} {:>6} MB {}",
-                l.template.id,
-                "yes",
-                image,
-                i.size_bytes / 1_000_000,
-                age(now - i.created)
-            ),
-            None => println!("{:<22} {:<8} {:<34} {:>9} -", l.template.id, "no", image, "-"),
+            Some(i) => {
+                let users = engine.containers_using(&image).await?;
+                println!(
+                    "{:<22} {:<6} {:<46} {:>6} MB {:<8} {}",
+                    l.template.id,
+                    "yes",
+                    image,
+                    i.size_bytes / 1_000_000,
+                    age(now - i.created),
+                    if users.is_empty() { "-".to_string() } else { users.join(", ") }
+                )
+            }
+            None => println!("{:<22} {:<6} {:<46} {:>9} {:<8} -", l.template.id, "no", image, "-", "-"),
         }
     }
+    let current: Vec<String> = c.templates.iter().map(|l| l.template.hub_template().image).collect();
+    let stale: Vec<_> = have.iter().filter(|i| !current.contains(&i.tag)).collect();
+    if !stale.is_empty() {
+        println!("\nolder images no template builds any more (`berth templates prune` removes them):");
+        for i in stale {
+            let users = engine.containers_using(&i.tag).await?;
+            println!(
+                "  {:<54} {:>6} MB {:<8} {}",
+                i.tag,
+                i.size_bytes / 1_000_000,
+                age(now - i.created),
+                if users.is_empty() { "-".to_string() } else { users.join(", ") }
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn prune(c: &Catalog, ids: &[String], all: bool, dry_run: bool) -> anyhow::Result<()> {
+    let engine = berth_spawner_docker::single::Engine::connect().await?;
+    let current: Vec<String> = c.templates.iter().map(|l| l.template.hub_template().image).collect();
+    let (mut removed, mut freed, mut kept) = (0usize, 0i64, 0usize);
+    for i in engine.template_images().await? {
+        let chosen = ids.is_empty() || ids.iter().any(|id| i.tag.starts_with(&format!("berth-template-{id}:")));
+        if !chosen || (current.contains(&i.tag) && !all) {
+            continue;
+        }
+        let users = engine.containers_using(&i.tag).await?;
+        if !users.is_empty() {
+            println!("kept {}: in use by {}", i.tag, users.join(", "));
+            kept += 1;
+            continue;
+        }
+        if dry_run {
+            println!("would remove {} ({} MB)", i.tag, i.size_bytes / 1_000_000);
+        } else if let Err(e) = engine.remove_template_image(&i.tag).await {
+            // The engine refuses while a container made from another name of
+            // the same image uses it.
+            println!("kept {}: {e}", i.tag);
+            kept += 1;
+            continue;
+        } else {
+            println!("removed {} ({} MB)", i.tag, i.size_bytes / 1_000_000);
+        }
+        removed += 1;
+        freed += i.size_bytes;
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    println!("{verb} {removed} image(s), {} MB; {kept} kept in use", freed / 1_000_000);
     Ok(())
 }
 

@@ -194,3 +194,84 @@ async fn berth_up_runs_a_template_reached_by_ssh_key_and_http() {
     })
     .await;
 }
+
+fn docker(args: &[&str]) -> bool {
+    Command::new("docker").args(args).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Removes the images and the container the prune test made.
+struct PruneScope {
+    tags: Vec<String>,
+    container: String,
+}
+
+impl Drop for PruneScope {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.container]).output();
+        for t in &self.tags {
+            let _ = Command::new("docker").args(["rmi", t]).output();
+        }
+    }
+}
+
+/// `berth templates prune` removes an older build of a template, keeps the
+/// current one and one a container still uses (naming the container), and
+/// `images` shows which container uses what.
+#[test]
+fn prune_removes_older_builds_and_keeps_the_current_and_the_used() {
+    let image = test_image();
+    let tmp = tempfile::tempdir().unwrap();
+    let id = format!("prunetest{}", std::process::id());
+    let catalog = tmp.path().join("catalog");
+    write_test_template(&catalog, &id, &image);
+    let cat = catalog.to_str().unwrap();
+
+    // The current tag, as the hub would run it.
+    let (code, out, err) = berth(&["templates", "images", &id, "--catalog", cat]);
+    assert_ne!(code, 0, "images takes no ids: {out}{err}");
+    let (code, out, err) = berth(&["templates", "images", "--catalog", cat]);
+    assert_eq!(code, 0, "{out}{err}");
+    let current = out
+        .split_whitespace()
+        .find(|w| w.starts_with(&format!("berth-template-{id}:")))
+        .unwrap_or_else(|| panic!("no image named for {id}: {out}"))
+        .to_string();
+    assert!(out.lines().any(|l| l.starts_with(&id) && l.contains(" no ")), "{out}");
+
+    let old = format!("berth-template-{id}:000000000000");
+    let used = format!("berth-template-{id}:111111111111");
+    let container = format!("berth-prunetest-{}", std::process::id());
+    let _scope = PruneScope { tags: vec![current.clone(), old.clone(), used.clone()], container: container.clone() };
+    for t in [&current, &old, &used] {
+        assert!(docker(&["tag", &image, t]), "tag {t}");
+    }
+    assert!(docker(&["create", "--name", &container, &used, "true"]));
+
+    let (code, out, err) = berth(&["templates", "images", "--catalog", cat]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.lines().any(|l| l.starts_with(&id) && l.contains(" yes ")), "{out}");
+    let older = out.split("older images").nth(1).unwrap_or_else(|| panic!("no older images listed: {out}"));
+    assert!(older.lines().any(|l| l.contains(&old) && l.trim_end().ends_with(" -")), "{out}");
+    assert!(older.lines().any(|l| l.contains(&used) && l.contains(&container)), "{out}");
+    assert!(!older.contains(&current), "{out}");
+
+    let (code, out, err) = berth(&["templates", "prune", &id, "--dry-run", "--catalog", cat]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("would remove {old}")), "{out}");
+    assert!(docker(&["image", "inspect", &old]), "a dry run removed {old}");
+
+    let (code, out, err) = berth(&["templates", "prune", &id, "--catalog", cat]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("removed {old}")), "{out}");
+    assert!(out.contains(&format!("kept {used}: in use by {container}")), "{out}");
+    assert!(!docker(&["image", "inspect", &old]), "{old} is still there");
+    assert!(docker(&["image", "inspect", &used]), "{used} was removed while in use");
+    assert!(docker(&["image", "inspect", &current]), "the current {current} was removed");
+    assert!(docker(&["image", "inspect", &image]), "the base image went with its tag");
+
+    // --all takes the current one too, once nothing uses it.
+    let (code, out, err) = berth(&["templates", "prune", &id, "--all", "--catalog", cat]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("removed {current}")), "{out}");
+    assert!(!docker(&["image", "inspect", &current]));
+}

@@ -172,4 +172,38 @@ impl crate::single::Engine {
         out.sort_by(|a, b| a.tag.cmp(&b.tag));
         Ok(out)
     }
+
+    /// Names of the containers, running or not, created from the name
+    /// `image` (another tag of the same image does not count: removing this
+    /// one only untags it).
+    pub async fn containers_using(&self, image: &str) -> Result<Vec<String>, crate::single::Error> {
+        use bollard::query_parameters::ListContainersOptions;
+        let filters = HashMap::from([("ancestor".to_string(), vec![image.to_string()])]);
+        let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let list = self
+            .docker()
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| crate::single::Error::List { cause: e.into() })?;
+        Ok(list
+            .into_iter()
+            .filter(|c| c.image.as_deref() == Some(image))
+            .filter_map(|c| c.names.and_then(|n| n.first().cloned()))
+            .map(|n| n.trim_start_matches('/').to_string())
+            .collect())
+    }
+
+    /// Removes the tag `image` (and its layers once nothing else holds them).
+    /// Never forced: the engine refuses while a container uses it.
+    pub async fn remove_template_image(&self, image: &str) -> Result<(), crate::single::Error> {
+        use bollard::query_parameters::RemoveImageOptions;
+        if !image.starts_with("berth-template-") {
+            return Err(crate::single::Error::NotTemplateImage { image: image.to_string() });
+        }
+        self.docker()
+            .remove_image(image, Some(RemoveImageOptions { force: false, noprune: false }), None)
+            .await
+            .map_err(|e| crate::single::Error::RemoveImage { image: image.to_string(), cause: e.into() })?;
+        Ok(())
+    }
 }

@@ -110,6 +110,10 @@ pub enum Error {
     ListImages { cause: Cause },
     #[error("cannot remove {container}: {cause}")]
     RemoveContainer { container: String, cause: Cause },
+    #[error("cannot remove the image {image}: {cause}")]
+    RemoveImage { image: String, cause: Cause },
+    #[error("{image} is not a hub template image (berth-template-*); berth removes only its own")]
+    NotTemplateImage { image: String },
     #[error("cannot remove the volume {volume}: {cause}")]
     RemoveVolume { volume: String, cause: Cause },
 }
