@@ -143,3 +143,67 @@ async fn mlflow_starts_from_the_hub_and_answers_through_berth() {
     assert_eq!(again.last().unwrap()["ready"], true, "{again:?}");
     assert!(!again.iter().any(|e| e["message"].as_str().unwrap_or("").contains("Building")), "{again:?}");
 }
+
+/// `templates.prebuild`: once berth serves, the named template's image is
+/// built in the background (its steps in the log), so the first start does
+/// not build; an id the hub does not offer stops berth with a clear error.
+#[tokio::test]
+async fn prebuild_makes_the_image_before_anyone_starts_it() {
+    let image = test_image();
+    let scope = DockerScope::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let id = format!("pb{}", scope.suffix);
+    write_test_template(tmp.path(), &id, &image);
+    let dir = tmp.path().to_str().unwrap();
+    let (code, out, err) = run_cli(&["templates", "render", dir], None, None);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // A name the catalog lacks: a one-line error naming it and what is offered.
+    let cfg = tempfile::tempdir().unwrap();
+    let file = cfg.path().join("berth.toml");
+    std::fs::write(&file, format!("[templates]\ndir = {dir:?}\nprebuild = [\"nope\"]\n")).unwrap();
+    let (code, _, err) =
+        run_cli(&["serve", "--bind", "127.0.0.1:0", "--config", file.to_str().unwrap()], Some(cfg.path()), None);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("templates.prebuild") && err.contains("\"nope\"") && err.contains(&id), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let mut env = scope.env(&image);
+    env.push(("BERTH_TEMPLATES_DIR".into(), dir.into()));
+    env.push(("BERTH_TEMPLATES_PREBUILD".into(), id.clone()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env, &[]);
+    let prefix = format!("berth-template-{id}:");
+    let mut built = String::new();
+    for _ in 0..300 {
+        let (code, out, _) = run_cli(&["templates", "images", "--catalog", dir], None, None);
+        assert_eq!(code, 0, "{out}");
+        if let Some(row) = out.lines().find(|l| l.starts_with(&id) && l.contains(" yes ")) {
+            built = row.split_whitespace().find(|w| w.starts_with(&prefix)).unwrap().to_string();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(!built.is_empty(), "not prebuilt within 150 s:\n{}", b.log());
+    scope.extra_images.lock().unwrap().push(built.clone());
+    eventually("the log says it was prebuilt", std::time::Duration::from_secs(10), || async {
+        b.log().contains("prebuilt")
+    })
+    .await;
+    assert!(b.log().contains("step 1/"), "the build's steps are logged:\n{}", b.log());
+
+    // The first start finds the image.
+    let admin = b.first_admin().await;
+    let name = scope.user("pb");
+    let u = authorized_user(&b, &admin, &name, PW).await;
+    let r = u
+        .api(Method::POST, &format!("/hub/api/users/{name}/servers/{id}"))
+        .json(&json!({"template": id}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "start: {}", r.status());
+    let events = all_progress(&u, &format!("/hub/api/users/{name}/servers/{id}/progress")).await;
+    assert_eq!(events.last().unwrap()["ready"], true, "{events:?}");
+    assert!(!events.iter().any(|e| e["message"].as_str().unwrap_or("").contains("Building")), "{events:?}");
+}

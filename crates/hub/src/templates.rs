@@ -31,6 +31,9 @@ pub struct TemplatesConfig {
     /// Wildcard domain for `host` routing (`<server>--<user>.<app_domain>`,
     /// with the hub at `<app_domain>` itself); empty turns `host` mode off.
     pub app_domain: String,
+    /// Template ids whose images are built in the background once berth
+    /// serves, so their first start does not wait for a build.
+    pub prebuild: Vec<String>,
 }
 
 struct Code {

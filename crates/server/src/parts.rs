@@ -135,5 +135,15 @@ pub(crate) fn load_templates(config: &Config) -> Result<Templates, StartError> {
     if !problems.is_empty() {
         return Err(StartError::Templates(problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")));
     }
-    Ok(Templates::new(config.templates.clone(), catalog.hub_templates()))
+    let templates = Templates::new(config.templates.clone(), catalog.hub_templates());
+    for id in &config.templates.prebuild {
+        if templates.get(id).is_none() {
+            let offered: Vec<&str> = templates.templates().iter().map(|t| t.id.as_str()).collect();
+            return Err(StartError::Templates(format!(
+                "templates.prebuild names {id:?}, which the hub does not offer (offered: {})",
+                offered.join(", ")
+            )));
+        }
+    }
+    Ok(templates)
 }

@@ -20,19 +20,20 @@ use crate::{DockerSpawner, LABEL_MANAGED};
 const TAIL: usize = 6;
 
 impl DockerSpawner {
-    /// Uses `image` when the engine has it, else builds it from `files`.
+    /// Uses `image` when the engine has it, else builds it from `files`;
+    /// `Ok(true)` when it built.
     pub(crate) async fn ensure_built(
         &self,
         image: &str,
         files: &[(String, String)],
         progress: &ProgressTx,
-    ) -> Result<(), SpawnError> {
+    ) -> Result<bool, SpawnError> {
         if self.client()?.inspect_image(image).await.is_ok() {
-            return Ok(());
+            return Ok(false);
         }
         let _one_at_a_time = self.pull_lock.lock().await;
         if self.client()?.inspect_image(image).await.is_ok() {
-            return Ok(());
+            return Ok(false);
         }
         let _ = progress
             .send(Progress { progress: 12, message: format!("Building {image} (first start of this template)…") });
@@ -51,7 +52,7 @@ impl DockerSpawner {
         }
         let _ = progress.send(Progress { progress: 35, message: format!("Built {image}") });
         tracing::info!(%image, "built a template image");
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -171,6 +171,23 @@ impl Spawner for DockerSpawner {
         Box::pin(self.remove_user_volumes(if owner_id.is_empty() { user } else { owner_id }))
     }
 
+    fn prepare_image<'a>(
+        &'a self,
+        image: &'a str,
+        build: &'a [(String, String)],
+        progress: ProgressTx,
+    ) -> BoxFuture<'a, Result<bool, SpawnError>> {
+        Box::pin(async move {
+            if build.is_empty() {
+                // A template on a named image: fetched as a start would.
+                let had = self.client()?.inspect_image(image).await.is_ok();
+                self.ensure_image(image, &progress).await?;
+                return Ok(!had);
+            }
+            self.ensure_built(image, build, &progress).await
+        })
+    }
+
     fn logs<'a>(&'a self, user: &'a str, server: &'a str) -> BoxFuture<'a, Option<String>> {
         Box::pin(async move {
             let opts = LogsOptions { stdout: true, stderr: true, tail: "400".into(), ..Default::default() };

@@ -150,6 +150,19 @@ pub trait Spawner: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Makes sure a template's image is there, building it from `build` (its
+    /// rendered context) when it is not, as a first start would, without
+    /// starting anything (`templates.prebuild`). `Ok(true)` when it built.
+    /// Spawners that run no images have nothing to do.
+    fn prepare_image<'a>(
+        &'a self,
+        _image: &'a str,
+        _build: &'a [(String, String)],
+        _progress: ProgressTx,
+    ) -> BoxFuture<'a, Result<bool, SpawnError>> {
+        Box::pin(async { Ok(false) })
+    }
+
     /// Runs a shell, a command or the sftp subsystem inside the server recorded
     /// in `state` (the SSH gateway's sessions).
     fn exec<'a>(
