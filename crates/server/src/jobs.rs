@@ -47,7 +47,9 @@ async fn prebuild(hub: SharedHub, shutdown: CancellationToken) {
             let r = spawner.prepare_image(&image, &build, tx).await;
             match &r {
                 Ok(true) => tracing::info!(template = %id, %image, seconds = started.elapsed().as_secs(), "prebuilt"),
-                Ok(false) => tracing::info!(template = %id, %image, "image already there"),
+                Ok(false) => {
+                    tracing::info!(template = %id, %image, spawner = spawner.kind(), "nothing to build: the image is there, or this spawner runs no images")
+                }
                 Err(e) => {
                     tracing::warn!(template = %id, %image, error = %e, "prebuild failed; the first start will try again")
                 }
