@@ -13,6 +13,22 @@ use serde_json::{json, Value};
 
 const PW: &str = "builds-pass-42x";
 
+/// How long a start on the test image may take (as `all_progress` waits).
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(240);
+
+/// Starts `template` as `name`'s server of the same name through the REST
+/// API and returns the start's progress events, to the end or `limit`.
+async fn start_template(u: &Browser, name: &str, template: &str, limit: std::time::Duration) -> Vec<Value> {
+    let r = u
+        .api(Method::POST, &format!("/hub/api/users/{name}/servers/{template}"))
+        .json(&json!({ "template": template }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "start: {} {}", r.status(), r.text().await.unwrap_or_default());
+    all_progress_within(u, &format!("/hub/api/users/{name}/servers/{template}/progress"), limit).await
+}
+
 #[tokio::test]
 async fn a_template_without_an_image_is_built_on_its_first_start_and_reused() {
     let image = test_image();
@@ -30,16 +46,7 @@ async fn a_template_without_an_image_is_built_on_its_first_start_and_reused() {
     let name = scope.user("bu");
     let u = authorized_user(&b, &admin, &name, PW).await;
 
-    let start = || async {
-        let r = u
-            .api(Method::POST, &format!("/hub/api/users/{name}/servers/{id}"))
-            .json(&json!({"template": id}))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "start: {} {}", r.status(), r.text().await.unwrap_or_default());
-        all_progress(&u, &format!("/hub/api/users/{name}/servers/{id}/progress")).await
-    };
+    let start = || start_template(&u, &name, &id, LIMIT);
     let events = start().await;
     let messages: Vec<String> = events.iter().map(|e| e["message"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(events.last().unwrap()["ready"], true, "{messages:?}\n{}", b.log());
@@ -112,17 +119,7 @@ async fn mlflow_starts_from_the_hub_and_answers_through_berth() {
     let admin = b.first_admin().await;
     let name = scope.user("ml");
     let u = authorized_user(&b, &admin, &name, PW).await;
-    let start = || async {
-        let r = u
-            .api(Method::POST, &format!("/hub/api/users/{name}/servers/mlops"))
-            .json(&json!({"template": "mlops"}))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "start: {} {}", r.status(), r.text().await.unwrap_or_default());
-        let progress = format!("/hub/api/users/{name}/servers/mlops/progress");
-        all_progress_within(&u, &progress, std::time::Duration::from_secs(1500)).await
-    };
+    let start = || start_template(&u, &name, "mlops", std::time::Duration::from_secs(1500));
     let events = start().await;
     let messages: Vec<&str> = events.iter().map(|e| e["message"].as_str().unwrap_or("")).collect();
     assert_eq!(events.last().unwrap()["ready"], true, "{messages:?}\n{}", b.log());
@@ -196,14 +193,7 @@ async fn prebuild_makes_the_image_before_anyone_starts_it() {
     let admin = b.first_admin().await;
     let name = scope.user("pb");
     let u = authorized_user(&b, &admin, &name, PW).await;
-    let r = u
-        .api(Method::POST, &format!("/hub/api/users/{name}/servers/{id}"))
-        .json(&json!({"template": id}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "start: {}", r.status());
-    let events = all_progress(&u, &format!("/hub/api/users/{name}/servers/{id}/progress")).await;
+    let events = start_template(&u, &name, &id, LIMIT).await;
     assert_eq!(events.last().unwrap()["ready"], true, "{events:?}");
     assert!(!events.iter().any(|e| e["message"].as_str().unwrap_or("").contains("Building")), "{events:?}");
 }

@@ -200,6 +200,20 @@ impl Store {
         self.auth_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
+    /// Runs `sql` (`$1` an id, `$2` a time) once per pair, in one transaction:
+    /// the activity flush's batched last-seen updates.
+    pub(crate) async fn update_each(&self, sql: &str, seen: &[(String, i64)]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in seen {
+            sqlx::query(sql).bind(id).bind(*at).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }

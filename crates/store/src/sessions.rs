@@ -45,19 +45,7 @@ impl Store {
     }
 
     pub async fn touch_sessions(&self, seen: &[(String, i64)]) -> Result<()> {
-        if seen.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        for (id, at) in seen {
-            sqlx::query("UPDATE sessions SET last_seen = $2 WHERE id_hash = $1 AND last_seen < $2")
-                .bind(id)
-                .bind(*at)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.update_each("UPDATE sessions SET last_seen = $2 WHERE id_hash = $1 AND last_seen < $2", seen).await
     }
 
     pub async fn revoke_session(&self, id_hash: &str) -> Result<()> {

@@ -100,19 +100,7 @@ impl Store {
     }
 
     pub async fn touch_tokens(&self, seen: &[(String, i64)]) -> Result<()> {
-        if seen.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        for (id, at) in seen {
-            sqlx::query("UPDATE tokens SET last_activity = $2 WHERE id = $1")
-                .bind(id)
-                .bind(*at)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.update_each("UPDATE tokens SET last_activity = $2 WHERE id = $1", seen).await
     }
 
     /// Revokes what was issued through one browser session (OAuth tokens

@@ -33,14 +33,7 @@ fn own_start_time_is_readable() {
 #[tokio::test]
 async fn start_poll_stop_a_real_process() {
     let dir = tempfile::tempdir().unwrap();
-    let s = LocalSpawner::new(LocalConfig {
-        cmd: vec!["sleep".into(), "30".into()],
-        data_dir: dir.path().to_path_buf(),
-        provision: false,
-        provision_packages: vec![],
-        isolate_users: false,
-        ..LocalConfig::default()
-    });
+    let s = plain_spawner(vec!["sleep".into(), "30".into()], dir.path().to_path_buf());
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let spec = spec("/user/al/");
     let started = s.start(spec, tx).await.unwrap();
@@ -65,14 +58,7 @@ async fn removing_user_data_removes_only_the_plain_home() {
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::write(outside.join("keep.txt"), "precious").unwrap();
-    let s = LocalSpawner::new(LocalConfig {
-        cmd: vec![],
-        data_dir: data.clone(),
-        provision: false,
-        provision_packages: vec![],
-        isolate_users: false,
-        ..LocalConfig::default()
-    });
+    let s = plain_spawner(vec![], data.clone());
 
     // No home (not even `home/`) is not an error.
     s.remove_user_data("al", "").await.unwrap();
@@ -108,16 +94,21 @@ async fn removing_user_data_removes_only_the_plain_home() {
 #[tokio::test]
 async fn missing_command_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let s = LocalSpawner::new(LocalConfig {
-        cmd: vec!["no-such-program-berth".into()],
-        data_dir: dir.path().to_path_buf(),
-        provision: false,
-        provision_packages: vec![],
-        isolate_users: false,
-        ..LocalConfig::default()
-    });
+    let s = plain_spawner(vec!["no-such-program-berth".into()], dir.path().to_path_buf());
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let spec = spec("/");
     let err = s.start(spec, tx).await.unwrap_err().to_string();
     assert!(err.contains("no-such-program-berth") && err.contains("not found"), "{err}");
+}
+
+/// A local spawner running `cmd` as berth's own user, without provisioning.
+fn plain_spawner(cmd: Vec<String>, data_dir: std::path::PathBuf) -> LocalSpawner {
+    LocalSpawner::new(LocalConfig {
+        cmd,
+        data_dir,
+        provision: false,
+        provision_packages: vec![],
+        isolate_users: false,
+        ..LocalConfig::default()
+    })
 }
