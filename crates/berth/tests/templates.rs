@@ -36,7 +36,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn check_passes_on_the_catalog_and_names_file_and_line_of_seeded_violations() {
     let (code, out, err) = berth(&["templates", "check"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("17 templates, no violations"), "{out}");
+    assert!(out.contains("18 templates, no violations"), "{out}");
     let (code, _, err) = berth(&["templates", "check", repo_templates().to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
 
@@ -81,7 +81,7 @@ fn export_round_trips_to_the_catalog() {
     let exported: TemplateConfig = serde_json::from_str(&out).expect("template_config.json parses");
     let catalog = Catalog::load(&repo_templates()).unwrap();
     assert_eq!(exported, catalog.config(), "export, re-read, equals the catalog");
-    assert_eq!(exported.templates.len(), 17);
+    assert_eq!(exported.templates.len(), 18);
     let comfy = exported.templates.iter().find(|t| t.id == "comfyui").unwrap();
     assert_eq!(comfy.base_image, "python:3.10-slim");
     assert_eq!(comfy.directory, "templates/comfyui");

@@ -368,7 +368,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_shipped_catalog_has_all_seventeen_templates() {
+    fn the_shipped_catalog_has_all_eighteen_templates() {
         let c = Catalog::builtin().unwrap_or_else(|p| panic!("{p:?}"));
         let mut ids: Vec<&str> = c.templates.iter().map(|t| t.template.id.as_str()).collect();
         ids.sort();
@@ -382,6 +382,7 @@ mod tests {
                 "jupyter-scipy",
                 "jupyter-spark",
                 "jupyter-tensorflow",
+                "jupyterlab",
                 "jupyterlab-ds",
                 "llm-webui-qwen3-32b",
                 "llm-webui-qwen3-8b",
