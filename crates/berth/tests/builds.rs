@@ -93,27 +93,106 @@ fn docker(args: &[&str]) -> bool {
     std::process::Command::new("docker").args(args).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
+/// A catalog template's base must be here: scripts/test makes stand-ins.
+fn need_base(base: &str) {
+    assert!(
+        docker(&["image", "inspect", base]),
+        "no {base} here: run the tests through scripts/test, which makes a stand-in from nothing pulled"
+    );
+}
+
+/// No image `tag` before a start; its layers are kept under another name so
+/// the build (which must still happen) is quick after the first run.
+fn unbuild(tag: &str, id: &str) {
+    if docker(&["image", "inspect", tag]) {
+        assert!(docker(&["tag", tag, &format!("berth-test-cache/{id}:layers")]));
+        assert!(docker(&["rmi", tag]));
+    }
+}
+
+/// The default environment (item 3): with no `docker.image`, a default
+/// server runs the catalog's light JupyterLab template, built on its first
+/// start (on the stand-in for its base); JupyterLab loads under the
+/// server's prefix and a kernel runs `1+1`. A `templates.default` that is
+/// not a single-user template, or that the catalog lacks, stops berth with
+/// a clear error.
+#[tokio::test]
+async fn the_default_server_runs_the_jupyterlab_template_built_on_demand() {
+    need_base("python:3.11-slim-bookworm");
+    let image = test_image();
+    let scope = DockerScope::new();
+    let tag = hub_image("jupyterlab");
+    unbuild(&tag, "jupyterlab");
+    let mut env = scope.env(&image);
+    env.retain(|(k, _)| k != "BERTH_DOCKER_IMAGE");
+    // The build is not the start's to time: the default start timeout.
+
+    for (default, says) in [("mlops", "not a JupyterHub single-user server"), ("nope", "does not have")] {
+        let cfg = tempfile::tempdir().unwrap();
+        let mut bad = env.clone();
+        bad.push(("BERTH_TEMPLATES_DEFAULT".into(), default.into()));
+        bad.push(("BERTH_SSH_BIND".into(), "off".into()));
+        let out = std::process::Command::new("timeout")
+            .args(["60", BIN, "serve", "--bind", "127.0.0.1:0", "--data-dir", cfg.path().to_str().unwrap()])
+            .env_remove("BERTH_CONFIG")
+            .envs(bad)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && out.status.code() != Some(124), "{:?} {err}", out.status);
+        assert!(err.contains("templates.default") && err.contains(says) && !err.contains("panicked"), "{err}");
+    }
+
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env, &[]);
+    let admin = b.first_admin().await;
+    let name = scope.user("jl");
+    let u = authorized_user(&b, &admin, &name, PW).await;
+    // As a JupyterHub client starts it: the default server, no options.
+    let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).json(&json!({})).send().await.unwrap();
+    assert!(r.status().is_success(), "start: {} {}", r.status(), r.text().await.unwrap_or_default());
+    let events = all_progress_within(
+        &u,
+        &format!("/hub/api/users/{name}/server/progress"),
+        std::time::Duration::from_secs(1500),
+    )
+    .await;
+    let messages: Vec<&str> = events.iter().map(|e| e["message"].as_str().unwrap_or("")).collect();
+    assert_eq!(events.last().unwrap()["ready"], true, "{messages:?}\n{}", b.log());
+    assert!(messages.iter().any(|m| m.starts_with(&format!("Building {tag}"))), "{messages:?}");
+    let _ = docker(&["tag", &tag, "berth-test-cache/jupyterlab:layers"]);
+    let c = docker_inspect(&format!("berth-{name}")).unwrap();
+    assert_eq!(c["Config"]["Image"], Value::String(tag.clone()));
+    let v: Value = u.api(Method::GET, &format!("/hub/api/users/{name}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["servers"][""]["user_options"]["template"], "jupyterlab", "{v}");
+
+    // JupyterLab's page under the server's prefix, and a kernel.
+    oauth_login(&u, &name).await;
+    let (status, page) = u.get_text(&format!("/user/{name}/lab")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("JupyterLab") && page.contains(&format!("/user/{name}/")),
+        "{}",
+        &page[..page.len().min(600)]
+    );
+    let kernel = kernel::start(&u, &name).await;
+    assert_eq!(kernel::run(&u, &name, &kernel, "1+1", None).await, "2");
+}
+
 /// The catalog's MLflow template from the hub, with no image built before:
 /// built on the first start (on the stand-in for its base that
 /// scripts/build-standin-base makes), MLflow's UI and REST API answer
 /// through berth, the second start reuses the image.
 #[tokio::test]
 async fn mlflow_starts_from_the_hub_and_answers_through_berth() {
-    assert!(
-        docker(&["image", "inspect", "python:3.11-slim"]),
-        "no python:3.11-slim here: run the tests through scripts/test, which makes a stand-in from nothing pulled"
-    );
+    need_base("python:3.11-slim-bookworm");
     let image = test_image();
     let scope = DockerScope::new();
     let tag = hub_image("mlops");
-    // No image before the start; its layers are kept under another name so
-    // the build (which must still happen) is quick after the first run.
-    if docker(&["image", "inspect", &tag]) {
-        assert!(docker(&["tag", &tag, "berth-test-cache/mlops:layers"]));
-        assert!(docker(&["rmi", &tag]));
-    }
-    let mut env = scope.env(&image);
-    env.push(("BERTH_START_TIMEOUT".into(), "1500".into()));
+    unbuild(&tag, "mlops");
+    let env = scope.env(&image);
+    // The build is not the start's to time: the default start timeout.
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let b = Berth::start_with(&env, &[]);
     let admin = b.first_admin().await;
@@ -172,7 +251,7 @@ async fn prebuild_makes_the_image_before_anyone_starts_it() {
     let b = Berth::start_with(&env, &[]);
     let prefix = format!("berth-template-{id}:");
     let mut built = String::new();
-    for _ in 0..300 {
+    for _ in 0..600 {
         let (code, out, _) = run_cli(&["templates", "images", "--catalog", dir], None, None);
         assert_eq!(code, 0, "{out}");
         if let Some(row) = out.lines().find(|l| l.starts_with(&id) && l.contains(" yes ")) {
@@ -181,7 +260,7 @@ async fn prebuild_makes_the_image_before_anyone_starts_it() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    assert!(!built.is_empty(), "not prebuilt within 150 s:\n{}", b.log());
+    assert!(!built.is_empty(), "not prebuilt within 300 s:\n{}", b.log());
     scope.extra_images.lock().unwrap().push(built.clone());
     eventually("the log says it was prebuilt", std::time::Duration::from_secs(10), || async {
         b.log().contains("prebuilt")
@@ -196,4 +275,71 @@ async fn prebuild_makes_the_image_before_anyone_starts_it() {
     let events = start_template(&u, &name, &id, LIMIT).await;
     assert_eq!(events.last().unwrap()["ready"], true, "{events:?}");
     assert!(!events.iter().any(|e| e["message"].as_str().unwrap_or("").contains("Building")), "{events:?}");
+}
+
+/// The admin's templates page (item 2): each template's image, built or
+/// not; the Build button builds it in the background, and the page then
+/// shows it built with its size and, once a server runs it, who uses it.
+/// Only admins see the page or build.
+#[tokio::test]
+async fn the_admin_templates_page_lists_images_and_builds_one() {
+    let image = test_image();
+    let scope = DockerScope::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let id = format!("ap{}", scope.suffix);
+    write_test_template(tmp.path(), &id, &image);
+    let dir = tmp.path().to_str().unwrap();
+    let (code, out, err) = run_cli(&["templates", "render", dir], None, None);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut env = scope.env(&image);
+    env.push(("BERTH_TEMPLATES_DIR".into(), dir.into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env, &[]);
+    let admin = b.first_admin().await;
+    let name = scope.user("ap");
+    let u = authorized_user(&b, &admin, &name, PW).await;
+
+    let row = |page: &str| -> String {
+        let at = page.find(&format!(r#"<tr id="t-{id}">"#)).unwrap_or_else(|| panic!("no row for {id}: {page}"));
+        page[at..].split("</tr>").next().unwrap().to_string()
+    };
+    let (status, page) = admin.get_text("/hub/admin/templates").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let before = row(&page);
+    assert!(before.contains("not built") && before.contains(&format!("berth-template-{id}:")), "{before}");
+    let (status, _) = u.get_text("/hub/admin/templates").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a user does not see the admin's page");
+    let r = u.submit("/hub/home", &format!("/hub/admin/templates/{id}/build"), &[]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "a user cannot build");
+
+    let r = admin.submit("/hub/admin/templates", &format!("/hub/admin/templates/{id}/build"), &[]).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let mut last = String::new();
+    for _ in 0..600 {
+        let (_, page) = admin.get_text("/hub/admin/templates").await;
+        last = row(&page);
+        if last.contains("built here in") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(last.contains("badge ok") && last.contains(" MB"), "built within 300 s: {last}\n{}", b.log());
+    let tag = hub_image_in(dir, &id);
+    scope.extra_images.lock().unwrap().push(tag.clone());
+
+    // A start uses it (no build), and the page names the container.
+    let events = start_template(&u, &name, &id, LIMIT).await;
+    assert_eq!(events.last().unwrap()["ready"], true, "{events:?}");
+    assert!(!events.iter().any(|e| e["message"].as_str().unwrap_or("").contains("Building")), "{events:?}");
+    let (_, page) = admin.get_text("/hub/admin/templates").await;
+    let after = row(&page);
+    assert!(after.contains(&format!("berth-{name}--{id}")), "in use by the server's container: {after}");
+}
+
+/// The hub image of template `id` in catalog `dir`.
+fn hub_image_in(dir: &str, id: &str) -> String {
+    let (code, out, err) = run_cli(&["templates", "images", "--catalog", dir], None, None);
+    assert_eq!(code, 0, "{out}{err}");
+    let row = out.lines().find(|l| l.split_whitespace().next() == Some(id)).unwrap_or_else(|| panic!("{out}"));
+    row.split_whitespace().find(|w| w.starts_with("berth-template-")).unwrap().to_string()
 }

@@ -50,6 +50,10 @@ async fn containers_run_jupyter_keep_work_and_share_a_volume() {
     // The container as berth made it.
     let c = docker_inspect(&format!("berth-{alice_name}")).expect("the container exists");
     assert_eq!(c["Config"]["Labels"]["berth.user"], alice_name.as_str());
+    // DOCKER_NOTEBOOK_IMAGE (here BERTH_DOCKER_IMAGE) names the image: the
+    // default server runs it as it is, not the default template.
+    assert_eq!(c["Config"]["Image"], image.as_str());
+    assert_eq!(c["Config"]["Labels"]["berth.template"], "");
     assert_eq!(c["HostConfig"]["ShmSize"], 2048i64 * 1024 * 1024);
     assert!(
         c["HostConfig"]["DeviceRequests"].is_null() || c["HostConfig"]["DeviceRequests"] == json!([]),

@@ -12,6 +12,7 @@
 
 mod adopt;
 mod config;
+pub mod images;
 mod readiness;
 pub mod spec;
 mod wait;
@@ -32,7 +33,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -133,6 +133,8 @@ pub struct Servers {
     pub templates: Templates,
     /// Starts, stops and checks under way, drained on shutdown.
     tasks: TaskTracker,
+    /// Builds asked for ahead of a start, by template id.
+    image_builds: Mutex<HashMap<String, images::BuildState>>,
 }
 
 impl Servers {
@@ -166,6 +168,7 @@ impl Servers {
             gpus,
             templates,
             tasks: TaskTracker::new(),
+            image_builds: Mutex::new(HashMap::new()),
         }
     }
 
@@ -267,6 +270,14 @@ impl Servers {
             })?;
             let mode = self.templates.mode_for(t)?;
             spec::resolve_template(&mut options, t, mode, !self.gpus.inventory().is_empty())?;
+        } else if let (true, None, Some(t)) =
+            (id.server.is_default(), &options.image, self.templates.default_template())
+        {
+            // A default server with nothing named runs the default template
+            // (whatever `allowed` and the user's limits say of picking it).
+            options.template = Some(t.id.clone());
+            let mode = self.templates.mode_for(t)?;
+            spec::resolve_template(&mut options, t, mode, !self.gpus.inventory().is_empty())?;
         }
         let owner = self.store.get_user(user).await?.ok_or_else(|| HubError::NoSuchUser { user: user.into() })?;
         if !owner.authorized {
@@ -341,7 +352,7 @@ impl Servers {
             })
             .await?;
         let env = spec::jupyterhub_env(&id, secret.expose(), &self.api_url(), &self.base_url);
-        let template = options.template.as_deref().and_then(|t| self.templates.get(t));
+        let template = options.template.as_deref().and_then(|t| self.templates.lookup(t));
         let mut plan = spec::plan(&id, env, &self.base_url, &options, template, gpus);
         plan.spec.owner_id = owner_id;
 
@@ -383,8 +394,7 @@ impl Servers {
         plan: StartPlan,
         log: Arc<ProgressLog>,
     ) {
-        let deadline = Instant::now() + self.cfg.start_timeout_seconds;
-        match self.spawn_and_wait(&mut record, plan, &log, deadline).await {
+        match self.spawn_and_wait(&mut record, plan, &log).await {
             Ok(target) => {
                 let (route, url) = self.route_for(&id, mode, target);
                 self.routes.insert(route);

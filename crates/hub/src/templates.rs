@@ -21,7 +21,7 @@ const CODE_TTL: Duration = Duration::from_secs(60);
 pub const APP_SESSION_SECS: i64 = 12 * 3600;
 
 /// The `[templates]` section.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TemplatesConfig {
     /// A catalog directory to offer instead of the one built into berth.
@@ -34,7 +34,26 @@ pub struct TemplatesConfig {
     /// Template ids whose images are built in the background once berth
     /// serves, so their first start does not wait for a build.
     pub prebuild: Vec<String>,
+    /// The template a default server runs on a spawner that runs images
+    /// when `docker.image` names none (a JupyterHub single-user template);
+    /// empty: none, `docker.image` must name an image.
+    pub default: String,
 }
+
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        TemplatesConfig {
+            dir: String::new(),
+            allowed: Vec::new(),
+            app_domain: String::new(),
+            prebuild: Vec::new(),
+            default: DEFAULT_TEMPLATE.into(),
+        }
+    }
+}
+
+/// The catalog's light JupyterLab template, the default environment.
+pub const DEFAULT_TEMPLATE: &str = "jupyterlab";
 
 struct Code {
     visitor: String,
@@ -47,6 +66,10 @@ struct Code {
 pub struct Templates {
     pub cfg: TemplatesConfig,
     templates: Vec<HubTemplate>,
+    /// What a default server runs when the start names no template and no
+    /// image (set with `with_default`); not subject to `allowed`, which
+    /// limits what users pick.
+    default: Option<HubTemplate>,
     /// (`http` or `https`, `:port` or empty), known once berth listens.
     origin: RwLock<(String, String)>,
     codes: Mutex<HashMap<String, Code>>,
@@ -59,6 +82,7 @@ impl Templates {
         Templates {
             cfg,
             templates,
+            default: None,
             origin: RwLock::new(("http".into(), String::new())),
             codes: Mutex::new(HashMap::new()),
         }
@@ -68,8 +92,45 @@ impl Templates {
         &self.templates
     }
 
+    /// A template users may pick.
     pub fn get(&self, id: &str) -> Option<&HubTemplate> {
         self.templates.iter().find(|t| t.id == id)
+    }
+
+    /// A template a server may run: one users may pick, or the default.
+    pub fn lookup(&self, id: &str) -> Option<&HubTemplate> {
+        self.get(id).or(self.default.as_ref().filter(|t| t.id == id))
+    }
+
+    /// The default server's template, when it has one.
+    pub fn default_template(&self) -> Option<&HubTemplate> {
+        self.default.as_ref()
+    }
+
+    /// Makes `templates.default` (looked up in `catalog`, the whole catalog
+    /// before `allowed`) what default servers run: it must exist and speak
+    /// JupyterHub's single-user protocol, which is what a default server is.
+    pub fn with_default(mut self, catalog: &[HubTemplate]) -> Result<Templates, String> {
+        let id = self.cfg.default.clone();
+        if id.is_empty() {
+            return Err("templates.default is empty and docker.image names no image: a default server would have \
+                 nothing to run (set one of them)"
+                .into());
+        }
+        let Some(t) = catalog.iter().find(|t| t.id == id) else {
+            let ids: Vec<&str> = catalog.iter().map(|t| t.id.as_str()).collect();
+            return Err(format!(
+                "templates.default names {id:?}, which the catalog does not have (it has: {})",
+                ids.join(", ")
+            ));
+        };
+        if t.protocol != berth_core::AppProtocol::Jupyter {
+            return Err(format!(
+                "templates.default names {id:?}, whose app is not a JupyterHub single-user server; a default server must be one"
+            ));
+        }
+        self.default = Some(t.clone());
+        Ok(self)
     }
 
     pub fn host_mode(&self) -> bool {

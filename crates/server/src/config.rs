@@ -134,7 +134,8 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("spawner.local_isolate_users", &["BERTH_LOCAL_ISOLATE_USERS"], "Local spawner as root: run each user's server and SSH sessions under a Unix account of their own (`berth-<user>`). When berth is not root only the admin may start a local server; off, everyone runs as berth itself (only for users trusted with berth's data)."),
     ("spawner.local_uid_min", &["BERTH_LOCAL_UID_MIN"], "Lowest uid of the Unix accounts the local spawner makes."),
     ("spawner.local_uid_max", &["BERTH_LOCAL_UID_MAX"], "Highest uid of the Unix accounts the local spawner makes."),
-    ("spawner.start_timeout_seconds", &["BERTH_START_TIMEOUT"], "Time from a start request until the server must answer; then it is stopped and the reason shown."),
+    ("spawner.start_timeout_seconds", &["BERTH_START_TIMEOUT"], "Time from when a start has its image (see `spawner.build_timeout_seconds`) until the server must answer; then it is stopped and the reason shown."),
+    ("spawner.build_timeout_seconds", &["BERTH_BUILD_TIMEOUT"], "Time a start may spend pulling its image or building its template's image; the start timeout counts from when the image is there."),
     ("spawner.stop_grace_seconds", &["BERTH_STOP_GRACE"], "Seconds after SIGINT before SIGTERM, and after SIGTERM before SIGKILL."),
     ("spawner.max_concurrent_starts", &["BERTH_MAX_CONCURRENT_STARTS"], "Servers that may be starting at once; more are refused with a message."),
     ("spawner.max_running", &["BERTH_MAX_RUNNING"], "Servers that may run at once; 0 means no limit."),
@@ -142,7 +143,7 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("spawner.stop_on_shutdown", &["BERTH_STOP_ON_SHUTDOWN"], "Stop every server when berth shuts down; by default they keep running and are re-adopted."),
     ("spawner.allowed_images", &["BERTH_ALLOWED_IMAGES"], "Images users may name in a start's `image` option (comma-separated in the environment); empty means none: the image comes from the template or `docker.image`."),
     ("spawner.poll_interval_seconds", &["BERTH_POLL_INTERVAL"], "Seconds between checks that running servers are alive."),
-    ("docker.image", &["BERTH_DOCKER_IMAGE", "DOCKER_NOTEBOOK_IMAGE"], "Image for servers that do not name one (pulled with progress when not present)."),
+    ("docker.image", &["BERTH_DOCKER_IMAGE", "DOCKER_NOTEBOOK_IMAGE"], "Image for default servers (pulled with progress when not present); empty (the default): they run the `templates.default` template, built on demand."),
     ("docker.network", &["BERTH_DOCKER_NETWORK", "DOCKER_NETWORK_NAME"], "Docker network the server containers join; created if missing, as a bridge with traffic between containers off."),
     ("docker.hub_connect_url", &["BERTH_HUB_CONNECT_URL"], "URL containers use for the hub API; empty derives it from the network's gateway and berth's port (berth then also listens on the gateway when bound to loopback)."),
     ("docker.remove_on_stop", &["BERTH_DOCKER_REMOVE_ON_STOP"], "Remove a server's container when it stops; its volumes are always kept."),
@@ -172,6 +173,7 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("templates.dir", &["BERTH_TEMPLATES_DIR"], "A catalog directory (`<id>/template.toml`) to offer on the start page instead of the catalog built into berth."),
     ("templates.allowed", &["BERTH_TEMPLATES_ALLOWED"], "Template ids users may start (comma-separated in the environment); empty means all."),
     ("templates.prebuild", &["BERTH_TEMPLATES_PREBUILD"], "Template ids whose images the Docker spawner builds in the background once berth serves (comma-separated in the environment), so no first start waits for a build."),
+    ("templates.default", &["BERTH_TEMPLATES_DEFAULT"], "Template a default server runs on the Docker spawner when `docker.image` is empty (a JupyterHub single-user template; `allowed` does not apply to it)."),
     ("templates.app_domain", &["BERTH_APP_DOMAIN"], "Wildcard domain for `host` routing: apps at `<server>--<user>.<app_domain>`, the hub at `<app_domain>`; empty turns it off."),
     ("ssh.bind", &["BERTH_SSH_BIND"], "Where the SSH gateway listens (`ADDR:PORT`; 22 in a container deployment), or `off`."),
     ("ssh.auto_start", &["BERTH_SSH_AUTO_START"], "Start a stopped server when its user connects over SSH, with its progress on the terminal."),
@@ -398,6 +400,9 @@ impl Config {
         }
         if self.spawner.start_timeout_seconds.is_zero() {
             return Err(invalid("spawner.start_timeout_seconds", "must be at least 1".into()));
+        }
+        if self.spawner.build_timeout_seconds.is_zero() {
+            return Err(invalid("spawner.build_timeout_seconds", "must be at least 1".into()));
         }
         if self.gpu.mode > 2 {
             return Err(invalid("gpu.mode", format!("{} is not 0 (off), 1 (on) or 2 (auto)", self.gpu.mode)));

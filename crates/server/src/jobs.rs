@@ -32,32 +32,10 @@ pub(crate) fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<Tls
 /// (a start of the same template meanwhile waits for the build instead of
 /// starting a second one), logging each build's steps.
 async fn prebuild(hub: SharedHub, shutdown: CancellationToken) {
-    let spawner = hub.servers.spawner();
     for id in hub.servers.templates.cfg.prebuild.clone() {
-        let Some(t) = hub.servers.templates.get(&id) else { continue };
-        let (image, build) = (t.image.clone(), t.build.clone());
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<berth_spawner::Progress>();
-        let log = async {
-            while let Some(p) = rx.recv().await {
-                tracing::info!(template = %id, "{}", p.message);
-            }
-        };
-        let started = std::time::Instant::now();
-        let made = async {
-            let r = spawner.prepare_image(&image, &build, tx).await;
-            match &r {
-                Ok(true) => tracing::info!(template = %id, %image, seconds = started.elapsed().as_secs(), "prebuilt"),
-                Ok(false) => {
-                    tracing::info!(template = %id, %image, spawner = spawner.kind(), "nothing to build: the image is there, or this spawner runs no images")
-                }
-                Err(e) => {
-                    tracing::warn!(template = %id, %image, error = %e, "prebuild failed; the first start will try again")
-                }
-            }
-        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = async { tokio::join!(made, log) } => {}
+            _ = hub.servers.build_template_image(&id) => {}
         }
     }
 }

@@ -155,6 +155,7 @@ fn build_hub(
     spawner: Arc<dyn Spawner>,
 ) -> Result<SharedHub, StartError> {
     let activity = Arc::new(Activity::default());
+    let templates = parts::load_templates(config, spawner.runs_images())?;
     let servers = Servers::new(
         config.spawner.clone(),
         store.clone(),
@@ -163,7 +164,7 @@ fn build_hub(
         activity.clone(),
         &config.hub.base_url,
         Gpus::new(config.gpu.clone(), store.clone()),
-        parts::load_templates(config)?,
+        templates,
     );
     Ok(Arc::new(Hub::new(config.hub.clone(), config.auth.clone(), store, secret, Arc::new(servers), activity)))
 }

@@ -122,8 +122,10 @@ pub(crate) fn tls_names(config: &Config) -> Vec<String> {
     names
 }
 
-/// The templates the hub offers: `templates.dir`, or the built-in catalog.
-pub(crate) fn load_templates(config: &Config) -> Result<Templates, StartError> {
+/// The templates the hub offers: `templates.dir`, or the built-in catalog;
+/// with `runs_images` (the Docker spawner) and no `docker.image`, default
+/// servers run `templates.default`.
+pub(crate) fn load_templates(config: &Config, runs_images: bool) -> Result<Templates, StartError> {
     let catalog = if config.templates.dir.is_empty() {
         berth_catalog::Catalog::builtin()
     } else {
@@ -135,7 +137,11 @@ pub(crate) fn load_templates(config: &Config) -> Result<Templates, StartError> {
     if !problems.is_empty() {
         return Err(StartError::Templates(problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")));
     }
-    let templates = Templates::new(config.templates.clone(), catalog.hub_templates());
+    let all = catalog.hub_templates();
+    let mut templates = Templates::new(config.templates.clone(), all.clone());
+    if runs_images && config.docker.image.is_empty() {
+        templates = templates.with_default(&all).map_err(StartError::Templates)?;
+    }
     for id in &config.templates.prebuild {
         if templates.get(id).is_none() {
             let offered: Vec<&str> = templates.templates().iter().map(|t| t.id.as_str()).collect();

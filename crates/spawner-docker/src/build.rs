@@ -1,20 +1,21 @@
 //! Catalog templates built on demand: a start whose image the engine lacks
 //! builds it from the rendered context the hub hands in (the tag is the
 //! context's hash, so an unchanged template never builds twice), with the
-//! build's steps as progress. One build or pull at a time: concurrent starts
-//! of the same template wait for the first and then find the image. The
+//! build's steps as progress. One build or pull of an image at a time:
+//! concurrent starts of the same template wait for the first and then find
+//! the image, while other templates build meanwhile. The
 //! engine tags an image only when its build succeeds, so a failed build
 //! leaves no half-made tag.
 
 use std::collections::{HashMap, VecDeque};
 
-use berth_spawner::{Progress, ProgressTx, SpawnError};
+use berth_spawner::{ImageInfo, Progress, ProgressTx, SpawnError};
 use bollard::query_parameters::BuildImageOptions;
 use bollard::Docker;
 use futures_util::StreamExt;
 
 use crate::single::BuildStep;
-use crate::{DockerSpawner, LABEL_MANAGED};
+use crate::{engine_error, DockerSpawner, LABEL_MANAGED};
 
 /// Lines of the build's output kept for the error message.
 const TAIL: usize = 6;
@@ -31,7 +32,8 @@ impl DockerSpawner {
         if self.client()?.inspect_image(image).await.is_ok() {
             return Ok(false);
         }
-        let _one_at_a_time = self.pull_lock.lock().await;
+        let lock = self.image_lock(image);
+        let _one_at_a_time = lock.lock().await;
         if self.client()?.inspect_image(image).await.is_ok() {
             return Ok(false);
         }
@@ -178,20 +180,7 @@ impl crate::single::Engine {
     /// `image` (another tag of the same image does not count: removing this
     /// one only untags it).
     pub async fn containers_using(&self, image: &str) -> Result<Vec<String>, crate::single::Error> {
-        use bollard::query_parameters::ListContainersOptions;
-        let filters = HashMap::from([("ancestor".to_string(), vec![image.to_string()])]);
-        let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
-        let list = self
-            .docker()
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| crate::single::Error::List { cause: e.into() })?;
-        Ok(list
-            .into_iter()
-            .filter(|c| c.image.as_deref() == Some(image))
-            .filter_map(|c| c.names.and_then(|n| n.first().cloned()))
-            .map(|n| n.trim_start_matches('/').to_string())
-            .collect())
+        containers_using(self.docker(), image).await.map_err(|e| crate::single::Error::List { cause: e.into() })
     }
 
     /// Removes the tag `image` (and its layers once nothing else holds them).
@@ -206,5 +195,44 @@ impl crate::single::Engine {
             .await
             .map_err(|e| crate::single::Error::RemoveImage { image: image.to_string(), cause: e.into() })?;
         Ok(())
+    }
+}
+
+/// Names of the containers, running or not, created from the name `image`.
+pub(crate) async fn containers_using(docker: &Docker, image: &str) -> Result<Vec<String>, bollard::errors::Error> {
+    use bollard::query_parameters::ListContainersOptions;
+    let filters = HashMap::from([("ancestor".to_string(), vec![image.to_string()])]);
+    let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+    let list = docker.list_containers(Some(opts)).await?;
+    Ok(list
+        .into_iter()
+        .filter(|c| c.image.as_deref() == Some(image))
+        .filter_map(|c| c.names.and_then(|n| n.first().cloned()))
+        .map(|n| n.trim_start_matches('/').to_string())
+        .collect())
+}
+
+impl DockerSpawner {
+    /// Those of `images` the engine has (the admin's templates page).
+    pub(crate) async fn image_infos(&self, images: &[String]) -> Result<Vec<ImageInfo>, SpawnError> {
+        use bollard::query_parameters::ListImagesOptions;
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let docker = self.client()?;
+        let filters = HashMap::from([("reference".to_string(), images.to_vec())]);
+        let list = docker
+            .list_images(Some(ListImagesOptions { filters: Some(filters), ..Default::default() }))
+            .await
+            .map_err(engine_error)?;
+        let mut out = Vec::new();
+        for i in list {
+            for tag in i.repo_tags.iter().filter(|t| images.contains(t)) {
+                let used_by = containers_using(&docker, tag).await.map_err(engine_error)?;
+                out.push(ImageInfo { image: tag.clone(), size_bytes: i.size, created: i.created, used_by });
+            }
+        }
+        out.sort_by(|a, b| a.image.cmp(&b.image));
+        Ok(out)
     }
 }

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Image for servers that do not name one.
+    /// Image for default servers; empty (the default): they run the
+    /// `templates.default` template's image, built on demand.
     pub image: String,
     /// Network the containers join (created if missing, as a bridge with
     /// inter-container traffic off); the hub reaches them on it.
@@ -53,7 +54,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            image: "jupyter/base-notebook:latest".into(),
+            image: String::new(),
             network: "berth".into(),
             hub_connect_url: String::new(),
             remove_on_stop: true,

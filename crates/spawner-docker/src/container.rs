@@ -120,6 +120,13 @@ impl DockerSpawner {
     ) -> Result<(String, Duration), SpawnError> {
         let gateway = self.ensure_network().await?;
         let image = spec.image.clone().unwrap_or_else(|| self.cfg.image.clone());
+        if image.is_empty() {
+            return Err(SpawnError::Failed(
+                "no image to run: docker.image is empty and the start names no template (set docker.image, or \
+                 templates.default for default servers)"
+                    .into(),
+            ));
+        }
         if spec.build.is_empty() {
             self.ensure_image(&image, progress).await?;
         } else {

@@ -15,7 +15,8 @@ impl DockerSpawner {
         if self.client()?.inspect_image(image).await.is_ok() {
             return Ok(());
         }
-        let _one_pull = self.pull_lock.lock().await;
+        let lock = self.image_lock(image);
+        let _one_at_a_time = lock.lock().await;
         if self.client()?.inspect_image(image).await.is_ok() {
             return Ok(());
         }

@@ -25,6 +25,7 @@ pub mod single;
 mod spawner;
 mod volumes;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use berth_spawner::SpawnError;
@@ -57,7 +58,9 @@ pub struct DockerSpawner {
     /// The hub's port, for the derived `hub_connect_url`.
     hub_port: std::sync::atomic::AtomicU16,
     base_url: String,
-    pull_lock: tokio::sync::Mutex<()>,
+    /// One pull or build per image at a time: concurrent starts of a
+    /// template share its build, other images go on meanwhile.
+    image_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The engine does not refuse a second network of the same name, so
     /// creation is one at a time.
     network_lock: tokio::sync::Mutex<()>,
@@ -84,6 +87,14 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
 }
 
 impl DockerSpawner {
+    /// The lock that one pull or build of `image` holds (entries no one
+    /// holds any more are dropped as others are made).
+    pub(crate) fn image_lock(&self, image: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let Ok(mut m) = self.image_locks.lock() else { return Arc::new(tokio::sync::Mutex::new(())) };
+        m.retain(|_, l| Arc::strong_count(l) > 1);
+        m.entry(image.to_string()).or_default().clone()
+    }
+
     /// Connects to the local engine (DOCKER_HOST or the default socket).
     pub fn connect(cfg: Config, base_url: &str) -> Result<Arc<DockerSpawner>, SpawnError> {
         let docker = Docker::connect_with_local_defaults().ok();
@@ -92,7 +103,7 @@ impl DockerSpawner {
             cfg,
             hub_port: std::sync::atomic::AtomicU16::new(0),
             base_url: base_url.to_string(),
-            pull_lock: tokio::sync::Mutex::new(()),
+            image_locks: std::sync::Mutex::new(HashMap::new()),
             network_lock: tokio::sync::Mutex::new(()),
             network_warned: std::sync::atomic::AtomicBool::new(false),
         }))

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 
-use berth_spawner::{BoxFuture, Progress, ProgressTx, SpawnError, SpawnSpec, Spawner, Started, Status, StopGrace};
+use berth_spawner::{
+    BoxFuture, ImageInfo, Progress, ProgressTx, SpawnError, SpawnSpec, Spawner, Started, Status, StopGrace,
+};
 use bollard::query_parameters::{
     InspectContainerOptions, ListContainersOptions, LogsOptions, StartContainerOptions, StopContainerOptions,
 };
@@ -34,6 +36,10 @@ impl Spawner for DockerSpawner {
 
     fn kind(&self) -> &'static str {
         "docker"
+    }
+
+    fn runs_images(&self) -> bool {
+        true
     }
 
     fn start(&self, spec: SpawnSpec, progress: ProgressTx) -> BoxFuture<'_, Result<Started, SpawnError>> {
@@ -169,6 +175,10 @@ impl Spawner for DockerSpawner {
 
     fn remove_user_data<'a>(&'a self, user: &'a str, owner_id: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
         Box::pin(self.remove_user_volumes(if owner_id.is_empty() { user } else { owner_id }))
+    }
+
+    fn images<'a>(&'a self, images: &'a [String]) -> BoxFuture<'a, Result<Vec<ImageInfo>, SpawnError>> {
+        Box::pin(self.image_infos(images))
     }
 
     fn prepare_image<'a>(

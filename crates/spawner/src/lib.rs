@@ -65,6 +65,17 @@ pub struct Progress {
 
 pub type ProgressTx = mpsc::UnboundedSender<Progress>;
 
+/// An image the spawner has (what the admin's templates page lists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub image: String,
+    pub size_bytes: i64,
+    /// Unix seconds.
+    pub created: i64,
+    /// Containers (running or not) made from this name of the image.
+    pub used_by: Vec<String>,
+}
+
 /// What a successful start returns.
 #[derive(Debug, Clone)]
 pub struct Started {
@@ -130,6 +141,12 @@ pub trait Spawner: Send + Sync + 'static {
         true
     }
 
+    /// Whether servers run from images (so a default server can run a
+    /// template's image when no image is configured).
+    fn runs_images(&self) -> bool {
+        false
+    }
+
     /// Servers this spawner runs that it labelled as berth's: (user, server,
     /// handle). The hub reports those it has no record of.
     fn list_managed(&self) -> BoxFuture<'_, Vec<(String, String, String)>> {
@@ -161,6 +178,12 @@ pub trait Spawner: Send + Sync + 'static {
         _progress: ProgressTx,
     ) -> BoxFuture<'a, Result<bool, SpawnError>> {
         Box::pin(async { Ok(false) })
+    }
+
+    /// Those of `images` the spawner has, with their size, age and users.
+    /// Spawners that run no images have none.
+    fn images<'a>(&'a self, _images: &'a [String]) -> BoxFuture<'a, Result<Vec<ImageInfo>, SpawnError>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
 
     /// Runs a shell, a command or the sftp subsystem inside the server recorded

@@ -42,7 +42,7 @@ button.secondary{background:#e8ebf0;color:#1d2330}button.danger{background:#c837
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.4rem .5rem;border-bottom:1px solid #e6e9ef;vertical-align:middle}
 td form{display:inline;margin:0}td button{padding:.2rem .6rem;font-size:.85rem}
 .muted{color:#6b7385}.badge{display:inline-block;padding:0 .45rem;border-radius:10px;font-size:.8rem;background:#e8ebf0}
-.badge.ok{background:#e3f4e6}.badge.warn{background:#fdf1d8}code{background:#eef0f4;padding:.1rem .3rem;border-radius:3px;word-break:break-all}
+.badge.ok{background:#e3f4e6}.badge.warn{background:#fdf1d8}.badge.err{background:#fbe3e3}code{background:#eef0f4;padding:.1rem .3rem;border-radius:3px;word-break:break-all}
 .progress{height:1.2rem;background:#e8ebf0;border-radius:6px;overflow:hidden}.progress>div{height:100%;background:#2f6fde;width:0;transition:width .3s}
 .progress>div.failed{background:#c8372d}
 "#;

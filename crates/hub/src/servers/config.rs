@@ -26,6 +26,10 @@ pub struct Config {
     /// Time from a start request until the server must answer.
     #[serde(with = "berth_core::serde_secs")]
     pub start_timeout_seconds: Duration,
+    /// Time a start may spend making its image (pulling it, or building a
+    /// template's) before the start timeout's clock begins.
+    #[serde(with = "berth_core::serde_secs")]
+    pub build_timeout_seconds: Duration,
     /// Seconds between SIGINT and SIGTERM, and between SIGTERM and SIGKILL, when stopping.
     #[serde(with = "berth_core::serde_secs")]
     pub stop_grace_seconds: Duration,
@@ -45,6 +49,14 @@ pub struct Config {
     pub poll_interval_seconds: Duration,
 }
 
+impl Config {
+    /// The longest a start can take: its image's pull or build, then the
+    /// start itself.
+    pub fn longest_start(&self) -> Duration {
+        self.build_timeout_seconds + self.start_timeout_seconds
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -55,6 +67,7 @@ impl Default for Config {
             local_uid_min: 20000,
             local_uid_max: 29999,
             start_timeout_seconds: Duration::from_secs(120),
+            build_timeout_seconds: Duration::from_secs(3600),
             stop_grace_seconds: Duration::from_secs(10),
             max_concurrent_starts: 20,
             max_running: 0,

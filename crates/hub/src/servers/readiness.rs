@@ -18,7 +18,6 @@ impl Servers {
         record: &mut Server,
         plan: StartPlan,
         log: &Arc<ProgressLog>,
-        deadline: Instant,
     ) -> Result<String, String> {
         let timeout = self.cfg.start_timeout_seconds.as_secs();
         let (ptx, mut prx) = mpsc::unbounded_channel::<Progress>();
@@ -31,6 +30,27 @@ impl Servers {
         let stop_forwarding = forwarder.abort_handle();
         log.push(ProgressEvent::step(10, "Spawning server..."));
         let (user, server) = (plan.spec.user.clone(), plan.spec.server.clone());
+        // The image first (a template's first start builds it): that takes
+        // as long as it takes, up to its own limit; the start timeout counts
+        // from when there is an image to run.
+        if let Some(image) = plan.spec.image.clone() {
+            let limit = self.cfg.build_timeout_seconds;
+            let prepared =
+                tokio::time::timeout(limit, self.spawner.prepare_image(&image, &plan.spec.build, ptx.clone())).await;
+            let failed = match prepared {
+                Err(_) => Some(format!("{image} was not pulled or built within {} s", limit.as_secs())),
+                Ok(Err(e)) => Some(e.to_string()),
+                Ok(Ok(_)) => None,
+            };
+            if let Some(why) = failed {
+                // What the pull or build said before it failed is delivered.
+                drop(ptx);
+                let _ = tokio::time::timeout(Duration::from_millis(200), forwarder).await;
+                stop_forwarding.abort();
+                return Err(why);
+            }
+        }
+        let deadline = Instant::now() + self.cfg.start_timeout_seconds;
         let started = tokio::time::timeout_at(deadline, self.spawner.start(plan.spec, ptx)).await;
         // Events the spawner sent before returning are still delivered; a
         // spawner that keeps its sender gets no more say after that.

@@ -86,7 +86,7 @@ pub(super) async fn progress(
 ) -> ApiResult<Response> {
     c.require("read:servers", Target::Server { user: id.user(), server: id.server() })?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ProgressEvent>();
-    let deadline = tokio::time::Instant::now() + hub.servers.cfg.start_timeout_seconds + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + hub.servers.cfg.longest_start() + Duration::from_secs(60);
     let path_url = server_url(&hub.cfg.base_url, id.user(), id.server());
     let span = tracing::info_span!("progress-stream", server = %id);
     let servers = hub.servers.clone();

@@ -156,7 +156,7 @@ pub async fn authorize_page(
         )
     };
     let body = format!(
-        r#"<h1>Users</h1>{msg}{gpu_card}<div class="card"><form method="get" action="{p}authorize">
+        r#"<h1>Users</h1>{msg}<p><a href="{p}admin/templates">Template images</a></p>{gpu_card}<div class="card"><form method="get" action="{p}authorize">
 <input type="text" name="q" value="{q}" placeholder="name starts with…" style="max-width:16rem;display:inline-block">
 <label style="display:inline;font-weight:normal"><input type="checkbox" name="pending" value="1" {checked}> pending only</label>
 <button class="secondary" type="submit">Filter</button></form>

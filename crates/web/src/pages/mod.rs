@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod apps;
 pub mod home;
+pub mod images;
 pub mod keys;
 pub mod login;
 pub mod servers;
