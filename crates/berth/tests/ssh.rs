@@ -619,3 +619,70 @@ async fn a_removed_key_ends_its_open_sessions_and_silent_clients_are_cut_off() {
     assert!(t0.elapsed() < Duration::from_secs(20), "closed by the log-in grace time");
     assert!(String::from_utf8_lossy(&buf).starts_with("SSH-2.0-berth"), "it was berth's SSH server");
 }
+
+/// The SSH-only PyTorch template through the gateway (issue 12, item 5):
+/// `ssh alice+pytorch@host python3 -c 'print(1)'` starts alice's `pytorch`
+/// server from the catalog's template (its image built on first use, on the
+/// stand-in for its base that scripts/test makes), shows the start's
+/// progress on the terminal and runs the command inside that container; the
+/// next log-in finds it running.
+#[tokio::test]
+async fn ssh_user_plus_pytorch_starts_the_pytorch_template_and_runs_python() {
+    let base = "pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime";
+    let have = Command::new("docker").args(["image", "inspect", base]).output().unwrap();
+    assert!(have.status.success(), "no {base} here: run the tests through scripts/test, which makes a stand-in");
+    let image = test_image();
+    let tmp = tempfile::tempdir().unwrap();
+    let scope = DockerScope::new();
+    let mut env = scope.env(&image);
+    env.push(("BERTH_SSH_BIND".into(), "127.0.0.1:0".into()));
+    env.push(("BERTH_SSH_HOST_KEY_TYPES".into(), "ed25519".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env, &[]);
+    let admin = b.first_admin().await;
+    let alice_name = scope.user("pt");
+    let alice = authorized(&b, &admin, &alice_name).await;
+    let key = keygen(tmp.path(), "alice");
+    assert_eq!(add_key(&alice, &alice_name, &key.public).await.status(), StatusCode::CREATED);
+
+    // No image before the first log-in (its layers kept under another name
+    // so the build, which must still happen, is quick after the first run).
+    let (code, out, err) = run_cli(&["templates", "images"], None, None);
+    assert_eq!(code, 0, "{out}{err}");
+    let row = out.lines().find(|l| l.split_whitespace().next() == Some("pytorch")).unwrap_or_else(|| panic!("{out}"));
+    let want = row.split_whitespace().find(|w| w.starts_with("berth-template-pytorch:")).unwrap().to_string();
+    let docker =
+        |args: &[&str]| Command::new("docker").args(args).output().map(|o| o.status.success()).unwrap_or(false);
+    if docker(&["image", "inspect", &want]) {
+        assert!(docker(&["tag", &want, "berth-test-cache/pytorch:layers"]) && docker(&["rmi", &want]));
+    }
+
+    let login = format!("{alice_name}+pytorch");
+    let run = |cmd: &str| {
+        let mut c = Command::new("timeout");
+        // A first log-in builds the template's image: minutes, not seconds.
+        c.arg("1500").arg("ssh").args(client_opts(&port_of(&b))).arg("-i").arg(&key.private);
+        c.arg(format!("{login}@127.0.0.1")).arg(cmd);
+        run_with_stdin(c, None)
+    };
+    let o = run("python3 -c 'print(1)'; cat /etc/hostname");
+    assert!(o.status.success(), "{}\n{}", errtext(&o), b.log());
+    let out = text(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"1"), "{out}");
+    let c = docker_inspect(&format!("berth-{alice_name}--pytorch")).expect("alice's pytorch container");
+    assert_eq!(lines.get(1).copied(), c["Config"]["Hostname"].as_str(), "inside the pytorch container: {out}");
+    assert_eq!(c["Config"]["Labels"]["berth.template"], "pytorch");
+    assert_eq!(c["Config"]["Image"].as_str(), Some(want.as_str()));
+    let _ = docker(&["tag", &want, "berth-test-cache/pytorch:layers"]);
+    let err = errtext(&o);
+    assert!(err.contains("berth: starting") && err.contains("Building berth-template-pytorch:"), "{err}");
+    // The template's tools are there (git, tmux from its packages).
+    let o = run("command -v git tmux");
+    assert!(o.status.success() && text(&o).lines().count() == 2, "{}{}", text(&o), errtext(&o));
+    assert!(!errtext(&o).contains("starting"), "running already: {}", errtext(&o));
+    // The server's record says what it runs.
+    let v: serde_json::Value =
+        alice.api(Method::GET, &format!("/hub/api/users/{alice_name}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["servers"]["pytorch"]["user_options"]["template"], "pytorch", "{v}");
+}

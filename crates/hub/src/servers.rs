@@ -249,6 +249,28 @@ impl Servers {
         }
     }
 
+    /// What a start asked for without options (an SSH log-in that starts
+    /// the server) runs: what the server ran last time, or, for a named
+    /// server never started, the template of its name if the hub offers one
+    /// (`ssh alice+pytorch@host` starts the PyTorch template).
+    pub async fn implicit_options(&self, id: &ServerId) -> HubResult<UserOptions> {
+        if let Some(s) = self.store.get_server(id.user(), id.server()).await? {
+            let mut o = UserOptions::from_record(&s.user_options);
+            // The mode is chosen again (the hub's routing may have changed);
+            // what older records carry beyond the known options is dropped.
+            o.routing = None;
+            o.extra.clear();
+            if o.template.is_some() || o.image.is_some() || id.server.is_default() {
+                return Ok(o);
+            }
+        }
+        let name = id.server();
+        if !id.server.is_default() && self.templates.get(name).is_some() {
+            return Ok(UserOptions { template: Some(name.to_string()), ..UserOptions::default() });
+        }
+        Ok(UserOptions::default())
+    }
+
     /// Step 1: whether this start may happen now — the owner, the template,
     /// the claim, the state, the limits — and the GPUs it holds.
     async fn admit(self: &Arc<Self>, id: &ServerId, mut options: UserOptions) -> HubResult<Admission> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_core::{ServerId, ServerState};
-use berth_hub::{HubError, ProgressEvent, Settled, UserOptions};
+use berth_hub::{HubError, ProgressEvent, Settled};
 use berth_spawner::{BoxFuture, Spawner};
 use berth_ssh::{KeyLogin, SessionRecord, Upstream};
 use berth_web::SharedHub;
@@ -63,7 +63,8 @@ impl HubUpstream {
                         break Err(format!("{id} is not running; start it at {}, then connect again", self.home()));
                     }
                     let _ = progress.send(format!("berth: starting {id} …"));
-                    match servers.start(id, UserOptions::default()).await {
+                    let options = servers.implicit_options(id).await.map_err(|e| e.to_string())?;
+                    match servers.start(id, options).await {
                         Ok(()) | Err(HubError::AlreadyRunning { .. }) | Err(HubError::PendingSpawn { .. }) => {}
                         Err(e) => break Err(format!("cannot start {id}: {e}")),
                     }

@@ -106,7 +106,15 @@ pub(crate) async fn build_image(
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut step = String::new();
     while let Some(item) = stream.next().await {
-        let info = item.map_err(BuildFailure::Engine)?;
+        let info = match item {
+            Ok(info) => info,
+            // A step that fails comes as an error in the stream: the step
+            // and what it printed say why.
+            Err(bollard::errors::Error::DockerStreamError { error }) => {
+                return Err(BuildFailure::Step { step, message: error, tail: tail.into() })
+            }
+            Err(e) => return Err(BuildFailure::Engine(e)),
+        };
         if let Some(message) = info.error {
             return Err(BuildFailure::Step { step, message, tail: tail.into() });
         }
