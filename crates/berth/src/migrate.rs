@@ -629,10 +629,10 @@ async fn plan(
                     }
                     (None, None) => {
                         vl.why = Some(if layout.berth_shared.is_empty() {
-                            format!("every server mounts it at {mount}")
+                            "every server mounts it".to_string()
                         } else {
                             format!(
-                                "every server mounts it at {mount}, in place of docker.shared_volume ({})",
+                                "every server mounts it, in place of docker.shared_volume ({})",
                                 layout.berth_shared
                             )
                         });

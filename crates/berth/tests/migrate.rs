@@ -56,6 +56,21 @@ class NoProxy(Proxy):
     async def delete_route(self, routespec): pass
     async def get_all_routes(self): return {{}}
 
+# NativeAuthenticator 1.3.0's log-in handler times itself with
+# `self.statsd`, which JupyterHub 6 no longer has: without this the admin
+# cannot log in (500). A no-op timer, nothing else changed.
+from nativeauthenticator.handlers import LoginHandler as _NativeLogin
+
+class _Timer:
+    def start(self): return self
+    def stop(self, send=True): pass
+
+class _Statsd:
+    def timer(self, name): return _Timer()
+    def incr(self, *a, **k): pass
+
+_NativeLogin.statsd = _Statsd()
+
 c.JupyterHub.proxy_class = NoProxy
 c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = {port}
@@ -65,6 +80,8 @@ c.JupyterHub.pid_file = "{d}/jupyterhub.pid"
 c.JupyterHub.log_level = "WARN"
 c.JupyterHub.authenticator_class = "native"
 c.Authenticator.admin_users = {{"admin"}}
+# NativeAuthenticator decides who may log in (its authorization).
+c.Authenticator.allow_all = True
 c.NativeAuthenticator.open_signup = False
 "#
         );
@@ -423,7 +440,7 @@ async fn migrates_accounts_and_volumes_from_a_real_jupyterhub() {
 }
 
 #[tokio::test]
-async fn a_dry_run_writes_nothing() {
+async fn a_dry_run_writes_nothing_and_nobody_is_switched_silently() {
     let image = test_image();
     let scope = DockerScope::new();
     let mut src = Source::make(&scope, &image).await;
@@ -448,11 +465,55 @@ async fn a_dry_run_writes_nothing() {
     assert!(out.contains("dry run: nothing was written"), "{out}");
     let (_, list, _) = b.cli(&["user", "list"], None);
     assert!(!list.contains(&src.alice) && !list.contains(&src.bob), "{list}");
-    // The real run then has everything still to do.
     args.pop();
-    let (code, out, err) = cli(&b, &args);
+
+    // bob already has a berth account of his own: a duplicate, skipped.
+    let (code, out, err) = b.cli(&["user", "add", src.bob.as_str(), "--password-stdin"], Some("bobs-berth-pass-77\n"));
+    assert_eq!(code, 0, "{out}{err}");
+    // alice came over with `berth user import-nativeauth` (the accounts part
+    // of the same migration) and used berth since: she has berth volumes.
+    let db = src.jh.db();
+    let (code, out, err) = b.cli(&["user", "import-nativeauth", db.to_str().unwrap()], None);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&format!("imported {}", src.alice)), "{out}");
+    assert!(out.contains(&format!("skipped {}: a duplicate", src.bob)), "{out}");
+    let account = {
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}?mode=ro", b.data_dir.join("berth.sqlite").display());
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        let id: String = sqlx::query_scalar("SELECT account_id FROM users WHERE name = $1")
+            .bind(&src.alice)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        id
+    };
+    let own = format!("berth-{account}-home");
+    let _own = Volumes(vec![own.clone()]);
+    docker(&["volume", "create", &own]);
+
+    let (code, out, err) = cli(&b, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("already imported {}", src.alice)), "{out}");
+    assert!(out.contains(&format!("skipped {}: a duplicate", src.bob)), "{out}");
+    assert!(
+        out.contains(&format!("not switched jupyterlab-{}_home", src.alice)) && out.contains("--switch-existing"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 volume(s) adopted, 0 already adopted, 3 not adopted"),
+        "only the shared volume is adopted, none of hers: {out}"
+    );
+    let mut switch = args.clone();
+    switch.push("--switch-existing".into());
+    let (code, out, err) = cli(&b, &switch);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("adopted jupyterlab-{}_home as", src.alice)), "{out}");
+    assert!(volume_exists(&own), "her berth volume stays (unmounted)");
+    let (code, out, _) = cli(&b, &switch);
+    assert_eq!(code, 0);
+    assert!(out.contains("nothing to do"), "{out}");
     drop(src.volumes);
 }
 
