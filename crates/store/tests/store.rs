@@ -237,8 +237,8 @@ async fn sqlite_is_wal_and_reopens() {
     let s = Store::open_in_dir(dir.path()).await.unwrap();
     assert_eq!(
         s.schema_version().await.unwrap(),
-        6,
-        "every migration, through 6 (account ids, settings, log-in failures), applied once"
+        7,
+        "every migration, through 7 (adopted volumes, imported accounts), applied once"
     );
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
