@@ -284,6 +284,48 @@ mod tests {
     }
 
     #[test]
+    fn adopted_volumes_replace_berths_own_for_their_role() {
+        let mounts = |cfg: Config, adopted: Vec<VolumeMount>| -> Vec<String> {
+            let mut s = spec(&[]);
+            s.owner_id = "1abc".into();
+            s.volumes = adopted;
+            let b = DockerSpawner::connect(cfg, "/").unwrap().container_body(&s, "http://x/hub/api");
+            b.host_config
+                .and_then(|h| h.mounts)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| format!("{}:{}", m.source.unwrap_or_default(), m.target.unwrap_or_default()))
+                .collect()
+        };
+        assert_eq!(
+            mounts(Config::default(), vec![]),
+            [
+                "berth-1abc-home:/home",
+                "berth-1abc-workspace:/home/lab/workspace",
+                "berth-1abc-cache:/home/lab/.cache",
+                "berth-shared:/mnt/shared"
+            ]
+        );
+        let adopted = vec![
+            VolumeMount { role: DataRole::Workspace, name: "jupyterlab-alice_workspace".into(), target: "/w".into() },
+            VolumeMount { role: DataRole::Shared, name: "jupyterhub_shared".into(), target: "/mnt/shared".into() },
+        ];
+        assert_eq!(
+            mounts(Config::default(), adopted.clone()),
+            [
+                "berth-1abc-home:/home",
+                "jupyterlab-alice_workspace:/w",
+                "berth-1abc-cache:/home/lab/.cache",
+                "jupyterhub_shared:/mnt/shared"
+            ]
+        );
+        // An adopted shared volume is mounted even when berth's own is off.
+        let off = Config { shared_volume: String::new(), ..Config::default() };
+        assert!(mounts(off.clone(), adopted).contains(&"jupyterhub_shared:/mnt/shared".to_string()));
+        assert!(!mounts(off, vec![]).iter().any(|m| m.ends_with(":/mnt/shared")));
+    }
+
+    #[test]
     fn gpus_and_limits_as_configured() {
         let b = body(Config { pids_limit: 0, mem_unlimited: true, ..Config::default() }, &["GPU-1", "GPU-3"]);
         let hc = b.host_config.clone().unwrap_or_default();
