@@ -2,6 +2,7 @@
 //! lives in the library crates; `berth_server::App` wires them together.
 #![forbid(unsafe_code)]
 
+mod migrate;
 mod templates;
 mod up;
 mod users;
@@ -94,6 +95,14 @@ enum Command {
     },
     /// List what `berth up` started.
     Ps,
+    /// Move an existing deployment to berth: accounts and every user's data
+    /// (works while berth runs; running it twice changes nothing).
+    Migrate {
+        #[command(subcommand)]
+        command: migrate::MigrateCommand,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Manage accounts from the command line (works while berth runs).
     User {
         #[command(subcommand)]
@@ -256,6 +265,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Up(args) => up::up(args).await.map_err(Failure::Runtime),
         Command::Down { id, volumes } => up::down(&id, volumes).await.map_err(Failure::Runtime),
         Command::Ps => up::ps().await.map_err(Failure::Runtime),
+        Command::Migrate { command, common } => {
+            let config = load_config(&common, &[])?;
+            init_logging("warn")?;
+            migrate::run(command, &config).await.map_err(Failure::Runtime)
+        }
         Command::User { command, common } => {
             let config = load_config(&common, &[])?;
             init_logging("warn")?;

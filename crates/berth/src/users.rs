@@ -8,9 +8,8 @@ use anyhow::{bail, Context, Result};
 use berth_core::UserName;
 use berth_hub::Actor;
 use berth_server::Config;
-use berth_store::{NewUser, Store, UserQuery};
+use berth_store::{Store, UserQuery};
 use clap::Subcommand;
-use sqlx::Row;
 
 #[derive(Subcommand)]
 pub(crate) enum UserCommand {
@@ -51,7 +50,8 @@ pub(crate) enum UserCommand {
         #[arg(long)]
         revoke: bool,
     },
-    /// Import NativeAuthenticator accounts from a JupyterHub database.
+    /// Import NativeAuthenticator accounts from a JupyterHub database (the
+    /// accounts part of `berth migrate jupyterhub`).
     ImportNativeauth { database: PathBuf },
 }
 
@@ -144,75 +144,7 @@ pub(crate) async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Res
             hub(config).await?.set_admin(&op, &name, !revoke).await.map_err(said)?;
             println!("{name} is {}an admin", if revoke { "no longer " } else { "" });
         }
-        UserCommand::ImportNativeauth { database } => import_nativeauth(store, &database).await?,
+        UserCommand::ImportNativeauth { database } => crate::migrate::import_nativeauth(database, config).await?,
     }
-    Ok(())
-}
-
-/// Reads NativeAuthenticator's `users_info` (and the hub's `users` for admin
-/// flags) and creates the accounts that do not exist yet. bcrypt hashes are
-/// kept as they are and replaced by argon2id at each user's next log-in.
-async fn import_nativeauth(store: &Store, path: &std::path::Path) -> Result<()> {
-    if !path.is_file() {
-        bail!("{} is not a file", path.display());
-    }
-    sqlx::any::install_default_drivers();
-    let url = format!("sqlite://{}?mode=ro", path.display());
-    let pool = sqlx::AnyPool::connect(&url).await.with_context(|| format!("opening {}", path.display()))?;
-    let rows = sqlx::query(
-        "SELECT username, password, CAST(COALESCE(is_authorized, 0) AS INTEGER) AS is_authorized FROM users_info",
-    )
-    .fetch_all(&pool)
-    .await
-    .with_context(|| format!("reading NativeAuthenticator's users_info table from {}", path.display()))?;
-    let admins: Vec<String> = match sqlx::query("SELECT name FROM users WHERE admin = 1").fetch_all(&pool).await {
-        Ok(rows) => rows.iter().filter_map(|r| r.try_get::<String, _>("name").ok()).collect(),
-        Err(_) => Vec::new(),
-    };
-    let (mut imported, mut skipped) = (0, 0);
-    for r in &rows {
-        let raw: String = r.try_get("username")?;
-        let hash: String = match r.try_get::<Vec<u8>, _>("password") {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(_) => r.try_get::<String, _>("password")?,
-        };
-        let authorized = match r.try_get::<i64, _>("is_authorized") {
-            Ok(v) => v != 0,
-            Err(_) => r.try_get::<bool, _>("is_authorized").unwrap_or(false),
-        };
-        let name = match UserName::normalize(&raw) {
-            Ok(n) => n,
-            Err(e) => {
-                println!("skipped {raw:?}: {e}");
-                skipped += 1;
-                continue;
-            }
-        };
-        if !hash.starts_with("$2") {
-            println!("skipped {name}: the stored password is not a bcrypt hash");
-            skipped += 1;
-            continue;
-        }
-        let admin = admins.iter().any(|a| a == &raw || a == name.as_str());
-        let new = NewUser { name: name.to_string(), admin, authorized, password_hash: Some(hash) };
-        match store.create_user(&new).await {
-            Ok(_) => {
-                imported += 1;
-                println!(
-                    "imported {name}{}{}",
-                    if authorized { "" } else { " (pending)" },
-                    if admin { " (admin)" } else { "" }
-                );
-            }
-            Err(berth_store::StoreError::Conflict { .. }) => {
-                println!("skipped {name}: an account of that name exists already");
-                skipped += 1;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    pool.close().await;
-    store.add_event("cli", "import-nativeauth", &path.display().to_string(), &format!("{imported} imported")).await?;
-    println!("{imported} account(s) imported, {skipped} skipped");
     Ok(())
 }

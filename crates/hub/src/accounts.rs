@@ -174,11 +174,20 @@ impl Hub {
             return Err(HubError::SelfAction { action: SelfAction::Delete });
         }
         let account = self.existing(name).await?;
+        // Volumes adopted from an earlier deployment stay whatever
+        // `remove_data` says (they are that deployment's too, and going back
+        // to it must find them); their records go with the account.
+        let adopted: Vec<String> =
+            self.store.adopted_volumes_of(&account.account_id).await?.into_iter().map(|v| v.volume).collect();
         self.revoke_everything(name).await?;
         self.servers.stop_all_of(name).await?;
         self.store.delete_user(name).await?;
         self.event(actor, "user-delete", name, &account.account_id).await;
         tracing::info!(by = %actor.name(), user = %name, account = %account.account_id, "account deleted");
+        if !adopted.is_empty() {
+            self.event(actor, "adopted-volumes-kept", name, &adopted.join(",")).await;
+            tracing::info!(user = %name, volumes = %adopted.join(","), "kept the volumes adopted for the account");
+        }
         if remove_data {
             self.servers.remove_user_data(name, &account.account_id).await?;
             self.event(actor, "volumes-remove", name, &account.account_id).await;

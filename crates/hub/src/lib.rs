@@ -11,6 +11,7 @@
 
 pub mod accounts;
 pub mod activity;
+pub mod adopted;
 pub mod error;
 pub mod gpus;
 pub mod identity;

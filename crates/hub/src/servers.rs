@@ -376,6 +376,7 @@ impl Servers {
         let env = spec::jupyterhub_env(&id, secret.expose(), &self.api_url(), &self.base_url);
         let template = options.template.as_deref().and_then(|t| self.templates.lookup(t));
         let mut plan = spec::plan(&id, env, &self.base_url, &options, template, gpus);
+        plan.spec.volumes = crate::adopted::mounts(&self.store, &owner_id).await?;
         plan.spec.owner_id = owner_id;
 
         record.last_error = None;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use berth_spawner::{Progress, ProgressTx, SpawnError, SpawnSpec};
+use berth_spawner::{DataRole, Progress, ProgressTx, SpawnError, SpawnSpec, VolumeMount};
 use bollard::models::{
     ContainerCreateBody, DeviceRequest, HostConfig, Mount, MountTypeEnum, RestartPolicy, RestartPolicyNameEnum,
 };
@@ -51,21 +51,16 @@ impl DockerSpawner {
             parse_pairs(&self.cfg.env).into_iter().filter(|(k, _)| k != GPU_VAR).map(|(k, v)| format!("{k}={v}")),
         );
         env.push(format!("{GPU_VAR}={}", hardening::visible_devices(&spec.gpus)));
-        let vol = |suffix: &str| format!("berth-{}-{suffix}", owner_of(spec));
-        let mount = |source: String, target: &str| Mount {
-            source: Some(source),
-            target: Some(target.to_string()),
-            typ: Some(MountTypeEnum::VOLUME),
-            ..Default::default()
-        };
-        let mut mounts = vec![
-            mount(vol("home"), &self.cfg.home_dir),
-            mount(vol("workspace"), &self.cfg.workdir),
-            mount(vol("cache"), &self.cfg.cache_dir),
-        ];
-        if !self.cfg.shared_volume.is_empty() {
-            mounts.push(mount(self.cfg.shared_volume.clone(), &self.cfg.shared_mount));
-        }
+        let mounts = self
+            .volume_plan(spec)
+            .into_iter()
+            .map(|v| Mount {
+                source: Some(v.name),
+                target: Some(v.target),
+                typ: Some(MountTypeEnum::VOLUME),
+                ..Default::default()
+            })
+            .collect();
         let device_requests = (!spec.gpus.is_empty()).then(|| {
             vec![DeviceRequest {
                 driver: Some(self.cfg.gpu_driver.clone()),
@@ -133,12 +128,17 @@ impl DockerSpawner {
             self.ensure_built(&image, &spec.build, progress).await?;
         }
         let _ = progress.send(Progress { progress: 40, message: "Preparing volumes…".into() });
-        for suffix in ["home", "workspace", "cache"] {
-            self.ensure_volume(&format!("berth-{}-{suffix}", owner_of(spec)), "local", &[], &spec.user).await?;
-        }
-        if !self.cfg.shared_volume.is_empty() {
-            let opts = parse_pairs(&self.cfg.shared_volume_opts);
-            self.ensure_volume(&self.cfg.shared_volume, &self.cfg.shared_volume_driver, &opts, "").await?;
+        for v in self.volume_plan(spec) {
+            if spec.volumes.iter().any(|a| a.role == v.role) {
+                // Adopted: it holds someone's data, so a missing one is an
+                // error, never an empty replacement.
+                self.require_volume(&v.name, v.role, &spec.user).await?;
+            } else if v.role == DataRole::Shared {
+                let opts = parse_pairs(&self.cfg.shared_volume_opts);
+                self.ensure_volume(&v.name, &self.cfg.shared_volume_driver, &opts, "").await?;
+            } else {
+                self.ensure_volume(&v.name, "local", &[], &spec.user).await?;
+            }
         }
         let name = container_name(&spec.user, &spec.server);
         // A container of that name left from an earlier run (kept on stop, or
@@ -194,6 +194,35 @@ impl DockerSpawner {
     }
 }
 
+impl DockerSpawner {
+    /// The volumes a server mounts, one per role: an adopted volume where the
+    /// spec names one, else berth's own (`berth-<owner>-<role>`, the
+    /// configured shared volume unless that is turned off).
+    pub fn volume_plan(&self, spec: &SpawnSpec) -> Vec<VolumeMount> {
+        let mut plan = Vec::new();
+        for role in DataRole::ALL {
+            if let Some(a) = spec.volumes.iter().find(|a| a.role == role) {
+                plan.push(a.clone());
+                continue;
+            }
+            let (name, target) = match role {
+                DataRole::Home => (own_volume(owner_of(spec), role), &self.cfg.home_dir),
+                DataRole::Workspace => (own_volume(owner_of(spec), role), &self.cfg.workdir),
+                DataRole::Cache => (own_volume(owner_of(spec), role), &self.cfg.cache_dir),
+                DataRole::Shared if self.cfg.shared_volume.is_empty() => continue,
+                DataRole::Shared => (self.cfg.shared_volume.clone(), &self.cfg.shared_mount),
+            };
+            plan.push(VolumeMount { role, name, target: target.clone() });
+        }
+        plan
+    }
+}
+
+/// The name of berth's own volume for a user's role; `owner` is the account id.
+pub fn own_volume(owner: &str, role: DataRole) -> String {
+    format!("berth-{owner}-{role}")
+}
+
 /// What a user's volumes are named by: the account's immutable id.
 fn owner_of(spec: &SpawnSpec) -> &str {
     if spec.owner_id.is_empty() {
@@ -226,6 +255,7 @@ mod tests {
             image: None,
             gpus: gpus.iter().map(|g| g.to_string()).collect(),
             port: None,
+            volumes: Vec::new(),
         }
     }
 
@@ -258,6 +288,48 @@ mod tests {
         assert_eq!(gpu_env(&b), ["NVIDIA_VISIBLE_DEVICES=void"]);
         assert!(b.env.iter().flatten().any(|e| e == "A=b"));
         assert_eq!(hc.device_requests, None);
+    }
+
+    #[test]
+    fn adopted_volumes_replace_berths_own_for_their_role() {
+        let mounts = |cfg: Config, adopted: Vec<VolumeMount>| -> Vec<String> {
+            let mut s = spec(&[]);
+            s.owner_id = "1abc".into();
+            s.volumes = adopted;
+            let b = DockerSpawner::connect(cfg, "/").unwrap().container_body(&s, "http://x/hub/api");
+            b.host_config
+                .and_then(|h| h.mounts)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| format!("{}:{}", m.source.unwrap_or_default(), m.target.unwrap_or_default()))
+                .collect()
+        };
+        assert_eq!(
+            mounts(Config::default(), vec![]),
+            [
+                "berth-1abc-home:/home",
+                "berth-1abc-workspace:/home/lab/workspace",
+                "berth-1abc-cache:/home/lab/.cache",
+                "berth-shared:/mnt/shared"
+            ]
+        );
+        let adopted = vec![
+            VolumeMount { role: DataRole::Workspace, name: "jupyterlab-alice_workspace".into(), target: "/w".into() },
+            VolumeMount { role: DataRole::Shared, name: "jupyterhub_shared".into(), target: "/mnt/shared".into() },
+        ];
+        assert_eq!(
+            mounts(Config::default(), adopted.clone()),
+            [
+                "berth-1abc-home:/home",
+                "jupyterlab-alice_workspace:/w",
+                "berth-1abc-cache:/home/lab/.cache",
+                "jupyterhub_shared:/mnt/shared"
+            ]
+        );
+        // An adopted shared volume is mounted even when berth's own is off.
+        let off = Config { shared_volume: String::new(), ..Config::default() };
+        assert!(mounts(off.clone(), adopted).contains(&"jupyterhub_shared:/mnt/shared".to_string()));
+        assert!(!mounts(off, vec![]).iter().any(|m| m.ends_with(":/mnt/shared")));
     }
 
     #[test]

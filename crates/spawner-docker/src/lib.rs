@@ -32,7 +32,9 @@ use berth_spawner::SpawnError;
 use bollard::Docker;
 
 pub use config::{parse_pairs, Config};
+pub use container::own_volume;
 pub use image::split_image;
+pub use volumes::VolumeInfo;
 
 pub const LABEL_MANAGED: &str = "berth.managed";
 pub const LABEL_USER: &str = "berth.user";

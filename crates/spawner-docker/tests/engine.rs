@@ -49,6 +49,7 @@ async fn gpu_servers_carry_device_requests() {
         image: None,
         gpus: vec!["GPU-1".into(), "GPU-3".into()],
         port: None,
+        volumes: Vec::new(),
     };
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let id = spawner.create(&spec, &tx).await.unwrap();

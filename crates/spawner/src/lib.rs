@@ -54,6 +54,54 @@ pub struct SpawnSpec {
     /// single-user server's usual port. The local spawner puts its own free
     /// port wherever the command says `{port}`.
     pub port: Option<u16>,
+    /// Volumes adopted from an earlier deployment (`berth migrate`), each
+    /// serving one [`DataRole`] in place of the spawner's own volume for it.
+    /// They exist already and are never created, renamed or removed by
+    /// berth. Spawners without volumes ignore them.
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// What a per-user (or shared) volume holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DataRole {
+    Home,
+    Workspace,
+    Cache,
+    /// The one volume every server mounts.
+    Shared,
+}
+
+impl DataRole {
+    pub const ALL: [DataRole; 4] = [DataRole::Home, DataRole::Workspace, DataRole::Cache, DataRole::Shared];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataRole::Home => "home",
+            DataRole::Workspace => "workspace",
+            DataRole::Cache => "cache",
+            DataRole::Shared => "shared",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DataRole> {
+        DataRole::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for DataRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An existing volume mounted for one role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMount {
+    pub role: DataRole,
+    /// The volume's name in the engine.
+    pub name: String,
+    /// Where it is mounted in the container.
+    pub target: String,
 }
 
 /// A progress event, as JupyterHub's progress stream carries them.

@@ -6,6 +6,7 @@
 //! tokens arrive hashed, passwords as PHC strings.
 #![forbid(unsafe_code)]
 
+mod adopted;
 mod directory;
 mod events;
 mod gpus;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+pub use adopted::AdoptedVolume;
 pub use limits::UserLimits;
 pub use records::*;
 pub use ssh_keys::{NewSshKey, SshKey};

@@ -157,6 +157,29 @@ CREATE TABLE login_failures (
 )
 "#,
     ),
+    (
+        7,
+        "volumes adopted from an earlier deployment, and where imported accounts came from",
+        r#"
+CREATE TABLE adopted_volumes (
+    volume TEXT PRIMARY KEY,
+    account_id TEXT REFERENCES users(account_id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    mount_point TEXT NOT NULL,
+    driver TEXT NOT NULL,
+    options TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL,
+    adopted BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX adopted_volumes_role ON adopted_volumes(account_id, role);
+CREATE TABLE imported_accounts (
+    account_id TEXT PRIMARY KEY REFERENCES users(account_id) ON DELETE CASCADE,
+    source TEXT NOT NULL,
+    source_name TEXT NOT NULL,
+    imported BIGINT NOT NULL
+)
+"#,
+    ),
 ];
 
 impl Store {

@@ -237,8 +237,8 @@ async fn sqlite_is_wal_and_reopens() {
     let s = Store::open_in_dir(dir.path()).await.unwrap();
     assert_eq!(
         s.schema_version().await.unwrap(),
-        6,
-        "every migration, through 6 (account ids, settings, log-in failures), applied once"
+        7,
+        "every migration, through 7 (adopted volumes, imported accounts), applied once"
     );
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
@@ -341,3 +341,50 @@ async fn user_limits(s: &Store) {
     s.delete_user("lim").await.unwrap();
 }
 both!(user_limits_, user_limits);
+
+async fn adopted_volumes(s: &Store) {
+    let u = s.create_user(&new_user("mig")).await.unwrap();
+    let other = s.create_user(&new_user("mog")).await.unwrap();
+    let vol = |name: &str, account: Option<&str>, role: &str| AdoptedVolume {
+        volume: name.into(),
+        account_id: account.map(str::to_string),
+        role: role.into(),
+        mount_point: "/home".into(),
+        driver: "local".into(),
+        options: String::new(),
+        source: "jupyterhub:/x.sqlite".into(),
+        adopted: 0,
+    };
+    let home = vol("jupyterlab-mig_home", Some(&u.account_id), "home");
+    assert!(s.adopt_volume(&home).await.unwrap(), "new");
+    assert!(!s.adopt_volume(&home).await.unwrap(), "the same again: nothing to do");
+    // One volume serves one role of one account; one volume per role.
+    let taken = vol("jupyterlab-mig_home", Some(&other.account_id), "home");
+    assert!(matches!(s.adopt_volume(&taken).await, Err(StoreError::Conflict { .. })));
+    let second = vol("elsewhere_home", Some(&u.account_id), "home");
+    assert!(matches!(s.adopt_volume(&second).await, Err(StoreError::Conflict { .. })));
+    let ghost = vol("ghost_home", Some("1nobody"), "home");
+    assert!(matches!(s.adopt_volume(&ghost).await, Err(StoreError::NotFound { .. })));
+    let shared = vol("jupyterhub_shared", None, "shared");
+    assert!(s.adopt_volume(&shared).await.unwrap());
+    assert!(!s.adopt_volume(&shared).await.unwrap());
+    assert!(matches!(s.adopt_volume(&vol("other_shared", None, "shared")).await, Err(StoreError::Conflict { .. })));
+    let start: Vec<String> =
+        s.adopted_volumes_for_start(&u.account_id).await.unwrap().into_iter().map(|v| v.volume).collect();
+    assert_eq!(start, ["jupyterlab-mig_home", "jupyterhub_shared"]);
+    let start: Vec<String> =
+        s.adopted_volumes_for_start(&other.account_id).await.unwrap().into_iter().map(|v| v.volume).collect();
+    assert_eq!(start, ["jupyterhub_shared"], "the shared volume is everyone's");
+    // Where an account came from.
+    s.record_import(&u.account_id, "jupyterhub:/x.sqlite", "Mig").await.unwrap();
+    s.record_import(&u.account_id, "jupyterhub:/x.sqlite", "Mig").await.unwrap();
+    assert_eq!(s.import_source(&u.account_id).await.unwrap(), Some(("jupyterhub:/x.sqlite".into(), "Mig".into())));
+    assert_eq!(s.import_source(&other.account_id).await.unwrap(), None);
+    // The records go with the account; the shared one stays.
+    s.delete_user("mig").await.unwrap();
+    assert_eq!(s.adopted_volume("jupyterlab-mig_home").await.unwrap(), None);
+    assert_eq!(s.import_source(&u.account_id).await.unwrap(), None);
+    assert_eq!(s.list_adopted_volumes().await.unwrap().len(), 1);
+    s.delete_user("mog").await.unwrap();
+}
+both!(adopted_volumes_, adopted_volumes);

@@ -157,6 +157,7 @@ pub fn plan(
         image: options.image.clone(),
         gpus,
         port: None,
+        volumes: Vec::new(),
     };
     // The single-user server answers under its prefix at `<prefix>api`.
     let Some(t) = template else { return StartPlan { spec, probe: Some(format!("{prefix}api")) } };

@@ -97,6 +97,7 @@ fn spec(user: &str) -> SpawnSpec {
         image: None,
         gpus: vec![],
         port: None,
+        volumes: Vec::new(),
     }
 }
 

@@ -16,6 +16,7 @@ fn spec(prefix: &str) -> SpawnSpec {
         image: None,
         gpus: vec![],
         port: None,
+        volumes: Vec::new(),
     }
 }
 
