@@ -97,6 +97,19 @@ async fn api_json(b: &Browser, path: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// Polls `GET /hub/api/gpus` as `b` until `ok` holds (30 s at most).
+async fn gpus_until(b: &Browser, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let v = api_json(b, "/hub/api/gpus").await;
+        if ok(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn gpu<'a>(v: &'a Value, id: &str) -> &'a Value {
     v["gpus"].as_array().unwrap().iter().find(|g| g["id"] == id).unwrap_or_else(|| panic!("{id} in {v}"))
 }
@@ -144,16 +157,12 @@ async fn gpu_memory_of_container_processes_is_attributed_to_their_user_and_serve
     let bob_pid = host_pid(&format!("berth-{bob_name}"));
     // A process of the host, outside any container: reported, owned by nobody.
     let host = std::process::id();
-    standin.write(
-        &three_gpus(87),
-        &format!("{GPU0}, {alice_pid}, 20480\n{GPU1}, {bob_pid}, 1024\n{GPU1}, {host}, 77\n"),
-    );
+    standin
+        .write(&three_gpus(87), &format!("{GPU0}, {alice_pid}, 20480\n{GPU1}, {bob_pid}, 1024\n{GPU1}, {host}, 77\n"));
 
-    let mut report = Value::Null;
-    eventually("the sampler attributes both containers' processes", Duration::from_secs(30), || async {
-        report = api_json(&admin, "/hub/api/gpus").await;
-        gpu(&report, GPU1)["processes"].as_array().is_some_and(|p| p.len() == 2)
-            && gpu(&report, GPU0)["processes"][0]["user"] == alice_name.as_str()
+    let report = gpus_until(&admin, "the sampler attributes both containers' processes", |r| {
+        gpu(r, GPU1)["processes"].as_array().is_some_and(|p| p.len() == 2)
+            && gpu(r, GPU0)["processes"][0]["user"] == alice_name.as_str()
     })
     .await;
     assert_eq!(report["sampler"]["state"], "ok", "{report}");
@@ -210,10 +219,7 @@ async fn users_see_counts_and_their_own_gpus_admins_see_every_holder() {
         let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).json(&json!({"gpus": 1})).send().await;
         assert_eq!(r.unwrap().status(), StatusCode::ACCEPTED, "{name} starts with a GPU");
     }
-    eventually("a sample", Duration::from_secs(20), || async {
-        api_json(&admin, "/hub/api/gpus").await["sampler"]["state"] == "ok"
-    })
-    .await;
+    gpus_until(&admin, "a sample", |v| v["sampler"]["state"] == "ok").await;
 
     let all = api_json(&admin, "/hub/api/gpus").await;
     assert_eq!((&all["total"], &all["free"], &all["held"]), (&json!(3), &json!(1), &json!(2)), "{all}");
@@ -249,7 +255,10 @@ async fn users_see_counts_and_their_own_gpus_admins_see_every_holder() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(!r.text().await.unwrap().contains("bob"));
-    assert_eq!(api_client().get(format!("{}/hub/api/gpus", b.url)).send().await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        api_client().get(format!("{}/hub/api/gpus", b.url)).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
 
     // Pages: carol's start page counts before she picks; alice's server card
     // shows its GPU's readings; the admin card shows holders, use and idleness.
@@ -264,7 +273,9 @@ async fn users_see_counts_and_their_own_gpus_admins_see_every_holder() {
     assert!(page.contains(">alice<") && page.contains(">bob<"), "{page}");
     assert!(page.contains("Utilisation from nvidia-smi"), "{page}");
     // GPU-1 reads 0 %: idle, for a time the page shows; GPU-0 at 87 % is not.
-    let row = |id: &str| page.split(&format!(r#"<tr id="gpu-{id}">"#)).nth(1).unwrap().split("</tr>").next().unwrap().to_string();
+    let row = |id: &str| {
+        page.split(&format!(r#"<tr id="gpu-{id}">"#)).nth(1).unwrap().split("</tr>").next().unwrap().to_string()
+    };
     assert!(row(GPU1).contains(" s</td>"), "{}", row(GPU1));
     assert!(row(GPU0).contains("<td>—</td>"), "{}", row(GPU0));
     assert!(row(GPU0).contains("exclusive"));
@@ -283,17 +294,11 @@ async fn a_missing_or_failing_nvidia_smi_means_unknown_and_berth_keeps_serving()
     );
     let admin = b.first_admin().await;
     let state = |v: &Value| v["sampler"]["state"].as_str().unwrap_or("").to_string();
-    eventually("a sample", Duration::from_secs(20), || async { state(&api_json(&admin, "/hub/api/gpus").await) == "ok" })
-        .await;
+    gpus_until(&admin, "a sample", |v| state(v) == "ok").await;
 
     // The driver goes away: nvidia-smi fails as it then does.
     std::fs::write(standin.dir().join("fail"), "").unwrap();
-    let mut v = Value::Null;
-    eventually("utilisation unknown", Duration::from_secs(20), || async {
-        v = api_json(&admin, "/hub/api/gpus").await;
-        state(&v) == "unknown"
-    })
-    .await;
+    let v = gpus_until(&admin, "utilisation unknown", |v| state(v) == "unknown").await;
     assert!(v["sampler"]["reason"].as_str().unwrap().contains("couldn't communicate with the NVIDIA driver"), "{v}");
     assert!(v["gpus"].as_array().unwrap().iter().all(|g| g["utilization_percent"].is_null()), "{v}");
     assert_eq!(v["total"], 3, "the inventory stays");
@@ -304,8 +309,7 @@ async fn a_missing_or_failing_nvidia_smi_means_unknown_and_berth_keeps_serving()
     // nvidia-smi vanishes altogether.
     std::fs::remove_file(standin.dir().join("fail")).unwrap();
     std::fs::remove_file(standin.script()).unwrap();
-    eventually("no nvidia-smi", Duration::from_secs(20), || async {
-        v = api_json(&admin, "/hub/api/gpus").await;
+    gpus_until(&admin, "no nvidia-smi", |v| {
         v["sampler"]["reason"].as_str().is_some_and(|r| r.contains("no nvidia-smi on PATH"))
     })
     .await;
@@ -314,10 +318,6 @@ async fn a_missing_or_failing_nvidia_smi_means_unknown_and_berth_keeps_serving()
 
     // It comes back: so do the readings.
     standin.install();
-    eventually("readings again", Duration::from_secs(20), || async {
-        v = api_json(&admin, "/hub/api/gpus").await;
-        state(&v) == "ok" && gpu(&v, GPU0)["utilization_percent"] == 50
-    })
-    .await;
+    gpus_until(&admin, "readings again", |v| state(v) == "ok" && gpu(v, GPU0)["utilization_percent"] == 50).await;
     assert!(b.log().contains("GPU utilisation unknown") && b.log().contains("GPU telemetry is back"), "{}", b.log());
 }

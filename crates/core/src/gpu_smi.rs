@@ -145,7 +145,8 @@ mod tests {
     use super::*;
 
     /// Two GPUs as the query prints them; the second cannot report its power.
-    const TWO: &str = "0, GPU-5b2c7e0e-3f1d-2a4b-9c8e-1d2f3a4b5c6d, NVIDIA A100-SXM4-80GB, 87, 40536, 81920, 61, 312.45\n\
+    const TWO: &str =
+        "0, GPU-5b2c7e0e-3f1d-2a4b-9c8e-1d2f3a4b5c6d, NVIDIA A100-SXM4-80GB, 87, 40536, 81920, 61, 312.45\n\
                        1, GPU-77aa01b2-c3d4-e5f6-a7b8-c9d0e1f2a3b4, NVIDIA A100-SXM4-80GB, 0, 4, 81920, 33, [N/A]\n";
 
     #[test]
@@ -175,12 +176,7 @@ mod tests {
         let why: Vec<&str> = bad.iter().map(|b| b.why.as_str()).collect();
         assert_eq!(
             why,
-            [
-                "1 fields, expected 8",
-                "utilization.gpu is \"lots\", not a number",
-                "no uuid",
-                "7 fields, expected 8"
-            ]
+            ["1 fields, expected 8", "utilization.gpu is \"lots\", not a number", "no uuid", "7 fields, expected 8"]
         );
         assert_eq!(parse_gpus("").0, vec![]);
         assert_eq!(parse_gpus("-1, GPU-z, T4, 1, 2, 3, 4, 5").1.len(), 1, "a negative index");

@@ -173,7 +173,8 @@ impl Gpus {
                     snap.processes_on(&g.id)
                         .take(256)
                         .map(|p| {
-                            let visible = p.owner.as_ref().is_some_and(|(u, _)| own(u.as_str())) || (all && p.owner.is_none());
+                            let visible =
+                                p.owner.as_ref().is_some_and(|(u, _)| own(u.as_str())) || (all && p.owner.is_none());
                             ProcessView {
                                 pid: visible.then_some(p.pid),
                                 memory_mib: p.memory_mib,
@@ -196,8 +197,12 @@ impl Gpus {
                     power_w: reading.and_then(|r| r.power_w),
                     idle_seconds: self.telemetry.idle_for(&g.id, now_ms).map(|d| d.as_secs()),
                     processes,
+                    // A configured id has no name of its own; the driver's is better.
+                    name: match reading {
+                        Some(r) if g.name == "configured" => r.name.clone(),
+                        _ => g.name,
+                    },
                     id: g.id,
-                    name: g.name,
                     shared: g.shared,
                 }
             })

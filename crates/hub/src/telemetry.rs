@@ -56,10 +56,7 @@ impl NvidiaSmi {
 
     async fn run(&self, query: &str) -> Result<String, String> {
         let mut cmd = tokio::process::Command::new(&self.program);
-        cmd.arg(query)
-            .arg("--format=csv,noheader,nounits")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
+        cmd.arg(query).arg("--format=csv,noheader,nounits").stdin(std::process::Stdio::null()).kill_on_drop(true);
         let out = match tokio::time::timeout(self.timeout, cmd.output()).await {
             Err(_) => return Err(format!("{} {query} took longer than {:?}", self.program, self.timeout)),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -141,7 +138,9 @@ pub enum SampleState {
     Pending,
     Ok,
     /// The last attempt failed: utilisation unknown.
-    Unknown { reason: String },
+    Unknown {
+        reason: String,
+    },
 }
 
 /// The latest sample.
@@ -212,12 +211,17 @@ impl Telemetry {
 
     /// The latest sample; older than three intervals, it reads as unknown.
     pub fn snapshot(&self, now_ms: i64) -> Arc<Snapshot> {
-        let s = self.latest.read().map(|s| s.clone()).unwrap_or_else(|_| Arc::new(Snapshot::empty("off", SampleState::Off)));
+        let s = self
+            .latest
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|_| Arc::new(Snapshot::empty("off", SampleState::Off)));
         let stale_after = (self.interval.as_millis() as i64).saturating_mul(3).max(15_000);
         if s.state == SampleState::Ok && now_ms.saturating_sub(s.at_ms) > stale_after {
-            let mut stale = Snapshot::empty(s.source, SampleState::Unknown {
-                reason: format!("no sample for {} s", now_ms.saturating_sub(s.at_ms) / 1000),
-            });
+            let mut stale = Snapshot::empty(
+                s.source,
+                SampleState::Unknown { reason: format!("no sample for {} s", now_ms.saturating_sub(s.at_ms) / 1000) },
+            );
             stale.at_ms = s.at_ms;
             return Arc::new(stale);
         }
@@ -288,7 +292,12 @@ impl Telemetry {
                 let processes = raw
                     .apps
                     .into_iter()
-                    .map(|a| Process { owner: owners.get(&a.pid).cloned(), gpu_uuid: a.gpu_uuid, pid: a.pid, memory_mib: a.memory_mib })
+                    .map(|a| Process {
+                        owner: owners.get(&a.pid).cloned(),
+                        gpu_uuid: a.gpu_uuid,
+                        pid: a.pid,
+                        memory_mib: a.memory_mib,
+                    })
                     .collect();
                 Snapshot { at_ms: now_ms, source, state: SampleState::Ok, gpus: raw.gpus, processes }
             }

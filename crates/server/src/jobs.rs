@@ -23,7 +23,9 @@ pub(crate) fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<Tls
         tasks.spawn(prebuild(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "prebuild")));
     }
     if hub.servers.gpus.samples() {
-        tasks.spawn(sample_gpus(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "gpu-sampler")));
+        tasks.spawn(
+            sample_gpus(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "gpu-sampler")),
+        );
     }
     tasks.spawn(watch_exits(hub, shutdown.clone()).instrument(tracing::info_span!("job", name = "exits")));
     if let Some(tls) = tls {

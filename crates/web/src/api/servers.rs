@@ -15,7 +15,7 @@ use berth_core::Target;
 use berth_hub::{ProgressEvent, Settled, UserOptions};
 use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiCaller, JsonBody, ServerPath};

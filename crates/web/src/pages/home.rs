@@ -92,7 +92,7 @@ pub(crate) fn sampler_text(s: &SamplerView) -> String {
 }
 
 /// The GPUs `holder` (`alice`, `alice/lab`) holds, with their live readings.
-fn server_gpus(gpus: Option<&GpusView>, holder: &str, name: &str) -> String {
+fn server_gpus(gpus: Option<&GpusView>, user: &str, holder: &str, name: &str) -> String {
     let Some(v) = gpus else { return String::new() };
     let mine: Vec<&GpuView> = v.gpus.iter().filter(|g| g.holders.iter().any(|h| h == holder)).collect();
     if mine.is_empty() {
@@ -100,7 +100,8 @@ fn server_gpus(gpus: Option<&GpusView>, holder: &str, name: &str) -> String {
     }
     let mut rows = String::new();
     for g in mine {
-        let own: u64 = g.processes.iter().filter(|p| p.user.is_some()).filter_map(|p| p.memory_mib).sum();
+        let own: u64 =
+            g.processes.iter().filter(|p| p.user.as_deref() == Some(user)).filter_map(|p| p.memory_mib).sum();
         rows.push_str(&format!(
             r#"<li><code>{id}</code> {gname}: {usage}{own}{shared}</li>"#,
             id = esc(&g.id),
@@ -160,7 +161,7 @@ fn server_card(
         .filter(|_| state.is_active())
         .map(|t| format!(" since {}", iso(t).get(..16).unwrap_or("").replace('T', " ")))
         .unwrap_or_default();
-    let gpus = if state.is_active() { server_gpus(gpus, &path, name) } else { String::new() };
+    let gpus = if state.is_active() { server_gpus(gpus, user, &path, name) } else { String::new() };
     format!(
         r#"<div class="card" id="server-{n}"><h2>{label} {badge}</h2><p class="muted"><code>{url}</code>{started} · <a href="{p}logs/{path}">log</a></p>{gpus}{error}<p>{actions}</p></div>"#,
         n = esc(name),
@@ -201,7 +202,8 @@ fn template_picker(hub: &SharedHub, xsrf: &str, allowed: Option<&[String]>, gpus
                 free = v.free,
                 held = v.held,
                 total = v.total,
-                shared = if shared > 0 { format!("; {shared} held but shared, so still available") } else { String::new() },
+                shared =
+                    if shared > 0 { format!("; {shared} held but shared, so still available") } else { String::new() },
             )
         })
         .unwrap_or_default();
