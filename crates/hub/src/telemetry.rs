@@ -27,6 +27,9 @@ pub struct RawSample {
     pub apps: Vec<AppReading>,
 }
 
+/// Host PID → `(user, server)` of the container running it.
+pub type Owners = HashMap<u32, (String, String)>;
+
 /// Where samples come from.
 pub trait GpuSource: Send + Sync {
     /// `nvidia-smi`, shown to admins.
@@ -262,12 +265,7 @@ impl Telemetry {
         self.record(source.name(), result, now_ms);
     }
 
-    fn record(
-        &self,
-        source: &'static str,
-        result: Result<(RawSample, HashMap<u32, (String, String)>), String>,
-        now_ms: i64,
-    ) {
+    fn record(&self, source: &'static str, result: Result<(RawSample, Owners), String>, now_ms: i64) {
         let snap = match result {
             Ok((raw, owners)) => {
                 if let Ok(mut f) = self.failing.lock() {
@@ -324,7 +322,7 @@ impl Telemetry {
 }
 
 /// Maps each process's host PID to the server whose container runs it.
-async fn attribute(spawner: &dyn Spawner, apps: &[AppReading]) -> HashMap<u32, (String, String)> {
+async fn attribute(spawner: &dyn Spawner, apps: &[AppReading]) -> Owners {
     let mut by_container: HashMap<u32, String> = HashMap::new();
     for a in apps.iter().take(4096) {
         if by_container.contains_key(&a.pid) {
@@ -361,7 +359,7 @@ mod tests {
         }
     }
 
-    fn ok(gpus: Vec<GpuReading>) -> Result<(RawSample, HashMap<u32, (String, String)>), String> {
+    fn ok(gpus: Vec<GpuReading>) -> Result<(RawSample, Owners), String> {
         Ok((RawSample { gpus, apps: vec![] }, HashMap::new()))
     }
 
