@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod gpu;
+pub mod gpu_smi;
 pub mod names;
 pub mod scopes;
 pub mod state;

@@ -34,6 +34,8 @@ const HIERARCHY: &[(&str, &[&str])] = &[
     ("proxy", &[]),
     ("ssh-keys", &["read:ssh-keys"]),
     ("read:ssh-keys", &[]),
+    // Who holds which GPU and whose processes run on it (`GET /hub/api/gpus`).
+    ("read:gpus", &[]),
 ];
 
 /// What a user holds on their own account (JupyterHub's `self`).
@@ -51,6 +53,7 @@ const ADMIN_SCOPES: &[&str] = &[
     "shutdown",
     "proxy",
     "ssh-keys",
+    "read:gpus",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

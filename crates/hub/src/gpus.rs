@@ -1,16 +1,21 @@
 //! The GPUs the hub hands out: the inventory (configured or detected at
 //! start-up), allocation through `berth_core::gpu::allocate` recorded in the
-//! store, and the report admins see. Allocation is serialised, so two starts
-//! never get the same exclusive device.
+//! store, and what each caller may see of them (`view`: holders with
+//! `read:gpus` or when they are the caller's own, and the sampler's live
+//! readings from `telemetry`). Allocation is serialised, so two starts never
+//! get the same exclusive device.
 
 use std::collections::HashSet;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use berth_core::ServerId;
 use berth_store::Store;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{HubError, HubResult};
+use crate::identity::Caller;
+use crate::telemetry::{NvidiaSmi, SampleState, Telemetry};
 
 /// The `[gpu]` section of berth's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,6 +29,14 @@ pub struct GpuConfig {
     pub probe_image: String,
     /// Most GPUs one server may ask for.
     pub max_per_server: u32,
+    /// Where utilisation comes from: `auto` (`nvidia-smi` when there are
+    /// GPUs to sample), `nvidia-smi`, or `off`.
+    pub sampler: String,
+    /// Seconds between samples.
+    #[serde(with = "berth_core::serde_secs")]
+    pub sample_interval_seconds: Duration,
+    /// A GPU below this utilisation (percent) counts as idle.
+    pub idle_below_percent: u32,
 }
 
 impl Default for GpuConfig {
@@ -33,6 +46,9 @@ impl Default for GpuConfig {
             devices: String::new(),
             probe_image: "nvidia/cuda:12.4.1-base-ubuntu22.04".into(),
             max_per_server: 8,
+            sampler: "auto".into(),
+            sample_interval_seconds: Duration::from_secs(5),
+            idle_below_percent: 5,
         }
     }
 }
@@ -54,8 +70,66 @@ pub struct GpuReport {
     pub holders: Vec<String>,
 }
 
+/// One compute process on a GPU as a caller sees it: the PID and owner only
+/// when the caller may see who holds what, or it is their own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessView {
+    pub pid: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub user: Option<String>,
+    pub server: Option<String>,
+}
+
+/// One GPU as a caller sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GpuView {
+    pub id: String,
+    pub name: String,
+    pub shared: bool,
+    pub held: bool,
+    pub holder_count: usize,
+    /// Every holder with `read:gpus`; otherwise the caller's own servers only.
+    pub holders: Vec<String>,
+    pub utilization_percent: Option<u32>,
+    pub memory_used_mib: Option<u64>,
+    pub memory_total_mib: Option<u64>,
+    pub temperature_c: Option<u32>,
+    pub power_w: Option<f64>,
+    /// Seconds it has been seen idle; `None` when busy or not known.
+    pub idle_seconds: Option<u64>,
+    pub processes: Vec<ProcessView>,
+}
+
+/// What the sampler says, for `GpusView`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SamplerView {
+    pub source: &'static str,
+    #[serde(flatten)]
+    pub state: SampleState,
+    /// Unix milliseconds of the latest sample, when there was one.
+    pub sampled_at_ms: Option<i64>,
+}
+
+/// The GPUs as one caller sees them (`GET /hub/api/gpus`, the pages).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GpusView {
+    pub mode: u32,
+    pub sampler: SamplerView,
+    pub total: usize,
+    /// Held by nobody.
+    pub free: usize,
+    pub held: usize,
+    /// What a start may still get: free ones and shared ones.
+    pub available: usize,
+    /// Whether holder names of others are shown (`read:gpus`).
+    pub holders_visible: bool,
+    pub gpus: Vec<GpuView>,
+}
+
 pub struct Gpus {
     pub cfg: GpuConfig,
+    /// The sampler's latest readings (filled by the server's `gpu-sampler` job).
+    pub telemetry: Telemetry,
     store: Store,
     inventory: RwLock<Vec<Gpu>>,
     one_at_a_time: tokio::sync::Mutex<()>,
@@ -63,7 +137,91 @@ pub struct Gpus {
 
 impl Gpus {
     pub fn new(cfg: GpuConfig, store: Store) -> Gpus {
-        Gpus { cfg, store, inventory: RwLock::new(Vec::new()), one_at_a_time: tokio::sync::Mutex::new(()) }
+        let source: Option<Arc<dyn crate::telemetry::GpuSource>> = match (cfg.mode, cfg.sampler.as_str()) {
+            (0, _) | (_, "off") => None,
+            _ => Some(Arc::new(NvidiaSmi::new("nvidia-smi", Duration::from_secs(10)))),
+        };
+        let telemetry = Telemetry::new(source, cfg.sample_interval_seconds, cfg.idle_below_percent);
+        Gpus { cfg, store, telemetry, inventory: RwLock::new(Vec::new()), one_at_a_time: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Whether the sampler job should run: a source, and (with `auto`)
+    /// GPUs in the inventory.
+    pub fn samples(&self) -> bool {
+        self.telemetry.enabled() && (self.cfg.sampler != "auto" || !self.inventory().is_empty())
+    }
+
+    /// The GPUs, their holders and live readings as `caller` may see them.
+    pub async fn view(&self, caller: &Caller, now_ms: i64) -> HubResult<GpusView> {
+        let all = caller.allows("read:gpus", berth_core::Target::Hub);
+        let me = caller.name().to_string();
+        let report = self.report().await?;
+        let allocations = self.store.gpu_allocations().await?;
+        let snap = self.telemetry.snapshot(now_ms);
+        let fresh = snap.state == SampleState::Ok;
+        let gpus: Vec<GpuView> = report
+            .into_iter()
+            .map(|g| {
+                let reading = if fresh { snap.gpu(&g.id) } else { None };
+                let own = |u: &str| all || u == me;
+                let holders: Vec<String> = allocations
+                    .iter()
+                    .filter(|(d, u, _)| *d == g.id && own(u.as_str()))
+                    .map(|(_, u, s)| describe(u, s))
+                    .collect();
+                let processes = if fresh {
+                    snap.processes_on(&g.id)
+                        .take(256)
+                        .map(|p| {
+                            let visible =
+                                p.owner.as_ref().is_some_and(|(u, _)| own(u.as_str())) || (all && p.owner.is_none());
+                            ProcessView {
+                                pid: visible.then_some(p.pid),
+                                memory_mib: p.memory_mib,
+                                user: p.owner.as_ref().filter(|_| visible).map(|(u, _)| u.clone()),
+                                server: p.owner.as_ref().filter(|_| visible).map(|(_, s)| s.clone()),
+                            }
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                GpuView {
+                    held: !g.holders.is_empty(),
+                    holder_count: g.holders.len(),
+                    holders,
+                    utilization_percent: reading.and_then(|r| r.utilization_percent),
+                    memory_used_mib: reading.and_then(|r| r.memory_used_mib),
+                    memory_total_mib: reading.and_then(|r| r.memory_total_mib),
+                    temperature_c: reading.and_then(|r| r.temperature_c),
+                    power_w: reading.and_then(|r| r.power_w),
+                    idle_seconds: self.telemetry.idle_for(&g.id, now_ms).map(|d| d.as_secs()),
+                    processes,
+                    // A configured id has no name of its own; the driver's is better.
+                    name: match reading {
+                        Some(r) if g.name == "configured" => r.name.clone(),
+                        _ => g.name,
+                    },
+                    id: g.id,
+                    shared: g.shared,
+                }
+            })
+            .collect();
+        let held = gpus.iter().filter(|g| g.held).count();
+        Ok(GpusView {
+            mode: self.cfg.mode,
+            sampler: SamplerView {
+                source: snap.source,
+                sampled_at_ms: (snap.at_ms > 0).then_some(snap.at_ms),
+                state: snap.state.clone(),
+            },
+            total: gpus.len(),
+            free: gpus.len() - held,
+            held,
+            available: gpus.iter().filter(|g| !g.held || g.shared).count(),
+            holders_visible: all,
+            gpus,
+        })
     }
 
     pub fn set_inventory(&self, gpus: Vec<Gpu>) {

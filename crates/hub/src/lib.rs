@@ -21,6 +21,7 @@ pub mod oauth;
 pub mod progress;
 pub mod servers;
 pub mod setup;
+pub mod telemetry;
 pub mod templates;
 pub mod tokens;
 

@@ -22,6 +22,11 @@ pub(crate) fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<Tls
     if !hub.servers.templates.cfg.prebuild.is_empty() {
         tasks.spawn(prebuild(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "prebuild")));
     }
+    if hub.servers.gpus.samples() {
+        tasks.spawn(
+            sample_gpus(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "gpu-sampler")),
+        );
+    }
     tasks.spawn(watch_exits(hub, shutdown.clone()).instrument(tracing::info_span!("job", name = "exits")));
     if let Some(tls) = tls {
         tasks.spawn(reload_tls(tls, shutdown).instrument(tracing::info_span!("job", name = "tls-reload")));
@@ -36,6 +41,25 @@ async fn prebuild(hub: SharedHub, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = hub.servers.build_template_image(&id) => {}
+        }
+    }
+}
+
+/// Samples the GPUs every `gpu.sample_interval_seconds` (the sampler never
+/// fails: a failed read makes utilisation unknown until the next one).
+async fn sample_gpus(hub: SharedHub, shutdown: CancellationToken) {
+    let telemetry = &hub.servers.gpus.telemetry;
+    let mut tick = tokio::time::interval(telemetry.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let spawner = hub.servers.spawner();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = telemetry.sample(spawner.as_ref(), now_ms()) => {}
         }
     }
 }

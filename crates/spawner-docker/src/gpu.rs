@@ -26,16 +26,35 @@ pub struct Detection {
 }
 
 /// Parses `nvidia-smi -L`: `GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-5b2…)`.
+/// A GPU in MIG mode is followed by its instances,
+/// `  MIG 1g.10gb     Device  0: (UUID: MIG-…)`; those are the units berth
+/// hands out (a process cannot use the parent GPU while it is split), named
+/// after the parent and their profile.
 pub fn parse_nvidia_smi_list(text: &str) -> Vec<GpuDevice> {
-    text.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let rest = l.strip_prefix("GPU ")?;
-            let (_, after) = rest.split_once(": ")?;
-            let (name, uuid) = after.rsplit_once(" (UUID: ")?;
-            Some(GpuDevice { id: uuid.trim_end_matches(')').to_string(), name: name.to_string() })
-        })
-        .collect()
+    let mut out: Vec<GpuDevice> = Vec::new();
+    // The last GPU line, and whether MIG lines replaced it already.
+    let mut parent: Option<(String, bool)> = None;
+    for l in text.lines().map(str::trim) {
+        if let Some(rest) = l.strip_prefix("GPU ") {
+            let Some((_, after)) = rest.split_once(": ") else { continue };
+            let Some((name, uuid)) = after.rsplit_once(" (UUID: ") else { continue };
+            out.push(GpuDevice { id: uuid.trim_end_matches(')').to_string(), name: name.to_string() });
+            parent = Some((name.to_string(), false));
+        } else if let Some(rest) = l.strip_prefix("MIG ") {
+            let Some((profile, after)) = rest.split_once(" Device") else { continue };
+            let Some((_, uuid)) = after.rsplit_once("(UUID: ") else { continue };
+            let Some((pname, replaced)) = parent.as_mut() else { continue };
+            if !*replaced {
+                out.pop();
+                *replaced = true;
+            }
+            out.push(GpuDevice {
+                id: uuid.trim_end_matches(')').to_string(),
+                name: format!("{pname} MIG {}", profile.trim()),
+            });
+        }
+    }
+    out
 }
 
 /// The runtime names the engine's `info` lists (the keys of its `Runtimes`
@@ -173,6 +192,25 @@ mod tests {
         assert_eq!(d.len(), 2);
         assert_eq!(d[0], GpuDevice { id: "GPU-5b2c1e2a-1111".into(), name: "NVIDIA A100-SXM4-80GB".into() });
         assert!(parse_nvidia_smi_list("No devices were found").is_empty());
+    }
+
+    #[test]
+    fn mig_instances_are_units_of_their_own() {
+        let text = "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5d5b)\n\
+                    \x20 MIG 3g.20gb     Device  0: (UUID: MIG-c6d4)\n\
+                    \x20 MIG 3g.20gb     Device  1: (UUID: MIG-77e1)\n\
+                    GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-9a9a)\n";
+        let d = parse_nvidia_smi_list(text);
+        let got: Vec<(&str, &str)> = d.iter().map(|g| (g.id.as_str(), g.name.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("MIG-c6d4", "NVIDIA A100-SXM4-40GB MIG 3g.20gb"),
+                ("MIG-77e1", "NVIDIA A100-SXM4-40GB MIG 3g.20gb"),
+                ("GPU-9a9a", "NVIDIA A100-SXM4-40GB"),
+            ]
+        );
+        assert!(parse_nvidia_smi_list("  MIG 1g.5gb Device 0: (UUID: MIG-orphan)").is_empty(), "no parent");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use berth_core::Target;
 use berth_hub::{ProgressEvent, Settled, UserOptions};
 use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiCaller, JsonBody, ServerPath};
@@ -169,9 +169,12 @@ pub(super) async fn activity(
     Ok(StatusCode::OK)
 }
 
-/// `GET /hub/api/gpus` (admins): the inventory, shared flags and holders.
-pub(super) async fn gpus(State(hub): State<SharedHub>, ApiCaller(c): ApiCaller) -> ApiResult<Json<Value>> {
-    c.require("admin:servers", Target::Hub)?;
-    let report = hub.servers.gpus.report().await?;
-    Ok(Json(json!({"mode": hub.servers.gpus.cfg.mode, "gpus": report})))
+/// `GET /hub/api/gpus`: the inventory, counts, shared flags and live
+/// readings for every caller; holder names and others' processes with
+/// `read:gpus` only (everyone sees their own).
+pub(super) async fn gpus(
+    State(hub): State<SharedHub>,
+    ApiCaller(c): ApiCaller,
+) -> ApiResult<Json<berth_hub::gpus::GpusView>> {
+    Ok(Json(hub.servers.gpus.view(&c, berth_store::now_ms()).await?))
 }

@@ -132,28 +132,32 @@ pub async fn authorize_page(
     } else {
         String::new()
     };
-    let gpus = hub.servers.gpus.report().await.unwrap_or_default();
-    let gpu_card = if gpus.is_empty() {
-        format!(
-            r#"<div class="card"><h2>GPUs</h2><p class="muted">No GPUs (mode {}).</p></div>"#,
-            hub.servers.gpus.cfg.mode
-        )
-    } else {
-        let mut rows = String::new();
-        for g in &gpus {
-            let (id, shared, holders) = (&g.id, g.shared, &g.holders);
-            rows.push_str(&format!(
-                r#"<tr><td><code>{id}</code></td><td>{name}</td><td>{holders}</td><td><form method="post" action="{p}gpus/{id}">{x}<input type="hidden" name="action" value="{act}"><button class="secondary" type="submit">{label}</button></form></td></tr>"#,
-                id = esc(id),
-                name = esc(&g.name),
-                holders = if holders.is_empty() { "free".to_string() } else { esc(&holders.join(", ")) },
-                act = if shared { "exclusive" } else { "share" },
-                label = if shared { "Shared: make exclusive" } else { "Exclusive: share" },
-            ));
+    let gpu_card = match hub.servers.gpus.view(&user.caller, berth_store::now_ms()).await {
+        Ok(v) if v.gpus.is_empty() => {
+            format!(r#"<div class="card"><h2>GPUs</h2><p class="muted">No GPUs (mode {}).</p></div>"#, v.mode)
         }
-        format!(
-            r#"<div class="card"><h2>GPUs</h2><table><thead><tr><th>Id</th><th>Name</th><th>Held by</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"#
-        )
+        Ok(v) => {
+            let mut rows = String::new();
+            for g in &v.gpus {
+                let (id, shared, holders) = (&g.id, g.shared, &g.holders);
+                rows.push_str(&format!(
+                    r#"<tr id="gpu-{id}"><td><code>{id}</code></td><td>{name}</td><td>{holders}</td><td>{usage}</td><td>{idle}</td><td>{kind}</td><td><form method="post" action="{p}gpus/{id}">{x}<input type="hidden" name="action" value="{act}"><button class="secondary" type="submit">{label}</button></form></td></tr>"#,
+                    id = esc(id),
+                    name = esc(&g.name),
+                    holders = if holders.is_empty() { "free".to_string() } else { esc(&holders.join(", ")) },
+                    usage = super::home::gpu_usage(g),
+                    idle = g.idle_seconds.map(super::home::duration_text).unwrap_or_else(|| "—".into()),
+                    kind = if shared { "shared" } else { "exclusive" },
+                    act = if shared { "exclusive" } else { "share" },
+                    label = if shared { "Make exclusive" } else { "Share" },
+                ));
+            }
+            format!(
+                r#"<div class="card"><h2>GPUs</h2><p class="muted" id="gpu-sampler">{sampler}</p><table><thead><tr><th>Id</th><th>Name</th><th>Held by</th><th>Use</th><th>Idle for</th><th>Kind</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"#,
+                sampler = esc(&super::home::sampler_text(&v.sampler)),
+            )
+        }
+        Err(e) => alert(Level::Danger, &ApiError::from(e).message),
     };
     let body = format!(
         r#"<h1>Users</h1>{msg}<p><a href="{p}admin/templates">Template images</a></p>{gpu_card}<div class="card"><form method="get" action="{p}authorize">

@@ -5,6 +5,8 @@
 use axum::extract::State;
 use axum::response::Html;
 use berth_core::ServerState;
+use berth_hub::gpus::{GpuView, GpusView, SamplerView};
+use berth_hub::telemetry::SampleState;
 use berth_store::UserQuery;
 
 use super::servers::pending_path;
@@ -32,20 +34,95 @@ pub async fn home(State(hub): State<SharedHub>, user: PageUser) -> Html<String> 
             ));
         }
     }
-    match home_servers(&hub, &user).await {
+    let gpus = hub.servers.gpus.view(&user.caller, berth_store::now_ms()).await.ok().filter(|v| v.total > 0);
+    match home_servers(&hub, &user, gpus.as_ref()).await {
         Ok(cards) => body.push_str(&cards),
         Err(e) => body.push_str(&alert(Level::Danger, &e.message)),
     }
     let allowed = hub.store.user_limits(user.caller.name()).await.ok().and_then(|l| l.templates);
-    body.push_str(&template_picker(&hub, &user.xsrf, allowed.as_deref()));
+    body.push_str(&template_picker(&hub, &user.xsrf, allowed.as_deref(), gpus.as_ref()));
     body.push_str(&format!(
         r#"<div class="card"><h2>Your account</h2><p>API tokens for scripts and JupyterHub clients: <a href="{base}hub/token">Tokens</a>.</p></div>"#
     ));
     html::page(base, "Home", Some(&user.viewer()), &body)
 }
 
+/// `87 % · 40536 / 81920 MiB · 61 °C · 312 W`, or "utilisation unknown".
+pub(crate) fn gpu_usage(g: &GpuView) -> String {
+    let mut parts = Vec::new();
+    match g.utilization_percent {
+        Some(u) => parts.push(format!("{u} %")),
+        None => parts.push("utilisation unknown".to_string()),
+    }
+    match (g.memory_used_mib, g.memory_total_mib) {
+        (Some(u), Some(t)) => parts.push(format!("{u} / {t} MiB")),
+        (Some(u), None) => parts.push(format!("{u} MiB")),
+        _ => {}
+    }
+    if let Some(t) = g.temperature_c {
+        parts.push(format!("{t} °C"));
+    }
+    if let Some(p) = g.power_w {
+        parts.push(format!("{p:.0} W"));
+    }
+    parts.join(" · ")
+}
+
+/// `3 min`, `2 h 5 min`.
+pub(crate) fn duration_text(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min", s / 60),
+        s => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// What the sampler says, in a sentence.
+pub(crate) fn sampler_text(s: &SamplerView) -> String {
+    let ago = s
+        .sampled_at_ms
+        .map(|t| format!(", {} s ago", berth_store::now_ms().saturating_sub(t).max(0) / 1000))
+        .unwrap_or_default();
+    match &s.state {
+        SampleState::Off => "Utilisation is not sampled (gpu.sampler = off, or no GPUs).".into(),
+        SampleState::Pending => format!("Utilisation from {}: no sample yet.", s.source),
+        SampleState::Ok => format!("Utilisation from {}{ago}.", s.source),
+        SampleState::Unknown { reason } => format!("Utilisation unknown ({}): {reason}{ago}.", s.source),
+    }
+}
+
+/// The GPUs `holder` (`alice`, `alice/lab`) holds, with their live readings.
+fn server_gpus(gpus: Option<&GpusView>, user: &str, holder: &str, name: &str) -> String {
+    let Some(v) = gpus else { return String::new() };
+    let mine: Vec<&GpuView> = v.gpus.iter().filter(|g| g.holders.iter().any(|h| h == holder)).collect();
+    if mine.is_empty() {
+        return String::new();
+    }
+    let mut rows = String::new();
+    for g in mine {
+        let own: u64 =
+            g.processes.iter().filter(|p| p.user.as_deref() == Some(user)).filter_map(|p| p.memory_mib).sum();
+        rows.push_str(&format!(
+            r#"<li><code>{id}</code> {gname}: {usage}{own}{shared}</li>"#,
+            id = esc(&g.id),
+            gname = esc(&g.name),
+            usage = gpu_usage(g),
+            own = if own > 0 { format!(" · your processes {own} MiB") } else { String::new() },
+            shared = if g.shared { r#" <span class="badge">shared</span>"# } else { "" },
+        ));
+    }
+    format!(r#"<ul class="gpus" id="gpus-{n}">{rows}</ul>"#, n = esc(name))
+}
+
 /// The state of one server, as the home page shows it.
-fn server_card(hub: &SharedHub, xsrf: &str, user: &str, s: Option<&berth_store::Server>, name: &str) -> String {
+fn server_card(
+    hub: &SharedHub,
+    xsrf: &str,
+    user: &str,
+    s: Option<&berth_store::Server>,
+    name: &str,
+    gpus: Option<&GpusView>,
+) -> String {
     let p = hub.hub_prefix();
     let url = server_url(&hub.cfg.base_url, user, name);
     let path = if name.is_empty() { user.to_string() } else { format!("{user}/{name}") };
@@ -84,19 +161,20 @@ fn server_card(hub: &SharedHub, xsrf: &str, user: &str, s: Option<&berth_store::
         .filter(|_| state.is_active())
         .map(|t| format!(" since {}", iso(t).get(..16).unwrap_or("").replace('T', " ")))
         .unwrap_or_default();
+    let gpus = if state.is_active() { server_gpus(gpus, user, &path, name) } else { String::new() };
     format!(
-        r#"<div class="card" id="server-{n}"><h2>{label} {badge}</h2><p class="muted"><code>{url}</code>{started} · <a href="{p}logs/{path}">log</a></p>{error}<p>{actions}</p></div>"#,
+        r#"<div class="card" id="server-{n}"><h2>{label} {badge}</h2><p class="muted"><code>{url}</code>{started} · <a href="{p}logs/{path}">log</a></p>{gpus}{error}<p>{actions}</p></div>"#,
         n = esc(name),
         url = esc(&url),
     )
 }
 
-async fn home_servers(hub: &SharedHub, user: &PageUser) -> ApiResult<String> {
+async fn home_servers(hub: &SharedHub, user: &PageUser, gpus: Option<&GpusView>) -> ApiResult<String> {
     let name = user.caller.name();
     let servers = hub.store.list_servers(Some(name)).await?;
-    let mut out = server_card(hub, &user.xsrf, name, servers.iter().find(|s| s.name.is_empty()), "");
+    let mut out = server_card(hub, &user.xsrf, name, servers.iter().find(|s| s.name.is_empty()), "", gpus);
     for s in servers.iter().filter(|s| !s.name.is_empty()) {
-        out.push_str(&server_card(hub, &user.xsrf, name, Some(s), &s.name));
+        out.push_str(&server_card(hub, &user.xsrf, name, Some(s), &s.name, gpus));
     }
     if hub.servers.cfg.max_named_servers > 0 {
         out.push_str(&format!(
@@ -112,12 +190,25 @@ async fn home_servers(hub: &SharedHub, user: &PageUser) -> ApiResult<String> {
 }
 
 /// The start page's template picker, grouped by category.
-fn template_picker(hub: &SharedHub, xsrf: &str, allowed: Option<&[String]>) -> String {
+fn template_picker(hub: &SharedHub, xsrf: &str, allowed: Option<&[String]>, gpus: Option<&GpusView>) -> String {
     let apps = &hub.servers.templates;
     let mut ts: Vec<&berth_core::HubTemplate> =
         apps.templates().iter().filter(|t| allowed.is_none_or(|a| a.contains(&t.id))).collect();
+    let counts = gpus
+        .map(|v| {
+            let shared = v.available.saturating_sub(v.free);
+            format!(
+                r#"<p id="gpu-counts">GPUs: <b>{free} free</b>, {held} held, of {total}{shared}.</p>"#,
+                free = v.free,
+                held = v.held,
+                total = v.total,
+                shared =
+                    if shared > 0 { format!("; {shared} held but shared, so still available") } else { String::new() },
+            )
+        })
+        .unwrap_or_default();
     if ts.is_empty() {
-        return String::new();
+        return if counts.is_empty() { counts } else { format!(r#"<div class="card"><h2>GPUs</h2>{counts}</div>"#) };
     }
     ts.sort_by(|a, b| (&a.category, &a.name).cmp(&(&b.category, &b.name)));
     let mut groups = String::new();
@@ -155,7 +246,7 @@ fn template_picker(hub: &SharedHub, xsrf: &str, allowed: Option<&[String]>) -> S
         groups.push_str("</optgroup>");
     }
     format!(
-        r#"<div class="card"><h2>Start an environment</h2>
+        r#"<div class="card"><h2>Start an environment</h2>{counts}
 <form method="post" action="{p}spawn-template">{x}
 <label for="template">Template</label><select id="template" name="template">{groups}</select>
 <label for="gpus">GPUs</label><input type="number" id="gpus" name="gpus" min="0" placeholder="the template's default">

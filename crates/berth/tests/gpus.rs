@@ -1,0 +1,323 @@
+//! Issue 13, telemetry and where it is shown, without a GPU: a stand-in
+//! `nvidia-smi` on berth's `PATH` prints what the real tool prints for the
+//! sampler's two queries (`--format=csv,noheader,nounits`), reading its lines
+//! from files the test writes. The processes it reports are real: host PIDs
+//! of processes in real containers, so attribution (PID → cgroup →
+//! container → labels → user and server) runs for real.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const PW: &str = "gpus-pass-42x";
+const GPU0: &str = "GPU-5b2c7e0e-3f1d-2a4b-9c8e-1d2f3a4b5c6d";
+const GPU1: &str = "GPU-77aa01b2-c3d4-e5f6-a7b8-c9d0e1f2a3b4";
+const GPU2: &str = "GPU-0c0c0c0c-1d1d-2e2e-3f3f-404040404040";
+
+/// The stand-in: answers exactly the two queries berth makes (anything else
+/// fails, so a changed query is caught), from `gpus.csv` and `apps.csv`
+/// next to it; with `fail` next to it, fails as the real tool does when the
+/// driver is gone.
+const STANDIN: &str = r#"#!/bin/sh
+dir=$(dirname "$0")
+if [ -e "$dir/fail" ]; then
+  echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure that the latest NVIDIA driver is installed and running."
+  exit 9
+fi
+case "$1 $2" in
+  "--query-gpu=index,uuid,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw --format=csv,noheader,nounits")
+    cat "$dir/gpus.csv" ;;
+  "--query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader,nounits")
+    cat "$dir/apps.csv" ;;
+  *) echo "stand-in nvidia-smi: unexpected arguments: $*" >&2; exit 2 ;;
+esac
+"#;
+
+struct Standin {
+    dir: tempfile::TempDir,
+}
+
+impl Standin {
+    fn new(gpus: &str, apps: &str) -> Standin {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Standin { dir };
+        s.install();
+        s.write(gpus, apps);
+        s
+    }
+
+    fn script(&self) -> PathBuf {
+        self.dir.path().join("nvidia-smi")
+    }
+
+    fn install(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(self.script(), STANDIN).unwrap();
+        std::fs::set_permissions(self.script(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn write(&self, gpus: &str, apps: &str) {
+        // Written aside and renamed, so the stand-in never prints half a file.
+        for (name, text) in [("gpus.csv", gpus), ("apps.csv", apps)] {
+            let tmp = self.dir.path().join(format!(".{name}"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, self.dir.path().join(name)).unwrap();
+        }
+    }
+
+    /// `PATH` with the stand-in first.
+    fn path(&self) -> String {
+        format!("{}:{}", self.dir.path().display(), std::env::var("PATH").unwrap_or_default())
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Three GPUs as the real query prints them; the third cannot report power.
+fn three_gpus(util0: u32) -> String {
+    format!(
+        "0, {GPU0}, NVIDIA A100-SXM4-80GB, {util0}, 40536, 81920, 61, 312.45\n\
+         1, {GPU1}, NVIDIA A100-SXM4-80GB, 0, 1101, 81920, 33, 58.02\n\
+         2, {GPU2}, Tesla T4, 3, 0, 15360, 40, [N/A]\n"
+    )
+}
+
+async fn api_json(b: &Browser, path: &str) -> Value {
+    let r = b.api(Method::GET, path).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{path}");
+    r.json().await.unwrap()
+}
+
+/// Polls `GET /hub/api/gpus` as `b` until `ok` holds (30 s at most).
+async fn gpus_until(b: &Browser, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let v = api_json(b, "/hub/api/gpus").await;
+        if ok(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn gpu<'a>(v: &'a Value, id: &str) -> &'a Value {
+    v["gpus"].as_array().unwrap().iter().find(|g| g["id"] == id).unwrap_or_else(|| panic!("{id} in {v}"))
+}
+
+/// The host PID of a container's first process.
+fn host_pid(container: &str) -> u32 {
+    let out = Command::new("docker").args(["inspect", "-f", "{{.State.Pid}}", container]).output().unwrap();
+    assert!(out.status.success(), "docker inspect {container}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Starts `name`'s default server through the API and waits until it runs.
+async fn start_server(b: &Berth, u: &Browser, name: &str) {
+    let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).json(&json!({})).send().await.unwrap();
+    let status = r.status();
+    if status != StatusCode::CREATED {
+        assert_eq!(status, StatusCode::ACCEPTED, "start {name}: {}", r.text().await.unwrap_or_default());
+        let ready = wait_progress(u, &format!("/hub/api/users/{name}/server/progress")).await;
+        assert_eq!(ready["ready"], true, "{name}'s server did not start: {ready}\n{}", b.log());
+    }
+}
+
+#[tokio::test]
+async fn gpu_memory_of_container_processes_is_attributed_to_their_user_and_server() {
+    let image = test_image();
+    let scope = DockerScope::new();
+    let standin = Standin::new(&three_gpus(87), "");
+    let mut env = scope.env(&image);
+    env.extend([
+        ("PATH".to_string(), standin.path()),
+        // Ids to hand out, as on a machine whose engine has no nvidia runtime;
+        // the servers here ask for none, so no device request reaches the engine.
+        ("BERTH_GPU_DEVICES".to_string(), format!("{GPU0},{GPU1},{GPU2}")),
+        ("BERTH_GPU_SAMPLE_INTERVAL".to_string(), "1".to_string()),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env, &[]);
+    let alice_name = scope.user("al");
+    let bob_name = scope.user("bo");
+    let (admin, alice) = admin_and_user(&b, &alice_name, PW).await;
+    let bob = authorized_user(&b, &admin, &bob_name, PW).await;
+    start_server(&b, &alice, &alice_name).await;
+    start_server(&b, &bob, &bob_name).await;
+    let alice_pid = host_pid(&format!("berth-{alice_name}"));
+    let bob_pid = host_pid(&format!("berth-{bob_name}"));
+    // A process of the host, outside any container: reported, owned by nobody.
+    let host = std::process::id();
+    standin
+        .write(&three_gpus(87), &format!("{GPU0}, {alice_pid}, 20480\n{GPU1}, {bob_pid}, 1024\n{GPU1}, {host}, 77\n"));
+
+    let report = gpus_until(&admin, "the sampler attributes both containers' processes", |r| {
+        gpu(r, GPU1)["processes"].as_array().is_some_and(|p| p.len() == 2)
+            && gpu(r, GPU0)["processes"][0]["user"] == alice_name.as_str()
+    })
+    .await;
+    assert_eq!(report["sampler"]["state"], "ok", "{report}");
+    assert_eq!(report["sampler"]["source"], "nvidia-smi");
+    let g0 = gpu(&report, GPU0);
+    assert_eq!(
+        (&g0["utilization_percent"], &g0["memory_used_mib"], &g0["memory_total_mib"], &g0["temperature_c"]),
+        (&json!(87), &json!(40536), &json!(81920), &json!(61)),
+        "{g0}"
+    );
+    assert_eq!(g0["power_w"], 312.45);
+    assert_eq!(g0["processes"], json!([{"pid": alice_pid, "memory_mib": 20480, "user": alice_name, "server": ""}]));
+    let g1 = gpu(&report, GPU1);
+    let procs = g1["processes"].as_array().unwrap();
+    assert!(procs.contains(&json!({"pid": bob_pid, "memory_mib": 1024, "user": bob_name, "server": ""})), "{g1}");
+    assert!(procs.contains(&json!({"pid": host, "memory_mib": 77, "user": null, "server": null})), "{g1}");
+    assert_eq!(gpu(&report, GPU2)["power_w"], Value::Null, "[N/A] is no reading");
+    assert_eq!(report["holders_visible"], true);
+
+    // alice sees her own process, and bob's memory but neither his PID nor his name.
+    let mine = api_json(&alice, "/hub/api/gpus").await;
+    assert_eq!(mine["holders_visible"], false);
+    assert_eq!(gpu(&mine, GPU0)["processes"][0]["user"], alice_name.as_str());
+    assert_eq!(gpu(&mine, GPU0)["processes"][0]["pid"], alice_pid);
+    let others: Vec<&Value> = gpu(&mine, GPU1)["processes"].as_array().unwrap().iter().collect();
+    assert_eq!(others.len(), 2);
+    assert!(others.iter().all(|p| p["user"].is_null() && p["pid"].is_null()), "{others:?}");
+    assert!(!mine.to_string().contains(&bob_name), "alice's view names bob: {mine}");
+    assert_eq!(gpu(&mine, GPU0)["utilization_percent"], 87, "everyone sees utilisation");
+}
+
+#[tokio::test]
+async fn users_see_counts_and_their_own_gpus_admins_see_every_holder() {
+    let standin = Standin::new(
+        // One malformed line among the good ones: skipped and logged.
+        &format!("{}0, GPU-broken, Tesla T4, lots, 1, 2, 3, 4\n", three_gpus(87)),
+        "",
+    );
+    let b = Berth::start_with(
+        &[
+            // Local processes that never listen hold their GPUs while "starting".
+            ("BERTH_LOCAL_CMD", "sleep 607"),
+            ("BERTH_START_TIMEOUT", "120"),
+            ("BERTH_GPU_DEVICES", &format!("{GPU0},{GPU1},{GPU2}")),
+            ("BERTH_GPU_SAMPLE_INTERVAL", "1"),
+            ("PATH", &standin.path()),
+        ],
+        &[],
+    );
+    let (admin, alice) = admin_and_user(&b, "alice", PW).await;
+    let bob = authorized_user(&b, &admin, "bob", PW).await;
+    let carol = authorized_user(&b, &admin, "carol", PW).await;
+    for (u, name) in [(&alice, "alice"), (&bob, "bob")] {
+        let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).json(&json!({"gpus": 1})).send().await;
+        assert_eq!(r.unwrap().status(), StatusCode::ACCEPTED, "{name} starts with a GPU");
+    }
+    gpus_until(&admin, "a sample", |v| v["sampler"]["state"] == "ok").await;
+
+    let all = api_json(&admin, "/hub/api/gpus").await;
+    assert_eq!((&all["total"], &all["free"], &all["held"]), (&json!(3), &json!(1), &json!(2)), "{all}");
+    let mut holders: Vec<String> = all["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["holders"].as_array().unwrap().iter().map(|h| h.as_str().unwrap().to_string()))
+        .collect();
+    holders.sort();
+    assert_eq!(holders, ["alice", "bob"]);
+    assert_eq!(all["gpus"].as_array().unwrap().len(), 3, "the malformed line is no GPU: {all}");
+    assert!(b.log().contains("skipped a malformed line from nvidia-smi"), "{}", b.log());
+    assert!(b.log().contains("GPU-broken"), "the log names the line");
+
+    // alice: counts and utilisation for all, her own holder name only.
+    let mine = api_json(&alice, "/hub/api/gpus").await;
+    assert_eq!((&mine["free"], &mine["held"]), (&json!(1), &json!(2)));
+    let held: Vec<&Value> = mine["gpus"].as_array().unwrap().iter().filter(|g| g["held"] == true).collect();
+    assert_eq!(held.len(), 2);
+    let names: Vec<&Value> = held.iter().flat_map(|g| g["holders"].as_array().unwrap()).collect();
+    assert_eq!(names, [&json!("alice")], "{mine}");
+    assert!(held.iter().all(|g| g["holder_count"] == 1));
+    assert!(!mine.to_string().contains("bob"), "{mine}");
+    // A token of alice's without scopes sees the same.
+    let t = alice.api(Method::POST, "/hub/api/users/alice/tokens").json(&json!({"scopes": []})).send().await.unwrap();
+    let token = t.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
+    let r = api_client()
+        .get(format!("{}/hub/api/gpus", b.url))
+        .header("Authorization", format!("token {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(!r.text().await.unwrap().contains("bob"));
+    assert_eq!(
+        api_client().get(format!("{}/hub/api/gpus", b.url)).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+
+    // Pages: carol's start page counts before she picks; alice's server card
+    // shows its GPU's readings; the admin card shows holders, use and idleness.
+    let (_, page) = carol.get_text("/hub/home").await;
+    assert!(page.contains(r#"<p id="gpu-counts">GPUs: <b>1 free</b>, 2 held, of 3."#), "{page}");
+    let (_, page) = alice.get_text("/hub/home").await;
+    let card = page.split(r#"id="gpus-""#).nth(1).expect("alice's server card lists its GPUs");
+    assert!(card.contains("NVIDIA A100-SXM4-80GB") && card.contains("81920 MiB"), "{card}");
+    assert!(!page.contains("bob"));
+    let (_, page) = admin.get_text("/hub/authorize").await;
+    assert!(page.contains("87 % · 40536 / 81920 MiB · 61 °C · 312 W"), "{page}");
+    assert!(page.contains(">alice<") && page.contains(">bob<"), "{page}");
+    assert!(page.contains("Utilisation from nvidia-smi"), "{page}");
+    // GPU-1 reads 0 %: idle, for a time the page shows; GPU-0 at 87 % is not.
+    let row = |id: &str| {
+        page.split(&format!(r#"<tr id="gpu-{id}">"#)).nth(1).unwrap().split("</tr>").next().unwrap().to_string()
+    };
+    assert!(row(GPU1).contains(" s</td>"), "{}", row(GPU1));
+    assert!(row(GPU0).contains("<td>—</td>"), "{}", row(GPU0));
+    assert!(row(GPU0).contains("exclusive"));
+}
+
+#[tokio::test]
+async fn a_missing_or_failing_nvidia_smi_means_unknown_and_berth_keeps_serving() {
+    let standin = Standin::new(&three_gpus(50), "");
+    let b = Berth::start_with(
+        &[
+            ("BERTH_GPU_DEVICES", &format!("{GPU0},{GPU1},{GPU2}")),
+            ("BERTH_GPU_SAMPLE_INTERVAL", "1"),
+            ("PATH", &standin.path()),
+        ],
+        &[],
+    );
+    let admin = b.first_admin().await;
+    let state = |v: &Value| v["sampler"]["state"].as_str().unwrap_or("").to_string();
+    gpus_until(&admin, "a sample", |v| state(v) == "ok").await;
+
+    // The driver goes away: nvidia-smi fails as it then does.
+    std::fs::write(standin.dir().join("fail"), "").unwrap();
+    let v = gpus_until(&admin, "utilisation unknown", |v| state(v) == "unknown").await;
+    assert!(v["sampler"]["reason"].as_str().unwrap().contains("couldn't communicate with the NVIDIA driver"), "{v}");
+    assert!(v["gpus"].as_array().unwrap().iter().all(|g| g["utilization_percent"].is_null()), "{v}");
+    assert_eq!(v["total"], 3, "the inventory stays");
+    let (status, page) = admin.get_text("/hub/authorize").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("utilisation unknown") && page.contains("Utilisation unknown (nvidia-smi)"), "{page}");
+
+    // nvidia-smi vanishes altogether.
+    std::fs::remove_file(standin.dir().join("fail")).unwrap();
+    std::fs::remove_file(standin.script()).unwrap();
+    gpus_until(&admin, "no nvidia-smi", |v| {
+        v["sampler"]["reason"].as_str().is_some_and(|r| r.contains("no nvidia-smi on PATH"))
+    })
+    .await;
+    assert_eq!(admin.get("/hub/home").await.status(), StatusCode::OK, "berth keeps serving");
+    assert_eq!(api_json(&admin, "/hub/api/user").await["name"], "admin");
+
+    // It comes back: so do the readings.
+    standin.install();
+    gpus_until(&admin, "readings again", |v| state(v) == "ok" && gpu(v, GPU0)["utilization_percent"] == 50).await;
+    assert!(b.log().contains("GPU utilisation unknown") && b.log().contains("GPU telemetry is back"), "{}", b.log());
+}
