@@ -158,7 +158,13 @@ where
 
 /// A connection over a cap: one plain answer, then closed.
 async fn refuse(mut stream: TcpStream, why: &'static str) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The answer follows the request, as an HTTP client expects (one that
+    // is still writing when an early answer arrives reports a broken
+    // exchange, not the 503): what the client sends first is read and
+    // dropped, waiting a moment at most.
+    let mut first = [0u8; 8192];
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut first)).await;
     let body = format!("{{\"status\": 503, \"message\": \"{why}; try again in a moment\"}}");
     let resp = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 5\r\nconnection: close\r\n\r\n{body}",

@@ -92,8 +92,9 @@ pub enum Error {
     /// The engine refused the build or its stream broke off.
     #[error("building {image} failed: {cause}")]
     BuildEngine { image: String, cause: Cause },
-    /// A build step failed; `message` is the engine's text.
-    #[error("building {image} failed: {message}")]
+    /// A build step failed; `message` names the image, the step and its
+    /// last output (`BuildFailure::describe`).
+    #[error("{message}")]
     BuildStep { image: String, message: String },
     #[error("cannot create {container}: {cause}")]
     Create { container: String, cause: Cause },
@@ -318,7 +319,7 @@ impl Engine {
             |f| match f {
                 crate::build::BuildFailure::Engine(e) => Error::BuildEngine { image, cause: e.into() },
                 crate::build::BuildFailure::Context(cause) => Error::Context { cause },
-                crate::build::BuildFailure::Step { message, .. } => Error::BuildStep { image, message },
+                f @ crate::build::BuildFailure::Step { .. } => Error::BuildStep { message: f.describe(&image), image },
             },
         )
     }
@@ -503,7 +504,16 @@ mod tests {
             output: "no devices".into(),
         };
         assert_eq!(e.to_string(), "nvidia-smi -L failed in berth-up-x (exit 9): no devices");
-        let e = Error::BuildStep { image: "i".into(), message: "boom".into() };
-        assert_eq!(e.to_string(), "building i failed: boom");
+        let f = crate::build::BuildFailure::Step {
+            step: "step 2/3 (RUN make)".into(),
+            message: "returned a non-zero code: 2".into(),
+            tail: vec!["make: *** no rule".into()],
+        };
+        let e = Error::BuildStep { message: f.describe("i"), image: "i".into() };
+        // Said once: the image, the step, why, and what it printed last.
+        assert_eq!(
+            e.to_string(),
+            "building i failed at step 2/3 (RUN make): returned a non-zero code: 2; its last output: make: *** no rule"
+        );
     }
 }
