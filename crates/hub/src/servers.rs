@@ -280,23 +280,21 @@ impl Servers {
                 return Err(HubError::ImageNotAllowed { image: image.clone() });
             }
         }
-        if let Some(tid) = options.template.clone() {
-            if let Some(allowed) = self.store.user_limits(user).await?.templates {
-                if !allowed.contains(&tid) {
-                    return Err(HubError::TemplateNotAllowed { user: user.into(), template: tid, allowed });
+        // A default server with nothing named runs the default template
+        // (whatever `allowed` and the user's limits say of picking it).
+        let template = match options.template.clone() {
+            Some(tid) => {
+                if let Some(allowed) = self.store.user_limits(user).await?.templates {
+                    if !allowed.contains(&tid) {
+                        return Err(HubError::TemplateNotAllowed { user: user.into(), template: tid, allowed });
+                    }
                 }
+                Some(self.templates.require(&tid, true)?)
             }
-            let t = self.templates.get(&tid).ok_or_else(|| HubError::UnknownTemplate {
-                template: tid.clone(),
-                choices: self.templates.templates().iter().map(|t| t.id.clone()).collect(),
-            })?;
-            let mode = self.templates.mode_for(t)?;
-            spec::resolve_template(&mut options, t, mode, !self.gpus.inventory().is_empty())?;
-        } else if let (true, None, Some(t)) =
-            (id.server.is_default(), &options.image, self.templates.default_template())
-        {
-            // A default server with nothing named runs the default template
-            // (whatever `allowed` and the user's limits say of picking it).
+            None if id.server.is_default() && options.image.is_none() => self.templates.default_template(),
+            None => None,
+        };
+        if let Some(t) = template {
             options.template = Some(t.id.clone());
             let mode = self.templates.mode_for(t)?;
             spec::resolve_template(&mut options, t, mode, !self.gpus.inventory().is_empty())?;

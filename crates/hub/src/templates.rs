@@ -102,6 +102,15 @@ impl Templates {
         self.get(id).or(self.default.as_ref().filter(|t| t.id == id))
     }
 
+    /// `get` (`offered_only`) or `lookup`, or the error naming what is offered.
+    pub fn require(&self, id: &str, offered_only: bool) -> Result<&HubTemplate, HubError> {
+        let found = if offered_only { self.get(id) } else { self.lookup(id) };
+        found.ok_or_else(|| HubError::UnknownTemplate {
+            template: id.to_string(),
+            choices: self.templates.iter().map(|t| t.id.clone()).collect(),
+        })
+    }
+
     /// The default server's template, when it has one.
     pub fn default_template(&self) -> Option<&HubTemplate> {
         self.default.as_ref()

@@ -70,10 +70,7 @@ impl Servers {
     /// the spawner has it, logging each step; returns when done. A start of
     /// the same template meanwhile waits for this build.
     pub async fn build_template_image(&self, id: &str) -> HubResult<BuildState> {
-        let t = self.templates.lookup(id).ok_or_else(|| HubError::UnknownTemplate {
-            template: id.to_string(),
-            choices: self.templates.templates().iter().map(|t| t.id.clone()).collect(),
-        })?;
+        let t = self.templates.require(id, false)?;
         let (image, build) = (t.image.clone(), t.build.clone());
         let set = |state: BuildState| {
             if let Ok(mut b) = self.image_builds.lock() {
@@ -117,10 +114,7 @@ impl Servers {
     /// `build_template_image` in the background (the admin page's button);
     /// refused while that template is building already.
     pub fn start_template_build(self: &Arc<Self>, id: &str) -> HubResult<()> {
-        let t = self.templates.lookup(id).ok_or_else(|| HubError::UnknownTemplate {
-            template: id.to_string(),
-            choices: self.templates.templates().iter().map(|t| t.id.clone()).collect(),
-        })?;
+        let t = self.templates.require(id, false)?;
         let building = self
             .image_builds
             .lock()
