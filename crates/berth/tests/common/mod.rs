@@ -3,6 +3,8 @@
 //! browser (no automatic redirects, so tests see each hop).
 #![allow(dead_code)]
 
+pub(crate) mod nvidia;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
