@@ -86,4 +86,3 @@ pub(crate) fn host_pid(container: &str) -> u32 {
     assert!(out.status.success(), "docker inspect {container}");
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
-
