@@ -2,6 +2,7 @@
 //! lives in the library crates; `berth_server::App` wires them together.
 #![forbid(unsafe_code)]
 
+mod gpus;
 mod migrate;
 mod templates;
 mod up;
@@ -100,6 +101,13 @@ enum Command {
     Migrate {
         #[command(subcommand)]
         command: migrate::MigrateCommand,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Read the GPUs once through the sampler (NVML or nvidia-smi) and print them.
+    Gpus {
+        #[command(subcommand)]
+        command: gpus::GpusCommand,
         #[command(flatten)]
         common: Common,
     },
@@ -265,6 +273,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Up(args) => up::up(args).await.map_err(Failure::Runtime),
         Command::Down { id, volumes } => up::down(&id, volumes).await.map_err(Failure::Runtime),
         Command::Ps => up::ps().await.map_err(Failure::Runtime),
+        Command::Gpus { command, common } => {
+            let config = load_config(&common, &[])?;
+            init_logging("warn")?;
+            gpus::run(command, &config.gpu).await.map_err(Failure::Runtime)
+        }
         Command::Migrate { command, common } => {
             let config = load_config(&common, &[])?;
             init_logging("warn")?;

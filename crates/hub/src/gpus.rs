@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{HubError, HubResult};
 use crate::identity::Caller;
+use crate::nvml::NvmlSource;
 use crate::telemetry::{NvidiaSmi, SampleState, Telemetry};
 
 /// The `[gpu]` section of berth's configuration.
@@ -29,9 +30,12 @@ pub struct GpuConfig {
     pub probe_image: String,
     /// Most GPUs one server may ask for.
     pub max_per_server: u32,
-    /// Where utilisation comes from: `auto` (`nvidia-smi` when there are
-    /// GPUs to sample), `nvidia-smi`, or `off`.
+    /// Where utilisation comes from: `auto` (NVML when it loads, else
+    /// `nvidia-smi`, when there are GPUs to sample), `nvml`, `nvidia-smi`,
+    /// or `off`.
     pub sampler: String,
+    /// The NVML library to load; empty: the driver's `libnvidia-ml.so.1`.
+    pub nvml_library: String,
     /// Seconds between samples.
     #[serde(with = "berth_core::serde_secs")]
     pub sample_interval_seconds: Duration,
@@ -47,6 +51,7 @@ impl Default for GpuConfig {
             probe_image: "nvidia/cuda:12.4.1-base-ubuntu22.04".into(),
             max_per_server: 8,
             sampler: "auto".into(),
+            nvml_library: String::new(),
             sample_interval_seconds: Duration::from_secs(5),
             idle_below_percent: 5,
         }
@@ -88,7 +93,8 @@ pub struct GpuView {
     pub shared: bool,
     pub held: bool,
     pub holder_count: usize,
-    /// Every holder with `read:gpus`; otherwise the caller's own servers only.
+    /// Every holder with `read:gpus`; otherwise the servers the caller may
+    /// read (`read:servers`), i.e. their own.
     pub holders: Vec<String>,
     pub utilization_percent: Option<u32>,
     pub memory_used_mib: Option<u64>,
@@ -137,9 +143,20 @@ pub struct Gpus {
 
 impl Gpus {
     pub fn new(cfg: GpuConfig, store: Store) -> Gpus {
+        let smi = || NvidiaSmi::new("nvidia-smi", Duration::from_secs(10));
         let source: Option<Arc<dyn crate::telemetry::GpuSource>> = match (cfg.mode, cfg.sampler.as_str()) {
             (0, _) | (_, "off") => None,
-            _ => Some(Arc::new(NvidiaSmi::new("nvidia-smi", Duration::from_secs(10)))),
+            (_, "nvidia-smi") => Some(Arc::new(smi())),
+            (_, "nvml") => match NvmlSource::load(&cfg.nvml_library) {
+                Ok(n) => Some(Arc::new(n)),
+                Err(e) => {
+                    tracing::warn!(why = %e, "gpu.sampler is nvml, but NVML is not available: GPU utilisation unknown");
+                    Some(Arc::new(crate::nvml::Unavailable(e)))
+                }
+            },
+            // `auto`: NVML is tried on the first sample, so commands that
+            // never sample (`berth user …`) never load it.
+            _ => Some(Arc::new(crate::nvml::Auto::new(&cfg.nvml_library, smi()))),
         };
         let telemetry = Telemetry::new(source, cfg.sample_interval_seconds, cfg.idle_below_percent);
         Gpus { cfg, store, telemetry, inventory: RwLock::new(Vec::new()), one_at_a_time: tokio::sync::Mutex::new(()) }
@@ -154,7 +171,11 @@ impl Gpus {
     /// The GPUs, their holders and live readings as `caller` may see them.
     pub async fn view(&self, caller: &Caller, now_ms: i64) -> HubResult<GpusView> {
         let all = caller.allows("read:gpus", berth_core::Target::Hub);
-        let me = caller.name().to_string();
+        // A holder's name and a process's owner are shown with `read:gpus`,
+        // or to a caller that may read that server (a session or token of
+        // its owner with `read:servers`; a scopeless token sees counts only).
+        let own =
+            |u: &str, s: &str| all || caller.allows("read:servers", berth_core::Target::Server { user: u, server: s });
         let report = self.report().await?;
         let allocations = self.store.gpu_allocations().await?;
         let snap = self.telemetry.snapshot(now_ms);
@@ -163,10 +184,9 @@ impl Gpus {
             .into_iter()
             .map(|g| {
                 let reading = if fresh { snap.gpu(&g.id) } else { None };
-                let own = |u: &str| all || u == me;
                 let holders: Vec<String> = allocations
                     .iter()
-                    .filter(|(d, u, _)| *d == g.id && own(u.as_str()))
+                    .filter(|(d, u, s)| *d == g.id && own(u, s))
                     .map(|(_, u, s)| describe(u, s))
                     .collect();
                 let processes = if fresh {
@@ -174,7 +194,7 @@ impl Gpus {
                         .take(256)
                         .map(|p| {
                             let visible =
-                                p.owner.as_ref().is_some_and(|(u, _)| own(u.as_str())) || (all && p.owner.is_none());
+                                p.owner.as_ref().is_some_and(|(u, s)| own(u, s)) || (all && p.owner.is_none());
                             ProcessView {
                                 pid: visible.then_some(p.pid),
                                 memory_mib: p.memory_mib,

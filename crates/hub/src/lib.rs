@@ -17,6 +17,7 @@ pub mod gpus;
 pub mod identity;
 pub mod keys;
 pub mod login;
+pub mod nvml;
 pub mod oauth;
 pub mod progress;
 pub mod servers;

@@ -104,7 +104,10 @@ async fn a_start_that_never_answers_ends_stopped_at_its_timeout_with_the_reason(
     let Settled::Stopped { error: Some(e) } = settled else { panic!("{settled:?}") };
     assert!(e.contains("did not answer") && e.contains("within 90 s"), "{e}");
     let waited = Instant::now() - t0;
-    assert!(waited >= Duration::from_secs(89) && waited < Duration::from_secs(120), "{waited:?}");
+    // The clock is paused: while the store's blocking I/O runs, it jumps to
+    // the next timer, so past the deadline it may run on by a few polls (seen:
+    // 126 s on a loaded machine); a start left to run would wait for `far()`.
+    assert!(waited >= Duration::from_secs(89) && waited < Duration::from_secs(180), "{waited:?}");
     assert!(w.store.gpu_allocations().await.unwrap().is_empty());
     let events = w.store.recent_events(10).await.unwrap();
     assert!(events.iter().any(|e| e.kind == "start-failed" && e.detail.contains("did not answer")), "{events:?}");

@@ -165,7 +165,8 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("gpu.devices", &["BERTH_GPU_DEVICES"], "Comma-separated GPU ids to hand out instead of detecting them."),
     ("gpu.probe_image", &["BERTH_GPU_PROBE_IMAGE", "NVIDIA_AUTODETECT_IMAGE"], "Image that runs `nvidia-smi -L` to list the GPUs when the engine has the nvidia runtime."),
     ("gpu.max_per_server", &["BERTH_GPU_MAX_PER_SERVER"], "Most GPUs one server may ask for."),
-    ("gpu.sampler", &["BERTH_GPU_SAMPLER"], "Where GPU utilisation, memory, temperature, power and per-process memory come from: `auto` (`nvidia-smi` on the host's PATH, when there are GPUs), `nvidia-smi`, or `off`. A failed read makes utilisation unknown until the next one (see docs/gpus.md)."),
+    ("gpu.sampler", &["BERTH_GPU_SAMPLER"], "Where GPU utilisation, memory, temperature, power and per-process memory come from: `auto` (NVML when the driver's library loads, else `nvidia-smi` on the host's PATH; only when there are GPUs), `nvml`, `nvidia-smi`, or `off`. A failed read makes utilisation unknown until the next one (see docs/gpus.md)."),
+    ("gpu.nvml_library", &["BERTH_NVML_LIBRARY"], "The NVML library the sampler loads; empty means the driver's `libnvidia-ml.so.1` wherever the dynamic loader finds it."),
     ("gpu.sample_interval_seconds", &["BERTH_GPU_SAMPLE_INTERVAL"], "Seconds between GPU samples."),
     ("gpu.idle_below_percent", &["BERTH_GPU_IDLE_BELOW_PERCENT"], "A GPU whose utilisation stays below this many percent counts as idle (the admin page shows for how long)."),
     ("proxy.connect_timeout_seconds", &["BERTH_PROXY_CONNECT_TIMEOUT"], "Time to connect to a server before the proxy gives up."),
@@ -407,8 +408,8 @@ impl Config {
         if self.spawner.build_timeout_seconds.is_zero() {
             return Err(invalid("spawner.build_timeout_seconds", "must be at least 1".into()));
         }
-        if !["auto", "nvidia-smi", "off"].contains(&self.gpu.sampler.as_str()) {
-            return Err(invalid("gpu.sampler", format!("{:?} is not auto, nvidia-smi or off", self.gpu.sampler)));
+        if !["auto", "nvml", "nvidia-smi", "off"].contains(&self.gpu.sampler.as_str()) {
+            return Err(invalid("gpu.sampler", format!("{:?} is not auto, nvml, nvidia-smi or off", self.gpu.sampler)));
         }
         if self.gpu.idle_below_percent > 100 {
             return Err(invalid("gpu.idle_below_percent", format!("{} is more than 100", self.gpu.idle_below_percent)));

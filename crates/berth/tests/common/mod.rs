@@ -17,6 +17,12 @@ use reqwest::{Client, Response, StatusCode, Url};
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_berth");
 
+/// berth closes a keep-alive connection idle for `proxy.client_timeout_seconds`
+/// (15 s); a client that reuses one at that moment sees it closed under its
+/// request (as browsers do, and then retry). The tests' clients let idle
+/// connections go before that.
+const POOL_IDLE: Duration = Duration::from_secs(10);
+
 /// A running `berth serve`; killed (SIGKILL) when dropped.
 pub(crate) struct Berth {
     pub child: Child,
@@ -216,6 +222,7 @@ impl Browser {
             .cookie_provider(jar.clone())
             .redirect(Policy::none())
             .timeout(Duration::from_secs(60))
+            .pool_idle_timeout(POOL_IDLE)
             .build()
             .expect("client");
         Browser { base: base.trim_end_matches('/').to_string(), jar, client }
@@ -332,7 +339,12 @@ where
 }
 
 pub(crate) fn api_client() -> Client {
-    Client::builder().redirect(Policy::none()).timeout(Duration::from_secs(60)).build().expect("client")
+    Client::builder()
+        .redirect(Policy::none())
+        .timeout(Duration::from_secs(60))
+        .pool_idle_timeout(POOL_IDLE)
+        .build()
+        .expect("client")
 }
 
 /// The virtualenv with the real `jupyterhub-singleuser` (scripts/test makes it).
@@ -477,6 +489,7 @@ impl Browser {
             .cookie_provider(jar.clone())
             .redirect(Policy::none())
             .timeout(Duration::from_secs(60))
+            .pool_idle_timeout(POOL_IDLE)
             .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA PEM"))
             .build()
             .expect("client");
