@@ -544,8 +544,9 @@ impl Servers {
             Ending::Stop => tracing::info!(server = %id, "server stopped"),
             _ => tracing::warn!(server = %id, %reason, "server is gone"),
         }
-        // Freed GPUs go to the first in line.
-        if freed > 0 {
+        // Freed GPUs go to the first in line (only this process adds to
+        // the queue, so its count says whether anyone waits).
+        if freed > 0 && self.queue_len() > 0 {
             self.dispatch_boxed().await;
         }
     }

@@ -443,7 +443,8 @@ mod tests {
     #[test]
     fn moves_keep_the_others_in_order() {
         let q = ["a", "b", "c", "d"];
-        let cases: &[(&str, usize, Result<Vec<&str>, MoveError>)] = &[
+        type Case<'a> = (&'a str, usize, Result<Vec<&'a str>, MoveError>);
+        let cases: &[Case<'_>] = &[
             ("c", 1, Ok(vec!["c", "a", "b", "d"])),
             ("a", 4, Ok(vec!["b", "c", "d", "a"])),
             ("b", 2, Ok(vec!["a", "b", "c", "d"])),
