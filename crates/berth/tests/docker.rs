@@ -342,6 +342,8 @@ async fn eight_concurrent_starts_share_four_gpus() {
             ("BERTH_LOCAL_CMD", "sleep 603"),
             ("BERTH_START_TIMEOUT", "120"),
             ("BERTH_GPU_DEVICES", "GPU-a,GPU-b,GPU-c,GPU-d"),
+            // Refused, not queued: this is about the allocator (the queue is gpu_queue.rs).
+            ("BERTH_GPU_WHEN_FULL", "refuse"),
         ],
         &[],
     );

@@ -89,6 +89,12 @@ pub enum HubError {
     NoGpus { shortage: Shortage },
     #[error("no GPU {id} in the inventory")]
     NoSuchGpu { id: String },
+    #[error("{wanted} GPUs asked for, but this hub has only {total}")]
+    GpusExceedInventory { wanted: usize, total: usize },
+    #[error("{server} is not waiting for a GPU")]
+    NotQueued { server: String },
+    #[error("position {position} is outside the GPU queue (1 to {len})")]
+    QueuePosition { position: usize, len: usize },
 
     // --- tokens, keys, OAuth
     #[error("No such token: {id}")]

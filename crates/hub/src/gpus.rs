@@ -41,6 +41,10 @@ pub struct GpuConfig {
     pub sample_interval_seconds: Duration,
     /// A GPU below this utilisation (percent) counts as idle.
     pub idle_below_percent: u32,
+    /// A start that asks for more GPUs than are free: `queue` (it waits in
+    /// line, first come first served) or `refuse` (it fails, naming the
+    /// shortage).
+    pub when_full: String,
 }
 
 impl Default for GpuConfig {
@@ -54,6 +58,7 @@ impl Default for GpuConfig {
             nvml_library: String::new(),
             sample_interval_seconds: Duration::from_secs(5),
             idle_below_percent: 5,
+            when_full: "queue".into(),
         }
     }
 }
@@ -254,10 +259,17 @@ impl Gpus {
         self.inventory.read().map(|g| g.clone()).unwrap_or_default()
     }
 
-    /// Allocates `want` GPUs to `id`, or says why not.
-    pub async fn allocate(&self, id: &ServerId, want: usize) -> HubResult<Vec<String>> {
+    /// Whether starts that find too few GPUs free wait in the queue.
+    pub fn queues(&self) -> bool {
+        self.cfg.when_full != "refuse"
+    }
+
+    /// Whether `want` GPUs may ever be had here: GPUs on, within
+    /// `gpu.max_per_server` and the inventory. A request that fails this
+    /// is refused at once, never queued.
+    pub fn check_request(&self, want: usize) -> HubResult<()> {
         if want == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         if self.cfg.mode == 0 {
             return Err(HubError::GpusOff);
@@ -265,6 +277,19 @@ impl Gpus {
         if want > self.cfg.max_per_server as usize {
             return Err(HubError::TooManyGpus { max: self.cfg.max_per_server });
         }
+        let total = self.inventory().len();
+        if want > total {
+            return Err(HubError::GpusExceedInventory { wanted: want, total });
+        }
+        Ok(())
+    }
+
+    /// Allocates `want` GPUs to `id`, or says why not.
+    pub async fn allocate(&self, id: &ServerId, want: usize) -> HubResult<Vec<String>> {
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        self.check_request(want)?;
         let _serialised = self.one_at_a_time.lock().await;
         let devices: Vec<String> = self.inventory().into_iter().map(|g| g.id).collect();
         let shared: HashSet<String> = self.store.shared_gpus().await?.into_iter().collect();
@@ -279,12 +304,19 @@ impl Gpus {
         }
     }
 
-    /// Frees what `id` holds; failures are logged (the next start re-checks).
-    pub async fn free(&self, id: &ServerId) {
+    /// Frees what `id` holds and says how many; failures are logged (the
+    /// next start re-checks).
+    pub async fn free(&self, id: &ServerId) -> u64 {
         match self.store.free_gpus(id.user(), id.server()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(server = %id, count = n, "freed GPUs"),
-            Err(e) => tracing::error!(server = %id, error = %e, "could not free GPUs"),
+            Ok(0) => 0,
+            Ok(n) => {
+                tracing::info!(server = %id, count = n, "freed GPUs");
+                n
+            }
+            Err(e) => {
+                tracing::error!(server = %id, error = %e, "could not free GPUs");
+                0
+            }
         }
     }
 

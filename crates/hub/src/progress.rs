@@ -50,6 +50,12 @@ impl ProgressEvent {
         ProgressEvent { failed: true, ..ProgressEvent::step(100, format!("Spawn failed: {reason}")) }
     }
 
+    /// The last event of a start that was called off before it ran (a
+    /// queued start cancelled): final, as a failure is, with its own words.
+    pub fn cancelled(message: &str) -> ProgressEvent {
+        ProgressEvent { failed: true, ..ProgressEvent::step(100, message) }
+    }
+
     /// The last event of a start.
     pub fn is_final(&self) -> bool {
         self.ready || self.failed
@@ -78,6 +84,11 @@ impl ProgressLog {
             e.push(ev.clone());
         }
         let _ = self.tx.send(ev);
+    }
+
+    /// Whether the final event was pushed.
+    pub fn is_finished(&self) -> bool {
+        self.events.lock().map(|e| e.iter().any(ProgressEvent::is_final)).unwrap_or(true)
     }
 
     /// Every event so far, then each new one, ending after the final event.

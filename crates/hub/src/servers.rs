@@ -13,11 +13,13 @@
 mod adopt;
 mod config;
 pub mod images;
+pub mod queue;
 mod readiness;
 pub mod spec;
 mod wait;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -96,8 +98,18 @@ struct Admission {
     record: Server,
     options: UserOptions,
     gpus: Vec<String>,
-    permit: OwnedSemaphorePermit,
-    claim: Claim,
+    /// A start slot; `None` for a start that left the GPU queue, which
+    /// waits for one in its task.
+    permit: Option<OwnedSemaphorePermit>,
+    claim: Option<Claim>,
+    /// The progress so far (a start that waited in the queue keeps its log).
+    log: Option<Arc<ProgressLog>>,
+}
+
+/// What `admit` decided: start now, or wait in the GPU queue.
+enum Admitted {
+    Now(Box<Admission>),
+    Queued,
 }
 
 /// Marks a server busy (a start or stop under way) until dropped.
@@ -135,6 +147,13 @@ pub struct Servers {
     tasks: TaskTracker,
     /// Builds asked for ahead of a start, by template id.
     image_builds: Mutex<HashMap<String, images::BuildState>>,
+    /// Serialises every change to the GPU queue with the allocations it
+    /// leads to (lock order: this, then the GPUs' own).
+    queue: tokio::sync::Mutex<queue::Announced>,
+    /// Entries in the GPU queue when it was last read (for metrics).
+    queue_len: AtomicUsize,
+    /// Set while `reconcile` runs: the queue is handed GPUs only after it.
+    queue_paused: AtomicBool,
 }
 
 impl Servers {
@@ -169,6 +188,9 @@ impl Servers {
             templates,
             tasks: TaskTracker::new(),
             image_builds: Mutex::new(HashMap::new()),
+            queue: tokio::sync::Mutex::new(queue::Announced::default()),
+            queue_len: AtomicUsize::new(0),
+            queue_paused: AtomicBool::new(false),
         }
     }
 
@@ -237,8 +259,16 @@ impl Servers {
 
     /// Requests a start. Returns once the start is under way; progress goes
     /// to the server's progress log, the outcome to the store.
+    ///
+    /// A start that asks for more GPUs than are free waits in the GPU
+    /// queue (`gpu.when_full = "queue"`): it is accepted, its record is
+    /// starting (JupyterHub's pending spawn), and it starts by itself when
+    /// it is first in line and GPUs are free.
     pub async fn start(self: &Arc<Self>, id: &ServerId, options: UserOptions) -> HubResult<()> {
-        let admission = self.admit(id, options).await?;
+        let admission = match self.admit(id, options).await? {
+            Admitted::Now(a) => *a,
+            Admitted::Queued => return Ok(()),
+        };
         let held = admission.id.clone();
         match self.plan_and_launch(admission).await {
             Ok(()) => Ok(()),
@@ -273,7 +303,7 @@ impl Servers {
 
     /// Step 1: whether this start may happen now — the owner, the template,
     /// the claim, the state, the limits — and the GPUs it holds.
-    async fn admit(self: &Arc<Self>, id: &ServerId, mut options: UserOptions) -> HubResult<Admission> {
+    async fn admit(self: &Arc<Self>, id: &ServerId, mut options: UserOptions) -> HubResult<Admitted> {
         let (user, server) = (id.user(), id.server());
         if let Some(image) = &options.image {
             if options.template.is_some() || !self.cfg.allowed_images.contains(image) {
@@ -335,14 +365,30 @@ impl Servers {
             .clone()
             .try_acquire_owned()
             .map_err(|_| HubError::TooManyStarting { limit: self.cfg.max_concurrent_starts })?;
-        let gpus = self.gpus.allocate(id, options.gpus.unwrap_or(0) as usize).await?;
-        Ok(Admission { id: id.clone(), owner_id: owner.account_id, record, options, gpus, permit, claim })
+        let want = options.gpus.unwrap_or(0) as usize;
+        let Some(gpus) = self.take_or_queue(id, want, record.clone(), &options).await? else {
+            // Waiting for GPUs holds no start slot, and the claim goes: the
+            // record (starting) keeps other starts of it out.
+            drop(permit);
+            drop(claim);
+            return Ok(Admitted::Queued);
+        };
+        Ok(Admitted::Now(Box::new(Admission {
+            id: id.clone(),
+            owner_id: owner.account_id,
+            record,
+            options,
+            gpus,
+            permit: Some(permit),
+            claim: Some(claim),
+            log: None,
+        })))
     }
 
     /// Steps 2 and 3: the server's credentials, the plan, the record, and
     /// the tracked task that runs it.
     async fn plan_and_launch(self: &Arc<Self>, a: Admission) -> HubResult<()> {
-        let Admission { id, owner_id, mut record, options, gpus, permit, claim } = a;
+        let Admission { id, owner_id, mut record, options, gpus, permit, claim, log } = a;
         let (user, server) = (id.user(), id.server());
         // The server's own credentials: an API token and an OAuth client.
         let secret = new_token();
@@ -386,19 +432,35 @@ impl Servers {
         if let Some(t) = &options.template {
             record.template = t.clone();
         }
-        self.transition(&mut record, Transition::Start).await?;
-        let log = ProgressLog::new();
-        if let Ok(mut m) = self.progress.lock() {
-            m.insert(id.clone(), log.clone());
-        }
-        log.push(ProgressEvent::step(0, "Server requested"));
+        let log = match log {
+            // It waited in the GPU queue: already starting, with its log.
+            Some(log) if record.state == ServerState::Starting => {
+                self.store.put_server(&record).await?;
+                log.push(ProgressEvent::step(8, format!("Got {}; starting", gpu_words(plan.spec.gpus.len()))));
+                log
+            }
+            _ => {
+                self.transition(&mut record, Transition::Start).await?;
+                let log = ProgressLog::new();
+                if let Ok(mut m) = self.progress.lock() {
+                    m.insert(id.clone(), log.clone());
+                }
+                log.push(ProgressEvent::step(0, "Server requested"));
+                log
+            }
+        };
         let _ = self.store.add_event(user, "start", &id.to_string(), "").await;
 
         let me = self.clone();
+        let starts = self.starts.clone();
         let span = tracing::info_span!("start", server = %id);
         self.tasks.spawn(
             async move {
-                let _permit = permit;
+                // A start that left the GPU queue waits here for a start slot.
+                let _permit = match permit {
+                    Some(p) => Some(p),
+                    None => starts.acquire_owned().await.ok(),
+                };
                 let _claim = claim;
                 me.run_start(id, record, options.routing_mode(), plan, log).await;
             }
@@ -408,7 +470,7 @@ impl Servers {
     }
 
     async fn run_start(
-        &self,
+        self: &Arc<Self>,
         id: ServerId,
         mut record: Server,
         mode: RoutingMode,
@@ -440,7 +502,7 @@ impl Servers {
     /// reason: no route, the spawner's process or container gone, the
     /// server's credentials revoked, its GPUs freed, the record stopped
     /// (with the reason for a failure or a vanish), an event.
-    pub(super) async fn teardown(&self, id: &ServerId, mut record: Server, ending: Ending, reason: &str) {
+    pub(super) async fn teardown(self: &Arc<Self>, id: &ServerId, mut record: Server, ending: Ending, reason: &str) {
         // The route goes first: nothing reaches a server that is going away.
         self.remove_routes(id);
         if ending == Ending::Stop && record.state != ServerState::Stopping {
@@ -461,7 +523,7 @@ impl Servers {
         if let Err(e) = self.store.delete_oauth_client(&id.client_id()).await {
             tracing::error!(server = %id, error = %e, "could not remove the server's OAuth client");
         }
-        self.gpus.free(id).await;
+        let freed = self.gpus.free(id).await;
         record.url = None;
         let (transition, event) = match ending {
             Ending::Failed => (Transition::Fail, "start-failed"),
@@ -482,6 +544,17 @@ impl Servers {
             Ending::Stop => tracing::info!(server = %id, "server stopped"),
             _ => tracing::warn!(server = %id, %reason, "server is gone"),
         }
+        // Freed GPUs go to the first in line (only this process adds to
+        // the queue, so its count says whether anyone waits).
+        if freed > 0 && self.queue_len() > 0 {
+            self.dispatch_boxed().await;
+        }
+    }
+
+    /// [`Servers::dispatch_queue`] behind a named future type: a teardown
+    /// may start the next in line, whose failure is a teardown again.
+    fn dispatch_boxed(self: &Arc<Self>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.dispatch_queue())
     }
 
     // -------------------------------------------------------------- stop
@@ -511,9 +584,13 @@ impl Servers {
         }
     }
 
-    async fn stop_now(&self, id: &ServerId) -> HubResult<()> {
+    async fn stop_now(self: &Arc<Self>, id: &ServerId) -> HubResult<()> {
         let Some(record) = self.store.get_server(id.user(), id.server()).await? else { return Ok(()) };
         if record.state == ServerState::Stopped {
+            return Ok(());
+        }
+        // A start waiting for GPUs is called off: nothing runs yet.
+        if record.state == ServerState::Starting && self.cancel_queued(id, "").await? {
             return Ok(());
         }
         self.teardown(id, record, Ending::Stop, "").await;
@@ -521,9 +598,16 @@ impl Servers {
     }
 
     /// Stops every active server (on shutdown, when configured).
-    pub async fn stop_all(&self) {
+    /// Starts waiting for GPUs keep their place for berth's next run, and
+    /// nothing leaves the queue while berth shuts down.
+    pub async fn stop_all(self: &Arc<Self>) {
+        self.queue_paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        let queued: HashSet<(String, String)> =
+            self.store.gpu_queue().await.unwrap_or_default().into_iter().map(|e| (e.user, e.server)).collect();
         let Ok(records) = self.store.list_servers(None).await else { return };
-        for r in records.into_iter().filter(|r| r.state.is_active()) {
+        for r in
+            records.into_iter().filter(|r| r.state.is_active() && !queued.contains(&(r.user.clone(), r.name.clone())))
+        {
             if let Ok(id) = ServerId::parse(&r.user, &r.name) {
                 let _ = self.stop_now(&id).await;
             }
@@ -532,7 +616,7 @@ impl Servers {
 
     /// Stops every server of one user (before the account is deleted or
     /// unauthorized); their GPUs are freed on the way.
-    pub async fn stop_all_of(&self, user: &str) -> HubResult<()> {
+    pub async fn stop_all_of(self: &Arc<Self>, user: &str) -> HubResult<()> {
         for r in self.store.list_servers(Some(user)).await?.into_iter().filter(|r| r.state.is_active()) {
             if let Ok(id) = ServerId::parse(&r.user, &r.name) {
                 self.stop_now(&id).await?;
@@ -564,6 +648,7 @@ impl Servers {
 
     /// Waits (up to `timeout`) for the starts, stops and checks under way.
     pub async fn drain(&self, timeout: Duration) -> bool {
+        self.queue_paused.store(true, std::sync::atomic::Ordering::SeqCst);
         self.tasks.close();
         let done = tokio::time::timeout(timeout, self.tasks.wait()).await.is_ok();
         self.tasks.reopen();
@@ -580,7 +665,26 @@ impl Servers {
         self.spawner.retire_user_data(user, owner_id).await.map_err(|e| HubError::Spawner { message: e.to_string() })
     }
 
+    /// Marks a GPU shared or exclusive; one made shared may be what the
+    /// first in the GPU queue waits for.
+    pub async fn set_gpu_shared(self: &Arc<Self>, id: &str, shared: bool) -> HubResult<()> {
+        self.gpus.set_shared(id, shared).await?;
+        if shared {
+            self.dispatch_queue().await;
+        }
+        Ok(())
+    }
+
     pub async fn logs(&self, id: &ServerId) -> Option<String> {
         self.spawner.logs(id.user(), id.server()).await
+    }
+}
+
+/// "a GPU", "2 GPUs".
+pub(crate) fn gpu_words(n: usize) -> String {
+    if n == 1 {
+        "a GPU".to_string()
+    } else {
+        format!("{n} GPUs")
     }
 }

@@ -159,3 +159,149 @@ async fn reconcile_adopts_what_runs_and_marks_what_vanished() {
     assert_eq!(held, vec![("GPU-0".to_string(), "alice".to_string(), String::new())], "bob's GPU is free");
     assert_eq!(w.store.get_server("alice", "").await.unwrap().unwrap().state, ServerState::Running);
 }
+
+// ------------------------------------------------------------ the GPU queue
+
+async fn more_users(w: &World, names: &[&str]) {
+    for name in names {
+        let u = NewUser { name: name.to_string(), admin: false, authorized: true, password_hash: None };
+        w.store.create_user(&u).await.unwrap();
+    }
+}
+
+fn gpus(n: u64) -> UserOptions {
+    UserOptions { gpus: Some(n), ..Default::default() }
+}
+
+/// Who holds which device, sorted by device.
+async fn held(w: &World) -> Vec<(String, String)> {
+    w.store.gpu_allocations().await.unwrap().into_iter().map(|(d, u, _)| (d, u)).collect()
+}
+
+async fn waiting(w: &World) -> Vec<String> {
+    w.store.gpu_queue().await.unwrap().into_iter().map(|e| e.user).collect()
+}
+
+#[tokio::test]
+async fn two_frees_at_once_hand_each_gpu_to_one_waiting_start() {
+    let w = world(Arc::new(NeverReady::default()), Config::default(), &["GPU-0", "GPU-1"]).await;
+    more_users(&w, &["carol", "dave"]).await;
+    // Servers that never answer hold their GPUs while starting.
+    for u in ["alice", "bob"] {
+        w.servers.start(&id(u, ""), gpus(1)).await.unwrap();
+    }
+    for u in ["carol", "dave"] {
+        w.servers.start(&id(u, ""), gpus(1)).await.unwrap();
+    }
+    assert_eq!(waiting(&w).await, ["carol", "dave"]);
+    assert_eq!(w.servers.queue_len(), 2);
+    let carol = w.store.get_server("carol", "").await.unwrap().unwrap();
+    assert_eq!(carol.state, ServerState::Starting, "a waiting start is a pending spawn");
+
+    let wait = Duration::from_secs(30);
+    let (alice, bob) = (id("alice", ""), id("bob", ""));
+    let (a, b) = tokio::join!(w.servers.stop(&alice, wait), w.servers.stop(&bob, wait));
+    assert!(a.unwrap() && b.unwrap());
+    let now = held(&w).await;
+    let holders: Vec<&str> = now.iter().map(|(_, u)| u.as_str()).collect();
+    let devices: Vec<&str> = now.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(devices, ["GPU-0", "GPU-1"], "each device once: {now:?}");
+    let mut sorted = holders.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["carol", "dave"], "{now:?}");
+    assert!(waiting(&w).await.is_empty());
+    assert_eq!(w.servers.queue_len(), 0);
+    let log = w.servers.progress_log(&id("dave", "")).unwrap();
+    let mut watch = log.watch();
+    let mut said = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(10), watch.next()).await {
+        said.push(ev.message);
+    }
+    assert_eq!(said[..2], ["Server requested", "waiting for a GPU: position 2 of 2"], "{said:?}");
+    assert!(said.contains(&"Got a GPU; starting".to_string()), "{said:?}");
+}
+
+#[tokio::test]
+async fn nobody_jumps_a_head_that_needs_more_than_is_free() {
+    let w = world(Arc::new(NeverReady::default()), Config::default(), &["GPU-0", "GPU-1"]).await;
+    more_users(&w, &["carol", "dave"]).await;
+    for u in ["alice", "bob"] {
+        w.servers.start(&id(u, ""), gpus(1)).await.unwrap();
+    }
+    w.servers.start(&id("carol", ""), gpus(2)).await.unwrap();
+    w.servers.start(&id("dave", ""), gpus(1)).await.unwrap();
+    let wait = Duration::from_secs(30);
+    assert!(w.servers.stop(&id("alice", ""), wait).await.unwrap());
+    // One GPU is free: dave would fit, but carol is first and needs two.
+    assert_eq!(held(&w).await, [("GPU-1".to_string(), "bob".to_string())]);
+    assert_eq!(waiting(&w).await, ["carol", "dave"]);
+    // A start that asks for a GPU now goes behind them, though one is free.
+    w.servers.start(&id("alice", "again"), gpus(1)).await.unwrap();
+    assert_eq!(waiting(&w).await, ["carol", "dave", "alice"]);
+    assert_eq!(held(&w).await.len(), 1);
+    // A start without GPUs does not wait at all.
+    w.servers.start(&id("bob", "cpu"), UserOptions::default()).await.unwrap();
+    assert_eq!(waiting(&w).await.len(), 3);
+    assert!(w.servers.stop(&id("bob", ""), wait).await.unwrap());
+    let now = held(&w).await;
+    assert_eq!(now.iter().map(|(_, u)| u.as_str()).collect::<Vec<_>>(), ["carol", "carol"], "{now:?}");
+    assert_eq!(waiting(&w).await, ["dave", "alice"]);
+}
+
+#[tokio::test]
+async fn a_waiting_start_fails_with_the_reason_when_the_inventory_shrinks() {
+    let w = world(Arc::new(NeverReady::default()), Config::default(), &["GPU-0", "GPU-1"]).await;
+    w.servers.start(&id("alice", ""), gpus(1)).await.unwrap();
+    w.servers.start(&id("bob", ""), gpus(2)).await.unwrap();
+    assert_eq!(waiting(&w).await, ["bob"]);
+    // As after a restart on a machine with one GPU fewer.
+    w.servers.gpus.set_inventory(vec![Gpu { id: "GPU-0".into(), name: "test".into() }]);
+    assert!(w.servers.stop(&id("alice", ""), Duration::from_secs(30)).await.unwrap());
+    let settled = w.servers.wait_settled(&id("bob", ""), far(), None).await.unwrap();
+    assert_eq!(settled, Settled::Stopped { error: Some("2 GPUs asked for, but this hub has only 1".into()) });
+    assert!(waiting(&w).await.is_empty());
+    assert!(held(&w).await.is_empty(), "nothing was allocated for it");
+    let events = w.store.recent_events(10).await.unwrap();
+    assert!(events.iter().any(|e| e.kind == "start-failed" && e.subject == "bob"), "{events:?}");
+}
+
+#[tokio::test]
+async fn reconcile_keeps_waiting_starts_waiting_and_then_hands_them_gpus() {
+    let w = world(Arc::new(Scripted), Config::default(), &["GPU-0", "GPU-1"]).await;
+    more_users(&w, &["carol"]).await;
+    // As a berth killed with -9 left them: alice runs on GPU-0; bob waited
+    // for two GPUs and carol for one behind him; bob had been handed GPU-1
+    // just before berth died, so it is still recorded as his.
+    let mut a = Server::new("alice", "");
+    a.state = ServerState::Running;
+    a.spawner_state = serde_json::json!({"alive": true, "target": "http://127.0.0.1:9"}).to_string();
+    w.store.put_server(&a).await.unwrap();
+    w.store.add_gpu_allocations("alice", "", &["GPU-0".to_string()]).await.unwrap();
+    for (user, want) in [("bob", 2), ("carol", 1)] {
+        let mut s = Server::new(user, "");
+        s.state = ServerState::Starting;
+        s.user_options = serde_json::json!({"gpus": want}).to_string();
+        w.store.put_server(&s).await.unwrap();
+        w.store.enqueue_gpus(user, "", want, 1).await.unwrap();
+    }
+    w.store.add_gpu_allocations("bob", "", &["GPU-1".to_string()]).await.unwrap();
+
+    let (adopted, vanished) = w.servers.reconcile().await.unwrap();
+    assert_eq!((adopted, vanished), (1, 0), "nothing that waited was marked vanished");
+    // bob's stale GPU went back; he still waits (one GPU free, two wanted),
+    // and carol behind him.
+    assert_eq!(held(&w).await, [("GPU-0".to_string(), "alice".to_string())]);
+    assert_eq!(waiting(&w).await, ["bob", "carol"]);
+    assert_eq!(w.servers.queue_len(), 2);
+    for u in ["bob", "carol"] {
+        let r = w.store.get_server(u, "").await.unwrap().unwrap();
+        assert_eq!((r.state, r.last_error), (ServerState::Starting, None), "{u}");
+    }
+    let log = w.servers.progress_log(&id("carol", "")).expect("a progress log for the restored start");
+    let mut watch = log.watch();
+    let mut said = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(10), watch.next()).await {
+        said.push(ev.message);
+    }
+    assert_eq!(said, ["Server requested", "waiting for a GPU: position 2 of 2"]);
+}

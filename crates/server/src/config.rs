@@ -169,6 +169,7 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("gpu.nvml_library", &["BERTH_NVML_LIBRARY"], "The NVML library the sampler loads; empty means the driver's `libnvidia-ml.so.1` wherever the dynamic loader finds it."),
     ("gpu.sample_interval_seconds", &["BERTH_GPU_SAMPLE_INTERVAL"], "Seconds between GPU samples."),
     ("gpu.idle_below_percent", &["BERTH_GPU_IDLE_BELOW_PERCENT"], "A GPU whose utilisation stays below this many percent counts as idle (the admin page shows for how long)."),
+    ("gpu.when_full", &["BERTH_GPU_WHEN_FULL"], "A start that asks for more GPUs than are free: `queue` (it is accepted as a pending spawn and waits in line, first come, first served, and starts by itself when GPUs free) or `refuse` (it fails with the shortage). See docs/gpus.md."),
     ("proxy.connect_timeout_seconds", &["BERTH_PROXY_CONNECT_TIMEOUT"], "Time to connect to a server before the proxy gives up."),
     ("proxy.response_timeout_seconds", &["BERTH_PROXY_RESPONSE_TIMEOUT"], "Time a server may take to start answering before the proxy answers 504."),
     ("proxy.max_connections", &["BERTH_MAX_CONNECTIONS"], "Connections berth serves at once; more are answered 503 with a message."),
@@ -410,6 +411,9 @@ impl Config {
         }
         if !["auto", "nvml", "nvidia-smi", "off"].contains(&self.gpu.sampler.as_str()) {
             return Err(invalid("gpu.sampler", format!("{:?} is not auto, nvml, nvidia-smi or off", self.gpu.sampler)));
+        }
+        if !["queue", "refuse"].contains(&self.gpu.when_full.as_str()) {
+            return Err(invalid("gpu.when_full", format!("{:?} is not queue or refuse", self.gpu.when_full)));
         }
         if self.gpu.idle_below_percent > 100 {
             return Err(invalid("gpu.idle_below_percent", format!("{} is more than 100", self.gpu.idle_below_percent)));

@@ -13,6 +13,7 @@ mod gpus;
 mod limits;
 mod migrations;
 mod oauth;
+mod queue;
 mod records;
 mod servers;
 mod sessions;
@@ -30,6 +31,7 @@ use sqlx::{AnyPool, Row};
 
 pub use adopted::AdoptedVolume;
 pub use limits::UserLimits;
+pub use queue::QueueEntry;
 pub use records::*;
 pub use ssh_keys::{NewSshKey, SshKey};
 

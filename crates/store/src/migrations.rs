@@ -180,6 +180,22 @@ CREATE TABLE imported_accounts (
 )
 "#,
     ),
+    (
+        8,
+        "the GPU queue: starts waiting for GPUs, first come first served",
+        r#"
+CREATE TABLE gpu_queue (
+    user_name TEXT NOT NULL,
+    server_name TEXT NOT NULL,
+    gpus BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    queued BIGINT NOT NULL,
+    PRIMARY KEY (user_name, server_name),
+    FOREIGN KEY (user_name, server_name) REFERENCES servers(user_name, name) ON DELETE CASCADE ON UPDATE CASCADE
+);
+CREATE INDEX gpu_queue_seq ON gpu_queue(seq)
+"#,
+    ),
 ];
 
 impl Store {

@@ -235,11 +235,7 @@ async fn sqlite_is_wal_and_reopens() {
     }
     assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
     let s = Store::open_in_dir(dir.path()).await.unwrap();
-    assert_eq!(
-        s.schema_version().await.unwrap(),
-        7,
-        "every migration, through 7 (adopted volumes, imported accounts), applied once"
-    );
+    assert_eq!(s.schema_version().await.unwrap(), 8, "every migration, through 8 (the GPU queue), applied once");
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
     assert_eq!(mode, "wal");
@@ -298,6 +294,45 @@ async fn gpus(s: &Store) {
     assert!(s.gpu_allocations().await.unwrap().is_empty(), "allocations go with the user");
 }
 both!(gpus_, gpus);
+
+async fn gpu_queue(s: &Store) {
+    for u in ["qa", "qb", "qc"] {
+        s.create_user(&new_user(u)).await.unwrap();
+        s.put_server(&Server::new(u, "")).await.unwrap();
+    }
+    s.put_server(&Server::new("qa", "lab")).await.unwrap();
+    assert!(s.enqueue_gpus("qa", "nope", 1, 1).await.is_err(), "an entry needs its server record");
+    s.enqueue_gpus("qb", "", 2, 10).await.unwrap();
+    s.enqueue_gpus("qa", "", 1, 20).await.unwrap();
+    s.enqueue_gpus("qc", "", 1, 30).await.unwrap();
+    s.enqueue_gpus("qa", "lab", 1, 40).await.unwrap();
+    assert!(matches!(s.enqueue_gpus("qa", "", 1, 50).await, Err(StoreError::Conflict { .. })), "once per server");
+    let order =
+        |q: Vec<QueueEntry>| q.into_iter().map(|e| format!("{}/{}:{}", e.user, e.server, e.gpus)).collect::<Vec<_>>();
+    assert_eq!(order(s.gpu_queue().await.unwrap()), ["qb/:2", "qa/:1", "qc/:1", "qa/lab:1"], "first come first");
+    s.reorder_gpu_queue(&[("qc".into(), "".into()), ("ghost".into(), "".into())]).await.unwrap();
+    assert_eq!(
+        order(s.gpu_queue().await.unwrap()),
+        ["qc/:1", "qb/:2", "qa/:1", "qa/lab:1"],
+        "the rest keep their order"
+    );
+    s.enqueue_gpus("qa", "lab", 1, 60).await.unwrap_err();
+    assert!(s.dequeue_gpus("qb", "").await.unwrap());
+    assert!(!s.dequeue_gpus("qb", "").await.unwrap(), "not queued twice");
+    s.put_server(&Server::new("qb", "")).await.unwrap();
+    s.enqueue_gpus("qb", "", 1, 70).await.unwrap();
+    assert_eq!(
+        order(s.gpu_queue().await.unwrap()).last().unwrap(),
+        "qb/:1",
+        "a new entry goes last, after a reorder too"
+    );
+    s.delete_server("qa", "lab").await.unwrap();
+    s.delete_user("qc").await.unwrap();
+    assert_eq!(order(s.gpu_queue().await.unwrap()), ["qa/:1", "qb/:1"], "entries go with their server and user");
+    s.rename_user("qa", "qz").await.unwrap();
+    assert_eq!(s.gpu_queue().await.unwrap()[0].user, "qz", "and follow a rename");
+}
+both!(gpu_queue_, gpu_queue);
 
 async fn ssh_keys(s: &Store) {
     s.create_user(&new_user("kay")).await.unwrap();

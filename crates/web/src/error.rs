@@ -61,9 +61,9 @@ pub fn status_of(e: &HubError) -> StatusCode {
         E::NoSuchUser { .. } | E::NoSuchServer { .. } | E::NoSuchToken { .. } | E::NoSuchKey { .. } => {
             StatusCode::NOT_FOUND
         }
-        E::NoSuchGpu { .. } | E::SetupClosed => StatusCode::NOT_FOUND,
+        E::NoSuchGpu { .. } | E::SetupClosed | E::NotQueued { .. } => StatusCode::NOT_FOUND,
         E::UserExists { .. } | E::AllUsersExist { .. } | E::KeyExists { .. } => StatusCode::CONFLICT,
-        E::NoGpus { .. } => StatusCode::CONFLICT,
+        E::NoGpus { .. } | E::GpusExceedInventory { .. } => StatusCode::CONFLICT,
         E::MissingScope { .. } | E::ScopesNotHeld { .. } => StatusCode::FORBIDDEN,
         E::NamedServerLimit { .. } | E::HubFull { .. } | E::TooManyStarting { .. } => StatusCode::TOO_MANY_REQUESTS,
         E::Internal(_) | E::Spawner { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -96,6 +96,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         | E::ImageNotAllowed { .. }
         | E::GpusOff
         | E::TooManyGpus { .. }
+        | E::QueuePosition { .. }
         | E::BadToken(_)
         | E::BadKey(_)
         | E::TooManyKeys { .. }

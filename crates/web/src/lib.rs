@@ -33,7 +33,7 @@ pub type SharedHub = Arc<berth_hub::Hub>;
 /// The hub's routes, under `<base_url>hub/`, and `<base_url>user/*` for
 /// servers the proxy has no route to (they are not running).
 pub fn router(hub: SharedHub) -> Router {
-    use pages::{admin, apps, home, images, keys, login, servers, setup, tokens};
+    use pages::{admin, apps, home, images, keys, login, queue, servers, setup, tokens};
     let max_body = hub.cfg.max_body_bytes as usize;
     let hub_routes = Router::new()
         .route("/", get(login::root))
@@ -50,6 +50,9 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/gpus/{id}", post(admin::gpu_action))
         .route("/admin/templates", get(images::templates_page))
         .route("/admin/templates/{id}/build", post(images::build_action))
+        .route("/admin/gpu-queue", get(queue::queue_page))
+        .route("/admin/gpu-queue/{user}", post(queue::queue_action))
+        .route("/admin/gpu-queue/{user}/{server}", post(queue::queue_action))
         .route("/app-login", get(apps::app_login))
         .route("/keys", get(keys::page_own))
         .route("/keys/{user}", get(keys::page_user).post(keys::page_add))

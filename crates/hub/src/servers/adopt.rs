@@ -1,7 +1,9 @@
 //! Checks and re-adoption: a running server found dead is torn down as
-//! vanished; at start-up what still runs is adopted and its routes restored.
+//! vanished; at start-up what still runs is adopted and its routes restored,
+//! and starts that waited for GPUs keep their place in the queue.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use berth_core::{ServerId, ServerState, Transition};
@@ -14,7 +16,7 @@ use crate::error::HubResult;
 impl Servers {
     /// Checks one server now: a running one whose process or container is
     /// gone is torn down as vanished.
-    pub async fn check(&self, id: &ServerId) {
+    pub async fn check(self: &Arc<Self>, id: &ServerId) {
         if self.busy.lock().map(|b| b.contains(id)).unwrap_or(true) {
             return;
         }
@@ -49,15 +51,29 @@ impl Servers {
     }
 
     /// At start-up, before the listener accepts: re-adopt what still runs,
-    /// restore its routes, and mark what vanished as stopped. Returns
-    /// (adopted, vanished).
-    pub async fn reconcile(&self) -> HubResult<(usize, usize)> {
-        let (mut adopted, mut vanished) = (0, 0);
+    /// restore its routes, mark what vanished as stopped, and keep the
+    /// starts that wait for GPUs waiting, in their order (GPUs are handed
+    /// to them once all this is done). Returns (adopted, vanished).
+    pub async fn reconcile(self: &Arc<Self>) -> HubResult<(usize, usize)> {
+        self.queue_paused.store(true, Ordering::SeqCst);
+        let result = self.reconcile_paused().await;
+        self.queue_paused.store(false, Ordering::SeqCst);
+        self.dispatch_queue().await;
+        result
+    }
+
+    async fn reconcile_paused(self: &Arc<Self>) -> HubResult<(usize, usize)> {
+        let (mut adopted, mut vanished, mut waiting) = (0, 0, 0);
+        let queued = self.store.gpu_queue().await?;
         for mut record in self.store.list_servers(None).await? {
             if record.state == ServerState::Stopped {
                 continue;
             }
             let Ok(id) = ServerId::parse(&record.user, &record.name) else { continue };
+            if self.restore_queued(&id, &record, &queued).await {
+                waiting += 1;
+                continue;
+            }
             let state = SpawnerState::from_record(&record.spawner_state);
             let status = if state.is_started() {
                 self.spawner.poll(state.value()).await.unwrap_or_else(|e| Status::Exited(e.to_string()))
@@ -106,16 +122,22 @@ impl Servers {
                 );
             }
         }
+        if waiting > 0 {
+            tracing::info!(waiting, "starts waiting for GPUs restored");
+        }
         Ok((adopted, vanished))
     }
 
-    /// One round of the poll job: running servers that died are marked stopped.
-    pub async fn poll_all(&self) {
+    /// One round of the poll job: running servers that died are marked
+    /// stopped, and the GPU queue is offered what is free (a safety net: a
+    /// change made by another berth process, such as the CLI's).
+    pub async fn poll_all(self: &Arc<Self>) {
         let Ok(records) = self.store.list_servers(None).await else { return };
         for r in records.into_iter().filter(|r| r.state == ServerState::Running) {
             if let Ok(id) = ServerId::parse(&r.user, &r.name) {
                 self.check(&id).await;
             }
         }
+        self.dispatch_queue().await;
     }
 }

@@ -2,6 +2,7 @@
 
 mod keys;
 mod oauth;
+mod queue;
 mod servers;
 
 pub(crate) use servers::SLOW;
@@ -9,7 +10,7 @@ mod tokens;
 mod users;
 
 use axum::http::Uri;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, patch, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -36,6 +37,9 @@ pub fn router() -> Router<SharedHub> {
         .route("/users/{name}/servers/{server}/progress", get(servers::progress))
         .route("/users/{name}/activity", post(servers::activity))
         .route("/gpus", get(servers::gpus))
+        .route("/gpus/queue", get(queue::list))
+        .route("/gpus/queue/{name}", patch(queue::move_entry).delete(queue::cancel))
+        .route("/gpus/queue/{name}/{server}", patch(queue::move_entry).delete(queue::cancel))
         .route("/oauth2/authorize", get(oauth::authorize).post(oauth::authorize_consented))
         .route("/oauth2/token", post(oauth::token))
         .fallback(not_found)

@@ -160,7 +160,7 @@ pub async fn authorize_page(
         Err(e) => alert(Level::Danger, &ApiError::from(e).message),
     };
     let body = format!(
-        r#"<h1>Users</h1>{msg}<p><a href="{p}admin/templates">Template images</a></p>{gpu_card}<div class="card"><form method="get" action="{p}authorize">
+        r#"<h1>Users</h1>{msg}<p><a href="{p}admin/templates">Template images</a> · <a href="{p}admin/gpu-queue" id="gpu-queue-link">GPU queue ({waiting} waiting)</a></p>{gpu_card}<div class="card"><form method="get" action="{p}authorize">
 <input type="text" name="q" value="{q}" placeholder="name starts with…" style="max-width:16rem;display:inline-block">
 <label style="display:inline;font-weight:normal"><input type="checkbox" name="pending" value="1" {checked}> pending only</label>
 <button class="secondary" type="submit">Filter</button></form>
@@ -168,6 +168,7 @@ pub async fn authorize_page(
 <table><thead><tr><th>Name</th><th>Status</th><th>Role</th><th>Created</th><th>Last active</th><th>SSH sessions</th><th></th></tr></thead><tbody>{rows}</tbody></table>{more}</div>"#,
         q = esc(&lq.q),
         checked = if pending_only { "checked" } else { "" },
+        waiting = hub.servers.queue_view(&user.caller).await.map(|v| v.length).unwrap_or(0),
     );
     Ok(html::page(&hub.cfg.base_url, "Users", Some(&user.viewer()), &body))
 }
@@ -213,7 +214,7 @@ pub async fn gpu_action(
         "exclusive" => false,
         other => return Err(ApiError::bad_request(format!("unknown action {other:?}")).page()),
     };
-    hub.servers.gpus.set_shared(&id, shared).await.map_err(|e| ApiError::from(e).page())?;
+    hub.servers.set_gpu_shared(&id, shared).await.map_err(|e| ApiError::from(e).page())?;
     let _ = hub.store.add_event(user.caller.name(), &format!("gpu-{}", f.action), &id, "").await;
     let msg = format!("{id} is {}", if shared { "shared" } else { "exclusive" });
     let msg = percent_encoding::utf8_percent_encode(&msg, percent_encoding::NON_ALPHANUMERIC);

@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::response::Html;
 use berth_core::ServerState;
 use berth_hub::gpus::{GpuView, GpusView, SamplerView};
+use berth_hub::servers::queue::{waiting_text, QueueEntryView, QueueView};
 use berth_hub::telemetry::SampleState;
 use berth_store::UserQuery;
 
@@ -35,12 +36,13 @@ pub async fn home(State(hub): State<SharedHub>, user: PageUser) -> Html<String> 
         }
     }
     let gpus = hub.servers.gpus.view(&user.caller, berth_store::now_ms()).await.ok().filter(|v| v.total > 0);
-    match home_servers(&hub, &user, gpus.as_ref()).await {
+    let queue = hub.servers.queue_view(&user.caller).await.ok();
+    match home_servers(&hub, &user, gpus.as_ref(), queue.as_ref()).await {
         Ok(cards) => body.push_str(&cards),
         Err(e) => body.push_str(&alert(Level::Danger, &e.message)),
     }
     let allowed = hub.store.user_limits(user.caller.name()).await.ok().and_then(|l| l.templates);
-    body.push_str(&template_picker(&hub, &user.xsrf, allowed.as_deref(), gpus.as_ref()));
+    body.push_str(&template_picker(&hub, &user.xsrf, allowed.as_deref(), gpus.as_ref(), queue.as_ref()));
     body.push_str(&format!(
         r#"<div class="card"><h2>Your account</h2><p>API tokens for scripts and JupyterHub clients: <a href="{base}hub/token">Tokens</a>.</p></div>"#
     ));
@@ -114,6 +116,11 @@ fn server_gpus(gpus: Option<&GpusView>, user: &str, holder: &str, name: &str) ->
     format!(r#"<ul class="gpus" id="gpus-{n}">{rows}</ul>"#, n = esc(name))
 }
 
+/// Where the user's server `name` waits in the GPU queue, if it does.
+fn queue_entry<'a>(queue: Option<&'a QueueView>, user: &str, name: &str) -> Option<&'a QueueEntryView> {
+    queue?.entries.iter().find(|e| e.user == user && e.server == name)
+}
+
 /// The state of one server, as the home page shows it.
 fn server_card(
     hub: &SharedHub,
@@ -122,6 +129,7 @@ fn server_card(
     s: Option<&berth_store::Server>,
     name: &str,
     gpus: Option<&GpusView>,
+    queue: Option<&QueueView>,
 ) -> String {
     let p = hub.hub_prefix();
     let url = server_url(&hub.cfg.base_url, user, name);
@@ -138,10 +146,22 @@ fn server_card(
                 n = esc(name)
             ),
         ),
-        ServerState::Starting => (
-            r#"<span class="badge warn">starting</span>"#,
-            format!(r#"<a class="button" href="{}">Show progress</a>"#, pending_path(hub, user, name)),
-        ),
+        ServerState::Starting => match queue_entry(queue, user, name) {
+            // Waiting for GPUs: where in line, and a way out.
+            Some(e) => (
+                r#"<span class="badge warn">waiting for a GPU</span>"#,
+                format!(
+                    r#"<span class="queue-place" id="queue-{n}">{place}</span> <a class="button" href="{pending}">Show progress</a> <form method="post" action="{p}stop/{path}" style="display:inline">{x}<button class="secondary" type="submit" id="cancel-{n}">Cancel</button></form>"#,
+                    n = esc(name),
+                    place = esc(&waiting_text(e.position, queue.map_or(0, |q| q.length), e.gpus)),
+                    pending = pending_path(hub, user, name),
+                ),
+            ),
+            None => (
+                r#"<span class="badge warn">starting</span>"#,
+                format!(r#"<a class="button" href="{}">Show progress</a>"#, pending_path(hub, user, name)),
+            ),
+        },
         ServerState::Stopping => (r#"<span class="badge warn">stopping</span>"#, String::new()),
         ServerState::Stopped => (
             r#"<span class="badge">stopped</span>"#,
@@ -169,12 +189,17 @@ fn server_card(
     )
 }
 
-async fn home_servers(hub: &SharedHub, user: &PageUser, gpus: Option<&GpusView>) -> ApiResult<String> {
+async fn home_servers(
+    hub: &SharedHub,
+    user: &PageUser,
+    gpus: Option<&GpusView>,
+    queue: Option<&QueueView>,
+) -> ApiResult<String> {
     let name = user.caller.name();
     let servers = hub.store.list_servers(Some(name)).await?;
-    let mut out = server_card(hub, &user.xsrf, name, servers.iter().find(|s| s.name.is_empty()), "", gpus);
+    let mut out = server_card(hub, &user.xsrf, name, servers.iter().find(|s| s.name.is_empty()), "", gpus, queue);
     for s in servers.iter().filter(|s| !s.name.is_empty()) {
-        out.push_str(&server_card(hub, &user.xsrf, name, Some(s), &s.name, gpus));
+        out.push_str(&server_card(hub, &user.xsrf, name, Some(s), &s.name, gpus, queue));
     }
     if hub.servers.cfg.max_named_servers > 0 {
         out.push_str(&format!(
@@ -190,20 +215,34 @@ async fn home_servers(hub: &SharedHub, user: &PageUser, gpus: Option<&GpusView>)
 }
 
 /// The start page's template picker, grouped by category.
-fn template_picker(hub: &SharedHub, xsrf: &str, allowed: Option<&[String]>, gpus: Option<&GpusView>) -> String {
+fn template_picker(
+    hub: &SharedHub,
+    xsrf: &str,
+    allowed: Option<&[String]>,
+    gpus: Option<&GpusView>,
+    queue: Option<&QueueView>,
+) -> String {
     let apps = &hub.servers.templates;
     let mut ts: Vec<&berth_core::HubTemplate> =
         apps.templates().iter().filter(|t| allowed.is_none_or(|a| a.contains(&t.id))).collect();
     let counts = gpus
         .map(|v| {
             let shared = v.available.saturating_sub(v.free);
+            let waiting = queue.map_or(0, |q| q.length);
             format!(
-                r#"<p id="gpu-counts">GPUs: <b>{free} free</b>, {held} held, of {total}{shared}.</p>"#,
+                r#"<p id="gpu-counts">GPUs: <b>{free} free</b>, {held} held, of {total}{shared}.</p>{queue}"#,
                 free = v.free,
                 held = v.held,
                 total = v.total,
                 shared =
                     if shared > 0 { format!("; {shared} held but shared, so still available") } else { String::new() },
+                queue = if waiting > 0 {
+                    format!(
+                        r#"<p id="gpu-queue">{waiting} start(s) wait for GPUs; a start that asks for GPUs now waits behind them.</p>"#
+                    )
+                } else {
+                    String::new()
+                },
             )
         })
         .unwrap_or_default();

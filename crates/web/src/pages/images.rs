@@ -18,7 +18,7 @@ use crate::SharedHub;
 #[derive(Deserialize)]
 pub struct MsgQuery {
     #[serde(default)]
-    msg: Option<String>,
+    pub(crate) msg: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -7,6 +7,7 @@ pub mod home;
 pub mod images;
 pub mod keys;
 pub mod login;
+pub mod queue;
 pub mod servers;
 pub mod setup;
 pub mod tokens;

@@ -202,13 +202,34 @@ pub async fn pending(
     }
     let progress = progress_url(&hub.cfg.base_url, &owner, &server);
     let next_attr = next.map(|n| format!(r#" data-next-url="{}""#, esc(&n))).unwrap_or_default();
+    // Waiting for GPUs: where in line (the stream says when that changes),
+    // and a way out for whoever may stop the server.
+    let place = match &record {
+        Some(r) if r.state == ServerState::Starting => {
+            hub.servers.queue_place(&id).await.ok().flatten().map(|(pos, len)| {
+                let gpus = UserOptions::from_record(&r.user_options).gpus.unwrap_or(1) as u32;
+                berth_hub::servers::queue::waiting_text(pos, len, gpus)
+            })
+        }
+        _ => None,
+    };
+    let cancel = match &place {
+        Some(_) if may_manage(&user.caller, &id).is_ok() => format!(
+            r#"<form method="post" action="{p}stop/{path}" style="display:inline">{x}<button class="secondary" type="submit" id="cancel">Cancel</button></form> "#,
+            p = hub.hub_prefix(),
+            path = esc(&if server.is_empty() { owner.clone() } else { format!("{owner}/{server}") }),
+            x = xsrf_input(&user.xsrf),
+        ),
+        _ => String::new(),
+    };
+    let waiting = place.as_deref().map(esc).unwrap_or_else(|| "Waiting for the server…".to_string());
     // No inline script (the hub's CSP forbids it): static/pending.js reads the data- attributes.
     let body = format!(
         r#"<div class="card" id="spawn-progress" data-progress-url="{progress}" data-server-url="{url}"{next_attr} data-xsrf="{xsrf}"><h1>Starting {what}</h1>
 <div class="progress"><div id="bar"></div></div>
-<p id="message" class="muted">Waiting for the server…</p>
+<p id="message" class="muted">{waiting}</p>
 <ul id="log" class="muted"></ul>
-<p><a href="{p}home">Back home</a></p></div>
+<p>{cancel}<a href="{p}home">Back home</a></p></div>
 {script}"#,
         progress = esc(&progress),
         url = esc(&url),
