@@ -35,6 +35,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -154,6 +155,17 @@ pub struct Servers {
     queue_len: AtomicUsize,
     /// Set while `reconcile` runs: the queue is handed GPUs only after it.
     queue_paused: AtomicBool,
+    /// Starts under way in this process: a stop asks the start's own task
+    /// to end it (`Starting::stop`), so a server is torn down once.
+    starting: Mutex<HashMap<ServerId, Arc<Starting>>>,
+}
+
+/// A start's task as a stop sees it.
+struct Starting {
+    /// Cancelled by a stop: the task stops waiting and tears the server down.
+    stop: CancellationToken,
+    /// Cancelled when the task has finished.
+    done: CancellationToken,
 }
 
 impl Servers {
@@ -191,6 +203,7 @@ impl Servers {
             queue: tokio::sync::Mutex::new(queue::Announced::default()),
             queue_len: AtomicUsize::new(0),
             queue_paused: AtomicBool::new(false),
+            starting: Mutex::new(HashMap::new()),
         }
     }
 
@@ -454,15 +467,28 @@ impl Servers {
         let me = self.clone();
         let starts = self.starts.clone();
         let span = tracing::info_span!("start", server = %id);
+        let handle = Arc::new(Starting { stop: CancellationToken::new(), done: CancellationToken::new() });
+        if let Ok(mut m) = self.starting.lock() {
+            m.insert(id.clone(), handle.clone());
+        }
         self.tasks.spawn(
             async move {
+                let _done = handle.done.clone().drop_guard();
                 // A start that left the GPU queue waits here for a start slot.
                 let _permit = match permit {
                     Some(p) => Some(p),
-                    None => starts.acquire_owned().await.ok(),
+                    None => tokio::select! {
+                        p = starts.acquire_owned() => p.ok(),
+                        _ = handle.stop.cancelled() => None,
+                    },
                 };
                 let _claim = claim;
-                me.run_start(id, record, options.routing_mode(), plan, log).await;
+                me.run_start(id.clone(), record, options.routing_mode(), plan, log, &handle.stop).await;
+                if let Ok(mut m) = me.starting.lock() {
+                    if m.get(&id).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
+                        m.remove(&id);
+                    }
+                }
             }
             .instrument(span),
         );
@@ -476,8 +502,16 @@ impl Servers {
         mode: RoutingMode,
         plan: StartPlan,
         log: Arc<ProgressLog>,
+        stop: &CancellationToken,
     ) {
-        match self.spawn_and_wait(&mut record, plan, &log).await {
+        let result = if stop.is_cancelled() { Err(String::new()) } else { self.spawn_and_wait(&mut record, plan, &log, stop).await };
+        match result {
+            // Stopped while it started: torn down here, once, as a stop.
+            _ if stop.is_cancelled() => {
+                tracing::info!(server = %id, "stopped while starting");
+                self.teardown(&id, record, Ending::Stop, "").await;
+                log.push(ProgressEvent::failed("the server was stopped before it was ready"));
+            }
             Ok(target) => {
                 let (route, url) = self.route_for(&id, mode, target);
                 self.routes.insert(route);
@@ -592,6 +626,21 @@ impl Servers {
         // A start waiting for GPUs is called off: nothing runs yet.
         if record.state == ServerState::Starting && self.cancel_queued(id, "").await? {
             return Ok(());
+        }
+        // A start under way is ended by its own task, which knows what it
+        // has made so far; this waits for that.
+        let under_way = self.starting.lock().ok().and_then(|m| m.get(id).cloned());
+        let mut record = record;
+        if let Some(h) = under_way.filter(|h| !h.done.is_cancelled()) {
+            if record.state == ServerState::Starting {
+                h.stop.cancel();
+                h.done.cancelled().await;
+                // It may have become ready just before it saw the stop.
+                match self.store.get_server(id.user(), id.server()).await? {
+                    Some(r) if r.state != ServerState::Stopped => record = r,
+                    _ => return Ok(()),
+                }
+            }
         }
         self.teardown(id, record, Ending::Stop, "").await;
         Ok(())

@@ -305,3 +305,35 @@ async fn reconcile_keeps_waiting_starts_waiting_and_then_hands_them_gpus() {
     }
     assert_eq!(said, ["Server requested", "waiting for a GPU: position 2 of 2"]);
 }
+
+#[tokio::test]
+async fn a_stop_during_a_start_ends_it_once_and_a_new_start_keeps_its_gpu() {
+    let cfg = Config { start_timeout_seconds: Duration::from_secs(90), ..Config::default() };
+    let w = world(Arc::new(NeverReady::default()), cfg, &["GPU-0"]).await;
+    let alice = id("alice", "lab");
+    w.servers.start(&alice, UserOptions { gpus: Some(1), ..Default::default() }).await.unwrap();
+    // The spawner has returned: the start waits for an answer that never comes.
+    for i in 0.. {
+        let r = w.store.get_server("alice", "lab").await.unwrap().unwrap();
+        if r.spawner_state != "{}" {
+            break;
+        }
+        assert!(i < 1000, "the spawner never returned: {r:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(w.servers.stop(&alice, Duration::from_secs(30)).await.unwrap(), "the stop finished");
+    let r = w.store.get_server("alice", "lab").await.unwrap().unwrap();
+    assert_eq!((r.state, r.last_error.as_deref()), (ServerState::Stopped, None), "a stop, not a failure");
+    assert!(w.store.gpu_allocations().await.unwrap().is_empty(), "its GPU is free");
+    // Started again at once, it gets the GPU, and nothing of the first start
+    // takes it away (the first start's wait would have seen its process gone
+    // within a second, and torn the server down a second time).
+    w.servers.start(&alice, UserOptions { gpus: Some(1), ..Default::default() }).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(w.store.gpu_allocations().await.unwrap().len(), 1, "the new start holds the GPU");
+    assert_eq!(w.store.get_server("alice", "lab").await.unwrap().unwrap().state, ServerState::Starting);
+    let events = w.store.recent_events(20).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "stop").count(), 1, "{kinds:?}");
+    assert!(!kinds.contains(&"start-failed"), "{kinds:?}");
+}

@@ -38,18 +38,18 @@ impl Store {
     /// Puts a server at the end of the queue (its record must exist). A
     /// server already waiting is a conflict.
     pub async fn enqueue_gpus(&self, user: &str, server: &str, gpus: u32, at: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let last: Option<i64> =
-            sqlx::query("SELECT MAX(seq) AS m FROM gpu_queue").fetch_one(&mut *tx).await?.try_get("m")?;
+        // One statement: a read then a write in one SQLite transaction can
+        // fail at once (SQLITE_BUSY_SNAPSHOT) when another connection wrote
+        // in between; busy_timeout does not wait for that.
         let r = sqlx::query(
-            "INSERT INTO gpu_queue (user_name, server_name, gpus, seq, queued) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO gpu_queue (user_name, server_name, gpus, seq, queued) \
+             SELECT $1, $2, $3, COALESCE(MAX(seq), 0) + 1, $4 FROM gpu_queue",
         )
         .bind(user)
         .bind(server)
         .bind(i64::from(gpus))
-        .bind(last.unwrap_or(0) + 1)
         .bind(at)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await;
         match r {
             Ok(_) => {}
@@ -58,7 +58,6 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -76,6 +75,9 @@ impl Store {
     /// first; entries it does not name keep their relative order after it.
     pub async fn reorder_gpu_queue(&self, order: &[(String, String)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        // A write first, so the transaction holds the write lock before it
+        // reads (see `enqueue_gpus`); it changes nothing.
+        sqlx::query("UPDATE gpu_queue SET seq = seq WHERE seq < 0").execute(&mut *tx).await?;
         let rows = sqlx::query("SELECT user_name, server_name FROM gpu_queue ORDER BY seq, queued")
             .fetch_all(&mut *tx)
             .await?;

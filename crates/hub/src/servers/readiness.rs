@@ -18,6 +18,7 @@ impl Servers {
         record: &mut Server,
         plan: StartPlan,
         log: &Arc<ProgressLog>,
+        stop: &tokio_util::sync::CancellationToken,
     ) -> Result<String, String> {
         let timeout = self.cfg.start_timeout_seconds.as_secs();
         let (ptx, mut prx) = mpsc::unbounded_channel::<Progress>();
@@ -35,8 +36,11 @@ impl Servers {
         // from when there is an image to run.
         if let Some(image) = plan.spec.image.clone() {
             let limit = self.cfg.build_timeout_seconds;
-            let prepared =
-                tokio::time::timeout(limit, self.spawner.prepare_image(&image, &plan.spec.build, ptx.clone())).await;
+            // A stop meanwhile ends the wait (the build goes on for the next start).
+            let prepared = tokio::select! {
+                p = tokio::time::timeout(limit, self.spawner.prepare_image(&image, &plan.spec.build, ptx.clone())) => p,
+                _ = stop.cancelled() => Ok(Err(berth_spawner::SpawnError::Failed("stopped".into()))),
+            };
             let failed = match prepared {
                 Err(_) => Some(format!("{image} was not pulled or built within {} s", limit.as_secs())),
                 Ok(Err(e)) => Some(e.to_string()),
@@ -50,7 +54,12 @@ impl Servers {
                 return Err(why);
             }
         }
+        if stop.is_cancelled() {
+            return Err("stopped".into());
+        }
         let deadline = Instant::now() + self.cfg.start_timeout_seconds;
+        // The spawner's start is not interrupted (it would leave what it
+        // made half-recorded); a stop is seen as soon as it returns.
         let started = tokio::time::timeout_at(deadline, self.spawner.start(plan.spec, ptx)).await;
         // Events the spawner sent before returning are still delivered; a
         // spawner that keeps its sender gets no more say after that.
@@ -64,6 +73,9 @@ impl Servers {
         record.spawner_state = started.state.to_string();
         if let Err(e) = self.store.put_server(record).await {
             return Err(format!("could not record the server: {e}"));
+        }
+        if stop.is_cancelled() {
+            return Err("stopped".into());
         }
         log.push(ProgressEvent::step(50, "Waiting for the server to answer..."));
         let Some(probe) = plan.probe else {
@@ -94,7 +106,10 @@ impl Servers {
             if Instant::now() + delay > deadline {
                 return Err(format!("the server did not answer at {probe} within {timeout} s"));
             }
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return Err("stopped".into()),
+            }
             delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
