@@ -19,6 +19,7 @@ mod sessions;
 mod settings;
 mod ssh_keys;
 mod tokens;
+mod usage;
 mod users;
 
 use std::path::Path;
@@ -32,6 +33,7 @@ pub use adopted::AdoptedVolume;
 pub use limits::UserLimits;
 pub use records::*;
 pub use ssh_keys::{NewSshKey, SshKey};
+pub use usage::{UsageInterval, UsageKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
