@@ -89,6 +89,16 @@ pub enum HubError {
     NoGpus { shortage: Shortage },
     #[error("no GPU {id} in the inventory")]
     NoSuchGpu { id: String },
+    /// The GPU-hour quota of the period is used up (`crate::usage`).
+    #[error(
+        "{user} has used {} of {} GPU-hours {}; {} left; renews {}",
+        used_text(*used_hours),
+        crate::usage::hours_text(*quota_hours),
+        period.this(),
+        crate::usage::hours_text((quota_hours - used_hours).max(0.0)),
+        crate::usage::when_utc(*renews_ms)
+    )]
+    GpuQuota { user: String, used_hours: f64, quota_hours: f64, period: crate::usage::Period, renews_ms: i64 },
 
     // --- tokens, keys, OAuth
     #[error("No such token: {id}")]
@@ -130,6 +140,16 @@ fn self_action_text(a: SelfAction) -> &'static str {
         SelfAction::Unauthorize => "you cannot unauthorize yourself",
         SelfAction::RemoveAdmin => "you cannot remove your own admin rights; ask another admin",
         SelfAction::Delete => "Cannot delete yourself!",
+    }
+}
+
+/// Used hours with at least one decimal (`10.0`, `0.0003`).
+fn used_text(h: f64) -> String {
+    let t = crate::usage::hours_text(h);
+    if t.contains('.') {
+        t
+    } else {
+        format!("{t}.0")
     }
 }
 

@@ -261,7 +261,12 @@ impl Gpus {
 
     /// Frees what `id` holds; failures are logged (the next start re-checks).
     pub async fn free(&self, id: &ServerId) {
-        match self.store.free_gpus(id.user(), id.server()).await {
+        self.free_at(id, berth_store::now_ms()).await
+    }
+
+    /// [`Gpus::free`], ending the GPUs' usage at `at`.
+    pub async fn free_at(&self, id: &ServerId, at: i64) {
+        match self.store.free_gpus_at(id.user(), id.server(), at).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(server = %id, count = n, "freed GPUs"),
             Err(e) => tracing::error!(server = %id, error = %e, "could not free GPUs"),

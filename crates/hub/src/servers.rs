@@ -42,8 +42,10 @@ pub use spec::{StartPlan, UserOptions};
 use crate::activity::Activity;
 use crate::error::{HubError, HubResult};
 use crate::gpus::Gpus;
+use crate::metrics::{Counters, SpawnOutcome};
 use crate::progress::{ProgressEvent, ProgressLog};
 use crate::templates::Templates;
+use crate::usage::{Usage, UsageConfig};
 
 /// The spawner's saved state for a server, as recorded: empty until the
 /// spawner returned from `start`.
@@ -135,6 +137,10 @@ pub struct Servers {
     tasks: TaskTracker,
     /// Builds asked for ahead of a start, by template id.
     image_builds: Mutex<HashMap<String, images::BuildState>>,
+    /// GPU-hours and server-hours, and the quota a start with GPUs must pass.
+    pub usage: Usage,
+    /// Spawn durations and proxied requests, for `/hub/metrics`.
+    pub counters: Counters,
 }
 
 impl Servers {
@@ -153,6 +159,8 @@ impl Servers {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let starts = Arc::new(Semaphore::new(cfg.max_concurrent_starts.max(1) as usize));
         Servers {
+            usage: Usage::new(UsageConfig::default(), store.clone()),
+            counters: Counters::default(),
             cfg,
             store,
             spawner,
@@ -170,6 +178,12 @@ impl Servers {
             tasks: TaskTracker::new(),
             image_builds: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The `[usage]` section (periods, the GPU-hour quota) in place of the defaults.
+    pub fn with_usage(mut self, cfg: UsageConfig) -> Servers {
+        self.usage = Usage::new(cfg, self.store.clone());
+        self
     }
 
     pub fn spawner_kind(&self) -> &'static str {
@@ -238,7 +252,16 @@ impl Servers {
     /// Requests a start. Returns once the start is under way; progress goes
     /// to the server's progress log, the outcome to the store.
     pub async fn start(self: &Arc<Self>, id: &ServerId, options: UserOptions) -> HubResult<()> {
-        let admission = self.admit(id, options).await?;
+        let asked = tokio::time::Instant::now();
+        let admission = match self.admit(id, options).await {
+            Ok(a) => a,
+            Err(e) => {
+                if let Some(outcome) = SpawnOutcome::of_refusal(&e) {
+                    self.counters.spawn(outcome, asked.elapsed());
+                }
+                return Err(e);
+            }
+        };
         let held = admission.id.clone();
         match self.plan_and_launch(admission).await {
             Ok(()) => Ok(()),
@@ -335,7 +358,11 @@ impl Servers {
             .clone()
             .try_acquire_owned()
             .map_err(|_| HubError::TooManyStarting { limit: self.cfg.max_concurrent_starts })?;
-        let gpus = self.gpus.allocate(id, options.gpus.unwrap_or(0) as usize).await?;
+        let want = options.gpus.unwrap_or(0) as usize;
+        if want > 0 {
+            self.usage.check_quota(user, now_ms()).await?;
+        }
+        let gpus = self.gpus.allocate(id, want).await?;
         Ok(Admission { id: id.clone(), owner_id: owner.account_id, record, options, gpus, permit, claim })
     }
 
@@ -387,6 +414,10 @@ impl Servers {
             record.template = t.clone();
         }
         self.transition(&mut record, Transition::Start).await?;
+        if let Err(e) = self.store.open_server_usage(user, server, record.started.unwrap_or_else(now_ms)).await {
+            // Reconciled at the next start-up (`Store::reconcile_usage`).
+            tracing::error!(server = %id, error = %e, "could not record the start in the usage ledger");
+        }
         let log = ProgressLog::new();
         if let Ok(mut m) = self.progress.lock() {
             m.insert(id.clone(), log.clone());
@@ -415,8 +446,11 @@ impl Servers {
         plan: StartPlan,
         log: Arc<ProgressLog>,
     ) {
+        let began = record.started.unwrap_or_else(now_ms);
+        let took = |now: i64| Duration::from_millis(now.saturating_sub(began).max(0) as u64);
         match self.spawn_and_wait(&mut record, plan, &log).await {
             Ok(target) => {
+                self.counters.spawn(SpawnOutcome::Success, took(now_ms()));
                 let (route, url) = self.route_for(&id, mode, target);
                 self.routes.insert(route);
                 record.url = Some(url.clone());
@@ -427,6 +461,7 @@ impl Servers {
                 tracing::info!(server = %id, "server ready");
             }
             Err(reason) => {
+                self.counters.spawn(SpawnOutcome::Failure, took(now_ms()));
                 tracing::warn!(server = %id, %reason, "server failed to start");
                 self.teardown(&id, record, Ending::Failed, &reason).await;
                 log.push(ProgressEvent::failed(&reason));
@@ -440,7 +475,20 @@ impl Servers {
     /// reason: no route, the spawner's process or container gone, the
     /// server's credentials revoked, its GPUs freed, the record stopped
     /// (with the reason for a failure or a vanish), an event.
-    pub(super) async fn teardown(&self, id: &ServerId, mut record: Server, ending: Ending, reason: &str) {
+    pub(super) async fn teardown(&self, id: &ServerId, record: Server, ending: Ending, reason: &str) {
+        self.teardown_at(id, record, ending, reason, now_ms()).await
+    }
+
+    /// [`Servers::teardown`], ending its usage at `ended_at` (a server found
+    /// gone at start-up was last seen alive at berth's last heartbeat).
+    pub(super) async fn teardown_at(
+        &self,
+        id: &ServerId,
+        mut record: Server,
+        ending: Ending,
+        reason: &str,
+        ended_at: i64,
+    ) {
         // The route goes first: nothing reaches a server that is going away.
         self.remove_routes(id);
         if ending == Ending::Stop && record.state != ServerState::Stopping {
@@ -461,7 +509,10 @@ impl Servers {
         if let Err(e) = self.store.delete_oauth_client(&id.client_id()).await {
             tracing::error!(server = %id, error = %e, "could not remove the server's OAuth client");
         }
-        self.gpus.free(id).await;
+        self.gpus.free_at(id, ended_at).await;
+        if let Err(e) = self.store.close_server_usage(user, server, ended_at).await {
+            tracing::error!(server = %id, error = %e, "could not record the stop in the usage ledger");
+        }
         record.url = None;
         let (transition, event) = match ending {
             Ending::Failed => (Transition::Fail, "start-failed"),

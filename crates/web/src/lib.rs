@@ -69,6 +69,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/logs/{user}/{server}", get(servers::logs))
         .route("/user/{*rest}", any(servers::hub_user_redirect))
         .route("/user-redirect/{*rest}", get(servers::user_redirect))
+        .route("/metrics", get(api::metrics))
         .route("/api/", get(api::version))
         .nest("/api", api::router());
     let base = hub.cfg.base_url.clone();

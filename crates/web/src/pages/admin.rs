@@ -83,6 +83,23 @@ pub async fn authorize_page(
     let p = hub.hub_prefix();
     let x = xsrf_input(&user.xsrf);
     let ssh_sessions = hub.store.count_events_by_subject("ssh-session").await.unwrap_or_default();
+    let usage: std::collections::HashMap<String, berth_hub::usage::UserUsage> = hub
+        .servers
+        .usage
+        .all(1, berth_store::now_ms())
+        .await
+        .map(|all| all.into_iter().map(|u| (u.user.clone(), u)).collect())
+        .unwrap_or_default();
+    let hours = |name: &str| {
+        use berth_hub::usage::hours_text;
+        let Some(u) = usage.get(name) else { return ("—".to_string(), "—".to_string()) };
+        let Some(p) = u.periods.first() else { return ("—".to_string(), "—".to_string()) };
+        let gpu = match &u.quota {
+            Some(q) => format!("{} of {}", hours_text(p.gpu_hours), hours_text(q.gpu_hours)),
+            None => hours_text(p.gpu_hours),
+        };
+        (gpu, hours_text(p.server_hours))
+    };
     let mut rows = String::new();
     for u in &users {
         let n = esc(&u.name);
@@ -113,8 +130,9 @@ pub async fn authorize_page(
         if u.name != user.caller.name() {
             actions.push_str(&btn("delete", "Delete", "danger"));
         }
+        let (gpu_hours, server_hours) = hours(&u.name);
         rows.push_str(&format!(
-            r#"<tr id="{n}"><td>{n}</td><td>{status}</td><td>{admin}</td><td class="muted">{created}</td><td class="muted">{last}</td><td class="ssh-sessions">{ssh}</td><td>{actions}</td></tr>"#,
+            r#"<tr id="{n}"><td>{n}</td><td>{status}</td><td>{admin}</td><td class="muted">{created}</td><td class="muted">{last}</td><td class="ssh-sessions">{ssh}</td><td class="gpu-hours">{gpu_hours}</td><td class="server-hours">{server_hours}</td><td>{actions}</td></tr>"#,
             ssh = ssh_sessions.get(&u.name).copied().unwrap_or(0),
             admin = if u.admin { "admin" } else { "" },
             created = iso(u.created).get(..10).unwrap_or(""),
@@ -165,9 +183,10 @@ pub async fn authorize_page(
 <label style="display:inline;font-weight:normal"><input type="checkbox" name="pending" value="1" {checked}> pending only</label>
 <button class="secondary" type="submit">Filter</button></form>
 <p class="muted">{total} user(s)</p>
-<table><thead><tr><th>Name</th><th>Status</th><th>Role</th><th>Created</th><th>Last active</th><th>SSH sessions</th><th></th></tr></thead><tbody>{rows}</tbody></table>{more}</div>"#,
+<table><thead><tr><th>Name</th><th>Status</th><th>Role</th><th>Created</th><th>Last active</th><th>SSH sessions</th><th>GPU-hours {this}</th><th>Server-hours</th><th></th></tr></thead><tbody>{rows}</tbody></table>{more}</div>"#,
         q = esc(&lq.q),
         checked = if pending_only { "checked" } else { "" },
+        this = hub.servers.usage.period.this(),
     );
     Ok(html::page(&hub.cfg.base_url, "Users", Some(&user.viewer()), &body))
 }
