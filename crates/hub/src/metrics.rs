@@ -188,6 +188,9 @@ pub fn cull_reason(detail: &str) -> String {
     }
 }
 
+/// One number out of a GPU's reading, for one metric family.
+type ReadingOf = fn(&berth_core::gpu_smi::GpuReading) -> Option<f64>;
+
 impl Hub {
     /// Whether `caller` (or, without one, the peer address) may read the metrics.
     pub fn may_read_metrics(&self, caller: Option<&Caller>, peer: Option<IpAddr>) -> HubResult<()> {
@@ -298,7 +301,7 @@ impl Hub {
             };
             rows.push((g.id.clone(), model, users.join(","), servers.join(","), reading.cloned()));
         }
-        let families: [(&str, &str, fn(&berth_core::gpu_smi::GpuReading) -> Option<f64>); 3] = [
+        let families: [(&str, &str, ReadingOf); 3] = [
             ("berth_gpu_utilization_ratio", "GPU utilisation (0 to 1) from the latest sample", |r| {
                 r.utilization_percent.map(|u| f64::from(u) / 100.0)
             }),
