@@ -170,7 +170,21 @@ async fn gpu_hours_accrue_and_a_used_quota_refuses_the_next_gpu_start_with_the_n
     assert_eq!((&own["quota"]["gpu_hours"], &own["quota"]["source"]), (&json!(1.0), &json!("user")));
     start(&b, &alice, "alice", 1).await;
     stop(&alice, "alice").await;
-    assert_eq!(put(json!({})).await.unwrap().status(), StatusCode::OK);
+    // The Users page's form does the same: a bad number is refused, empty means the hub's.
+    let r = admin.submit("/hub/authorize", "/hub/gpu-quota/alice", &[("gpu_hours", "lots")]).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("a GPU-hour quota is a number of hours") && page.contains("lots"), "{page}");
+    let r = admin.submit("/hub/authorize", "/hub/gpu-quota/alice", &[("gpu_hours", "")]).await;
+    assert!(r.status().is_redirection(), "{}", r.status());
+    let l: Value = admin.api(Method::GET, "/hub/api/users/alice/limits").send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (&l["gpu_hours_per_period"], &l["effective_gpu_hours_per_period"]),
+        (&Value::Null, &json!(0.0003)),
+        "{l}"
+    );
+    let r = alice.submit("/hub/home", "/hub/gpu-quota/alice", &[("gpu_hours", "100")]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "only admins use the form");
     let r = alice.api(Method::POST, "/hub/api/users/alice/server").json(&json!({"gpus": 1})).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "back to the hub's 0.0003");
 

@@ -99,6 +99,8 @@ pub enum HubError {
         crate::usage::when_utc(*renews_ms)
     )]
     GpuQuota { user: String, used_hours: f64, quota_hours: f64, period: crate::usage::Period, renews_ms: i64 },
+    #[error("a GPU-hour quota is a number of hours, 0 (unlimited) or more, not {hours:?}")]
+    BadQuota { hours: String },
 
     // --- tokens, keys, OAuth
     #[error("No such token: {id}")]

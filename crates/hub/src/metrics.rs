@@ -353,6 +353,19 @@ mod tests {
     }
 
     #[test]
+    fn refusals_are_labelled_as_jupyterhub_does() {
+        let cases = [
+            (HubError::TooManyStarting { limit: 2 }, Some(("failure", "throttled"))),
+            (HubError::HubFull { limit: 9 }, Some(("failure", "too-many-users"))),
+            (HubError::PendingSpawn { server: "a".into() }, Some(("failure", "already-pending"))),
+            (HubError::GpusOff, None),
+        ];
+        for (e, want) in cases {
+            assert_eq!(SpawnOutcome::of_refusal(&e).map(|o| o.labels()), want, "{e}");
+        }
+    }
+
+    #[test]
     fn cull_reasons_are_codes() {
         let cases = [
             ("idle", "idle"),

@@ -209,12 +209,16 @@ impl Usage {
     /// The GPU-hour quota that applies to `user` and where it comes from;
     /// `None` when unlimited.
     pub async fn quota_of(&self, user: &str) -> HubResult<Option<(f64, &'static str)>> {
-        let own = self.store.user_limits(user).await?.gpu_hours_per_period;
+        Ok(self.effective(self.store.user_limits(user).await?.gpu_hours_per_period))
+    }
+
+    /// The quota given the user's own limit (`None`: the hub's).
+    fn effective(&self, own: Option<f64>) -> Option<(f64, &'static str)> {
         let (q, source) = match own {
             Some(q) => (q, "user"),
             None => (self.cfg.gpu_hours_per_period, "hub"),
         };
-        Ok((q.is_finite() && q > 0.0).then_some((q, source)))
+        (q.is_finite() && q > 0.0).then_some((q, source))
     }
 
     /// `user`'s usage in the current period and the `periods - 1` before it,
@@ -282,14 +286,36 @@ impl Usage {
         let intervals = self.store.usage_intervals(None, from, to).await?;
         let (users, _) =
             self.store.list_users(&berth_store::UserQuery { limit: i64::MAX, ..Default::default() }).await?;
+        let own = self.store.gpu_hour_limits().await?;
         let mut out = Vec::with_capacity(users.len());
         for u in users {
             let list = self.summarise(&u.name, &intervals, periods, now);
-            let quota = self.quota_of(&u.name).await?;
+            let quota = self.effective(own.get(&u.name).copied());
             let quota = list.first().and_then(|c| self.quota_view(quota, c));
             out.push(UserUsage { user: u.name, period: self.period, quota, periods: list });
         }
         Ok(out)
+    }
+
+    /// Sets `user`'s own GPU-hour limit (`None`: the hub's; 0: unlimited),
+    /// keeping their other limits; `admin:users` on them.
+    pub async fn set_user_quota(&self, caller: &Caller, user: &str, hours: Option<f64>) -> HubResult<()> {
+        caller.require("admin:users", Target::User(user))?;
+        if let Some(h) = hours {
+            if !h.is_finite() || h < 0.0 {
+                return Err(HubError::BadQuota { hours: h.to_string() });
+            }
+        }
+        if self.store.get_user(user).await?.is_none() {
+            return Err(HubError::NoSuchUser { user: user.into() });
+        }
+        let mut limits = self.store.user_limits(user).await?;
+        limits.gpu_hours_per_period = hours;
+        self.store.set_user_limits(user, &limits).await?;
+        let detail =
+            hours.map(|h| format!("gpu_hours_per_period={h}")).unwrap_or_else(|| "gpu_hours_per_period=hub".into());
+        let _ = self.store.add_event(caller.name(), "limits", user, &detail).await;
+        Ok(())
     }
 
     /// Refuses a start that asks for GPUs when `user` has used their

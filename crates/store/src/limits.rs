@@ -37,6 +37,20 @@ impl Store {
         })
     }
 
+    /// Every user's own GPU-hour limit, where one is set (one query, for lists).
+    pub async fn gpu_hour_limits(&self) -> Result<std::collections::HashMap<String, f64>> {
+        let rows =
+            sqlx::query("SELECT user_name, gpu_ms_per_period FROM user_limits WHERE gpu_ms_per_period IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                let ms: i64 = r.try_get("gpu_ms_per_period")?;
+                Ok((r.try_get::<String, _>("user_name")?, ms.max(0) as f64 / MS_PER_HOUR))
+            })
+            .collect()
+    }
+
     pub async fn set_user_limits(&self, user: &str, l: &UserLimits) -> Result<()> {
         let templates = l.templates.as_ref().map(|t| serde_json::to_string(t).unwrap_or_else(|_| "[]".into()));
         // Callers check the value; what is not a finite number of hours is no limit.

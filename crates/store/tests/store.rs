@@ -335,8 +335,10 @@ async fn user_limits(s: &Store) {
     };
     s.set_user_limits("lim", &l).await.unwrap();
     assert_eq!(s.user_limits("lim").await.unwrap(), l);
+    assert_eq!(s.gpu_hour_limits().await.unwrap().get("lim"), Some(&0.0003));
     s.set_user_limits("lim", &UserLimits::default()).await.unwrap();
     assert_eq!(s.user_limits("lim").await.unwrap(), UserLimits::default());
+    assert!(s.gpu_hour_limits().await.unwrap().is_empty());
     assert!(matches!(s.set_user_limits("ghost", &l).await, Err(StoreError::NotFound { .. })));
     s.delete_user("lim").await.unwrap();
 }

@@ -97,6 +97,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         | E::NotIsolated { .. }
         | E::ImageNotAllowed { .. }
         | E::GpusOff
+        | E::BadQuota { .. }
         | E::TooManyGpus { .. }
         | E::BadToken(_)
         | E::BadKey(_)

@@ -48,6 +48,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/authorize/{name}", post(admin::authorize_action))
         .route("/admin", get(login::admin_redirect))
         .route("/gpus/{id}", post(admin::gpu_action))
+        .route("/gpu-quota/{name}", post(admin::gpu_quota_action))
         .route("/admin/templates", get(images::templates_page))
         .route("/admin/templates/{id}/build", post(images::build_action))
         .route("/app-login", get(apps::app_login))
