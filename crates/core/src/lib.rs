@@ -8,6 +8,7 @@
 pub mod gpu;
 pub mod gpu_smi;
 pub mod names;
+pub mod net;
 pub mod scopes;
 pub mod state;
 pub mod template;

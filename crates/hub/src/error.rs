@@ -95,6 +95,18 @@ pub enum HubError {
     NotQueued { server: String },
     #[error("position {position} is outside the GPU queue (1 to {len})")]
     QueuePosition { position: usize, len: usize },
+    /// The GPU-hour quota of the period is used up (`crate::usage`).
+    #[error(
+        "{user} has used {} of {} GPU-hours {}; {} left; renews {}",
+        used_text(*used_hours),
+        crate::usage::hours_text(*quota_hours),
+        period.this(),
+        crate::usage::hours_text((quota_hours - used_hours).max(0.0)),
+        crate::usage::when_utc(*renews_ms)
+    )]
+    GpuQuota { user: String, used_hours: f64, quota_hours: f64, period: crate::usage::Period, renews_ms: i64 },
+    #[error("a GPU-hour quota is a number of hours, 0 (unlimited) or more, not {hours:?}")]
+    BadQuota { hours: String },
 
     // --- tokens, keys, OAuth
     #[error("No such token: {id}")]
@@ -136,6 +148,16 @@ fn self_action_text(a: SelfAction) -> &'static str {
         SelfAction::Unauthorize => "you cannot unauthorize yourself",
         SelfAction::RemoveAdmin => "you cannot remove your own admin rights; ask another admin",
         SelfAction::Delete => "Cannot delete yourself!",
+    }
+}
+
+/// Used hours with at least one decimal (`10.0`, `0.0003`).
+fn used_text(h: f64) -> String {
+    let t = crate::usage::hours_text(h);
+    if t.contains('.') {
+        t
+    } else {
+        format!("{t}.0")
     }
 }
 

@@ -307,7 +307,12 @@ impl Gpus {
     /// Frees what `id` holds and says how many; failures are logged (the
     /// next start re-checks).
     pub async fn free(&self, id: &ServerId) -> u64 {
-        match self.store.free_gpus(id.user(), id.server()).await {
+        self.free_at(id, berth_store::now_ms()).await
+    }
+
+    /// [`Gpus::free`], ending the GPUs' usage at `at`.
+    pub async fn free_at(&self, id: &ServerId, at: i64) -> u64 {
+        match self.store.free_gpus_at(id.user(), id.server(), at).await {
             Ok(0) => 0,
             Ok(n) => {
                 tracing::info!(server = %id, count = n, "freed GPUs");

@@ -17,6 +17,7 @@ pub mod gpus;
 pub mod identity;
 pub mod keys;
 pub mod login;
+pub mod metrics;
 pub mod nvml;
 pub mod oauth;
 pub mod progress;
@@ -25,6 +26,7 @@ pub mod setup;
 pub mod telemetry;
 pub mod templates;
 pub mod tokens;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -71,6 +73,8 @@ pub struct Hub {
     pub consents: oauth::Consents,
     /// `<base>hub/` and `<base>hub/api`, made once.
     prefixes: (String, String),
+    /// Addresses that may read `/hub/metrics` without a credential.
+    metrics_allowed: Vec<berth_core::net::Cidr>,
 }
 
 impl Hub {
@@ -95,7 +99,14 @@ impl Hub {
             activity,
             servers,
             identity,
+            metrics_allowed: Vec::new(),
         }
+    }
+
+    /// `metrics.allowed_addresses`, parsed.
+    pub fn with_metrics_allowed(mut self, allowed: Vec<berth_core::net::Cidr>) -> Hub {
+        self.metrics_allowed = allowed;
+        self
     }
 
     pub fn signer(&self) -> &Signer {

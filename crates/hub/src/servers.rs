@@ -45,8 +45,10 @@ pub use spec::{StartPlan, UserOptions};
 use crate::activity::Activity;
 use crate::error::{HubError, HubResult};
 use crate::gpus::Gpus;
+use crate::metrics::{Counters, SpawnOutcome};
 use crate::progress::{ProgressEvent, ProgressLog};
 use crate::templates::Templates;
+use crate::usage::{Usage, UsageConfig};
 
 /// The spawner's saved state for a server, as recorded: empty until the
 /// spawner returned from `start`.
@@ -155,6 +157,10 @@ pub struct Servers {
     queue_len: AtomicUsize,
     /// Set while `reconcile` runs: the queue is handed GPUs only after it.
     queue_paused: AtomicBool,
+    /// GPU-hours and server-hours, and the quota a start with GPUs must pass.
+    pub usage: Usage,
+    /// Spawn durations and proxied requests, for `/hub/metrics`.
+    pub counters: Counters,
     /// Starts under way in this process: a stop asks the start's own task
     /// to end it (`Starting::stop`), so a server is torn down once.
     starting: Mutex<HashMap<ServerId, Arc<Starting>>>,
@@ -184,6 +190,8 @@ impl Servers {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let starts = Arc::new(Semaphore::new(cfg.max_concurrent_starts.max(1) as usize));
         Servers {
+            usage: Usage::new(UsageConfig::default(), store.clone()),
+            counters: Counters::default(),
             cfg,
             store,
             spawner,
@@ -205,6 +213,12 @@ impl Servers {
             queue_paused: AtomicBool::new(false),
             starting: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The `[usage]` section (periods, the GPU-hour quota) in place of the defaults.
+    pub fn with_usage(mut self, cfg: UsageConfig) -> Servers {
+        self.usage = Usage::new(cfg, self.store.clone());
+        self
     }
 
     pub fn spawner_kind(&self) -> &'static str {
@@ -278,9 +292,16 @@ impl Servers {
     /// starting (JupyterHub's pending spawn), and it starts by itself when
     /// it is first in line and GPUs are free.
     pub async fn start(self: &Arc<Self>, id: &ServerId, options: UserOptions) -> HubResult<()> {
-        let admission = match self.admit(id, options).await? {
-            Admitted::Now(a) => *a,
-            Admitted::Queued => return Ok(()),
+        let asked = tokio::time::Instant::now();
+        let admission = match self.admit(id, options).await {
+            Ok(Admitted::Now(a)) => *a,
+            Ok(Admitted::Queued) => return Ok(()),
+            Err(e) => {
+                if let Some(outcome) = SpawnOutcome::of_refusal(&e) {
+                    self.counters.spawn(outcome, asked.elapsed());
+                }
+                return Err(e);
+            }
         };
         let held = admission.id.clone();
         match self.plan_and_launch(admission).await {
@@ -379,6 +400,9 @@ impl Servers {
             .try_acquire_owned()
             .map_err(|_| HubError::TooManyStarting { limit: self.cfg.max_concurrent_starts })?;
         let want = options.gpus.unwrap_or(0) as usize;
+        if want > 0 {
+            self.usage.check_quota(user, now_ms()).await?;
+        }
         let Some(gpus) = self.take_or_queue(id, want, record.clone(), &options).await? else {
             // Waiting for GPUs holds no start slot, and the claim goes: the
             // record (starting) keeps other starts of it out.
@@ -462,6 +486,10 @@ impl Servers {
                 log
             }
         };
+        if let Err(e) = self.store.open_server_usage(user, server, record.started.unwrap_or_else(now_ms)).await {
+            // Reconciled at the next start-up (`Store::reconcile_usage`).
+            tracing::error!(server = %id, error = %e, "could not record the start in the usage ledger");
+        }
         let _ = self.store.add_event(user, "start", &id.to_string(), "").await;
 
         let me = self.clone();
@@ -504,7 +532,13 @@ impl Servers {
         log: Arc<ProgressLog>,
         stop: &CancellationToken,
     ) {
-        let result = if stop.is_cancelled() { Err(String::new()) } else { self.spawn_and_wait(&mut record, plan, &log, stop).await };
+        let began = record.started.unwrap_or_else(now_ms);
+        let took = |now: i64| Duration::from_millis(now.saturating_sub(began).max(0) as u64);
+        let result = if stop.is_cancelled() {
+            Err(String::new())
+        } else {
+            self.spawn_and_wait(&mut record, plan, &log, stop).await
+        };
         match result {
             // Stopped while it started: torn down here, once, as a stop.
             _ if stop.is_cancelled() => {
@@ -513,6 +547,7 @@ impl Servers {
                 log.push(ProgressEvent::failed("the server was stopped before it was ready"));
             }
             Ok(target) => {
+                self.counters.spawn(SpawnOutcome::Success, took(now_ms()));
                 let (route, url) = self.route_for(&id, mode, target);
                 self.routes.insert(route);
                 record.url = Some(url.clone());
@@ -523,6 +558,7 @@ impl Servers {
                 tracing::info!(server = %id, "server ready");
             }
             Err(reason) => {
+                self.counters.spawn(SpawnOutcome::Failure, took(now_ms()));
                 tracing::warn!(server = %id, %reason, "server failed to start");
                 self.teardown(&id, record, Ending::Failed, &reason).await;
                 log.push(ProgressEvent::failed(&reason));
@@ -536,7 +572,20 @@ impl Servers {
     /// reason: no route, the spawner's process or container gone, the
     /// server's credentials revoked, its GPUs freed, the record stopped
     /// (with the reason for a failure or a vanish), an event.
-    pub(super) async fn teardown(self: &Arc<Self>, id: &ServerId, mut record: Server, ending: Ending, reason: &str) {
+    pub(super) async fn teardown(self: &Arc<Self>, id: &ServerId, record: Server, ending: Ending, reason: &str) {
+        self.teardown_at(id, record, ending, reason, now_ms()).await
+    }
+
+    /// [`Servers::teardown`], ending its usage at `ended_at` (a server found
+    /// gone at start-up was last seen alive at berth's last heartbeat).
+    pub(super) async fn teardown_at(
+        self: &Arc<Self>,
+        id: &ServerId,
+        mut record: Server,
+        ending: Ending,
+        reason: &str,
+        ended_at: i64,
+    ) {
         // The route goes first: nothing reaches a server that is going away.
         self.remove_routes(id);
         if ending == Ending::Stop && record.state != ServerState::Stopping {
@@ -557,7 +606,10 @@ impl Servers {
         if let Err(e) = self.store.delete_oauth_client(&id.client_id()).await {
             tracing::error!(server = %id, error = %e, "could not remove the server's OAuth client");
         }
-        let freed = self.gpus.free(id).await;
+        let freed = self.gpus.free_at(id, ended_at).await;
+        if let Err(e) = self.store.close_server_usage(user, server, ended_at).await {
+            tracing::error!(server = %id, error = %e, "could not record the stop in the usage ledger");
+        }
         record.url = None;
         let (transition, event) = match ending {
             Ending::Failed => (Transition::Fail, "start-failed"),

@@ -29,6 +29,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub ssh: berth_ssh::Config,
     pub templates: berth_hub::templates::TemplatesConfig,
+    pub usage: berth_hub::usage::UsageConfig,
+    pub metrics: berth_hub::metrics::MetricsConfig,
 }
 
 /// The `[proxy]` section.
@@ -105,6 +107,8 @@ impl Default for Config {
             tls: TlsConfig::default(),
             ssh: berth_ssh::Config::default(),
             templates: berth_hub::templates::TemplatesConfig::default(),
+            usage: berth_hub::usage::UsageConfig::default(),
+            metrics: berth_hub::metrics::MetricsConfig::default(),
         }
     }
 }
@@ -194,6 +198,9 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("tls.key", &["BERTH_TLS_KEY"], "PEM private key for `tls.cert`."),
     ("tls.names", &["BERTH_TLS_NAMES"], "Comma-separated extra host names or addresses for the generated certificate."),
     ("tls.hsts_seconds", &["BERTH_HSTS_SECONDS"], "Strict-Transport-Security max-age sent over TLS; 0 sends none."),
+    ("usage.period", &["BERTH_USAGE_PERIOD"], "The period GPU-hours and server-hours are counted in and quotas renew: `month`, `week` (from Monday) or `day`, with UTC boundaries (see docs/gpus.md)."),
+    ("usage.gpu_hours_per_period", &["BERTH_GPU_HOURS_PER_PERIOD"], "GPU-hours each user may use per period; a start that asks for GPUs is refused once they are used, saying what is left and when it renews. 0 means unlimited; a user's own limit (`PUT /hub/api/users/<name>/limits`) takes its place."),
+    ("metrics.allowed_addresses", &["BERTH_METRICS_ALLOWED_ADDRESSES"], "Addresses or CIDR ranges (comma-separated in the environment) that may read `/hub/metrics` without a credential; otherwise it takes the scope `read:metrics`. The address is the connection's, never a header."),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -421,6 +428,14 @@ impl Config {
         if self.gpu.mode > 2 {
             return Err(invalid("gpu.mode", format!("{} is not 0 (off), 1 (on) or 2 (auto)", self.gpu.mode)));
         }
+        if berth_hub::usage::Period::parse(&self.usage.period).is_none() {
+            return Err(invalid("usage.period", format!("{:?} is not month, week or day", self.usage.period)));
+        }
+        let quota = self.usage.gpu_hours_per_period;
+        if !quota.is_finite() || quota < 0.0 {
+            return Err(invalid("usage.gpu_hours_per_period", format!("{quota} is not a number of hours (0 or more)")));
+        }
+        self.metrics.parse().map_err(|m| invalid("metrics.allowed_addresses", m))?;
         if self.docker.cpu_limit < 0.0 {
             return Err(invalid("docker.cpu_limit", "must not be negative".into()));
         }

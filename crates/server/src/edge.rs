@@ -241,6 +241,7 @@ async fn forward(
     caller: &Caller,
     peer: Peer,
 ) -> Response<Body> {
+    shared.hub.servers.counters.proxied();
     let now = berth_store::now_ms();
     if route.touch(now) {
         shared.hub.activity.server(&route.user, &route.server, now);

@@ -19,6 +19,9 @@ pub(crate) fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<Tls
         expire_tokens(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "token-expiry")),
     );
     tasks.spawn(poll_servers(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "poll")));
+    tasks.spawn(
+        usage_heartbeat(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "usage-heartbeat")),
+    );
     if !hub.servers.templates.cfg.prebuild.is_empty() {
         tasks.spawn(prebuild(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "prebuild")));
     }
@@ -154,6 +157,21 @@ async fn expire_tokens(hub: SharedHub, shutdown: CancellationToken) {
             Ok(0) => {}
             Ok(n) => tracing::info!(count = n, "deleted expired tokens"),
             Err(e) => tracing::warn!(error = %e, "could not delete expired tokens"),
+        }
+    }
+}
+
+/// Says every 30 s that berth is alive (`Store::set_usage_heartbeat`): after
+/// a crash, servers found gone are counted up to the last heartbeat.
+async fn usage_heartbeat(hub: SharedHub, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = hub.store.set_usage_heartbeat(now_ms()).await {
+            tracing::warn!(error = %e, "could not write the usage heartbeat");
         }
     }
 }

@@ -165,8 +165,14 @@ fn build_hub(
         &config.hub.base_url,
         Gpus::new(config.gpu.clone(), store.clone()),
         templates,
-    );
-    Ok(Arc::new(Hub::new(config.hub.clone(), config.auth.clone(), store, secret, Arc::new(servers), activity)))
+    )
+    .with_usage(config.usage.clone());
+    // Checked when the configuration was loaded.
+    let allowed =
+        config.metrics.parse().map_err(|m| StartError::Unsupported(format!("metrics.allowed_addresses: {m}")))?;
+    let hub = Hub::new(config.hub.clone(), config.auth.clone(), store, secret, Arc::new(servers), activity)
+        .with_metrics_allowed(allowed);
+    Ok(Arc::new(hub))
 }
 
 /// Everything berth runs, wired together.

@@ -46,4 +46,13 @@ impl Store {
             .await?;
         rows.iter().map(|r| Ok((r.try_get::<String, _>("subject")?, r.try_get::<i64, _>("n")?))).collect()
     }
+
+    /// Events of `kind` counted per detail (culls by reason, for the metrics).
+    pub async fn count_events_by_detail(&self, kind: &str) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT detail, COUNT(*) AS n FROM events WHERE kind = $1 GROUP BY detail")
+            .bind(kind)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get::<String, _>("detail")?, r.try_get::<i64, _>("n")?))).collect()
+    }
 }

@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use crate::{now_ms, Result, Store};
+use crate::{now_ms, Result, Store, UsageKind};
 
 impl Store {
     /// Every allocation: (device id, user, server).
@@ -15,28 +15,48 @@ impl Store {
         rows.iter().map(|r| Ok((r.try_get("device_id")?, r.try_get("user_name")?, r.try_get("server_name")?))).collect()
     }
 
+    /// Records the allocation and opens its usage intervals, in one transaction.
     pub async fn add_gpu_allocations(&self, user: &str, server: &str, devices: &[String]) -> Result<()> {
+        let at = now_ms();
         let mut tx = self.pool.begin().await?;
         for d in devices {
             sqlx::query("INSERT INTO gpu_allocations (device_id, user_name, server_name, at) VALUES ($1, $2, $3, $4)")
                 .bind(d)
                 .bind(user)
                 .bind(server)
-                .bind(now_ms())
+                .bind(at)
                 .execute(&mut *tx)
                 .await?;
+            Store::open_usage(&mut *tx, user, server, UsageKind::Gpu, d, at).await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    /// Frees what a server holds; returns how many devices.
+    /// Frees what a server holds now; returns how many devices.
     pub async fn free_gpus(&self, user: &str, server: &str) -> Result<u64> {
+        self.free_gpus_at(user, server, now_ms()).await
+    }
+
+    /// Frees what a server holds and closes its GPU intervals at `at` (in
+    /// one transaction); returns how many devices.
+    pub async fn free_gpus_at(&self, user: &str, server: &str, at: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query("DELETE FROM gpu_allocations WHERE user_name = $1 AND server_name = $2")
             .bind(user)
             .bind(server)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "UPDATE usage_intervals SET ended = CASE WHEN started > $3 THEN started ELSE $3 END \
+             WHERE user_name = $1 AND server_name = $2 AND kind = 'gpu' AND ended IS NULL",
+        )
+        .bind(user)
+        .bind(server)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(r.rows_affected())
     }
 

@@ -20,6 +20,7 @@ mod sessions;
 mod settings;
 mod ssh_keys;
 mod tokens;
+mod usage;
 mod users;
 
 use std::path::Path;
@@ -34,6 +35,7 @@ pub use limits::UserLimits;
 pub use queue::QueueEntry;
 pub use records::*;
 pub use ssh_keys::{NewSshKey, SshKey};
+pub use usage::{UsageInterval, UsageKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -196,6 +196,26 @@ CREATE TABLE gpu_queue (
 CREATE INDEX gpu_queue_seq ON gpu_queue(seq)
 "#,
     ),
+    (
+        9,
+        "a usage ledger (GPU and server intervals), per-user GPU-time quotas, events by kind",
+        r#"
+CREATE TABLE usage_intervals (
+    id TEXT PRIMARY KEY,
+    user_name TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    server_name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    started BIGINT NOT NULL,
+    ended BIGINT
+);
+CREATE INDEX usage_intervals_user ON usage_intervals(user_name, started);
+CREATE INDEX usage_intervals_ended ON usage_intervals(ended);
+CREATE UNIQUE INDEX usage_intervals_one_open ON usage_intervals(user_name, server_name, kind, device_id) WHERE ended IS NULL;
+ALTER TABLE user_limits ADD COLUMN gpu_ms_per_period BIGINT;
+CREATE INDEX events_kind ON events(kind)
+"#,
+    ),
 ];
 
 impl Store {

@@ -235,7 +235,7 @@ async fn sqlite_is_wal_and_reopens() {
     }
     assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
     let s = Store::open_in_dir(dir.path()).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 8, "every migration, through 8 (the GPU queue), applied once");
+    assert_eq!(s.schema_version().await.unwrap(), 9, "every migration, through 9 (the usage ledger), applied once");
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
     assert_eq!(mode, "wal");
@@ -367,15 +367,95 @@ both!(ssh_keys_, ssh_keys);
 async fn user_limits(s: &Store) {
     s.create_user(&new_user("lim")).await.unwrap();
     assert_eq!(s.user_limits("lim").await.unwrap(), UserLimits::default());
-    let l = UserLimits { max_named_servers: Some(1), templates: Some(vec!["comfyui".into()]) };
+    let l = UserLimits {
+        max_named_servers: Some(1),
+        templates: Some(vec!["comfyui".into()]),
+        gpu_hours_per_period: Some(0.0003),
+    };
     s.set_user_limits("lim", &l).await.unwrap();
     assert_eq!(s.user_limits("lim").await.unwrap(), l);
+    assert_eq!(s.gpu_hour_limits().await.unwrap().get("lim"), Some(&0.0003));
     s.set_user_limits("lim", &UserLimits::default()).await.unwrap();
     assert_eq!(s.user_limits("lim").await.unwrap(), UserLimits::default());
+    assert!(s.gpu_hour_limits().await.unwrap().is_empty());
     assert!(matches!(s.set_user_limits("ghost", &l).await, Err(StoreError::NotFound { .. })));
     s.delete_user("lim").await.unwrap();
 }
 both!(user_limits_, user_limits);
+
+/// The usage ledger: GPU intervals open and close with their allocation;
+/// server intervals with the start and stop; nothing is counted twice; a
+/// crash's leftovers are set right by `reconcile_usage`.
+async fn usage_ledger(s: &Store) {
+    s.create_user(&new_user("uma")).await.unwrap();
+    let all = |s: &Store| {
+        let s = s.clone();
+        async move { s.usage_intervals(Some("uma"), 0, i64::MAX).await.unwrap() }
+    };
+    s.add_gpu_allocations("uma", "", &["GPU-0".into(), "GPU-1".into()]).await.unwrap();
+    let open = all(s).await;
+    assert_eq!(open.len(), 2, "{open:?}");
+    assert!(open.iter().all(|i| i.kind == UsageKind::Gpu && i.ended.is_none()));
+    let started = open[0].started;
+    assert!(s.add_gpu_allocations("uma", "", &["GPU-0".into()]).await.is_err());
+    assert_eq!(all(s).await.len(), 2, "a refused allocation opens nothing");
+    assert_eq!(s.free_gpus_at("uma", "", started + 5_000).await.unwrap(), 2);
+    let closed = all(s).await;
+    assert!(closed.iter().all(|i| i.ended == Some(started + 5_000)), "{closed:?}");
+    // A close before the start (a clock that went back) never makes time negative.
+    s.add_gpu_allocations("uma", "lab", &["GPU-2".into()]).await.unwrap();
+    s.free_gpus_at("uma", "lab", 0).await.unwrap();
+    let lab: Vec<UsageInterval> = all(s).await.into_iter().filter(|i| i.server == "lab").collect();
+    assert_eq!(lab.len(), 1);
+    assert_eq!(lab[0].ended, Some(lab[0].started));
+
+    // Server intervals: one open at a time, whatever is asked.
+    s.open_server_usage("uma", "", 1_000).await.unwrap();
+    s.open_server_usage("uma", "", 2_000).await.unwrap();
+    let servers = |v: Vec<UsageInterval>| v.into_iter().filter(|i| i.kind == UsageKind::Server).collect::<Vec<_>>();
+    assert_eq!(servers(all(s).await).len(), 1, "a second open of the same server is no second interval");
+    // Overlap queries: what ends before `from` or starts at/after `to` is left out.
+    assert_eq!(servers(s.usage_intervals(Some("uma"), 0, 1_000).await.unwrap()).len(), 0);
+    assert_eq!(servers(s.usage_intervals(Some("uma"), 0, 1_001).await.unwrap()).len(), 1);
+    assert_eq!(s.close_server_usage("uma", "", 4_000).await.unwrap(), 1);
+    assert_eq!(s.close_server_usage("uma", "", 9_000).await.unwrap(), 0, "closed once");
+    assert_eq!(servers(s.usage_intervals(Some("uma"), 4_000, 10_000).await.unwrap()).len(), 0);
+
+    // After a crash: the server record says stopped but its interval is
+    // open (the close was lost), and another server runs with no interval.
+    s.open_server_usage("uma", "old", 10_000).await.unwrap();
+    let mut running = Server::new("uma", "new");
+    running.state = ServerState::Running;
+    running.started = Some(20_000);
+    s.put_server(&running).await.unwrap();
+    assert_eq!(s.reconcile_usage(30_000, 40_000).await.unwrap(), (1, 1));
+    let v = servers(all(s).await);
+    let old = v.iter().find(|i| i.server == "old").unwrap();
+    assert_eq!(old.ended, Some(30_000), "closed at the last heartbeat, not at the restart");
+    let new = v.iter().find(|i| i.server == "new").unwrap();
+    assert_eq!((new.started, new.ended), (20_000, None), "opened where the server started");
+    assert_eq!(s.reconcile_usage(30_000, 40_000).await.unwrap(), (0, 0), "a second pass changes nothing");
+    // Stopped again and restarted: a reopened interval never overlaps the last one.
+    s.close_server_usage("uma", "new", 25_000).await.unwrap();
+    assert_eq!(s.reconcile_usage(30_000, 40_000).await.unwrap(), (0, 1));
+    let again: Vec<UsageInterval> = servers(all(s).await).into_iter().filter(|i| i.server == "new").collect();
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[1].started, 25_000, "{again:?}");
+
+    assert_eq!(s.usage_heartbeat().await.unwrap(), None);
+    s.set_usage_heartbeat(7).await.unwrap();
+    s.set_usage_heartbeat(8).await.unwrap();
+    assert_eq!(s.usage_heartbeat().await.unwrap(), Some(8));
+    s.add_event("cli", "cull", "uma", "idle").await.unwrap();
+    s.add_event("cli", "cull", "uma", "idle").await.unwrap();
+    s.add_event("cli", "cull", "uma", "max-age").await.unwrap();
+    let mut culls = s.count_events_by_detail("cull").await.unwrap();
+    culls.sort();
+    assert_eq!(culls, vec![("idle".to_string(), 2), ("max-age".to_string(), 1)]);
+    s.delete_user("uma").await.unwrap();
+    assert!(s.usage_intervals(None, 0, i64::MAX).await.unwrap().is_empty(), "usage goes with the user");
+}
+both!(usage_ledger_, usage_ledger);
 
 async fn adopted_volumes(s: &Store) {
     let u = s.create_user(&new_user("mig")).await.unwrap();

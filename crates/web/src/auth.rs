@@ -80,8 +80,10 @@ fn is_form(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"))
 }
 
+/// The API, and `<base>hub/metrics` (read by Prometheus with a token, as JupyterHub's is).
 fn is_api_path(hub: &SharedHub, path: &str) -> bool {
     path.strip_prefix(hub.api_prefix()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        || path.strip_prefix(hub.hub_prefix()) == Some("metrics")
 }
 
 /// The middleware: resolves the caller, checks XSRF, and issues the `_xsrf`

@@ -65,7 +65,9 @@ pub fn status_of(e: &HubError) -> StatusCode {
         E::UserExists { .. } | E::AllUsersExist { .. } | E::KeyExists { .. } => StatusCode::CONFLICT,
         E::NoGpus { .. } | E::GpusExceedInventory { .. } => StatusCode::CONFLICT,
         E::MissingScope { .. } | E::ScopesNotHeld { .. } => StatusCode::FORBIDDEN,
-        E::NamedServerLimit { .. } | E::HubFull { .. } | E::TooManyStarting { .. } => StatusCode::TOO_MANY_REQUESTS,
+        E::NamedServerLimit { .. } | E::HubFull { .. } | E::TooManyStarting { .. } | E::GpuQuota { .. } => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         E::Internal(_) | E::Spawner { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         E::Busy503 => StatusCode::SERVICE_UNAVAILABLE,
         E::Store(s) => match s {
@@ -95,6 +97,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         | E::NotIsolated { .. }
         | E::ImageNotAllowed { .. }
         | E::GpusOff
+        | E::BadQuota { .. }
         | E::TooManyGpus { .. }
         | E::QueuePosition { .. }
         | E::BadToken(_)

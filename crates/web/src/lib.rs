@@ -48,6 +48,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/authorize/{name}", post(admin::authorize_action))
         .route("/admin", get(login::admin_redirect))
         .route("/gpus/{id}", post(admin::gpu_action))
+        .route("/gpu-quota/{name}", post(admin::gpu_quota_action))
         .route("/admin/templates", get(images::templates_page))
         .route("/admin/templates/{id}/build", post(images::build_action))
         .route("/admin/gpu-queue", get(queue::queue_page))
@@ -72,6 +73,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/logs/{user}/{server}", get(servers::logs))
         .route("/user/{*rest}", any(servers::hub_user_redirect))
         .route("/user-redirect/{*rest}", get(servers::user_redirect))
+        .route("/metrics", get(api::metrics))
         .route("/api/", get(api::version))
         .nest("/api", api::router());
     let base = hub.cfg.base_url.clone();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use berth_core::{ServerId, ServerState, Transition};
 use berth_spawner::Status;
+use berth_store::now_ms;
 use tracing::Instrument;
 
 use super::{Ending, Servers, SpawnerState, UserOptions};
@@ -65,6 +66,10 @@ impl Servers {
     async fn reconcile_paused(self: &Arc<Self>) -> HubResult<(usize, usize)> {
         let (mut adopted, mut vanished, mut waiting) = (0, 0, 0);
         let queued = self.store.gpu_queue().await?;
+        // What ran unseen while berth was down is counted up to the last
+        // time berth was alive, never to now.
+        let now = now_ms();
+        let alive = self.store.usage_heartbeat().await?.unwrap_or(now).min(now);
         for mut record in self.store.list_servers(None).await? {
             if record.state == ServerState::Stopped {
                 continue;
@@ -99,10 +104,18 @@ impl Servers {
                 }
                 (Status::Exited(why), _) => {
                     let reason = format!("stopped while berth was not running: {why}");
-                    self.teardown(&id, record, Ending::Vanished, &reason).await;
+                    self.teardown_at(&id, record, Ending::Vanished, &reason, alive).await;
                     vanished += 1;
                 }
             }
+        }
+        match self.store.reconcile_usage(alive, now).await {
+            Ok((0, 0)) => {}
+            Ok((closed, opened)) => tracing::info!(closed, opened, "usage ledger reconciled with the records"),
+            Err(e) => tracing::error!(error = %e, "could not reconcile the usage ledger"),
+        }
+        if let Err(e) = self.store.set_usage_heartbeat(now).await {
+            tracing::warn!(error = %e, "could not write the usage heartbeat");
         }
         // Containers labelled as berth's that no active record claims are
         // reported, never deleted: they may hold someone's work.

@@ -7,7 +7,10 @@ mod servers;
 
 pub(crate) use servers::SLOW;
 mod tokens;
+mod usage;
 mod users;
+
+pub use usage::metrics;
 
 use axum::http::Uri;
 use axum::routing::{delete, get, patch, post};
@@ -31,6 +34,8 @@ pub fn router() -> Router<SharedHub> {
         .route("/users/{name}/keys", get(keys::list).post(keys::add))
         .route("/users/{name}/keys/{key}", delete(keys::remove))
         .route("/users/{name}/limits", get(users::get_limits).put(users::put_limits))
+        .route("/users/{name}/usage", get(usage::user_usage))
+        .route("/usage", get(usage::all_usage))
         .route("/users/{name}/server", post(servers::start).delete(servers::stop))
         .route("/users/{name}/server/progress", get(servers::progress))
         .route("/users/{name}/servers/{server}", post(servers::start).delete(servers::stop))

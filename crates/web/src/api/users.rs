@@ -266,8 +266,9 @@ pub(super) async fn delete_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Per-user limits an admin sets: `{"max_named_servers": 2, "templates": ["comfyui"]}`;
-/// `null` falls back to the hub-wide setting.
+/// Per-user limits an admin sets: `{"max_named_servers": 2, "templates": ["comfyui"],
+/// "gpu_hours_per_period": 10}`; `null` (or leaving a field out) falls back to the
+/// hub-wide setting; a GPU-hour limit of 0 means unlimited.
 pub(super) async fn get_limits(
     State(hub): State<SharedHub>,
     ApiCaller(c): ApiCaller,
@@ -280,6 +281,9 @@ pub(super) async fn get_limits(
         "max_named_servers": l.max_named_servers,
         "templates": l.templates,
         "effective_max_named_servers": l.max_named_servers.unwrap_or(hub.servers.cfg.max_named_servers),
+        "gpu_hours_per_period": l.gpu_hours_per_period,
+        "effective_gpu_hours_per_period": hub.servers.usage.quota_of(&name).await?.map(|(q, _)| q),
+        "period": hub.servers.usage.period,
     })))
 }
 
@@ -295,10 +299,19 @@ pub(super) async fn put_limits(
             return Err(ApiError::bad_request(format!("no template {bad:?} on this hub")));
         }
     }
+    if let Some(h) = body.gpu_hours_per_period {
+        if !h.is_finite() || h < 0.0 {
+            return Err(ApiError::bad_request(format!("gpu_hours_per_period must be 0 or more hours, not {h}")));
+        }
+    }
     hub.store.set_user_limits(&name, &body).await.map_err(|e| match e {
         berth_store::StoreError::NotFound { .. } => ApiError::not_found(format!("No such user: {name}")),
         other => other.into(),
     })?;
     let _ = hub.store.add_event(c.name(), "limits", &name, &serde_json::to_string(&body).unwrap_or_default()).await;
-    Ok(Json(json!({"max_named_servers": body.max_named_servers, "templates": body.templates})))
+    Ok(Json(json!({
+        "max_named_servers": body.max_named_servers,
+        "templates": body.templates,
+        "gpu_hours_per_period": body.gpu_hours_per_period,
+    })))
 }

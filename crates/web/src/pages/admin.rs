@@ -83,6 +83,23 @@ pub async fn authorize_page(
     let p = hub.hub_prefix();
     let x = xsrf_input(&user.xsrf);
     let ssh_sessions = hub.store.count_events_by_subject("ssh-session").await.unwrap_or_default();
+    let usage: std::collections::HashMap<String, berth_hub::usage::UserUsage> = hub
+        .servers
+        .usage
+        .all(1, berth_store::now_ms())
+        .await
+        .map(|all| all.into_iter().map(|u| (u.user.clone(), u)).collect())
+        .unwrap_or_default();
+    let hours = |name: &str| {
+        use berth_hub::usage::hours_text;
+        let Some(u) = usage.get(name) else { return ("—".to_string(), "—".to_string()) };
+        let Some(p) = u.periods.first() else { return ("—".to_string(), "—".to_string()) };
+        let gpu = match &u.quota {
+            Some(q) => format!("{} of {}", hours_text(p.gpu_hours), hours_text(q.gpu_hours)),
+            None => hours_text(p.gpu_hours),
+        };
+        (gpu, hours_text(p.server_hours))
+    };
     let mut rows = String::new();
     for u in &users {
         let n = esc(&u.name);
@@ -113,8 +130,18 @@ pub async fn authorize_page(
         if u.name != user.caller.name() {
             actions.push_str(&btn("delete", "Delete", "danger"));
         }
+        let own = usage
+            .get(&u.name)
+            .and_then(|v| v.quota.as_ref())
+            .filter(|q| q.source == "user")
+            .map(|q| berth_hub::usage::hours_text(q.gpu_hours));
+        actions.push_str(&format!(
+            r#"<form method="post" action="{p}gpu-quota/{n}" class="gpu-quota">{x}<input type="text" name="gpu_hours" value="{v}" placeholder="hub's" size="5" aria-label="GPU-hours per period"><button class="secondary" type="submit">Set GPU-hours</button></form>"#,
+            v = esc(&own.unwrap_or_default()),
+        ));
+        let (gpu_hours, server_hours) = hours(&u.name);
         rows.push_str(&format!(
-            r#"<tr id="{n}"><td>{n}</td><td>{status}</td><td>{admin}</td><td class="muted">{created}</td><td class="muted">{last}</td><td class="ssh-sessions">{ssh}</td><td>{actions}</td></tr>"#,
+            r#"<tr id="{n}"><td>{n}</td><td>{status}</td><td>{admin}</td><td class="muted">{created}</td><td class="muted">{last}</td><td class="ssh-sessions">{ssh}</td><td class="gpu-hours">{gpu_hours}</td><td class="server-hours">{server_hours}</td><td>{actions}</td></tr>"#,
             ssh = ssh_sessions.get(&u.name).copied().unwrap_or(0),
             admin = if u.admin { "admin" } else { "" },
             created = iso(u.created).get(..10).unwrap_or(""),
@@ -165,10 +192,11 @@ pub async fn authorize_page(
 <label style="display:inline;font-weight:normal"><input type="checkbox" name="pending" value="1" {checked}> pending only</label>
 <button class="secondary" type="submit">Filter</button></form>
 <p class="muted">{total} user(s)</p>
-<table><thead><tr><th>Name</th><th>Status</th><th>Role</th><th>Created</th><th>Last active</th><th>SSH sessions</th><th></th></tr></thead><tbody>{rows}</tbody></table>{more}</div>"#,
+<table><thead><tr><th>Name</th><th>Status</th><th>Role</th><th>Created</th><th>Last active</th><th>SSH sessions</th><th>GPU-hours {this}</th><th>Server-hours</th><th></th></tr></thead><tbody>{rows}</tbody></table>{more}</div>"#,
         q = esc(&lq.q),
         checked = if pending_only { "checked" } else { "" },
         waiting = hub.servers.queue_view(&user.caller).await.map(|v| v.length).unwrap_or(0),
+        this = hub.servers.usage.period.this(),
     );
     Ok(html::page(&hub.cfg.base_url, "Users", Some(&user.viewer()), &body))
 }
@@ -219,4 +247,36 @@ pub async fn gpu_action(
     let msg = format!("{id} is {}", if shared { "shared" } else { "exclusive" });
     let msg = percent_encoding::utf8_percent_encode(&msg, percent_encoding::NON_ALPHANUMERIC);
     Ok(Redirect::to(&format!("{}authorize?msg={msg}", hub.hub_prefix())).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct QuotaForm {
+    #[serde(default)]
+    gpu_hours: String,
+}
+
+/// `POST /hub/gpu-quota/<name>` (admins): the user's own GPU-hours per
+/// period; empty for the hub's, 0 for unlimited.
+pub async fn gpu_quota_action(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    Path(name): Path<String>,
+    PageForm(f): PageForm<QuotaForm>,
+) -> ApiResult<Response> {
+    let raw = f.gpu_hours.trim();
+    let hours = if raw.is_empty() {
+        None
+    } else {
+        Some(raw.parse::<f64>().map_err(|_| ApiError::from(HubError::BadQuota { hours: raw.to_string() }).page())?)
+    };
+    hub.servers.usage.set_user_quota(&user.caller, &name, hours).await.map_err(|e| ApiError::from(e).page())?;
+    let done = match hours {
+        Some(h) if h > 0.0 => {
+            format!("{name} may use {} GPU-hours {}", berth_hub::usage::hours_text(h), hub.servers.usage.period.this())
+        }
+        Some(_) => format!("{name} has no GPU-hour quota"),
+        None => format!("{name} has the hub's GPU-hour quota"),
+    };
+    let msg = percent_encoding::utf8_percent_encode(&done, percent_encoding::NON_ALPHANUMERIC);
+    Ok(Redirect::to(&format!("{}authorize?msg={msg}#{name}", hub.hub_prefix())).into_response())
 }

@@ -43,6 +43,7 @@ pub async fn home(State(hub): State<SharedHub>, user: PageUser) -> Html<String> 
     }
     let allowed = hub.store.user_limits(user.caller.name()).await.ok().and_then(|l| l.templates);
     body.push_str(&template_picker(&hub, &user.xsrf, allowed.as_deref(), gpus.as_ref(), queue.as_ref()));
+    body.push_str(&usage_card(&hub, &user).await);
     body.push_str(&format!(
         r#"<div class="card"><h2>Your account</h2><p>API tokens for scripts and JupyterHub clients: <a href="{base}hub/token">Tokens</a>.</p></div>"#
     ));
@@ -295,4 +296,56 @@ fn template_picker(
         p = hub.hub_prefix(),
         x = xsrf_input(xsrf),
     )
+}
+
+/// `2026-12-01` to `2026-12-31` (the last day of a period).
+fn period_span(p: &berth_hub::usage::PeriodUsage) -> String {
+    let first = p.start.get(..10).unwrap_or(&p.start).to_string();
+    let last = berth_hub::usage::iso_utc(p.end_ms - 1);
+    let last = last.get(..10).unwrap_or(&last).to_string();
+    if first == last {
+        first
+    } else {
+        format!("{first} – {last}")
+    }
+}
+
+/// The user's GPU-hours and server-hours, this period and the two before,
+/// and their quota.
+async fn usage_card(hub: &SharedHub, user: &PageUser) -> String {
+    use berth_hub::usage::hours_text;
+    let u = match hub.servers.usage.view(&user.caller, user.caller.name(), 3, berth_store::now_ms()).await {
+        Ok(u) => u,
+        Err(e) => return alert(Level::Danger, &crate::ApiError::from(e).message),
+    };
+    let mut rows = String::new();
+    for p in &u.periods {
+        rows.push_str(&format!(
+            r#"<tr{cur}><td>{span}</td><td class="gpu-hours">{g}</td><td class="server-hours">{s}</td></tr>"#,
+            cur = if p.current { r#" id="usage-current""# } else { "" },
+            span = esc(&period_span(p)),
+            g = hours_text(p.gpu_hours),
+            s = hours_text(p.server_hours),
+        ));
+    }
+    let quota = match &u.quota {
+        Some(q) => format!(
+            r#"<p id="gpu-quota">GPU-hour quota: {used} of {quota} used {this}; <b>{left} left</b>; renews {renews}.</p>"#,
+            used = hours_text(q.used_gpu_hours),
+            quota = hours_text(q.gpu_hours),
+            this = u.period.this(),
+            left = hours_text(q.left_gpu_hours),
+            renews = berth_hub::usage::when_utc(q.renews_ms),
+        ),
+        None => r#"<p id="gpu-quota" class="muted">No GPU-hour quota.</p>"#.to_string(),
+    };
+    format!(
+        r#"<div class="card" id="usage"><h2>Your usage</h2>{quota}<table><thead><tr><th>{period}</th><th>GPU-hours</th><th>Server-hours</th></tr></thead><tbody>{rows}</tbody></table><p class="muted">Counted while your servers run and hold GPUs (UTC).</p></div>"#,
+        period = upper(u.period.as_str()),
+    )
+}
+
+fn upper(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
 }
