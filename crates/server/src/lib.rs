@@ -156,7 +156,7 @@ fn build_hub(
 ) -> Result<SharedHub, StartError> {
     let activity = Arc::new(Activity::default());
     let templates = parts::load_templates(config, spawner.runs_images())?;
-    let servers = Servers::new(
+    let mut servers = Servers::new(
         config.spawner.clone(),
         store.clone(),
         spawner,
@@ -166,6 +166,9 @@ fn build_hub(
         Gpus::new(config.gpu.clone(), store.clone()),
         templates,
     );
+    // Checked with the configuration already; this is the same rule.
+    servers.culler = berth_hub::cull::Culler::new(config.cull.clone())
+        .map_err(|m| StartError::Unsupported(format!("cull.template_timeouts: {m}")))?;
     Ok(Arc::new(Hub::new(config.hub.clone(), config.auth.clone(), store, secret, Arc::new(servers), activity)))
 }
 

@@ -63,7 +63,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         }
         E::NoSuchGpu { .. } | E::SetupClosed => StatusCode::NOT_FOUND,
         E::UserExists { .. } | E::AllUsersExist { .. } | E::KeyExists { .. } => StatusCode::CONFLICT,
-        E::NoGpus { .. } => StatusCode::CONFLICT,
+        E::NoGpus { .. } | E::CullNotExtendable { .. } => StatusCode::CONFLICT,
         E::MissingScope { .. } | E::ScopesNotHeld { .. } => StatusCode::FORBIDDEN,
         E::NamedServerLimit { .. } | E::HubFull { .. } | E::TooManyStarting { .. } => StatusCode::TOO_MANY_REQUESTS,
         E::Internal(_) | E::Spawner { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -85,6 +85,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         | E::PendingStop { .. }
         | E::Busy { .. }
         | E::NotStopped { .. }
+        | E::NotRunning { .. }
         | E::StillStopping
         | E::Transition(_)
         | E::TemplateNotAllowed { .. }
