@@ -258,6 +258,16 @@ async fn a_busy_kernel_keeps_its_server_and_once_idle_the_server_is_culled() {
     assert!(home.contains(r#"id="culled-""#), "{home}");
 }
 
+/// A child process killed when dropped.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn keygen(dir: &Path) -> (std::path::PathBuf, String) {
     let private = dir.join("id_cull");
     let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&private).status().unwrap();
@@ -280,17 +290,30 @@ async fn an_open_ssh_session_keeps_its_server_and_closing_it_lets_the_culler_act
     start_default(&b, &alice, "alice", json!({})).await;
 
     let port = b.ssh_addr.as_ref().expect("the SSH gateway is on").rsplit(':').next().unwrap().to_string();
-    let mut ssh = Command::new("timeout")
-        .args(["120", "ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .args(["-o", "LogLevel=ERROR", "-o", "IdentityAgent=none", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
-        .arg("-i")
-        .arg(&key)
-        .args(["-p", &port, "alice@127.0.0.1", "sleep 100"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // ssh itself (no `timeout` wrapper, whose kill would leave ssh running);
+    // the guard kills it if the test fails first, `sleep 100` bounds it anyway.
+    let mut ssh = Kill(
+        Command::new("ssh")
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args([
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "IdentityAgent=none",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+            ])
+            .arg("-i")
+            .arg(&key)
+            .args(["-p", &port, "alice@127.0.0.1", "sleep 100"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let opened = now_ms();
     model_until(&b, &alice, "alice", "the SSH session counted", |m| {
         cull(m).is_some_and(|c| c["active"].to_string().contains("an SSH session is open"))
@@ -302,8 +325,8 @@ async fn an_open_ssh_session_keeps_its_server_and_closing_it_lets_the_culler_act
     assert!(c["active"].to_string().contains("an SSH session is open"), "{c}");
 
     // The session ends: the idle window starts then, and the server is culled.
-    let _ = ssh.kill();
-    let _ = ssh.wait();
+    let _ = ssh.0.kill();
+    let _ = ssh.0.wait();
     let closed = now_ms();
     model_until(&b, &alice, "alice", "the SSH session gone", |m| {
         cull(m).is_some_and(|c| !c["active"].to_string().contains("SSH"))
