@@ -153,6 +153,10 @@ pub struct Template {
     pub env: BTreeMap<String, String>,
     pub ssh: Ssh,
     pub build: Build,
+    /// Idle timeout of the template's servers in the hub (0: never
+    /// idle-culled); unset: the hub's `cull.idle_timeout_seconds`.
+    #[serde(default)]
+    pub idle_timeout_seconds: Option<u64>,
 }
 
 /// A template with where it came from (for `file:line` messages).
@@ -344,6 +348,7 @@ impl Template {
             routing,
             gpus: GpuRange { min: self.gpus.min, default: self.gpus.default, max: *self.gpus.max.get_ref() },
             env,
+            idle_timeout_seconds: self.idle_timeout_seconds,
             build,
         }
     }

@@ -74,6 +74,10 @@ pub struct HubTemplate {
     pub gpus: GpuRange,
     /// Extra environment; values take the same placeholders as `cmd`.
     pub env: BTreeMap<String, String>,
+    /// Idle timeout of its servers, over the hub's global one (0: never
+    /// idle-culled); `cull.template_timeouts` overrides it.
+    #[serde(default)]
+    pub idle_timeout_seconds: Option<u64>,
     /// The rendered build context (path, contents) the Docker spawner makes
     /// `image` from when the engine does not have it; `image`'s tag is the
     /// hash of these files, so a changed template builds anew.
@@ -107,6 +111,7 @@ mod tests {
             routing: vec![RoutingMode::Host, RoutingMode::Strip],
             gpus: GpuRange { min: 0, default: 1, max: 2 },
             env: BTreeMap::new(),
+            idle_timeout_seconds: None,
             build: Vec::new(),
         };
         assert_eq!(t.expand("--port {port} --root {base_url}", "/user/a/c/"), "--port 27015 --root /user/a/c/");

@@ -45,6 +45,11 @@ impl Activity {
         }
     }
 
+    /// The server's activity collected since the last flush (not yet written).
+    pub fn pending_server(&self, user: &str, server: &str) -> Option<i64> {
+        self.servers.lock().ok()?.get(&(user.to_string(), server.to_string())).copied()
+    }
+
     /// Writes what was collected since the last flush.
     pub async fn flush(&self, store: &Store) -> Result<(), berth_store::StoreError> {
         let tokens: Vec<(String, i64)> = self.tokens.lock().map(|mut m| m.drain().collect()).unwrap_or_default();

@@ -63,6 +63,10 @@ pub enum HubError {
     Transition(#[from] berth_core::TransitionError),
     #[error("{message}")]
     Spawner { message: String },
+    #[error("{server} is not running")]
+    NotRunning { server: String },
+    #[error("{server} will be stopped ({reason}); the maximum age cannot be extended")]
+    CullNotExtendable { server: String, reason: String },
     #[error("the {spawner} spawner here cannot run your server under an account of your own (berth is not running as root), so only the admin may start one; ask the admin to use the Docker spawner")]
     NotIsolated { spawner: &'static str },
 

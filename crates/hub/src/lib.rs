@@ -1,7 +1,7 @@
 //! The hub core: everything berth decides about users and their servers,
 //! in one place, for every front end. The server lifecycle (start as admit
 //! → plan → launch, one teardown, one wait), GPUs, the template registry,
-//! progress, activity, identity (token or session → caller with scopes),
+//! idle culling, progress, activity, identity (token or session → caller with scopes),
 //! log-in, accounts, tokens, SSH keys and the OAuth provider's rules.
 //!
 //! It must not know axum, hyper's server side or russh: the REST API and
@@ -12,6 +12,7 @@
 pub mod accounts;
 pub mod activity;
 pub mod adopted;
+pub mod cull;
 pub mod error;
 pub mod gpus;
 pub mod identity;

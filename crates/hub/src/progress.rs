@@ -21,6 +21,10 @@ pub struct ProgressEvent {
     pub failed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Set on a cull warning (after the start's final event): when the
+    /// server will be stopped, unix ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cull_at_ms: Option<i64>,
 }
 
 impl ProgressEvent {
@@ -32,7 +36,13 @@ impl ProgressEvent {
             ready: false,
             failed: false,
             url: None,
+            cull_at_ms: None,
         }
+    }
+
+    /// The culler's warning, sent to a running server's progress log.
+    pub fn cull_warning(message: &str, cull_at_ms: i64) -> ProgressEvent {
+        ProgressEvent { cull_at_ms: Some(cull_at_ms), ..ProgressEvent::step(100, message) }
     }
 
     pub fn ready(url: &str) -> ProgressEvent {
@@ -43,6 +53,7 @@ impl ProgressEvent {
             ready: true,
             failed: false,
             url: Some(url.to_string()),
+            cull_at_ms: None,
         }
     }
 

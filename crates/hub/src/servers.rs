@@ -131,10 +131,10 @@ impl Drop for Claim {
 
 pub struct Servers {
     pub cfg: Config,
-    store: Store,
-    spawner: Arc<dyn Spawner>,
+    pub(crate) store: Store,
+    pub(crate) spawner: Arc<dyn Spawner>,
     pub routes: Arc<RouteTable>,
-    activity: Arc<Activity>,
+    pub(crate) activity: Arc<Activity>,
     base_url: String,
     /// `http://…<base>hub/api` as servers reach it, known once the listener is bound.
     api_url: RwLock<String>,
@@ -142,8 +142,10 @@ pub struct Servers {
     checking: Mutex<HashSet<ServerId>>,
     progress: Mutex<HashMap<ServerId, Arc<ProgressLog>>>,
     starts: Arc<Semaphore>,
-    http: Client<HttpConnector, Empty<Bytes>>,
+    pub(crate) http: Client<HttpConnector, Empty<Bytes>>,
     pub gpus: Gpus,
+    /// Idle culling (off until configured: see [`crate::cull`]).
+    pub culler: crate::cull::Culler,
     /// The templates users may start, and how their apps are routed.
     pub templates: Templates,
     /// Starts, stops and checks under way, drained on shutdown.
@@ -205,6 +207,7 @@ impl Servers {
             starts,
             http: Client::builder(TokioExecutor::new()).build(connector),
             gpus,
+            culler: crate::cull::Culler::default(),
             templates,
             tasks: TaskTracker::new(),
             image_builds: Mutex::new(HashMap::new()),
@@ -662,7 +665,7 @@ impl Servers {
         let target = id.clone();
         let task = self
             .tasks
-            .spawn(async move { me.stop_now(&target).await }.instrument(tracing::info_span!("stop", server = %id)));
+            .spawn(async move { me.stop_now(&target, "").await }.instrument(tracing::info_span!("stop", server = %id)));
         match tokio::time::timeout(wait, task).await {
             Ok(Ok(r)) => r.map(|_| true),
             Ok(Err(e)) => Err(HubError::internal(format!("stopping {id} failed: {e}"))),
@@ -670,7 +673,7 @@ impl Servers {
         }
     }
 
-    async fn stop_now(self: &Arc<Self>, id: &ServerId) -> HubResult<()> {
+    async fn stop_now(self: &Arc<Self>, id: &ServerId, reason: &str) -> HubResult<()> {
         let Some(record) = self.store.get_server(id.user(), id.server()).await? else { return Ok(()) };
         if record.state == ServerState::Stopped {
             return Ok(());
@@ -694,8 +697,29 @@ impl Servers {
                 }
             }
         }
-        self.teardown(id, record, Ending::Stop, "").await;
+        self.teardown(id, record, Ending::Stop, reason).await;
         Ok(())
+    }
+
+    /// Stops a running server for a reason recorded with its stop event (the
+    /// culler's), unless a start or stop of it is under way.
+    pub(crate) async fn stop_because(self: &Arc<Self>, id: &ServerId, reason: &str) -> HubResult<()> {
+        let claimed = self.busy.lock().map(|mut b| b.insert(id.clone())).unwrap_or(false);
+        if !claimed {
+            return Err(HubError::Busy { server: id.to_string() });
+        }
+        let result = match self.store.get_server(id.user(), id.server()).await {
+            Ok(Some(r)) if r.state == ServerState::Running => {
+                self.teardown(id, r, Ending::Stop, reason).await;
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+        if let Ok(mut b) = self.busy.lock() {
+            b.remove(id);
+        }
+        result
     }
 
     /// Stops every active server (on shutdown, when configured).
@@ -710,7 +734,7 @@ impl Servers {
             records.into_iter().filter(|r| r.state.is_active() && !queued.contains(&(r.user.clone(), r.name.clone())))
         {
             if let Ok(id) = ServerId::parse(&r.user, &r.name) {
-                let _ = self.stop_now(&id).await;
+                let _ = self.stop_now(&id, "").await;
             }
         }
     }
@@ -720,7 +744,7 @@ impl Servers {
     pub async fn stop_all_of(self: &Arc<Self>, user: &str) -> HubResult<()> {
         for r in self.store.list_servers(Some(user)).await?.into_iter().filter(|r| r.state.is_active()) {
             if let Ok(id) = ServerId::parse(&r.user, &r.name) {
-                self.stop_now(&id).await?;
+                self.stop_now(&id, "").await?;
             }
         }
         Ok(())

@@ -238,6 +238,7 @@ mod tests {
             routing,
             gpus: GpuRange { min: 0, default: 0, max: 1 },
             env: Default::default(),
+            idle_timeout_seconds: None,
             build: Vec::new(),
         }
     }

@@ -31,6 +31,7 @@ pub struct Config {
     pub templates: berth_hub::templates::TemplatesConfig,
     pub usage: berth_hub::usage::UsageConfig,
     pub metrics: berth_hub::metrics::MetricsConfig,
+    pub cull: berth_hub::cull::CullConfig,
 }
 
 /// The `[proxy]` section.
@@ -109,6 +110,7 @@ impl Default for Config {
             templates: berth_hub::templates::TemplatesConfig::default(),
             usage: berth_hub::usage::UsageConfig::default(),
             metrics: berth_hub::metrics::MetricsConfig::default(),
+            cull: berth_hub::cull::CullConfig::default(),
         }
     }
 }
@@ -184,6 +186,11 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("templates.prebuild", &["BERTH_TEMPLATES_PREBUILD"], "Template ids whose images the Docker spawner builds in the background once berth serves (comma-separated in the environment), so no first start waits for a build."),
     ("templates.default", &["BERTH_TEMPLATES_DEFAULT"], "Template a default server runs on the Docker spawner when `docker.image` is empty (a JupyterHub single-user template; `allowed` does not apply to it)."),
     ("templates.app_domain", &["BERTH_APP_DOMAIN"], "Wildcard domain for `host` routing: apps at `<server>--<user>.<app_domain>`, the hub at `<app_domain>`; empty turns it off."),
+    ("cull.idle_timeout_seconds", &["BERTH_CULL_IDLE_TIMEOUT"], "Stop a server after this many seconds without any sign of use: web traffic, kernel activity, an open SSH session, or GPU utilisation at or above `gpu.idle_below_percent` (see docs/gpus.md). 0 (the default) turns idle culling off."),
+    ("cull.template_timeouts", &["BERTH_CULL_TEMPLATE_TIMEOUTS"], "Idle timeouts per template, `id=seconds` (comma-separated in the environment; 0: that template's servers are never idle-culled), over a template's own `idle_timeout_seconds` and `cull.idle_timeout_seconds`."),
+    ("cull.max_age_seconds", &["BERTH_CULL_MAX_AGE"], "Stop a server this many seconds after it started, however busy it is (after the warning, which cannot be extended); 0 means no maximum age."),
+    ("cull.warning_seconds", &["BERTH_CULL_WARNING"], "How long the owner is warned (banner, `berth.cull` in the server model, a progress event) before a server is culled; Extend or any use ends an idle warning."),
+    ("cull.interval_seconds", &["BERTH_CULL_INTERVAL"], "Seconds between the culler's checks of the running servers."),
     ("ssh.bind", &["BERTH_SSH_BIND"], "Where the SSH gateway listens (`ADDR:PORT`; 22 in a container deployment), or `off`."),
     ("ssh.auto_start", &["BERTH_SSH_AUTO_START"], "Start a stopped server when its user connects over SSH, with its progress on the terminal."),
     ("ssh.max_auth_failures", &["BERTH_SSH_MAX_AUTH_FAILURES"], "Failed SSH log-ins from one address before it is refused for `ssh.failure_window_seconds`."),
@@ -436,6 +443,10 @@ impl Config {
             return Err(invalid("usage.gpu_hours_per_period", format!("{quota} is not a number of hours (0 or more)")));
         }
         self.metrics.parse().map_err(|m| invalid("metrics.allowed_addresses", m))?;
+        self.cull.overrides().map_err(|m| invalid("cull.template_timeouts", m))?;
+        if self.cull.interval_seconds.is_zero() {
+            return Err(invalid("cull.interval_seconds", "must be at least 1".into()));
+        }
         if self.docker.cpu_limit < 0.0 {
             return Err(invalid("docker.cpu_limit", "must not be negative".into()));
         }

@@ -30,6 +30,9 @@ pub(crate) fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<Tls
             sample_gpus(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "gpu-sampler")),
         );
     }
+    if hub.servers.culler.enabled() {
+        tasks.spawn(cull(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "cull")));
+    }
     tasks.spawn(watch_exits(hub, shutdown.clone()).instrument(tracing::info_span!("job", name = "exits")));
     if let Some(tls) = tls {
         tasks.spawn(reload_tls(tls, shutdown).instrument(tracing::info_span!("job", name = "tls-reload")));
@@ -63,6 +66,22 @@ async fn sample_gpus(hub: SharedHub, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = telemetry.sample(spawner.as_ref(), now_ms()) => {}
+        }
+    }
+}
+
+/// Culls idle servers every `cull.interval_seconds` (see `berth_hub::cull`).
+async fn cull(hub: SharedHub, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(hub.servers.culler.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hub.servers.cull_check() => {}
         }
     }
 }

@@ -156,7 +156,7 @@ fn build_hub(
 ) -> Result<SharedHub, StartError> {
     let activity = Arc::new(Activity::default());
     let templates = parts::load_templates(config, spawner.runs_images())?;
-    let servers = Servers::new(
+    let mut servers = Servers::new(
         config.spawner.clone(),
         store.clone(),
         spawner,
@@ -167,6 +167,9 @@ fn build_hub(
         templates,
     )
     .with_usage(config.usage.clone());
+    // Checked with the configuration already; this is the same rule.
+    servers.culler = berth_hub::cull::Culler::new(config.cull.clone())
+        .map_err(|m| StartError::Unsupported(format!("cull.template_timeouts: {m}")))?;
     // Checked when the configuration was loaded.
     let allowed =
         config.metrics.parse().map_err(|m| StartError::Unsupported(format!("metrics.allowed_addresses: {m}")))?;

@@ -119,6 +119,16 @@ impl Upstream for HubUpstream {
         })
     }
 
+    fn session_opened(&self, user: &str, server: &str) {
+        self.hub.servers.culler.ssh_opened(user, server);
+    }
+
+    fn session_closed(&self, user: &str, server: &str) {
+        self.hub.servers.culler.ssh_closed(user, server);
+        // The idle window starts when the session ends.
+        self.hub.activity.server(user, server, berth_store::now_ms());
+    }
+
     fn session_ended(&self, r: SessionRecord) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let detail = json!({

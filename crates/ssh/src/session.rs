@@ -161,6 +161,7 @@ impl Drop for Conn {
         }
         match &self.login {
             Some(login) => {
+                self.gw.upstream.session_closed(&login.user, &login.server);
                 let secs = self.since.elapsed().as_secs_f64();
                 let to_client = self.traffic.to_client.load(Ordering::Relaxed);
                 let from_client = self.traffic.from_client.load(Ordering::Relaxed);
@@ -284,6 +285,9 @@ impl russh::server::Handler for Conn {
                 tracing::info!(user = %login.user, server = %login.server, peer = %self.peer, key = %fp, "SSH log-in");
                 if let Ok(mut l) = self.logged_in.lock() {
                     *l = Some(login.clone());
+                }
+                if self.login.is_none() {
+                    self.gw.upstream.session_opened(&login.user, &login.server);
                 }
                 self.login = Some(login);
                 Ok(Auth::Accept)

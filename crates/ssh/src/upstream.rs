@@ -57,6 +57,13 @@ pub trait Upstream: Send + Sync + 'static {
         Box::pin(async {})
     }
 
+    /// A connection logged in to `user`'s server `server` (counted by the
+    /// hub: an open session keeps the server from being culled).
+    fn session_opened(&self, _user: &str, _server: &str) {}
+
+    /// That connection closed (called once for each `session_opened`).
+    fn session_closed(&self, _user: &str, _server: &str) {}
+
     /// A session ended.
     fn session_ended(&self, _record: SessionRecord) -> BoxFuture<'_, ()> {
         Box::pin(async {})

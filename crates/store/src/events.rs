@@ -38,6 +38,28 @@ impl Store {
             .collect()
     }
 
+    /// The latest events of one kind, newest first.
+    pub async fn recent_events_of_kind(&self, kind: &str, limit: i64) -> Result<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT at, actor, kind, subject, detail FROM events WHERE kind = $1 ORDER BY at DESC LIMIT $2",
+        )
+        .bind(kind)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Event {
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    kind: r.try_get("kind")?,
+                    subject: r.try_get("subject")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
     /// Events of `kind` counted per subject (the admin view's SSH session column).
     pub async fn count_events_by_subject(&self, kind: &str) -> Result<HashMap<String, i64>> {
         let rows = sqlx::query("SELECT subject, COUNT(*) AS n FROM events WHERE kind = $1 GROUP BY subject")

@@ -173,7 +173,8 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
         hub.signer().xsrf_token(&binding, now)
     };
     let set_xsrf = !cookie_xsrf_valid && safe && !api;
-    parts.extensions.insert(RequestAuth { caller, cookies, xsrf: xsrf.clone() });
+    let banner = if api { None } else { caller.as_ref().and_then(|c| crate::pages::home::cull_banner(&hub, c, &xsrf)) };
+    parts.extensions.insert(RequestAuth { caller, cookies, xsrf: xsrf.clone(), banner });
     let mut resp = next.run(Request::from_parts(parts, body)).await;
     resp.headers_mut()
         .insert("x-jupyterhub-version", axum::http::HeaderValue::from_static(berth_core::JUPYTERHUB_API_VERSION));

@@ -63,7 +63,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         }
         E::NoSuchGpu { .. } | E::SetupClosed | E::NotQueued { .. } => StatusCode::NOT_FOUND,
         E::UserExists { .. } | E::AllUsersExist { .. } | E::KeyExists { .. } => StatusCode::CONFLICT,
-        E::NoGpus { .. } | E::GpusExceedInventory { .. } => StatusCode::CONFLICT,
+        E::NoGpus { .. } | E::GpusExceedInventory { .. } | E::CullNotExtendable { .. } => StatusCode::CONFLICT,
         E::MissingScope { .. } | E::ScopesNotHeld { .. } => StatusCode::FORBIDDEN,
         E::NamedServerLimit { .. } | E::HubFull { .. } | E::TooManyStarting { .. } | E::GpuQuota { .. } => {
             StatusCode::TOO_MANY_REQUESTS
@@ -87,6 +87,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         | E::PendingStop { .. }
         | E::Busy { .. }
         | E::NotStopped { .. }
+        | E::NotRunning { .. }
         | E::StillStopping
         | E::Transition(_)
         | E::TemplateNotAllowed { .. }

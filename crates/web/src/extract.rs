@@ -122,11 +122,18 @@ pub struct RequestAuth {
     pub caller: Option<Caller>,
     pub cookies: Cookies,
     pub xsrf: String,
+    /// What every page of the caller's shows on top (a cull warning).
+    pub banner: Option<String>,
 }
 
 impl RequestAuth {
     pub fn viewer(&self) -> Option<Viewer<'_>> {
-        self.caller.as_ref().map(|c| Viewer { name: c.name(), admin: c.user.admin, xsrf: &self.xsrf })
+        self.caller.as_ref().map(|c| Viewer {
+            name: c.name(),
+            admin: c.user.admin,
+            xsrf: &self.xsrf,
+            banner: self.banner.as_deref(),
+        })
     }
 }
 
@@ -150,11 +157,17 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiCaller {
 pub struct PageUser {
     pub caller: Caller,
     pub xsrf: String,
+    pub banner: Option<String>,
 }
 
 impl PageUser {
     pub fn viewer(&self) -> Viewer<'_> {
-        Viewer { name: self.caller.name(), admin: self.caller.user.admin, xsrf: &self.xsrf }
+        Viewer {
+            name: self.caller.name(),
+            admin: self.caller.user.admin,
+            xsrf: &self.xsrf,
+            banner: self.banner.as_deref(),
+        }
     }
 }
 
@@ -163,7 +176,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PageUser {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let auth = parts.extensions.get::<RequestAuth>().cloned();
         match auth {
-            Some(RequestAuth { caller: Some(caller), xsrf, .. }) => Ok(PageUser { caller, xsrf }),
+            Some(RequestAuth { caller: Some(caller), xsrf, banner, .. }) => Ok(PageUser { caller, xsrf, banner }),
             _ => {
                 // The original URI: inside the hub's nested router the path
                 // has lost `<base>hub`, and `next` must point at the page itself.

@@ -38,7 +38,7 @@ button,.button{background:#2f6fde;color:#fff;border:0;border-radius:4px;padding:
 button.secondary{background:#e8ebf0;color:#1d2330}button.danger{background:#c8372d}
 .alert{padding:.6rem .9rem;border-radius:6px;margin:.8rem 0}.alert p{margin:0}
 .alert-success{background:#e3f4e6;border:1px solid #a9d8b1}.alert-info{background:#e5effc;border:1px solid #aac6ee}
-.alert-danger{background:#fbe7e5;border:1px solid #eeb1aa}
+.alert-danger{background:#fbe7e5;border:1px solid #eeb1aa}.alert-warning{background:#fdf1d8;border:1px solid #ecc77a}.alert form{display:inline;margin-left:.6rem}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.4rem .5rem;border-bottom:1px solid #e6e9ef;vertical-align:middle}
 td form{display:inline;margin:0}td button{padding:.2rem .6rem;font-size:.85rem}
 .muted{color:#6b7385}.badge{display:inline-block;padding:0 .45rem;border-radius:10px;font-size:.8rem;background:#e8ebf0}
@@ -52,6 +52,8 @@ pub struct Viewer<'a> {
     pub name: &'a str,
     pub admin: bool,
     pub xsrf: &'a str,
+    /// Markup shown above every page's body (made by the page code, escaped there).
+    pub banner: Option<&'a str>,
 }
 
 /// A full page with the header, navigation and the viewer's name.
@@ -75,8 +77,9 @@ pub fn page(base: &str, title: &str, viewer: Option<&Viewer<'_>>, body: &str) ->
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{title} · berth</title><style>{STYLE}</style></head><body>
 <header><a class="brand" href="{base}hub/">berth</a>{nav}</header>
-<main>{body}</main></body></html>"#,
+<main>{banner}{body}</main></body></html>"#,
         title = esc(title),
+        banner = viewer.and_then(|v| v.banner).unwrap_or(""),
     ))
 }
 
@@ -134,7 +137,7 @@ mod tests {
 
     #[test]
     fn the_layout_has_no_inline_script() {
-        let v = super::Viewer { name: "<al>", admin: true, xsrf: "x\"y" };
+        let v = super::Viewer { name: "<al>", admin: true, xsrf: "x\"y", banner: None };
         for page in [super::page("/", "T", Some(&v), "<p>b</p>").0, super::bare_page("T", "<p>b</p>").0] {
             assert!(!page.contains("<script"), "{page}");
             let lower = page.to_ascii_lowercase();

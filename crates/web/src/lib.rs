@@ -69,6 +69,8 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/spawn-pending/{user}/{server}", get(servers::pending))
         .route("/stop/{user}", post(servers::stop_post))
         .route("/stop/{user}/{server}", post(servers::stop_post))
+        .route("/extend/{user}", post(servers::extend_post))
+        .route("/extend/{user}/{server}", post(servers::extend_post))
         .route("/logs/{user}", get(servers::logs))
         .route("/logs/{user}/{server}", get(servers::logs))
         .route("/user/{*rest}", any(servers::hub_user_redirect))

@@ -1,6 +1,7 @@
 //! JSON models in JupyterHub's shapes.
 
 use berth_core::{ScopeSet, ServerState, Target};
+use berth_hub::cull::{CullStatus, CullStatuses};
 use berth_store::{Server, Token, User};
 use serde_json::{json, Value};
 
@@ -40,7 +41,36 @@ pub fn progress_url(base: &str, user: &str, server: &str) -> String {
     }
 }
 
-pub fn server_model(base: &str, s: &Server, with_state: bool) -> Value {
+/// berth's own part of a server model (`berth`, beside JupyterHub's fields):
+/// the culler's view, `null` when the server is not watched.
+pub fn berth_model(base: &str, s: &Server, cull: Option<&CullStatus>) -> Value {
+    let cull = cull.map(|c| {
+        json!({
+            "idle_timeout_seconds": c.idle_timeout_seconds,
+            "max_age_seconds": c.max_age_seconds,
+            "checked_at": iso(c.checked_at_ms),
+            "last_activity": iso(c.last_activity_ms),
+            "active": c.active,
+            "unknown": c.unknown,
+            "cull_at": iso_opt(c.cull_at_ms),
+            "reason": c.reason,
+            "extendable": c.extendable,
+            "extend_url": format!("{}/extend", server_api_path(base, &s.user, &s.name)),
+        })
+    });
+    json!({ "cull": cull })
+}
+
+/// `<base>hub/api/users/<u>/server` or `…/servers/<name>`.
+pub fn server_api_path(base: &str, user: &str, server: &str) -> String {
+    if server.is_empty() {
+        format!("{base}hub/api/users/{user}/server")
+    } else {
+        format!("{base}hub/api/users/{user}/servers/{server}")
+    }
+}
+
+pub fn server_model(base: &str, s: &Server, with_state: bool, cull: Option<&CullStatus>) -> Value {
     let mut m = json!({
         "name": s.name,
         "display_name": s.name,
@@ -57,6 +87,7 @@ pub fn server_model(base: &str, s: &Server, with_state: bool) -> Value {
         "full_progress_url": Value::Null,
         "template": s.template,
         "last_error": s.last_error,
+        "berth": berth_model(base, s, cull),
     });
     if with_state {
         m["state"] = serde_json::from_str::<Value>(&s.spawner_state).unwrap_or_else(|_| json!({}));
@@ -109,7 +140,7 @@ impl<T: serde::Serialize> serde::Serialize for Skip<T> {
     }
 }
 
-pub fn user_model_typed(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet) -> UserModel {
+pub fn user_model_typed(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet, cull: &CullStatuses) -> UserModel {
     let target = Target::User(&u.name);
     let mut m = UserModel {
         kind: "user",
@@ -126,13 +157,28 @@ pub fn user_model_typed(base: &str, u: &User, servers: &[Server], scopes: &Scope
         auth_state: Skip(None),
         user_info: Skip(None),
     };
+    // JupyterHub's access map: `read:servers` alone gives `servers` (what
+    // jupyterhub-idle-culler reads), `read:users:activity` `last_activity`.
+    let servers_of = || {
+        let with_state = scopes.allows("admin:server_state", target);
+        servers
+            .iter()
+            .filter(|s| s.user == u.name && s.state.is_active())
+            .map(|s| {
+                let c = cull.get(&(s.user.clone(), s.name.clone()));
+                (s.name.clone(), server_model(base, s, with_state, c))
+            })
+            .collect()
+    };
     if !scopes.allows("read:users", target) {
         if scopes.allows("read:users:activity", target) {
             m.last_activity = Skip(Some(u.last_activity.map(iso)));
         }
+        if scopes.allows("read:servers", target) {
+            m.servers = Some(servers_of());
+        }
         return m;
     }
-    let active = servers.iter().filter(|s| s.user == u.name && s.state.is_active());
     let default = servers.iter().find(|s| s.user == u.name && s.name.is_empty() && s.state.is_active());
     m.admin = Some(u.admin);
     m.authorized = Some(u.authorized);
@@ -145,15 +191,14 @@ pub fn user_model_typed(base: &str, u: &User, servers: &[Server], scopes: &Scope
     m.auth_state = Skip(Some(None));
     m.user_info = Skip(Some(None));
     if scopes.allows("read:servers", target) {
-        let with_state = scopes.allows("admin:server_state", target);
-        m.servers = Some(active.map(|s| (s.name.clone(), server_model(base, s, with_state))).collect());
+        m.servers = Some(servers_of());
     }
     m
 }
 
 /// The user model, filtered by what `scopes` may read.
-pub fn user_model(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet) -> Value {
-    serde_json::to_value(user_model_typed(base, u, servers, scopes)).unwrap_or(Value::Null)
+pub fn user_model(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet, cull: &CullStatuses) -> Value {
+    serde_json::to_value(user_model_typed(base, u, servers, scopes, cull)).unwrap_or(Value::Null)
 }
 
 pub fn token_model(t: &Token, owner: &berth_store::User) -> Value {

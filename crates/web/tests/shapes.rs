@@ -121,7 +121,7 @@ async fn the_user_and_server_models_have_jupyterhubs_fields() {
         (&json!("/user/bob/"), &Value::Null, &json!(["user"]))
     );
     let server = &user["servers"][""];
-    // JupyterHub's fields, and berth's `template` and `last_error`.
+    // JupyterHub's fields, and berth's `template`, `last_error` and `berth`.
     let want = [
         "name",
         "display_name",
@@ -139,8 +139,10 @@ async fn the_user_and_server_models_have_jupyterhubs_fields() {
         "state",
         "template",
         "last_error",
+        "berth",
     ];
     assert_eq!(keys(server), set(&want), "{server}");
+    assert_eq!(server["berth"], json!({"cull": null}), "not watched: culling is off");
     assert_eq!(server["full_name"], "bob/");
     assert_eq!((&server["ready"], &server["stopped"]), (&json!(true), &json!(false)));
     assert_eq!(server["progress_url"], "/hub/api/users/bob/server/progress");

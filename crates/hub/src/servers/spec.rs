@@ -204,6 +204,7 @@ mod tests {
             routing: vec![RoutingMode::Prefix, RoutingMode::Strip],
             gpus: GpuRange { min: gpus.0, default: gpus.1, max: gpus.2 },
             env: [("APP_ROOT".to_string(), "{base_url}static".to_string())].into(),
+            idle_timeout_seconds: None,
             build: Vec::new(),
         }
     }

@@ -169,6 +169,24 @@ pub(super) async fn activity(
     Ok(StatusCode::OK)
 }
 
+/// `POST …/server/extend` (and `…/servers/<name>/extend`): Extend — the
+/// culler counts it as use, so a cull warning ends and the idle window
+/// starts again. Answers the server's `berth` model.
+pub(super) async fn extend(
+    State(hub): State<SharedHub>,
+    ApiCaller(c): ApiCaller,
+    ServerPath(id): ServerPath,
+) -> ApiResult<Json<Value>> {
+    c.require("servers", Target::Server { user: id.user(), server: id.server() })?;
+    let status = hub.servers.extend_cull(&id).await?;
+    let record = hub
+        .store
+        .get_server(id.user(), id.server())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("{id} not found")))?;
+    Ok(Json(crate::model::berth_model(&hub.cfg.base_url, &record, status.as_ref())))
+}
+
 /// `GET /hub/api/gpus`: the inventory, counts, shared flags and live
 /// readings for every caller; holder names and others' processes with
 /// `read:gpus` only (everyone sees their own).

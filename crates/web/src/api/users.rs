@@ -20,7 +20,7 @@ use crate::SharedHub;
 
 pub(super) async fn whoami(State(hub): State<SharedHub>, ApiCaller(c): ApiCaller) -> ApiResult<Json<Value>> {
     let servers = hub.store.servers_of(std::slice::from_ref(&c.user.name)).await?;
-    let mut m = user_model(&hub.cfg.base_url, &c.user, &servers, &c.scopes);
+    let mut m = user_model(&hub.cfg.base_url, &c.user, &servers, &c.scopes, &hub.servers.culler.statuses());
     // Identity questions about oneself are always answered with the name.
     m["name"] = json!(c.user.name);
     m["kind"] = json!("user");
@@ -93,18 +93,27 @@ pub(super) async fn list_users(
     let (users, total) = hub.store.list_users(&q).await?;
     let names: Vec<String> = users.iter().map(|u| u.name.clone()).collect();
     let servers = hub.store.servers_of(&names).await?;
+    let cull = hub.servers.culler.statuses();
     let items: Vec<UserModel> =
-        users.iter().map(|u| user_model_typed(&hub.cfg.base_url, u, &servers, &c.scopes)).collect();
+        users.iter().map(|u| user_model_typed(&hub.cfg.base_url, u, &servers, &c.scopes, &cull)).collect();
     if !paginated {
         return Ok(Json(items).into_response());
     }
+    // A full URL, as JupyterHub sends (clients such as jupyterhub-idle-culler fetch it as it is).
+    let origin = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c)))
+        .map(|h| format!("{}://{h}", if hub.cfg.secure_cookies { "https" } else { "http" }))
+        .unwrap_or_default();
     let next = (offset + limit < total).then(|| {
-        let mut url = format!("{}api/users?offset={}&limit={}", hub.hub_prefix(), offset + limit, limit);
+        let mut url = format!("{origin}{}api/users?offset={}&limit={}", hub.hub_prefix(), offset + limit, limit);
+        let enc = |v: &str| percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
         if let Some(s) = &p.state {
-            url.push_str(&format!("&state={s}"));
+            url.push_str(&format!("&state={}", enc(s)));
         }
         if let Some(n) = &p.name_filter {
-            url.push_str(&format!("&name_filter={n}"));
+            url.push_str(&format!("&name_filter={}", enc(n)));
         }
         json!({"offset": offset + limit, "limit": limit, "url": url})
     });
@@ -135,9 +144,10 @@ async fn list_named_users(hub: &SharedHub, c: &Caller) -> ApiResult<Json<Value>>
     names.dedup();
     let mut items = Vec::new();
     let servers = hub.store.servers_of(&names).await?;
+    let cull = hub.servers.culler.statuses();
     for n in &names {
         if let Some(u) = hub.store.get_user(n).await? {
-            items.push(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes));
+            items.push(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes, &cull));
         }
     }
     Ok(Json(Value::Array(items)))
@@ -160,7 +170,7 @@ pub(super) async fn get_user(
 ) -> ApiResult<Json<Value>> {
     let u = visible_user(&hub, &c, &name, "read:users").await?;
     let servers = hub.store.servers_of(std::slice::from_ref(&u.name)).await?;
-    Ok(Json(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes)))
+    Ok(Json(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes, &hub.servers.culler.statuses())))
 }
 
 #[derive(Deserialize)]
@@ -187,7 +197,8 @@ pub(super) async fn create_users(
         names.push(UserName::normalize(raw)?);
     }
     let created = hub.create_users(&Actor::Caller(&c), &names, body.admin).await?;
-    let models: Vec<Value> = created.iter().map(|u| user_model(&hub.cfg.base_url, u, &[], &c.scopes)).collect();
+    let models: Vec<Value> =
+        created.iter().map(|u| user_model(&hub.cfg.base_url, u, &[], &c.scopes, &Default::default())).collect();
     Ok((StatusCode::CREATED, Json(Value::Array(models))).into_response())
 }
 
@@ -206,7 +217,8 @@ pub(super) async fn create_user(
 ) -> ApiResult<Response> {
     let n = UserName::normalize(&name)?;
     let u = hub.create_user(&Actor::Caller(&c), &n, body.admin, None).await?;
-    Ok((StatusCode::CREATED, Json(user_model(&hub.cfg.base_url, &u, &[], &c.scopes))).into_response())
+    Ok((StatusCode::CREATED, Json(user_model(&hub.cfg.base_url, &u, &[], &c.scopes, &Default::default())))
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -240,7 +252,7 @@ pub(super) async fn patch_user(
     }
     let u = hub.store.get_user(&current).await?.ok_or_else(|| ApiError::not_found("user vanished"))?;
     let servers = hub.store.servers_of(std::slice::from_ref(&u.name)).await?;
-    Ok(Json(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes)))
+    Ok(Json(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes, &hub.servers.culler.statuses())))
 }
 
 #[derive(Deserialize, Default)]

@@ -186,8 +186,9 @@ pub async fn authorize_page(
         }
         Err(e) => alert(Level::Danger, &ApiError::from(e).message),
     };
+    let cull_card = culls_card(&hub, &user).await;
     let body = format!(
-        r#"<h1>Users</h1>{msg}<p><a href="{p}admin/templates">Template images</a> · <a href="{p}admin/gpu-queue" id="gpu-queue-link">GPU queue ({waiting} waiting)</a></p>{gpu_card}<div class="card"><form method="get" action="{p}authorize">
+        r#"<h1>Users</h1>{msg}<p><a href="{p}admin/templates">Template images</a> · <a href="{p}admin/gpu-queue" id="gpu-queue-link">GPU queue ({waiting} waiting)</a></p>{gpu_card}{cull_card}<div class="card"><form method="get" action="{p}authorize">
 <input type="text" name="q" value="{q}" placeholder="name starts with…" style="max-width:16rem;display:inline-block">
 <label style="display:inline;font-weight:normal"><input type="checkbox" name="pending" value="1" {checked}> pending only</label>
 <button class="secondary" type="submit">Filter</button></form>
@@ -199,6 +200,34 @@ pub async fn authorize_page(
         this = hub.servers.usage.period.this(),
     );
     Ok(html::page(&hub.cfg.base_url, "Users", Some(&user.viewer()), &body))
+}
+
+/// The latest culls with their reasons (from the event log), for callers
+/// who may read every server.
+async fn culls_card(hub: &SharedHub, user: &PageUser) -> String {
+    if !user.caller.allows("read:servers", Target::Hub) || !hub.servers.culler.enabled() {
+        return String::new();
+    }
+    let events = hub.store.recent_events_of_kind("cull", 20).await.unwrap_or_default();
+    let rows: String = events
+        .iter()
+        .map(|e| {
+            format!(
+                r#"<tr><td class="muted">{at}</td><td>{server}</td><td>{why}</td></tr>"#,
+                at = iso(e.at).get(..19).unwrap_or("").replace('T', " "),
+                server = esc(&e.subject),
+                why = esc(&e.detail),
+            )
+        })
+        .collect();
+    let body = if rows.is_empty() {
+        r#"<p class="muted">No server was culled yet.</p>"#.to_string()
+    } else {
+        format!(
+            r#"<table><thead><tr><th>When (UTC)</th><th>Server</th><th>Why</th></tr></thead><tbody>{rows}</tbody></table>"#
+        )
+    };
+    format!(r#"<div class="card" id="culls"><h2>Culled servers</h2>{body}</div>"#)
 }
 
 #[derive(Deserialize)]

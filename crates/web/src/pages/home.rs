@@ -50,6 +50,52 @@ pub async fn home(State(hub): State<SharedHub>, user: PageUser) -> Html<String> 
     html::page(base, "Home", Some(&user.viewer()), &body)
 }
 
+/// `12:34:56 UTC (in 3 min)`.
+fn cull_time(at_ms: i64) -> String {
+    let left = at_ms.saturating_sub(berth_store::now_ms()).max(0) / 1000;
+    format!("{} UTC (in {})", iso(at_ms).get(11..19).unwrap_or(""), duration_text(left as u64))
+}
+
+/// The Extend button for `user`'s server `name`.
+fn extend_form(hub: &SharedHub, xsrf: &str, user: &str, name: &str) -> String {
+    let path = if name.is_empty() { user.to_string() } else { format!("{user}/{name}") };
+    format!(
+        r#"<form method="post" action="{p}extend/{path}">{x}<button type="submit" id="extend-{n}">Extend</button></form>"#,
+        p = hub.hub_prefix(),
+        x = xsrf_input(xsrf),
+        n = esc(name),
+    )
+}
+
+/// The banner on every page of a user whose servers will be culled soon.
+pub(crate) fn cull_banner(hub: &SharedHub, caller: &berth_hub::Caller, xsrf: &str) -> Option<String> {
+    let user = caller.name();
+    let warnings = hub.servers.culler.warnings_of(user);
+    if warnings.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    for (name, w) in warnings {
+        let label = if name.is_empty() {
+            "Your server".to_string()
+        } else {
+            format!("Your server <code>{}</code>", esc(&name))
+        };
+        let reason = esc(w.reason.as_deref().unwrap_or("idle"));
+        let when = w.cull_at_ms.map(cull_time).unwrap_or_default();
+        let (tail, button) = if w.extendable {
+            (" unless it is used or you extend it.", extend_form(hub, xsrf, user, &name))
+        } else {
+            (".", String::new())
+        };
+        out.push_str(&format!(
+            r#"<div class="alert alert-warning" role="alert" id="cull-warning-{n}"><p>{label} ({reason}) will be stopped at {when}{tail}{button}</p></div>"#,
+            n = esc(&name),
+        ));
+    }
+    Some(out)
+}
+
 /// `87 % · 40536 / 81920 MiB · 61 °C · 312 W`, or "utilisation unknown".
 pub(crate) fn gpu_usage(g: &GpuView) -> String {
     let mut parts = Vec::new();
@@ -122,6 +168,29 @@ fn queue_entry<'a>(queue: Option<&'a QueueView>, user: &str, name: &str) -> Opti
     queue?.entries.iter().find(|e| e.user == user && e.server == name)
 }
 
+/// What the culler says of a running server, on its card.
+fn cull_line(hub: &SharedHub, xsrf: &str, user: &str, name: &str, c: &berth_hub::cull::CullStatus) -> String {
+    let n = esc(name);
+    if let Some(at) = c.cull_at_ms {
+        let button = if c.extendable { extend_form(hub, xsrf, user, name) } else { String::new() };
+        return format!(
+            r#"<div class="alert alert-warning" id="cull-{n}"><p>{reason}: stopped at {when}. {button}</p></div>"#,
+            reason = esc(c.reason.as_deref().unwrap_or("idle")),
+            when = cull_time(at),
+        );
+    }
+    let mut parts = Vec::new();
+    if c.idle_timeout_seconds > 0 {
+        parts.push(format!("stopped after {} without use", duration_text(c.idle_timeout_seconds)));
+    }
+    if c.max_age_seconds > 0 {
+        parts.push(format!("at the latest {} after its start", duration_text(c.max_age_seconds)));
+    }
+    let now: Vec<String> = c.active.iter().chain(c.unknown.iter()).map(|a| esc(a)).collect();
+    let kept = if now.is_empty() { String::new() } else { format!("; kept running now: {}", now.join("; ")) };
+    format!(r#"<p class="muted" id="cull-{n}">Idle servers are {}{kept}.</p>"#, parts.join(", "))
+}
+
 /// The state of one server, as the home page shows it.
 fn server_card(
     hub: &SharedHub,
@@ -172,11 +241,27 @@ fn server_card(
             ),
         ),
     };
-    let error = s
+    let mut error = s
         .and_then(|s| s.last_error.as_deref())
         .filter(|_| state == ServerState::Stopped)
         .map(|e| alert(Level::Danger, &format!("Last start failed: {e}")))
         .unwrap_or_default();
+    let id = berth_core::ServerId::parse(user, name).ok();
+    if state == ServerState::Stopped {
+        if let Some((at, why)) = id.as_ref().and_then(|id| hub.servers.culler.last_cull(id)) {
+            let when = iso(at).get(..19).unwrap_or("").replace('T', " ");
+            error.push_str(&format!(
+                r#"<p class="muted" id="culled-{n}">Stopped by berth at {when} UTC: {why}. Its files are kept.</p>"#,
+                n = esc(name),
+                why = esc(&why),
+            ));
+        }
+    }
+    if state == ServerState::Running {
+        if let Some(c) = id.as_ref().and_then(|id| hub.servers.culler.status(id)) {
+            error.push_str(&cull_line(hub, xsrf, user, name, &c));
+        }
+    }
     let started = s
         .and_then(|s| s.started)
         .filter(|_| state.is_active())

@@ -265,6 +265,17 @@ pub async fn stop_post(
     Ok(Redirect::to(&format!("{}home", hub.hub_prefix())).into_response())
 }
 
+/// The Extend button of a cull warning: counts as use of the server.
+pub async fn extend_post(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    ServerPath(id): ServerPath,
+) -> ApiResult<Response> {
+    may_manage(&user.caller, &id)?;
+    hub.servers.extend_cull(&id).await.map_err(|e| ApiError::from(e).page())?;
+    Ok(Redirect::to(&format!("{}home", hub.hub_prefix())).into_response())
+}
+
 /// Splits `/user/<name>[/<server>]/rest` into its parts, guessing whether the
 /// second segment names a server (one that exists for that user).
 async fn split_user_path(hub: &SharedHub, rest: &str) -> (String, String) {
