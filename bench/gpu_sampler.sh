@@ -7,7 +7,7 @@
 #   - the NVML stand-in library (tests/fixtures/fake_nvml.c, NVML's ABI).
 # The peer, measured in the same run: the same two nvidia-smi queries run
 # by a plain shell loop (what any sampler built on the CLI pays).
-# Usage: [SAMPLES=10000] [IMAGE=berth-test-singleuser:latest] bench/gpu_sampler.sh
+# Usage: [SAMPLES=10000] [ONLY=nvml] [IMAGE=berth-test-singleuser:latest] bench/gpu_sampler.sh
 #        (prints a Markdown table; cleans up what it creates)
 source "$(dirname "$0")/lib.sh"
 samples=${SAMPLES:-10000}
@@ -58,6 +58,11 @@ EOF
 chmod +x "$work/nvidia-smi"
 cc -shared -fPIC -O2 -o "$work/libnvidia-ml.so.1" "$ROOT/crates/berth/tests/fixtures/fake_nvml.c"
 
+if [ "${ONLY:-}" = nvml ]; then
+    BERTH_FAKE_NVML_DATA="$work/nvml.txt" "$bin" --source nvml --library "$work/libnvidia-ml.so.1" \
+        --container "$cid" --samples "$samples"
+    exit 0
+fi
 smi=$("$bin" --source nvidia-smi --program "$work/nvidia-smi" --container "$cid" --samples "$samples")
 nvml=$(BERTH_FAKE_NVML_DATA="$work/nvml.txt" "$bin" --source nvml --library "$work/libnvidia-ml.so.1" \
     --container "$cid" --samples "$samples")
@@ -75,11 +80,11 @@ python3 - "$smi" "$nvml" "$peer_ms" "$samples" <<'EOF'
 import json, sys
 smi, nvml = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 peer_us, n = int(sys.argv[3]), sys.argv[4]
-print(f"| source ({n} samples, 8 GPUs, 200 processes) | berth CPU ms/sample | child CPU ms/sample | wall ms/sample | attributed | RSS KiB after 1/10 → end |")
+print(f"| source ({n} samples, 8 GPUs, 200 processes) | berth CPU ms/sample | child CPU ms/sample | wall ms/sample | attributed | RSS KiB after 1/10 → 1/2 → end |")
 print("| --- | ---: | ---: | ---: | ---: | ---: |")
 for r in (smi, nvml):
     print(f"| {r['source']} | {r['cpu_ms_per_sample']:.3f} | {r['child_cpu_ms_per_sample']:.3f} | {r['wall_ms_per_sample']:.3f} "
-          f"| {r['attributed']}/{r['processes']} | {r['rss_kib_after_tenth']} → {r['rss_kib_at_end']} |")
+          f"| {r['attributed']}/{r['processes']} | {r['rss_kib_after_tenth']} → {r['rss_kib_at_half']} → {r['rss_kib_at_end']} |")
 print()
 print(f"Peer, same run: the two nvidia-smi stand-in queries from a shell loop: {peer_us / 1000:.3f} ms wall per sample; "
       f"berth's nvidia-smi sample takes {smi['wall_ms_per_sample'] / (peer_us / 1000):.2f}× that wall time.")

@@ -170,3 +170,16 @@ fn doctor_reports_each_check() {
     assert!(out3.contains("OK  spawner: local processes"), "{out3}");
     let _ = out;
 }
+
+/// docs/configuration.md is what `berth config reference` prints: a key
+/// added without regenerating it fails here, not in a reader's hands.
+#[test]
+fn the_configuration_reference_in_docs_is_current() {
+    let out = std::process::Command::new(BIN).args(["config", "reference"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == docs,
+        "docs/configuration.md is out of date: run `berth config reference > docs/configuration.md`"
+    );
+}

@@ -3,7 +3,7 @@
 //! attribution of every process (host PID → `/proc/<pid>/cgroup` →
 //! container → server) — and prints the CPU time per sample (this process,
 //! and the children it ran: the `nvidia-smi` stand-in) and the resident
-//! memory after the first tenth and at the end, as one JSON line.
+//! memory after the first tenth, at half and at the end, as one JSON line.
 //!
 //! `gpu-sampler --source nvidia-smi|nvml --program PATH|--library PATH
 //!  --container ID --samples N`: the stand-in `nvidia-smi` or NVML library
@@ -89,13 +89,16 @@ fn main() {
         let telemetry = Telemetry::new(Some(src), Duration::from_secs(5), 5);
         let spawner = Listed(container);
         let warm = samples / 10;
-        let (mut cpu0, mut child0, mut rss_warm) = (0, 0, 0);
+        let (mut cpu0, mut child0, mut rss_warm, mut rss_half) = (0, 0, 0, 0);
         let mut start = Instant::now();
         for i in 0..samples {
             if i == warm {
                 (cpu0, child0) = cpu_ticks();
                 rss_warm = rss_kib();
                 start = Instant::now();
+            }
+            if i == samples / 2 {
+                rss_half = rss_kib();
             }
             telemetry.sample(&spawner, i as i64 * 5000).await;
         }
@@ -112,7 +115,7 @@ fn main() {
         println!(
             "{{\"source\": \"{source}\", \"samples\": {samples}, \"gpus\": {}, \"processes\": {}, \"attributed\": {attributed}, \
              \"cpu_ms_per_sample\": {:.3}, \"child_cpu_ms_per_sample\": {:.3}, \"wall_ms_per_sample\": {:.3}, \
-             \"rss_kib_after_tenth\": {rss_warm}, \"rss_kib_at_end\": {}}}",
+             \"rss_kib_after_tenth\": {rss_warm}, \"rss_kib_at_half\": {rss_half}, \"rss_kib_at_end\": {}}}",
             snap.gpus.len(),
             snap.processes.len(),
             (cpu1 - cpu0) as f64 * tick_ms / n,
