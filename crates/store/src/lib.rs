@@ -29,6 +29,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 pub use adopted::AdoptedVolume;
+pub use events::EventQuery;
 pub use limits::UserLimits;
 pub use records::*;
 pub use ssh_keys::{NewSshKey, SshKey};

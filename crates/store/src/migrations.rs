@@ -180,6 +180,16 @@ CREATE TABLE imported_accounts (
 )
 "#,
     ),
+    (
+        11,
+        "indexes for the event log's filters and for revoking a session by its public id",
+        r#"
+CREATE INDEX events_kind_at ON events(kind, at);
+CREATE INDEX events_actor_at ON events(actor, at);
+CREATE INDEX events_subject_at ON events(subject, at);
+CREATE INDEX sessions_public_id ON sessions(public_id)
+"#,
+    ),
 ];
 
 impl Store {

@@ -1,5 +1,6 @@
 //! The REST API under `<base>hub/api`, in JupyterHub's shapes.
 
+mod console;
 mod keys;
 mod oauth;
 mod servers;
@@ -36,6 +37,11 @@ pub fn router() -> Router<SharedHub> {
         .route("/users/{name}/servers/{server}/progress", get(servers::progress))
         .route("/users/{name}/activity", post(servers::activity))
         .route("/gpus", get(servers::gpus))
+        .route("/events", get(console::events))
+        .route(
+            "/announcement",
+            get(console::get_announcement).put(console::put_announcement).delete(console::delete_announcement),
+        )
         .route("/oauth2/authorize", get(oauth::authorize).post(oauth::authorize_consented))
         .route("/oauth2/token", post(oauth::token))
         .fallback(not_found)
