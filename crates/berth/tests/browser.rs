@@ -461,3 +461,156 @@ async fn a_users_server_cannot_install_a_service_worker_over_the_hub() {
     assert!(outcome.starts_with("evil: blocked"), "{outcome}");
     c.close().await.unwrap();
 }
+
+/// Where screenshots of the main pages go when a run asks for them
+/// (`BERTH_TEST_SCREENSHOTS=docs/screenshots`, relative to the repository).
+fn screenshot_dir() -> Option<PathBuf> {
+    let dir = std::env::var("BERTH_TEST_SCREENSHOTS").ok().filter(|d| !d.is_empty())?;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(dir);
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir)
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    if let Some(dir) = screenshot_dir() {
+        let png = c.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+/// Reloads until the element `css` shows `text`, or fails saying where the browser is.
+async fn reload_until(c: &Client, url: &str, css: &str, text: &str) {
+    let shown = poll(Duration::from_secs(60), || async {
+        c.goto(url).await.ok()?;
+        let t = c.find(Locator::Css(css)).await.ok()?.text().await.ok()?;
+        t.contains(text).then_some(())
+    })
+    .await;
+    assert!(shown.is_some(), "{css} never showed {text:?}; {}", where_is(c).await);
+}
+
+#[tokio::test]
+async fn an_admin_approves_a_pending_user_in_the_browser() {
+    let b = Berth::start();
+    let admin = b.first_admin().await;
+    let bob = Browser::new(&b.url);
+    bob.signup("bob", MALLORY_PW).await;
+    assert_eq!(bob.login("bob", MALLORY_PW).await.status(), StatusCode::OK, "pending: the log-in page again");
+
+    let driver = Driver::start().await;
+    let c = driver.browser().await;
+    log_in(&c, &b.url, "admin", ADMIN_PW).await;
+    let home = c.find(Locator::Css("main")).await.unwrap().text().await.unwrap();
+    assert!(home.contains("1 account(s) wait for your approval"), "{home}");
+    screenshot(&c, "home").await;
+    c.goto(&format!("{}/hub/authorize?pending=1", b.url)).await.unwrap();
+    let row = c.find(Locator::Css(r#"tr[id="bob"]"#)).await.unwrap();
+    assert!(row.text().await.unwrap().contains("pending"));
+    row.find(Locator::Css(r#"input[value="authorize"] ~ button"#)).await.unwrap().click().await.unwrap();
+    let done = poll(Duration::from_secs(30), || async {
+        let t = c.find(Locator::Css(".alert-success")).await.ok()?.text().await.ok()?;
+        t.contains("bob is authorized").then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "no confirmation; {}", where_is(&c).await);
+    let status = c.find(Locator::Css(r#"tr[id="bob"] .badge"#)).await.unwrap().text().await.unwrap();
+    assert_eq!(status, "authorized");
+    screenshot(&c, "admin-users").await;
+    // bob logs in now, and the approval is in the event log under the admin's name.
+    bob.login_ok("bob", MALLORY_PW).await;
+    let v: Value =
+        admin.api(Method::GET, "/hub/api/events?kind=user-authorize").send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["items"][0]["actor"], "admin");
+    assert_eq!(v["items"][0]["subject"], "bob");
+    c.goto(&format!("{}/hub/admin/events", b.url)).await.unwrap();
+    let first = c.find(Locator::Css("#events tbody tr")).await.unwrap().text().await.unwrap();
+    assert!(first.contains("user-authorize") && first.contains("bob"), "{first}");
+    screenshot(&c, "events").await;
+    c.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_admin_stops_and_starts_a_server_from_the_servers_page() {
+    let b = Berth::start_with(&[("BERTH_LOCAL_CMD", HTTP_SERVER), ("BERTH_START_TIMEOUT", "60")], &[]);
+    // alice's server serves her home: this is /user/alice/.
+    let pages = b.data_dir.join("home/alice/user/alice");
+    std::fs::create_dir_all(&pages).unwrap();
+    std::fs::write(pages.join("index.html"), "<!doctype html><title>alice's server</title><p>up</p>").unwrap();
+    let (_admin, alice) = admin_and_user(&b, "alice", MALLORY_PW).await;
+    let r = alice.api(Method::POST, "/hub/api/users/alice/server").json(&json!({})).send().await.unwrap();
+    assert!(r.status().is_success(), "alice's start: {}", r.status());
+    let ready = wait_progress(&alice, "/hub/api/users/alice/server/progress").await;
+    assert_eq!(ready["ready"], true, "{ready}\n{}", b.log());
+
+    let driver = Driver::start().await;
+    let c = driver.browser().await;
+    log_in(&c, &b.url, "admin", ADMIN_PW).await;
+    // Through the header's link.
+    c.find(Locator::LinkText("Servers")).await.unwrap().click().await.unwrap();
+    let page = format!("{}/hub/admin/servers", b.url);
+    let row = r#"tr[data-server="alice/"]"#;
+    let state = c.find(Locator::Css(&format!("{row} .state"))).await.unwrap().text().await.unwrap();
+    assert_eq!(state, "running", "{}", where_is(&c).await);
+    screenshot(&c, "servers").await;
+    c.find(Locator::Css(&format!("{row} button.stop"))).await.unwrap().click().await.unwrap();
+    reload_until(&c, &page, &format!("{row} .state"), "stopped").await;
+    let r = alice.get("/user/alice/").await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "alice's server is gone");
+
+    c.find(Locator::Css(&format!("{row} button.start"))).await.unwrap().click().await.unwrap();
+    reload_until(&c, &page, &format!("{row} .state"), "running").await;
+    let r = alice.get("/user/alice/").await;
+    assert_eq!(r.status(), StatusCode::OK, "alice's server answers again");
+    // Open leads to it.
+    c.find(Locator::Css(&format!("{row} a.open"))).await.unwrap().click().await.unwrap();
+    let there = poll(Duration::from_secs(30), || async {
+        c.current_url().await.ok().filter(|u| u.as_str() == format!("{}/user/alice/", b.url))
+    })
+    .await;
+    assert!(there.is_some(), "{}", where_is(&c).await);
+    c.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_announcement_set_by_an_admin_shows_on_a_users_page() {
+    let b = Berth::start();
+    let (_admin, _alice) = admin_and_user(&b, "alice", MALLORY_PW).await;
+    let driver = Driver::start().await;
+    let admin = driver.browser().await;
+    log_in(&admin, &b.url, "admin", ADMIN_PW).await;
+    admin.goto(&format!("{}/hub/admin/announcement", b.url)).await.unwrap();
+    // Markup in the message must arrive as text, never run.
+    let message = r#"Maintenance at 18:00 <img src=x onerror="document.title='pwned'"> <b>bold?</b>"#;
+    admin.find(Locator::Css("#message")).await.unwrap().send_keys(message).await.unwrap();
+    admin.find(Locator::Css("#set-announcement")).await.unwrap().click().await.unwrap();
+    let set = poll(Duration::from_secs(30), || async {
+        let t = admin.find(Locator::Css("#current")).await.ok()?.text().await.ok()?;
+        t.contains("set by admin").then_some(())
+    })
+    .await;
+    assert!(set.is_some(), "{}", where_is(&admin).await);
+    screenshot(&admin, "announcement").await;
+
+    let user = driver.browser().await;
+    log_in(&user, &b.url, "alice", MALLORY_PW).await;
+    let banner = user.find(Locator::Css("#announcement")).await.unwrap();
+    assert_eq!(banner.text().await.unwrap(), message, "the text as typed");
+    let inner: Value =
+        user.execute("return document.getElementById('announcement').children.length;", vec![]).await.unwrap();
+    assert_eq!(inner, json!(0), "no element was made from the message");
+    assert_ne!(user.title().await.unwrap(), "pwned");
+    // On her other pages too, and gone once cleared.
+    user.goto(&format!("{}/hub/token", b.url)).await.unwrap();
+    assert_eq!(user.find(Locator::Css("#announcement")).await.unwrap().text().await.unwrap(), message);
+    admin.goto(&format!("{}/hub/admin/announcement", b.url)).await.unwrap();
+    admin.find(Locator::Css("#clear-announcement")).await.unwrap().click().await.unwrap();
+    let cleared = poll(Duration::from_secs(30), || async {
+        user.goto(&format!("{}/hub/home", b.url)).await.ok()?;
+        user.find(Locator::Css("#announcement")).await.is_err().then_some(())
+    })
+    .await;
+    assert!(cleared.is_some(), "{}", where_is(&user).await);
+    user.close().await.unwrap();
+    admin.close().await.unwrap();
+}

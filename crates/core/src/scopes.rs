@@ -36,6 +36,8 @@ const HIERARCHY: &[(&str, &[&str])] = &[
     ("read:ssh-keys", &[]),
     // Who holds which GPU and whose processes run on it (`GET /hub/api/gpus`).
     ("read:gpus", &[]),
+    // The hub's event log (`GET /hub/api/events`, the admin's Events page).
+    ("read:events", &[]),
 ];
 
 /// What a user holds on their own account (JupyterHub's `self`).
@@ -54,6 +56,7 @@ const ADMIN_SCOPES: &[&str] = &[
     "proxy",
     "ssh-keys",
     "read:gpus",
+    "read:events",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -310,6 +313,8 @@ mod tests {
         let admin = ScopeSet::for_user("root", true);
         assert!(admin.allows("admin:users", Target::User("al")));
         assert!(admin.allows("list:users", Target::Hub));
+        assert!(admin.allows("read:events", Target::Hub));
+        assert!(!al.has_any("read:events"), "the event log is the admins'");
     }
 
     #[test]

@@ -130,6 +130,14 @@ pub enum HubError {
     #[error("{0}")]
     OAuth(String),
 
+    // --- the admin console
+    #[error("{user} has no live session {session}")]
+    NoSuchSession { user: String, session: String },
+    #[error("invalid announcement: {message}")]
+    BadAnnouncement { message: String },
+    #[error("invalid event filter: {message}")]
+    BadEventFilter { message: String },
+
     // --- the hub itself
     #[error("the hub is busy checking passwords; try again in a moment")]
     Busy503,

@@ -2,7 +2,8 @@
 //! in one place, for every front end. The server lifecycle (start as admit
 //! → plan → launch, one teardown, one wait), GPUs, the template registry,
 //! idle culling, progress, activity, identity (token or session → caller with scopes),
-//! log-in, accounts, tokens, SSH keys and the OAuth provider's rules.
+//! log-in, accounts, tokens, SSH keys, the OAuth provider's rules, and the
+//! admin console (servers, sessions, the event log, the announcement).
 //!
 //! It must not know axum, hyper's server side or russh: the REST API and
 //! pages (`berth-web`) and the SSH gateway (`berth-ssh`, through the server
@@ -12,6 +13,7 @@
 pub mod accounts;
 pub mod activity;
 pub mod adopted;
+pub mod console;
 pub mod cull;
 pub mod error;
 pub mod gpus;

@@ -31,6 +31,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 pub use adopted::AdoptedVolume;
+pub use events::EventQuery;
 pub use limits::UserLimits;
 pub use queue::QueueEntry;
 pub use records::*;

@@ -216,6 +216,16 @@ ALTER TABLE user_limits ADD COLUMN gpu_ms_per_period BIGINT;
 CREATE INDEX events_kind ON events(kind)
 "#,
     ),
+    (
+        11,
+        "indexes for the event log's filters and for revoking a session by its public id",
+        r#"
+CREATE INDEX events_kind_at ON events(kind, at);
+CREATE INDEX events_actor_at ON events(actor, at);
+CREATE INDEX events_subject_at ON events(subject, at);
+CREATE INDEX sessions_public_id ON sessions(public_id)
+"#,
+    ),
 ];
 
 impl Store {

@@ -261,6 +261,7 @@ pub struct OAuthCode {
 
 #[derive(Debug, Clone)]
 pub struct Event {
+    pub id: String,
     pub at: i64,
     pub actor: String,
     pub kind: String,

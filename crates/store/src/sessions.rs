@@ -72,4 +72,37 @@ impl Store {
             None => None,
         })
     }
+
+    /// Live sessions (not revoked, begun at or after `since`), of one user
+    /// or of everyone, newest first.
+    pub async fn list_sessions(&self, user: Option<&str>, since: i64) -> Result<Vec<Session>> {
+        let sql = "SELECT id_hash, public_id, user_name, created, last_seen FROM sessions \
+                   WHERE revoked = 0 AND created >= $1 AND ($2 = '' OR user_name = $2) \
+                   ORDER BY user_name, created DESC";
+        let rows = sqlx::query(sql).bind(since).bind(user.unwrap_or("")).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Session {
+                    id_hash: r.try_get("id_hash")?,
+                    public_id: r.try_get("public_id")?,
+                    user: r.try_get("user_name")?,
+                    created: r.try_get("created")?,
+                    last_seen: r.try_get("last_seen")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes `user`'s session with this public id; whether there was a
+    /// live one.
+    pub async fn revoke_session_of(&self, user: &str, public_id: &str) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE sessions SET revoked = 1 WHERE user_name = $1 AND public_id = $2 AND revoked = 0")
+                .bind(user)
+                .bind(public_id)
+                .execute(&self.pool)
+                .await?;
+        self.auth_changed();
+        Ok(done.rows_affected() > 0)
+    }
 }

@@ -235,7 +235,11 @@ async fn sqlite_is_wal_and_reopens() {
     }
     assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
     let s = Store::open_in_dir(dir.path()).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 9, "every migration, through 9 (the usage ledger), applied once");
+    assert_eq!(
+        s.schema_version().await.unwrap(),
+        11,
+        "every migration, through 11 (the event log's indexes), applied once"
+    );
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
     assert_eq!(mode, "wal");
@@ -503,3 +507,67 @@ async fn adopted_volumes(s: &Store) {
     s.delete_user("mog").await.unwrap();
 }
 both!(adopted_volumes_, adopted_volumes);
+
+async fn event_log(s: &Store) {
+    s.add_event("root", "user-authorize", "ann", "").await.unwrap();
+    s.add_event("ann", "start", "ann/lab", "").await.unwrap();
+    s.add_event("ann", "start", "annex", "").await.unwrap();
+    s.add_event("bob", "start", "bob", "").await.unwrap();
+    s.add_event("root", "session-revoke", "bob", "s1").await.unwrap();
+    let q = |f: fn(&mut EventQuery)| {
+        let mut q = EventQuery { limit: 100, ..Default::default() };
+        f(&mut q);
+        q
+    };
+    let (all, total) = s.query_events(&q(|_| {})).await.unwrap();
+    assert_eq!((all.len(), total), (5, 5));
+    assert!(all.windows(2).all(|w| w[0].at >= w[1].at), "newest first");
+    // A user's events: by them or about them and their servers, not a name that starts alike.
+    let (ann, n) = s.query_events(&q(|q| q.user = Some("ann".into()))).await.unwrap();
+    assert_eq!(n, 3);
+    assert!(ann.iter().all(|e| e.subject != "annex" || e.actor == "ann"));
+    let (ex, _) = s.query_events(&q(|q| q.user = Some("annex".into()))).await.unwrap();
+    assert_eq!(ex.len(), 1, "annex's own start only");
+    let (starts, n) = s.query_events(&q(|q| q.kind = Some("start".into()))).await.unwrap();
+    assert_eq!(n, 3);
+    assert!(starts.iter().all(|e| e.kind == "start"));
+    let (both, _) =
+        s.query_events(&q(|q| (q.user, q.kind) = (Some("bob".into()), Some("session-revoke".into())))).await.unwrap();
+    assert_eq!(both.len(), 1);
+    assert_eq!((both[0].actor.as_str(), both[0].detail.as_str()), ("root", "s1"));
+    // Time: nothing before the epoch's first second, everything before the far future.
+    assert_eq!(s.query_events(&q(|q| q.until = Some(1000))).await.unwrap().1, 0);
+    assert_eq!(s.query_events(&q(|q| q.since = Some(1000))).await.unwrap().1, 5);
+    // Pages cover the log once, without overlap.
+    let mut seen = Vec::new();
+    for offset in [0, 2, 4] {
+        let (page, total) = s.query_events(&EventQuery { offset, limit: 2, ..Default::default() }).await.unwrap();
+        assert_eq!(total, 5);
+        seen.extend(page.into_iter().map(|e| e.id));
+    }
+    let mut ids = seen.clone();
+    ids.dedup();
+    assert_eq!((seen.len(), ids.len()), (5, 5));
+}
+both!(event_log_, event_log);
+
+async fn session_listing(s: &Store) {
+    for n in ["cat", "dog"] {
+        s.create_user(&new_user(n)).await.unwrap();
+    }
+    s.create_session("h1", "p1", "cat").await.unwrap();
+    s.create_session("h2", "p2", "cat").await.unwrap();
+    s.create_session("h3", "p3", "dog").await.unwrap();
+    assert_eq!(s.list_sessions(None, 0).await.unwrap().len(), 3);
+    assert_eq!(s.list_sessions(Some("cat"), 0).await.unwrap().len(), 2);
+    assert!(s.list_sessions(None, now_ms() + 60_000).await.unwrap().is_empty(), "older sessions are not live");
+    assert!(!s.revoke_session_of("dog", "p1").await.unwrap(), "a session is revoked only as its owner's");
+    assert!(s.get_session("h1").await.unwrap().is_some());
+    assert!(s.revoke_session_of("cat", "p1").await.unwrap());
+    assert!(s.get_session("h1").await.unwrap().is_none());
+    assert!(!s.revoke_session_of("cat", "p1").await.unwrap(), "once");
+    let left: Vec<String> = s.list_sessions(None, 0).await.unwrap().into_iter().map(|x| x.public_id).collect();
+    assert_eq!(left.len(), 2);
+    assert!(!left.contains(&"p1".to_string()));
+}
+both!(session_listing_, session_listing);

@@ -175,7 +175,19 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
     let set_xsrf = !cookie_xsrf_valid && safe && !api;
     let banner = if api { None } else { caller.as_ref().and_then(|c| crate::pages::home::cull_banner(&hub, c, &xsrf)) };
     parts.extensions.insert(RequestAuth { caller, cookies, xsrf: xsrf.clone(), banner });
-    let mut resp = next.run(Request::from_parts(parts, body)).await;
+    // Pages show the announcement (see `html`); the API answers without it.
+    let announcement = if api {
+        None
+    } else {
+        match hub.announcement().await {
+            Ok(a) => a.map(|a| a.message),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the announcement");
+                None
+            }
+        }
+    };
+    let mut resp = crate::html::ANNOUNCEMENT.scope(announcement, next.run(Request::from_parts(parts, body))).await;
     resp.headers_mut()
         .insert("x-jupyterhub-version", axum::http::HeaderValue::from_static(berth_core::JUPYTERHUB_API_VERSION));
 

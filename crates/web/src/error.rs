@@ -61,7 +61,7 @@ pub fn status_of(e: &HubError) -> StatusCode {
         E::NoSuchUser { .. } | E::NoSuchServer { .. } | E::NoSuchToken { .. } | E::NoSuchKey { .. } => {
             StatusCode::NOT_FOUND
         }
-        E::NoSuchGpu { .. } | E::SetupClosed | E::NotQueued { .. } => StatusCode::NOT_FOUND,
+        E::NoSuchGpu { .. } | E::SetupClosed | E::NotQueued { .. } | E::NoSuchSession { .. } => StatusCode::NOT_FOUND,
         E::UserExists { .. } | E::AllUsersExist { .. } | E::KeyExists { .. } => StatusCode::CONFLICT,
         E::NoGpus { .. } | E::GpusExceedInventory { .. } | E::CullNotExtendable { .. } => StatusCode::CONFLICT,
         E::MissingScope { .. } | E::ScopesNotHeld { .. } => StatusCode::FORBIDDEN,
@@ -104,7 +104,9 @@ pub fn status_of(e: &HubError) -> StatusCode {
         | E::BadToken(_)
         | E::BadKey(_)
         | E::TooManyKeys { .. }
-        | E::OAuth(_) => StatusCode::BAD_REQUEST,
+        | E::OAuth(_)
+        | E::BadAnnouncement { .. }
+        | E::BadEventFilter { .. } => StatusCode::BAD_REQUEST,
     }
 }
 

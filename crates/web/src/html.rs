@@ -4,8 +4,26 @@
 //! Content-Security-Policy ([`crate::headers`]) allows script from the hub's
 //! own files only. A page that needs script links one with [`script`] and
 //! hands it data through `data-` attributes (escaped with [`esc`]).
+//!
+//! Every page carries the hub's announcement, when an admin set one: the
+//! authentication middleware reads it once per page request and puts it in
+//! [`ANNOUNCEMENT`] for the handler's task, where [`page`] and
+//! [`bare_page`] find it (escaped like everything else).
 
 use axum::response::Html;
+
+tokio::task_local! {
+    /// The announcement for the page being rendered (see the module docs).
+    pub static ANNOUNCEMENT: Option<String>;
+}
+
+/// The announcement banner, or "" (no announcement, or outside a request).
+fn announcement_banner() -> String {
+    match ANNOUNCEMENT.try_with(|a| a.clone()).ok().flatten() {
+        Some(m) => format!(r#"<div class="announcement" id="announcement" role="status">{}</div>"#, esc(&m)),
+        None => String::new(),
+    }
+}
 
 /// Escapes text for HTML bodies and attribute values.
 pub fn esc(s: &str) -> String {
@@ -45,6 +63,8 @@ td form{display:inline;margin:0}td button{padding:.2rem .6rem;font-size:.85rem}
 .badge.ok{background:#e3f4e6}.badge.warn{background:#fdf1d8}.badge.err{background:#fbe3e3}code{background:#eef0f4;padding:.1rem .3rem;border-radius:3px;word-break:break-all}
 .progress{height:1.2rem;background:#e8ebf0;border-radius:6px;overflow:hidden}.progress>div{height:100%;background:#2f6fde;width:0;transition:width .3s}
 .progress>div.failed{background:#c8372d}
+.announcement{background:#fdf1d8;border-bottom:1px solid #ecd08f;padding:.55rem 1.2rem;white-space:pre-wrap}
+.subnav{display:flex;gap:1rem;margin:-.4rem 0 1rem}.subnav a.here{font-weight:700;text-decoration:none;color:inherit}
 "#;
 
 /// Who the page is shown to, for the header.
@@ -60,7 +80,13 @@ pub struct Viewer<'a> {
 pub fn page(base: &str, title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> Html<String> {
     let nav = match viewer {
         Some(v) => {
-            let admin = if v.admin { format!(r#"<a href="{base}hub/authorize">Users</a>"#) } else { String::new() };
+            let admin = if v.admin {
+                format!(
+                    r#"<a href="{base}hub/authorize">Users</a><a href="{base}hub/admin/servers">Servers</a><a href="{base}hub/admin/events">Events</a>"#
+                )
+            } else {
+                String::new()
+            };
             format!(
                 r#"<a href="{base}hub/home">Home</a><a href="{base}hub/token">Tokens</a><a href="{base}hub/keys">SSH keys</a>{admin}
 <span class="who"><span>{name}</span><a href="{base}hub/change-password">Change password</a>
@@ -76,10 +102,11 @@ pub fn page(base: &str, title: &str, viewer: Option<&Viewer<'_>>, body: &str) ->
     Html(format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{title} · berth</title><style>{STYLE}</style></head><body>
-<header><a class="brand" href="{base}hub/">berth</a>{nav}</header>
+<header><a class="brand" href="{base}hub/">berth</a>{nav}</header>{announcement}
 <main>{banner}{body}</main></body></html>"#,
         title = esc(title),
         banner = viewer.and_then(|v| v.banner).unwrap_or(""),
+        announcement = announcement_banner(),
     ))
 }
 
@@ -87,8 +114,9 @@ pub fn page(base: &str, title: &str, viewer: Option<&Viewer<'_>>, body: &str) ->
 pub fn bare_page(title: &str, body: &str) -> Html<String> {
     Html(format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{} · berth</title><style>{STYLE}</style></head><body>
-<header><span class="brand">berth</span></header><main><div class="card">{body}</div></main></body></html>"#,
-        esc(title)
+<header><span class="brand">berth</span></header>{}<main><div class="card">{body}</div></main></body></html>"#,
+        esc(title),
+        announcement_banner(),
     ))
 }
 
@@ -148,6 +176,21 @@ mod tests {
             });
             assert!(!handler, "no on…= handlers: {page}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_announcement_is_on_every_page_as_text() {
+        let v = super::Viewer { name: "al", admin: false, xsrf: "x", banner: None };
+        let msg = Some(r#"<script>alert(1)</script> & "down" at 5"#.to_string());
+        let pages = super::ANNOUNCEMENT
+            .scope(msg, async { [super::page("/", "T", Some(&v), "b").0, super::bare_page("T", "b").0] })
+            .await;
+        for page in pages {
+            assert!(page.contains(r#"<div class="announcement" id="announcement" role="status">&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;down&quot; at 5</div>"#), "{page}");
+            assert!(!page.contains("<script"), "{page}");
+        }
+        let none = super::page("/", "T", Some(&v), "b").0;
+        assert!(!none.contains("announcement\""), "no banner outside a request or without one");
     }
 
     #[test]

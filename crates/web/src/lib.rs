@@ -13,6 +13,7 @@ pub mod assets;
 pub mod auth;
 pub mod cookies;
 pub mod error;
+pub mod export;
 pub mod extract;
 pub mod headers;
 pub mod html;
@@ -33,7 +34,7 @@ pub type SharedHub = Arc<berth_hub::Hub>;
 /// The hub's routes, under `<base_url>hub/`, and `<base_url>user/*` for
 /// servers the proxy has no route to (they are not running).
 pub fn router(hub: SharedHub) -> Router {
-    use pages::{admin, apps, home, images, keys, login, queue, servers, setup, tokens};
+    use pages::{admin, apps, console, home, images, keys, login, queue, servers, setup, tokens};
     let max_body = hub.cfg.max_body_bytes as usize;
     let hub_routes = Router::new()
         .route("/", get(login::root))
@@ -49,6 +50,12 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/admin", get(login::admin_redirect))
         .route("/gpus/{id}", post(admin::gpu_action))
         .route("/gpu-quota/{name}", post(admin::gpu_quota_action))
+        .route("/admin/servers", get(console::servers_page).post(console::server_action))
+        .route("/admin/sessions", get(console::sessions_page))
+        .route("/admin/sessions/revoke", post(console::revoke_session))
+        .route("/admin/events", get(console::events_page))
+        .route("/admin/events/export", get(console::events_export))
+        .route("/admin/announcement", get(console::announcement_page).post(console::announcement_action))
         .route("/admin/templates", get(images::templates_page))
         .route("/admin/templates/{id}/build", post(images::build_action))
         .route("/admin/gpu-queue", get(queue::queue_page))

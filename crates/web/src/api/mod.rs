@@ -1,5 +1,6 @@
 //! The REST API under `<base>hub/api`, in JupyterHub's shapes.
 
+mod console;
 mod keys;
 mod oauth;
 mod queue;
@@ -47,6 +48,11 @@ pub fn router() -> Router<SharedHub> {
         .route("/gpus/queue", get(queue::list))
         .route("/gpus/queue/{name}", patch(queue::move_entry).delete(queue::cancel))
         .route("/gpus/queue/{name}/{server}", patch(queue::move_entry).delete(queue::cancel))
+        .route("/events", get(console::events))
+        .route(
+            "/announcement",
+            get(console::get_announcement).put(console::put_announcement).delete(console::delete_announcement),
+        )
         .route("/oauth2/authorize", get(oauth::authorize).post(oauth::authorize_consented))
         .route("/oauth2/token", post(oauth::token))
         .fallback(not_found)

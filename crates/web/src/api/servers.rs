@@ -33,7 +33,7 @@ pub(super) async fn start(
 ) -> ApiResult<Response> {
     c.require("servers", Target::Server { user: id.user(), server: id.server() })?;
     let options = UserOptions::from_json(options)?;
-    hub.servers.start(&id, options).await.map_err(|e| ApiError::for_viewer(e, c.user.admin))?;
+    hub.start_server(&c, &id, Some(options)).await.map_err(|e| ApiError::for_viewer(e, c.user.admin))?;
     // Wait a little, as JupyterHub does, so fast servers answer 201.
     match hub.servers.wait_settled(&id, tokio::time::Instant::now() + SLOW, None).await? {
         Settled::Running { .. } => Ok(StatusCode::CREATED.into_response()),
@@ -66,7 +66,7 @@ pub(super) async fn stop(
     if hub.store.get_user(id.user()).await?.is_none() {
         return Err(ApiError::not_found(format!("No such user: {}", id.user)));
     }
-    let done = hub.servers.stop(&id, SLOW).await?;
+    let done = hub.stop_server(&c, &id, SLOW).await?;
     if body.remove && !id.server.is_default() {
         if !done {
             return Err(berth_hub::HubError::StillStopping.into());

@@ -305,22 +305,7 @@ pub(super) async fn put_limits(
     Path(name): Path<String>,
     JsonBody(body): JsonBody<berth_store::UserLimits>,
 ) -> ApiResult<Json<Value>> {
-    c.require("admin:users", Target::User(&name))?;
-    if let Some(ts) = &body.templates {
-        if let Some(bad) = ts.iter().find(|t| hub.servers.templates.get(t).is_none()) {
-            return Err(ApiError::bad_request(format!("no template {bad:?} on this hub")));
-        }
-    }
-    if let Some(h) = body.gpu_hours_per_period {
-        if !h.is_finite() || h < 0.0 {
-            return Err(ApiError::bad_request(format!("gpu_hours_per_period must be 0 or more hours, not {h}")));
-        }
-    }
-    hub.store.set_user_limits(&name, &body).await.map_err(|e| match e {
-        berth_store::StoreError::NotFound { .. } => ApiError::not_found(format!("No such user: {name}")),
-        other => other.into(),
-    })?;
-    let _ = hub.store.add_event(c.name(), "limits", &name, &serde_json::to_string(&body).unwrap_or_default()).await;
+    hub.set_user_limits(&c, &name, &body).await?;
     Ok(Json(json!({
         "max_named_servers": body.max_named_servers,
         "templates": body.templates,

@@ -265,14 +265,12 @@ pub async fn gpu_action(
     Path(id): Path<String>,
     PageForm(f): PageForm<ActionForm>,
 ) -> ApiResult<Response> {
-    user.caller.require("admin:servers", Target::Hub).map_err(page)?;
     let shared = match f.action.as_str() {
         "share" => true,
         "exclusive" => false,
         other => return Err(ApiError::bad_request(format!("unknown action {other:?}")).page()),
     };
-    hub.servers.set_gpu_shared(&id, shared).await.map_err(|e| ApiError::from(e).page())?;
-    let _ = hub.store.add_event(user.caller.name(), &format!("gpu-{}", f.action), &id, "").await;
+    hub.set_gpu_shared(&user.caller, &id, shared).await.map_err(page)?;
     let msg = format!("{id} is {}", if shared { "shared" } else { "exclusive" });
     let msg = percent_encoding::utf8_percent_encode(&msg, percent_encoding::NON_ALPHANUMERIC);
     Ok(Redirect::to(&format!("{}authorize?msg={msg}", hub.hub_prefix())).into_response())

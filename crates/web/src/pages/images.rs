@@ -10,7 +10,7 @@ use berth_hub::servers::images::BuildState;
 use serde::Deserialize;
 
 use super::page;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::extract::{PageForm, PageUser};
 use crate::html::{self, alert, esc, xsrf_input, Level};
 use crate::SharedHub;
@@ -95,9 +95,7 @@ pub async fn build_action(
     Path(id): Path<String>,
     PageForm(_): PageForm<NoFields>,
 ) -> ApiResult<Response> {
-    user.caller.require("admin:servers", Target::Hub).map_err(page)?;
-    hub.servers.start_template_build(&id).map_err(|e| ApiError::from(e).page())?;
-    let _ = hub.store.add_event(user.caller.name(), "template-build", &id, "").await;
+    hub.build_template(&user.caller, &id).await.map_err(page)?;
     let msg = format!("Building {id}'s image in the background; this page shows how far it got.");
     let msg = percent_encoding::utf8_percent_encode(&msg, percent_encoding::NON_ALPHANUMERIC);
     Ok(Redirect::to(&format!("{}admin/templates?msg={msg}#t-{id}", hub.hub_prefix())).into_response())

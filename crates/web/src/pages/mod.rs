@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod apps;
+pub mod console;
 pub mod home;
 pub mod images;
 pub mod keys;

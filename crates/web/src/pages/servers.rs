@@ -99,7 +99,7 @@ pub async fn spawn_page(
 
 async fn do_spawn(hub: SharedHub, user: PageUser, id: ServerId, options: UserOptions) -> ApiResult<Response> {
     may_manage(&user.caller, &id)?;
-    match hub.servers.start(&id, options).await {
+    match hub.start_server(&user.caller, &id, Some(options)).await {
         Ok(()) => {}
         Err(HubError::AlreadyRunning { .. }) => return Ok(Redirect::to(&public_url(&hub, &id).await).into_response()),
         Err(HubError::PendingSpawn { .. }) => {
@@ -261,7 +261,7 @@ pub async fn stop_post(
     ServerPath(id): ServerPath,
 ) -> ApiResult<Response> {
     may_manage(&user.caller, &id)?;
-    hub.servers.stop(&id, SLOW).await.map_err(|e| ApiError::from(e).page())?;
+    hub.stop_server(&user.caller, &id, SLOW).await.map_err(|e| ApiError::from(e).page())?;
     Ok(Redirect::to(&format!("{}home", hub.hub_prefix())).into_response())
 }
 
