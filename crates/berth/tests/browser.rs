@@ -614,3 +614,56 @@ async fn an_announcement_set_by_an_admin_shows_on_a_users_page() {
     user.close().await.unwrap();
     admin.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_home_page_keeps_gpu_readings_current_without_a_reload() {
+    use common::nvidia::{three_gpus, Standin, GPU0};
+    let standin = Standin::new(&three_gpus(87), "");
+    let b = Berth::start_with(
+        &[
+            // A local process that never listens holds its GPU while "starting".
+            ("BERTH_LOCAL_CMD", "sleep 607"),
+            ("BERTH_START_TIMEOUT", "120"),
+            ("BERTH_GPU_DEVICES", GPU0),
+            ("BERTH_GPU_SAMPLE_INTERVAL", "1"),
+            ("PATH", &standin.path()),
+        ],
+        &[],
+    );
+    let (_admin, alice) = admin_and_user(&b, "alice", MALLORY_PW).await;
+    let r = alice.api(Method::POST, "/hub/api/users/alice/server").json(&json!({"gpus": 1})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let sampled = poll(Duration::from_secs(30), || async {
+        let v: Value = alice.api(Method::GET, "/hub/api/gpus").send().await.ok()?.json().await.ok()?;
+        (v["sampler"]["state"] == "ok" && v["held"] == 1).then_some(())
+    })
+    .await;
+    assert!(sampled.is_some(), "no sample with alice's GPU held");
+
+    let driver = Driver::start().await;
+    let c = driver.browser().await;
+    log_in(&c, &b.url, "alice", MALLORY_PW).await;
+    let reading = format!(r#"span[data-gpu="{GPU0}"]"#);
+    let first = c.find(Locator::Css(&reading)).await.unwrap().text().await.unwrap();
+    assert!(first.starts_with("87 % · 40536 / 81920 MiB"), "{first}; {}", where_is(&c).await);
+    // A mark on the page: it is still there if the page was not reloaded.
+    c.execute("window.__notReloaded = true;", vec![]).await.unwrap();
+    standin.write(&three_gpus(12), "");
+    let live = poll(Duration::from_secs(30), || async {
+        let t = c.find(Locator::Css(&reading)).await.ok()?.text().await.ok()?;
+        t.starts_with("12 %").then_some(t)
+    })
+    .await;
+    assert!(live.is_some(), "the reading did not change on the page; {}", where_is(&c).await);
+    let same_page: Value = c.execute("return window.__notReloaded === true;", vec![]).await.unwrap();
+    assert_eq!(same_page, json!(true), "updated in place, not by a reload");
+    // The driver going away shows as unknown, in place too.
+    std::fs::write(standin.dir().join("fail"), "").unwrap();
+    let unknown = poll(Duration::from_secs(30), || async {
+        let t = c.find(Locator::Css(&reading)).await.ok()?.text().await.ok()?;
+        (t == "utilisation unknown").then_some(())
+    })
+    .await;
+    assert!(unknown.is_some(), "{}", where_is(&c).await);
+    c.close().await.unwrap();
+}

@@ -27,13 +27,22 @@ struct Asset {
 }
 
 const PENDING_JS: &str = include_str!("../assets/pending.js");
+const GPUS_JS: &str = include_str!("../assets/gpus.js");
 
-const ASSETS: &[Asset] = &[Asset {
-    name: "pending.js",
-    content_type: "text/javascript; charset=utf-8",
-    body: PENDING_JS,
-    hash: fnv1a(PENDING_JS.as_bytes()),
-}];
+const ASSETS: &[Asset] = &[
+    Asset {
+        name: "pending.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: PENDING_JS,
+        hash: fnv1a(PENDING_JS.as_bytes()),
+    },
+    Asset {
+        name: "gpus.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: GPUS_JS,
+        hash: fnv1a(GPUS_JS.as_bytes()),
+    },
+];
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const REVALIDATE: &str = "no-cache";

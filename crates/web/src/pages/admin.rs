@@ -168,7 +168,7 @@ pub async fn authorize_page(
             for g in &v.gpus {
                 let (id, shared, holders) = (&g.id, g.shared, &g.holders);
                 rows.push_str(&format!(
-                    r#"<tr id="gpu-{id}"><td><code>{id}</code></td><td>{name}</td><td>{holders}</td><td>{usage}</td><td>{idle}</td><td>{kind}</td><td><form method="post" action="{p}gpus/{id}">{x}<input type="hidden" name="action" value="{act}"><button class="secondary" type="submit">{label}</button></form></td></tr>"#,
+                    r#"<tr id="gpu-{id}"><td><code>{id}</code></td><td>{name}</td><td>{holders}</td><td data-gpu="{id}">{usage}</td><td>{idle}</td><td>{kind}</td><td><form method="post" action="{p}gpus/{id}">{x}<input type="hidden" name="action" value="{act}"><button class="secondary" type="submit">{label}</button></form></td></tr>"#,
                     id = esc(id),
                     name = esc(&g.name),
                     holders = if holders.is_empty() { "free".to_string() } else { esc(&holders.join(", ")) },
@@ -180,8 +180,9 @@ pub async fn authorize_page(
                 ));
             }
             format!(
-                r#"<div class="card"><h2>GPUs</h2><p class="muted" id="gpu-sampler">{sampler}</p><table><thead><tr><th>Id</th><th>Name</th><th>Held by</th><th>Use</th><th>Idle for</th><th>Kind</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"#,
+                r#"<div class="card"><h2>GPUs</h2><p class="muted" id="gpu-sampler">{sampler}</p><table><thead><tr><th>Id</th><th>Name</th><th>Held by</th><th>Use</th><th>Idle for</th><th>Kind</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>{live}"#,
                 sampler = esc(&super::home::sampler_text(&v.sampler)),
+                live = super::home::gpu_live(&hub, &user.xsrf),
             )
         }
         Err(e) => alert(Level::Danger, &ApiError::from(e).message),

@@ -44,6 +44,9 @@ pub async fn home(State(hub): State<SharedHub>, user: PageUser) -> Html<String> 
     let allowed = hub.store.user_limits(user.caller.name()).await.ok().and_then(|l| l.templates);
     body.push_str(&template_picker(&hub, &user.xsrf, allowed.as_deref(), gpus.as_ref(), queue.as_ref()));
     body.push_str(&usage_card(&hub, &user).await);
+    if gpus.is_some() {
+        body.push_str(&gpu_live(&hub, &user.xsrf));
+    }
     body.push_str(&format!(
         r#"<div class="card"><h2>Your account</h2><p>API tokens for scripts and JupyterHub clients: <a href="{base}hub/token">Tokens</a>.</p></div>"#
     ));
@@ -117,6 +120,18 @@ pub(crate) fn gpu_usage(g: &GpuView) -> String {
     parts.join(" · ")
 }
 
+/// What keeps a page's GPU readings (`data-gpu` elements) current: the
+/// settings of `gpus.js` and its script tag.
+pub(crate) fn gpu_live(hub: &SharedHub, xsrf: &str) -> String {
+    format!(
+        r#"<div id="gpu-live" hidden data-api="{api}" data-xsrf="{x}" data-interval="{every}"></div>{script}"#,
+        api = esc(&format!("{}api/gpus", hub.hub_prefix())),
+        x = esc(xsrf),
+        every = hub.servers.gpus.telemetry.interval().as_secs().max(1),
+        script = crate::html::script(&hub.hub_prefix(), "gpus.js"),
+    )
+}
+
 /// `3 min`, `2 h 5 min`.
 pub(crate) fn duration_text(secs: u64) -> String {
     match secs {
@@ -152,7 +167,7 @@ fn server_gpus(gpus: Option<&GpusView>, user: &str, holder: &str, name: &str) ->
         let own: u64 =
             g.processes.iter().filter(|p| p.user.as_deref() == Some(user)).filter_map(|p| p.memory_mib).sum();
         rows.push_str(&format!(
-            r#"<li><code>{id}</code> {gname}: {usage}{own}{shared}</li>"#,
+            r#"<li><code>{id}</code> {gname}: <span data-gpu="{id}">{usage}</span>{own}{shared}</li>"#,
             id = esc(&g.id),
             gname = esc(&g.name),
             usage = gpu_usage(g),
