@@ -200,7 +200,8 @@ impl Store {
         let rows = sqlx::query(
             "SELECT s.user_name, s.name, s.started FROM servers s WHERE s.state <> 'stopped' AND NOT EXISTS \
              (SELECT 1 FROM usage_intervals u WHERE u.kind = 'server' AND u.ended IS NULL \
-              AND u.user_name = s.user_name AND u.server_name = s.name)",
+              AND u.user_name = s.user_name AND u.server_name = s.name) \
+             AND NOT EXISTS (SELECT 1 FROM gpu_queue q WHERE q.user_name = s.user_name AND q.server_name = s.name)",
         )
         .fetch_all(&self.pool)
         .await?;

@@ -445,6 +445,13 @@ async fn usage_ledger(s: &Store) {
     let again: Vec<UsageInterval> = servers(all(s).await).into_iter().filter(|i| i.server == "new").collect();
     assert_eq!(again.len(), 2);
     assert_eq!(again[1].started, 25_000, "{again:?}");
+    // A start waiting in the GPU queue is starting but runs nothing yet: no server-hours.
+    let mut waiting = Server::new("uma", "queued");
+    waiting.state = ServerState::Starting;
+    waiting.started = Some(26_000);
+    s.put_server(&waiting).await.unwrap();
+    s.enqueue_gpus("uma", "queued", 1, 26_000).await.unwrap();
+    assert_eq!(s.reconcile_usage(30_000, 40_000).await.unwrap(), (0, 0), "nothing opened for a waiting start");
 
     assert_eq!(s.usage_heartbeat().await.unwrap(), None);
     s.set_usage_heartbeat(7).await.unwrap();
