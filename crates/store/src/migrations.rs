@@ -216,6 +216,21 @@ ALTER TABLE user_limits ADD COLUMN gpu_ms_per_period BIGINT;
 CREATE INDEX events_kind ON events(kind)
 "#,
     ),
+    (
+        12,
+        "image-update checks: per template, what the registry serves and what was done",
+        r#"
+CREATE TABLE image_checks (
+    template TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    checked BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    local_digest TEXT NOT NULL,
+    remote_digest TEXT NOT NULL,
+    message TEXT NOT NULL
+)
+"#,
+    ),
 ];
 
 impl Store {
