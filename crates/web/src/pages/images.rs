@@ -80,7 +80,7 @@ pub async fn templates_page(
         ));
     }
     let msg = q.msg.as_deref().map(|m| alert(Level::Success, m)).unwrap_or_default();
-    let updates = updates_card(&hub, &p, &x).await?;
+    let updates = updates_card(&hub, p, &x).await?;
     let body = format!(
         r#"<h1>Template images</h1>{msg}{updates}<div class="card"><p class="muted">On the {kind} spawner. A template's image is built on its first start, or here ahead of it; <code>berth templates prune</code> removes images no template builds any more.</p>
 <table><thead><tr><th>Template</th><th>Name</th><th>Image</th><th>Tag</th><th>Size</th><th>Age</th><th>In use by</th><th>Last build</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"#,
