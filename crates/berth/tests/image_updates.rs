@@ -27,13 +27,27 @@ struct Registry {
 
 impl Registry {
     fn start() -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Registry::start_in(tempfile::tempdir().unwrap(), None, None)
+    }
+
+    /// On `dir`'s storage and `port` (a free one when `None`), with basic
+    /// auth for (user, password) when given.
+    fn start_in(dir: tempfile::TempDir, port: Option<u16>, login: Option<(&str, &str)>) -> Registry {
+        let port =
+            port.unwrap_or_else(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
         let config = dir.path().join("config.yml");
+        let auth = match login {
+            Some((user, password)) => {
+                let file = dir.path().join("htpasswd");
+                std::fs::write(&file, format!("{user}:{}\n", bcrypt::hash(password, 5).unwrap())).unwrap();
+                format!("auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n", file.display())
+            }
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
                 dir.path().join("storage").display()
             ),
         )
@@ -57,6 +71,14 @@ impl Registry {
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Stops it and hands back its storage.
+    fn into_storage(mut self) -> (tempfile::TempDir, u16) {
+        self.stop();
+        let port = self.port;
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
+        (dir, port)
     }
 }
 
@@ -307,4 +329,51 @@ async fn image_updates_against_a_real_registry() {
     // The registry password never reaches berth's log (nor the CLI's).
     assert!(!b.log().contains(REGISTRY_PASSWORD), "the registry password is in berth's log");
     assert!(!stderr.contains(REGISTRY_PASSWORD));
+}
+
+/// A registry that wants credentials: the wrong password is a failed check
+/// on the page and in the event log (nothing pulled); the configured one
+/// is used, and appears in no log.
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_credentials_come_from_configuration() {
+    let base = test_image();
+    let scope = DockerScope::new();
+    let open = Registry::start();
+    let repo = format!("127.0.0.1:{}/berth-auth-{}", open.port, scope.suffix);
+    build_version(&base, &format!("{repo}:stable"), "v1");
+    scope.extra_images.lock().unwrap().push(format!("{repo}:stable"));
+    docker(&["push", "-q", &format!("{repo}:stable")]);
+    let (storage, port) = open.into_storage();
+    let _registry = Registry::start_in(storage, Some(port), Some(("berth", REGISTRY_PASSWORD)));
+
+    // Only images on this registry are checked: a template on the same image.
+    let tdir = tempfile::tempdir().unwrap();
+    write_test_template(tdir.path(), &format!("au{}", scope.suffix), &format!("{repo}:stable"));
+    let (code, out, err) = run_cli(&["templates", "render", tdir.path().to_str().unwrap()], None, None);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut env = scope.env(&format!("{repo}:stable"));
+    env.push(("BERTH_TEMPLATES_DIR".into(), tdir.path().display().to_string()));
+    env.push(("BERTH_IMAGES_CHECK_AT".into(), String::new()));
+    env.push(("BERTH_IMAGES_POLICY".into(), "next-start".into()));
+    env.push(("BERTH_REGISTRY_USERNAME".into(), "berth".into()));
+    env.push(("BERTH_REGISTRY_PASSWORD".into(), format!("{REGISTRY_PASSWORD}-wrong")));
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env_ref, &[]);
+    let admin = b.first_admin().await;
+    let id = image_id(&format!("{repo}:stable"));
+
+    let (status, row) = check_from_page(&admin, "docker.image").await;
+    assert_eq!(status, "failed", "{row}");
+    assert!(row.contains("401") && row.contains("no server touched"), "{row}");
+    let ev = events(&b.data_dir).await;
+    assert!(ev.iter().any(|e| e.kind == "image-check-failed" && e.detail.contains("401")), "{ev:?}");
+    assert_eq!(image_id(&format!("{repo}:stable")), id, "nothing pulled");
+
+    // The right password (from the environment, as configuration).
+    let (code, checks, stderr) = cli_check(&b, &[("BERTH_REGISTRY_PASSWORD", REGISTRY_PASSWORD)]);
+    assert_eq!(code, 0, "{checks}\n{stderr}");
+    assert_eq!(checks[0]["status"], "current", "{checks}");
+    for log in [b.log(), stderr] {
+        assert!(!log.contains(REGISTRY_PASSWORD), "a registry password is in a log:\n{log}");
+    }
 }
