@@ -377,3 +377,77 @@ async fn registry_credentials_come_from_configuration() {
         assert!(!log.contains(REGISTRY_PASSWORD), "a registry password is in a log:\n{log}");
     }
 }
+
+/// Uploads `body` as a blob of `name` through the Registry HTTP API; its digest.
+async fn put_blob(http: &reqwest::Client, registry: &str, name: &str, body: Vec<u8>) -> String {
+    use sha2::Digest;
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)));
+    let r = http.post(format!("{registry}/v2/{name}/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED, "start an upload");
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let url = if location.starts_with("http") { location } else { format!("{registry}{location}") };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let r = http.put(format!("{url}{sep}digest={digest}")).body(body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "finish the upload");
+    digest
+}
+
+/// The registry serves the tag only for linux/arm64 (a manifest put
+/// through the Registry HTTP API): the check is refused with both platforms
+/// named, on the page and in the event log, and nothing is pulled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_for_another_platform_is_refused() {
+    let base = test_image();
+    let scope = DockerScope::new();
+    let registry = Registry::start();
+    let name = format!("berth-plat-{}", scope.suffix);
+    let repo = format!("127.0.0.1:{}/{name}", registry.port);
+    let url = format!("http://127.0.0.1:{}", registry.port);
+    let http = reqwest::Client::new();
+    let config = serde_json::to_vec(&json!({
+        "architecture": "arm64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": []}, "config": {}
+    }))
+    .unwrap();
+    let layer = b"a layer for another platform".to_vec();
+    let (config_len, layer_len) = (config.len(), layer.len());
+    let config_digest = put_blob(&http, &url, &name, config).await;
+    let layer_digest = put_blob(&http, &url, &name, layer).await;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": config_len, "digest": config_digest},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": layer_len, "digest": layer_digest}]
+    });
+    let r = http
+        .put(format!("{url}/v2/{name}/manifests/stable"))
+        .header("content-type", "application/vnd.docker.distribution.manifest.v2+json")
+        .body(serde_json::to_vec(&manifest).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "put the manifest: {}", r.text().await.unwrap_or_default());
+    // The engine's own copy: v1 of this machine's platform.
+    build_version(&base, &format!("{repo}:stable"), "v1");
+    scope.extra_images.lock().unwrap().push(format!("{repo}:stable"));
+    let id = image_id(&format!("{repo}:stable"));
+
+    let tdir = tempfile::tempdir().unwrap();
+    write_test_template(tdir.path(), &format!("pl{}", scope.suffix), &format!("{repo}:stable"));
+    let (code, out, err) = run_cli(&["templates", "render", tdir.path().to_str().unwrap()], None, None);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut env = scope.env(&format!("{repo}:stable"));
+    env.push(("BERTH_TEMPLATES_DIR".into(), tdir.path().display().to_string()));
+    env.push(("BERTH_IMAGES_CHECK_AT".into(), String::new()));
+    env.push(("BERTH_IMAGES_POLICY".into(), "next-start".into()));
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env_ref, &[]);
+    let admin = b.first_admin().await;
+
+    let (status, row) = check_from_page(&admin, "docker.image").await;
+    assert_eq!(status, "failed", "{row}");
+    assert!(row.contains("linux/arm64") && row.contains("no server touched"), "{row}");
+    let ev = events(&b.data_dir).await;
+    assert!(ev.iter().any(|e| e.kind == "image-check-failed" && e.detail.contains("linux/arm64")), "{ev:?}");
+    assert_eq!(image_id(&format!("{repo}:stable")), id, "nothing pulled");
+}
