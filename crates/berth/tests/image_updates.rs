@@ -444,6 +444,14 @@ async fn a_manifest_for_another_platform_is_refused() {
     let b = Berth::start_with(&env_ref, &[]);
     let admin = b.first_admin().await;
 
+    // Only admins check: a user's press is refused and records nothing.
+    let u = authorized_user(&b, &admin, &scope.user("pu"), PW).await;
+    let r = u.submit("/hub/home", "/hub/admin/templates/check", &[]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "a user may not run the check");
+    let (status, page) = admin.get_text("/hub/admin/templates").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("No check has run yet."), "{page}");
+
     let (status, row) = check_from_page(&admin, "docker.image").await;
     assert_eq!(status, "failed", "{row}");
     assert!(row.contains("linux/arm64") && row.contains("no server touched"), "{row}");
