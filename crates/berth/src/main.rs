@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod gpus;
+mod images;
 mod migrate;
 mod templates;
 mod up;
@@ -101,6 +102,13 @@ enum Command {
     Migrate {
         #[command(subcommand)]
         command: migrate::MigrateCommand,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Image updates: check each image's registry now and act by policy.
+    Images {
+        #[command(subcommand)]
+        command: images::ImagesCommand,
         #[command(flatten)]
         common: Common,
     },
@@ -273,6 +281,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Up(args) => up::up(args).await.map_err(Failure::Runtime),
         Command::Down { id, volumes } => up::down(&id, volumes).await.map_err(Failure::Runtime),
         Command::Ps => up::ps().await.map_err(Failure::Runtime),
+        Command::Images { command, common } => {
+            let config = load_config(&common, &[])?;
+            init_logging("warn")?;
+            images::run(command, &config).await.map_err(Failure::Runtime)
+        }
         Command::Gpus { command, common } => {
             let config = load_config(&common, &[])?;
             init_logging("warn")?;

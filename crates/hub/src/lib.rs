@@ -29,6 +29,7 @@ pub mod setup;
 pub mod telemetry;
 pub mod templates;
 pub mod tokens;
+pub mod updates;
 pub mod usage;
 
 use std::sync::Arc;

@@ -146,6 +146,8 @@ pub struct Servers {
     pub gpus: Gpus,
     /// Idle culling (off until configured: see [`crate::cull`]).
     pub culler: crate::cull::Culler,
+    /// Image updates (`[images]`: see [`crate::updates`]).
+    pub updates: crate::updates::Updates,
     /// The templates users may start, and how their apps are routed.
     pub templates: Templates,
     /// Starts, stops and checks under way, drained on shutdown.
@@ -208,6 +210,7 @@ impl Servers {
             http: Client::builder(TokioExecutor::new()).build(connector),
             gpus,
             culler: crate::cull::Culler::default(),
+            updates: crate::updates::Updates::default(),
             templates,
             tasks: TaskTracker::new(),
             image_builds: Mutex::new(HashMap::new()),

@@ -32,6 +32,7 @@ pub struct Config {
     pub usage: berth_hub::usage::UsageConfig,
     pub metrics: berth_hub::metrics::MetricsConfig,
     pub cull: berth_hub::cull::CullConfig,
+    pub images: berth_hub::updates::ImagesConfig,
 }
 
 /// The `[proxy]` section.
@@ -111,6 +112,7 @@ impl Default for Config {
             usage: berth_hub::usage::UsageConfig::default(),
             metrics: berth_hub::metrics::MetricsConfig::default(),
             cull: berth_hub::cull::CullConfig::default(),
+            images: berth_hub::updates::ImagesConfig::default(),
         }
     }
 }
@@ -167,6 +169,8 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("docker.pids_limit", &["BERTH_DOCKER_PIDS_LIMIT"], "Most processes (threads count) a server's container may run; 0 means no limit."),
     ("docker.env", &["BERTH_DOCKER_ENV"], "Extra environment for every server container: `KEY=value;KEY=value` (ENABLE_SERVICE_* from berth's environment pass through too)."),
     ("docker.gpu_driver", &["BERTH_GPU_DRIVER"], "Driver named in GPU device requests."),
+    ("docker.registry_username", &["BERTH_REGISTRY_USERNAME"], "User name for the registries images are checked against and pulled from; empty: anonymous."),
+    ("docker.registry_password", &["BERTH_REGISTRY_PASSWORD"], "Password or token for `docker.registry_username`; never logged."),
     ("gpu.mode", &["BERTH_GPU_MODE", "ENABLE_GPU_SUPPORT"], "0 off, 1 on, 2 auto-detect."),
     ("gpu.devices", &["BERTH_GPU_DEVICES"], "Comma-separated GPU ids to hand out instead of detecting them."),
     ("gpu.probe_image", &["BERTH_GPU_PROBE_IMAGE", "NVIDIA_AUTODETECT_IMAGE"], "Image that runs `nvidia-smi -L` to list the GPUs when the engine has the nvidia runtime."),
@@ -191,6 +195,9 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("cull.max_age_seconds", &["BERTH_CULL_MAX_AGE"], "Stop a server this many seconds after it started, however busy it is (after the warning, which cannot be extended); 0 means no maximum age."),
     ("cull.warning_seconds", &["BERTH_CULL_WARNING"], "How long the owner is warned (banner, `berth.cull` in the server model, a progress event) before a server is culled; Extend or any use ends an idle warning."),
     ("cull.interval_seconds", &["BERTH_CULL_INTERVAL"], "Seconds between the culler's checks of the running servers."),
+    ("images.policy", &["BERTH_IMAGES_POLICY"], "What an image-update check does when an image's tag moved in its registry: `notify` (the admins' templates page and the event log say an update is available, also to the owners of servers running on it) or `next-start` (the tag is pulled anew, the previous image kept as `<repo>:berth-previous`; the next start runs the new one, running servers keep theirs). See docs/gpus.md."),
+    ("images.template_policies", &["BERTH_IMAGES_TEMPLATE_POLICIES"], "Policies per template, `id=policy` (comma-separated in the environment; `docker.image=…` for `docker.image`), over `images.policy`."),
+    ("images.check_at", &["BERTH_IMAGES_CHECK_AT"], "When the daily image-update check runs, `HH:MM` in UTC; empty: only on demand (`berth images check`, the admins' templates page)."),
     ("ssh.bind", &["BERTH_SSH_BIND"], "Where the SSH gateway listens (`ADDR:PORT`; 22 in a container deployment), or `off`."),
     ("ssh.auto_start", &["BERTH_SSH_AUTO_START"], "Start a stopped server when its user connects over SSH, with its progress on the terminal."),
     ("ssh.max_auth_failures", &["BERTH_SSH_MAX_AUTH_FAILURES"], "Failed SSH log-ins from one address before it is refused for `ssh.failure_window_seconds`."),
@@ -444,6 +451,7 @@ impl Config {
         }
         self.metrics.parse().map_err(|m| invalid("metrics.allowed_addresses", m))?;
         self.cull.overrides().map_err(|m| invalid("cull.template_timeouts", m))?;
+        berth_hub::updates::Updates::new(&self.images, &self.docker.image).map_err(|(k, m)| invalid(k, m))?;
         if self.cull.interval_seconds.is_zero() {
             return Err(invalid("cull.interval_seconds", "must be at least 1".into()));
         }
@@ -551,6 +559,33 @@ mod tests {
         let p = dir.path().join("berth.toml");
         std::fs::write(&p, text).unwrap();
         (dir, Sources { file: Some(p), ..Default::default() })
+    }
+
+    #[test]
+    fn image_update_settings_are_checked() {
+        for (var, value, key, says) in [
+            ("BERTH_IMAGES_POLICY", "sometimes", "images.policy", "not a policy"),
+            ("BERTH_IMAGES_POLICY", "when-idle", "images.policy", "not built yet"),
+            ("BERTH_IMAGES_TEMPLATE_POLICIES", "lab", "images.template_policies", "template=policy"),
+            ("BERTH_IMAGES_CHECK_AT", "25:00", "images.check_at", "HH:MM"),
+        ] {
+            let mut s = Sources::default();
+            s.env.insert(var.into(), value.into());
+            match Config::load(&s) {
+                Err(ConfigError::Invalid { key: k, message, .. }) => {
+                    assert_eq!(k, key, "{var}={value}");
+                    assert!(message.contains(says), "{var}={value}: {message}");
+                }
+                other => panic!("{var}={value}: {other:?}"),
+            }
+        }
+        let mut s = Sources::default();
+        s.env.insert("BERTH_IMAGES_TEMPLATE_POLICIES".into(), "lab=next-start,docker.image=notify".into());
+        s.env.insert("BERTH_REGISTRY_PASSWORD".into(), "pw-in-config-9".into());
+        let c = Config::load(&s).unwrap();
+        assert_eq!(c.images.template_policies, vec!["lab=next-start", "docker.image=notify"]);
+        assert_eq!(c.docker.registry_password.0, "pw-in-config-9");
+        assert!(!format!("{c:?}").contains("pw-in-config-9"), "the password is redacted in Debug");
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub(crate) fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<Tls
             sample_gpus(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "gpu-sampler")),
         );
     }
+    if hub.servers.updates.scheduled() && hub.servers.spawner().runs_images() {
+        tasks.spawn(
+            check_images(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "image-updates")),
+        );
+    }
     if hub.servers.culler.enabled() {
         tasks.spawn(cull(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "cull")));
     }
@@ -66,6 +71,24 @@ async fn sample_gpus(hub: SharedHub, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = telemetry.sample(spawner.as_ref(), now_ms()) => {}
+        }
+    }
+}
+
+/// The daily image-update check at `images.check_at` (UTC).
+async fn check_images(hub: SharedHub, shutdown: CancellationToken) {
+    while let Some(wait) = hub.servers.updates.until_next(now_ms()) {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = hub.servers.check_images("berth") => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "the image-update check failed");
+                }
+            }
         }
     }
 }

@@ -170,6 +170,8 @@ fn build_hub(
     // Checked with the configuration already; this is the same rule.
     servers.culler = berth_hub::cull::Culler::new(config.cull.clone())
         .map_err(|m| StartError::Unsupported(format!("cull.template_timeouts: {m}")))?;
+    servers.updates = berth_hub::updates::Updates::new(&config.images, &config.docker.image)
+        .map_err(|(k, m)| StartError::Unsupported(format!("{k}: {m}")))?;
     // Checked when the configuration was loaded.
     let allowed =
         config.metrics.parse().map_err(|m| StartError::Unsupported(format!("metrics.allowed_addresses: {m}")))?;

@@ -49,6 +49,23 @@ pub struct Config {
     pub env: String,
     /// Driver named in GPU device requests.
     pub gpu_driver: String,
+    /// User name for the registries images are checked against and pulled
+    /// from (empty: anonymous).
+    pub registry_username: String,
+    /// Its password or token; never logged (its `Debug` is redacted).
+    pub registry_password: RegistryPassword,
+}
+
+/// A registry password: written to the engine's auth header only, redacted
+/// in `Debug` so no log line or error carries it.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct RegistryPassword(pub String);
+
+impl std::fmt::Debug for RegistryPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"(redacted)\"" })
+    }
 }
 
 impl Default for Config {
@@ -72,6 +89,8 @@ impl Default for Config {
             pids_limit: 4096,
             env: String::new(),
             gpu_driver: "nvidia".into(),
+            registry_username: String::new(),
+            registry_password: RegistryPassword::default(),
         }
     }
 }
@@ -99,5 +118,12 @@ mod tests {
             ]
         );
         assert!(parse_pairs("").is_empty());
+    }
+
+    #[test]
+    fn registry_password_is_redacted() {
+        let c = Config { registry_password: RegistryPassword("hunter2-secret".into()), ..Config::default() };
+        assert!(!format!("{c:?}").contains("hunter2-secret"));
+        assert!(format!("{c:?}").contains("(redacted)"));
     }
 }

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use berth_spawner::{
-    BoxFuture, ImageInfo, Progress, ProgressTx, SpawnError, SpawnSpec, Spawner, Started, Status, StopGrace,
+    BoxFuture, ImageInfo, Progress, ProgressTx, RegistryImage, SpawnError, SpawnSpec, Spawner, Started, Status,
+    StopGrace,
 };
 use bollard::query_parameters::{
     InspectContainerOptions, ListContainersOptions, LogsOptions, StartContainerOptions, StopContainerOptions,
@@ -179,6 +180,22 @@ impl Spawner for DockerSpawner {
 
     fn images<'a>(&'a self, images: &'a [String]) -> BoxFuture<'a, Result<Vec<ImageInfo>, SpawnError>> {
         Box::pin(self.image_infos(images))
+    }
+
+    fn registry_image<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<RegistryImage, SpawnError>> {
+        Box::pin(DockerSpawner::registry_image(self, image))
+    }
+
+    fn update_image<'a>(&'a self, image: &'a str, previous: &'a str) -> BoxFuture<'a, Result<String, SpawnError>> {
+        Box::pin(DockerSpawner::update_image(self, image, previous))
+    }
+
+    fn set_aside_image<'a>(&'a self, image: &'a str, previous: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        Box::pin(DockerSpawner::set_aside_image(self, image, previous))
+    }
+
+    fn restore_image<'a>(&'a self, image: &'a str, previous: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        Box::pin(DockerSpawner::restore_image(self, image, previous))
     }
 
     fn prepare_image<'a>(

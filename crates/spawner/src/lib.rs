@@ -124,6 +124,25 @@ pub struct ImageInfo {
     pub used_by: Vec<String>,
 }
 
+/// What the registry serves for an image's tag, against the copy the
+/// engine has (the image-update check).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryImage {
+    pub image: String,
+    /// The manifest digest the registry serves for the tag now.
+    pub remote_digest: String,
+    /// The digest the engine's copy was pushed or pulled with; `None`: the
+    /// engine has no copy from that registry.
+    pub local_digest: Option<String>,
+}
+
+impl RegistryImage {
+    /// The engine's copy is what the registry serves.
+    pub fn current(&self) -> bool {
+        self.local_digest.as_deref() == Some(self.remote_digest.as_str())
+    }
+}
+
 /// What a successful start returns.
 #[derive(Debug, Clone)]
 pub struct Started {
@@ -232,6 +251,41 @@ pub trait Spawner: Send + Sync + 'static {
     /// Spawners that run no images have none.
     fn images<'a>(&'a self, _images: &'a [String]) -> BoxFuture<'a, Result<Vec<ImageInfo>, SpawnError>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Asks `image`'s registry for the digest its tag has now, and compares
+    /// it with the engine's copy. Spawners that run no images refuse.
+    fn registry_image<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<RegistryImage, SpawnError>> {
+        Box::pin(async move {
+            Err(SpawnError::Failed(format!("the {} spawner runs no images, so {image} is not checked", self.kind())))
+        })
+    }
+
+    /// Pulls `image`'s tag anew, keeping the copy it replaces under
+    /// `previous` (a tag) so a server can be put back on it; returns the
+    /// new digest. Running containers keep the image they were made from.
+    fn update_image<'a>(&'a self, image: &'a str, previous: &'a str) -> BoxFuture<'a, Result<String, SpawnError>> {
+        let _ = previous;
+        Box::pin(async move {
+            Err(SpawnError::Failed(format!("the {} spawner runs no images, so {image} is not updated", self.kind())))
+        })
+    }
+
+    /// Keeps `image` as `previous` and removes the name `image`, so the
+    /// next start makes it anew (a template's image whose base changed).
+    fn set_aside_image<'a>(&'a self, image: &'a str, previous: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        let _ = previous;
+        Box::pin(async move {
+            Err(SpawnError::Failed(format!("the {} spawner runs no images, so {image} is not set aside", self.kind())))
+        })
+    }
+
+    /// Points `image` at the image tagged `previous` again (a rollback).
+    fn restore_image<'a>(&'a self, image: &'a str, previous: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
+        let _ = previous;
+        Box::pin(async move {
+            Err(SpawnError::Failed(format!("the {} spawner runs no images, so {image} is not restored", self.kind())))
+        })
     }
 
     /// Runs a shell, a command or the sftp subsystem inside the server recorded

@@ -10,6 +10,7 @@ mod adopted;
 mod directory;
 mod events;
 mod gpus;
+mod image_checks;
 mod limits;
 mod migrations;
 mod oauth;
@@ -32,6 +33,7 @@ use sqlx::{AnyPool, Row};
 
 pub use adopted::AdoptedVolume;
 pub use events::EventQuery;
+pub use image_checks::ImageCheck;
 pub use limits::UserLimits;
 pub use queue::QueueEntry;
 pub use records::*;

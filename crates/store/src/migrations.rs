@@ -226,6 +226,21 @@ CREATE INDEX events_subject_at ON events(subject, at);
 CREATE INDEX sessions_public_id ON sessions(public_id)
 "#,
     ),
+    (
+        12,
+        "image-update checks: per template, what the registry serves and what was done",
+        r#"
+CREATE TABLE image_checks (
+    template TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    checked BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    local_digest TEXT NOT NULL,
+    remote_digest TEXT NOT NULL,
+    message TEXT NOT NULL
+)
+"#,
+    ),
 ];
 
 impl Store {

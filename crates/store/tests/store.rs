@@ -225,6 +225,27 @@ async fn servers_and_oauth(s: &Store) {
 }
 both!(servers_, servers_and_oauth);
 
+async fn image_checks(s: &Store) {
+    use berth_store::ImageCheck;
+    assert!(s.image_checks().await.unwrap().is_empty());
+    let mut c = ImageCheck {
+        template: "lab".into(),
+        image: "127.0.0.1:5000/lab:stable".into(),
+        checked: 1,
+        status: "available".into(),
+        local_digest: "sha256:aa".into(),
+        remote_digest: "sha256:bb".into(),
+        message: "an update is available".into(),
+    };
+    s.set_image_check(&c).await.unwrap();
+    c.status = "updated".into();
+    c.local_digest = "sha256:bb".into();
+    c.checked = 2;
+    s.set_image_check(&c).await.unwrap();
+    assert_eq!(s.image_checks().await.unwrap(), vec![c], "the second check replaces the first");
+}
+both!(image_checks_, image_checks);
+
 #[tokio::test]
 async fn sqlite_is_wal_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,11 +256,7 @@ async fn sqlite_is_wal_and_reopens() {
     }
     assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
     let s = Store::open_in_dir(dir.path()).await.unwrap();
-    assert_eq!(
-        s.schema_version().await.unwrap(),
-        11,
-        "every migration, through 11 (the event log's indexes), applied once"
-    );
+    assert_eq!(s.schema_version().await.unwrap(), 12, "every migration, through 12 (image checks), applied once");
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
     assert_eq!(mode, "wal");

@@ -58,6 +58,7 @@ pub fn router(hub: SharedHub) -> Router {
         .route("/admin/announcement", get(console::announcement_page).post(console::announcement_action))
         .route("/admin/templates", get(images::templates_page))
         .route("/admin/templates/{id}/build", post(images::build_action))
+        .route("/admin/templates/check", post(images::check_action))
         .route("/admin/gpu-queue", get(queue::queue_page))
         .route("/admin/gpu-queue/{user}", post(queue::queue_action))
         .route("/admin/gpu-queue/{user}/{server}", post(queue::queue_action))

@@ -76,6 +76,9 @@ impl Berth {
             .env("BERTH_LOCAL_ISOLATE_USERS", "false")
             // No SSH gateway unless a test asks (BERTH_SSH_BIND=127.0.0.1:0).
             .env("BERTH_SSH_BIND", "off")
+            // No scheduled image-update check (it would ask registries off
+            // this machine at midnight) unless a test asks.
+            .env("BERTH_IMAGES_CHECK_AT", "")
             // Keep password hashing cheap in tests; the bench measures the real cost.
             .env("BERTH_ARGON2_MEMORY_KIB", "1024")
             .env("BERTH_ARGON2_ITERATIONS", "1")

@@ -80,12 +80,72 @@ pub async fn templates_page(
         ));
     }
     let msg = q.msg.as_deref().map(|m| alert(Level::Success, m)).unwrap_or_default();
+    let updates = updates_card(&hub, p, &x).await?;
     let body = format!(
-        r#"<h1>Template images</h1>{msg}<div class="card"><p class="muted">On the {kind} spawner. A template's image is built on its first start, or here ahead of it; <code>berth templates prune</code> removes images no template builds any more.</p>
+        r#"<h1>Template images</h1>{msg}{updates}<div class="card"><p class="muted">On the {kind} spawner. A template's image is built on its first start, or here ahead of it; <code>berth templates prune</code> removes images no template builds any more.</p>
 <table><thead><tr><th>Template</th><th>Name</th><th>Image</th><th>Tag</th><th>Size</th><th>Age</th><th>In use by</th><th>Last build</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"#,
         kind = hub.servers.spawner_kind(),
     );
     Ok(html::page(&hub.cfg.base_url, "Template images", Some(&user.viewer()), &body))
+}
+
+/// The image-update checks: the last result per template and the button.
+async fn updates_card(hub: &SharedHub, p: &str, x: &str) -> ApiResult<String> {
+    let checks = hub.servers.image_checks().await.map_err(page)?;
+    let mut rows = String::new();
+    for c in &checks {
+        let badge = match c.status.as_str() {
+            "current" => r#"<span class="badge ok">up to date</span>"#,
+            "available" => r#"<span class="badge warn">update available</span>"#,
+            "updated" => r#"<span class="badge ok">updated</span>"#,
+            _ => r#"<span class="badge err">check failed</span>"#,
+        };
+        rows.push_str(&format!(
+            r#"<tr class="image-check" data-status="{status}"><td>{t}</td><td><code>{image}</code></td><td>{badge}</td><td>{policy}</td><td class="muted">{when}</td><td class="message">{message}</td></tr>"#,
+            status = esc(&c.status),
+            t = esc(&c.template),
+            image = esc(&c.image),
+            policy = hub.servers.updates.policy(&c.template).as_str(),
+            when = berth_web_time(c.checked),
+            message = esc(&c.message),
+        ));
+    }
+    let table = if rows.is_empty() {
+        r#"<p class="muted">No check has run yet.</p>"#.to_string()
+    } else {
+        format!(
+            r#"<table><thead><tr><th>Template</th><th>Image</th><th>Status</th><th>Policy</th><th>Checked</th><th></th></tr></thead><tbody>{rows}</tbody></table>"#
+        )
+    };
+    Ok(format!(
+        r#"<div class="card" id="image-updates"><h2>Image updates</h2><p class="muted">A check asks each image's registry for the digest its tag has now; a changed image is handled by the template's policy (<code>images.policy</code>): <code>notify</code> says so here and in the event log, <code>next-start</code> pulls it for the next start (keeping the previous image). Running servers are never touched.</p>{table}<form method="post" action="{p}admin/templates/check">{x}<button type="submit">Check for updates</button></form></div>"#
+    ))
+}
+
+/// Unix ms as `YYYY-MM-DD HH:MM UTC`.
+fn berth_web_time(ms: i64) -> String {
+    crate::model::iso(ms).get(..16).map(|s| format!("{} UTC", s.replace('T', " "))).unwrap_or_default()
+}
+
+/// `POST /hub/admin/templates/check` (admins): the image-update check, now.
+pub async fn check_action(
+    State(hub): State<SharedHub>,
+    user: PageUser,
+    PageForm(_): PageForm<NoFields>,
+) -> ApiResult<Response> {
+    user.caller.require("admin:servers", Target::Hub).map_err(page)?;
+    let checks = hub.servers.check_images(user.caller.name()).await.map_err(page)?;
+    let count = |s: &str| checks.iter().filter(|c| c.status == s).count();
+    let msg = format!(
+        "Checked {} images: {} up to date, {} with an update available, {} updated, {} failed.",
+        checks.len(),
+        count("current"),
+        count("available"),
+        count("updated"),
+        count("failed")
+    );
+    let msg = percent_encoding::utf8_percent_encode(&msg, percent_encoding::NON_ALPHANUMERIC);
+    Ok(Redirect::to(&format!("{}admin/templates?msg={msg}#image-updates", hub.hub_prefix())).into_response())
 }
 
 /// `POST /hub/admin/templates/<id>/build` (admins): build in the background.

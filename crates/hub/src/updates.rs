@@ -1,0 +1,388 @@
+//! Image updates in place of Watchtower, safe by default: a check (on a
+//! schedule, from `berth images check`, or the admin's templates page) asks
+//! each image's registry for the digest its tag has now and compares it
+//! with the engine's copy. What happens then is the template's policy (or
+//! the global one): `notify` (the default) records that an update is
+//! available and tells the admins and the owners of running servers on it
+//! in the event log; `next-start` also pulls the tag anew, keeping the
+//! engine's previous copy as `<repo>:berth-previous`, so the next start
+//! runs the new image while running servers keep theirs. A check that
+//! fails (no answer, 401, no manifest for this platform) is recorded and
+//! is an event; no server is touched.
+//!
+//! Not built yet: `when-idle` (recreating idle servers on the new image,
+//! with the rollback to the previous image when one fails its readiness
+//! check), and rebuilding a catalog template whose base changed (its check
+//! reports the base's update; the template is not rebuilt).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use berth_spawner::RegistryImage;
+use berth_store::ImageCheck;
+use serde::{Deserialize, Serialize};
+
+use crate::error::HubResult;
+use crate::servers::Servers;
+
+/// The key under which `docker.image` (what default servers run when it is
+/// set) is checked.
+pub const DOCKER_IMAGE: &str = "docker.image";
+
+/// The `[images]` section of berth's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// What a check does when an image changed: `notify` or `next-start`.
+    pub policy: String,
+    /// Per template, `id=policy` (`docker.image=…` for `docker.image`).
+    pub template_policies: Vec<String>,
+    /// When the daily check runs, `HH:MM` in UTC; empty: no scheduled check.
+    pub check_at: String,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig { policy: "notify".into(), template_policies: Vec::new(), check_at: "00:00".into() }
+    }
+}
+
+/// What a check does about a changed image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Notify,
+    NextStart,
+}
+
+impl Policy {
+    pub fn parse(s: &str) -> Result<Policy, String> {
+        match s.trim() {
+            "notify" => Ok(Policy::Notify),
+            "next-start" => Ok(Policy::NextStart),
+            "when-idle" => Err("`when-idle` is not built yet; use `notify` or `next-start`".into()),
+            other => Err(format!("{other:?} is not a policy (`notify` or `next-start`)")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Notify => "notify",
+            Policy::NextStart => "next-start",
+        }
+    }
+}
+
+/// The `[images]` section, read.
+#[derive(Debug, Clone)]
+pub struct Updates {
+    global: Policy,
+    per_template: HashMap<String, Policy>,
+    /// Minutes after midnight UTC of the daily check.
+    at: Option<u32>,
+    /// `docker.image`, when set.
+    docker_image: String,
+    /// One check at a time.
+    running: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Default for Updates {
+    fn default() -> Self {
+        Updates {
+            global: Policy::Notify,
+            per_template: HashMap::new(),
+            at: None,
+            docker_image: String::new(),
+            running: Default::default(),
+        }
+    }
+}
+
+impl Updates {
+    /// Reads `cfg`; the error names what is wrong (the key is the caller's).
+    pub fn new(cfg: &ImagesConfig, docker_image: &str) -> Result<Updates, (&'static str, String)> {
+        let global = Policy::parse(&cfg.policy).map_err(|m| ("images.policy", m))?;
+        let mut per_template = HashMap::new();
+        for entry in cfg.template_policies.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            let (id, p) = entry
+                .split_once('=')
+                .ok_or(("images.template_policies", format!("{entry:?} is not `template=policy`")))?;
+            let p = Policy::parse(p).map_err(|m| ("images.template_policies", format!("{entry:?}: {m}")))?;
+            per_template.insert(id.trim().to_string(), p);
+        }
+        let at = parse_at(&cfg.check_at).map_err(|m| ("images.check_at", m))?;
+        Ok(Updates { global, per_template, at, docker_image: docker_image.to_string(), running: Default::default() })
+    }
+
+    pub fn policy(&self, template: &str) -> Policy {
+        self.per_template.get(template).copied().unwrap_or(self.global)
+    }
+
+    /// Whether a scheduled check runs.
+    pub fn scheduled(&self) -> bool {
+        self.at.is_some()
+    }
+
+    /// Time from `now_ms` (unix ms) until the next scheduled check.
+    pub fn until_next(&self, now_ms: i64) -> Option<Duration> {
+        let at = i64::from(self.at?) * 60_000;
+        let day = 86_400_000;
+        let today = now_ms.rem_euclid(day);
+        let wait = if at > today { at - today } else { day - today + at };
+        Some(Duration::from_millis(wait.max(1) as u64))
+    }
+}
+
+/// `HH:MM` → minutes after midnight; empty → none.
+fn parse_at(s: &str) -> Result<Option<u32>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let bad = || format!("{s:?} is not a time `HH:MM` (UTC), or empty for no scheduled check");
+    let (h, m) = s.split_once(':').ok_or_else(bad)?;
+    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok(Some(h * 60 + m))
+}
+
+/// The image a catalog template's Dockerfile starts `FROM`.
+fn base_of(build: &[(String, String)]) -> Option<String> {
+    let (_, dockerfile) = build.iter().find(|(p, _)| p == "Dockerfile")?;
+    dockerfile.lines().map(str::trim).find_map(|l| {
+        let rest = l.strip_prefix("FROM ").or_else(|| l.strip_prefix("from "))?;
+        rest.split_whitespace().find(|w| !w.starts_with("--")).map(str::to_string)
+    })
+}
+
+/// Where the previous copy of `image` is kept.
+pub fn previous_tag(image: &str) -> String {
+    let slash = image.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let repo = match image[slash..].rfind(':') {
+        Some(i) => &image[..slash + i],
+        None => image,
+    };
+    format!("{repo}:berth-previous")
+}
+
+/// One thing a check looks at.
+struct Target {
+    template: String,
+    image: String,
+    /// For a catalog template built from `image` (its base): the
+    /// template's own image.
+    built: Option<String>,
+}
+
+impl Servers {
+    /// What to check: `docker.image` when set, then every template's image
+    /// (or, for one built from the catalog, its base).
+    fn update_targets(&self) -> Vec<Target> {
+        let mut out = Vec::new();
+        if !self.updates.docker_image.is_empty() {
+            out.push(Target { template: DOCKER_IMAGE.into(), image: self.updates.docker_image.clone(), built: None });
+        }
+        let mut list: Vec<&berth_core::HubTemplate> = self.templates.templates().iter().collect();
+        if let Some(d) = self.templates.default_template() {
+            if !list.iter().any(|t| t.id == d.id) {
+                list.insert(0, d);
+            }
+        }
+        for t in list {
+            if t.build.is_empty() {
+                out.push(Target { template: t.id.clone(), image: t.image.clone(), built: None });
+            } else if let Some(base) = base_of(&t.build) {
+                out.push(Target { template: t.id.clone(), image: base, built: Some(t.image.clone()) });
+            }
+        }
+        out
+    }
+
+    /// The last check of each template, as recorded.
+    pub async fn image_checks(&self) -> HubResult<Vec<ImageCheck>> {
+        Ok(self.store.image_checks().await?)
+    }
+
+    /// Checks every image in use against its registry and acts on each by
+    /// its policy; `actor` (an admin, or `berth` for the schedule) is named
+    /// in the events. One check at a time: a second waits for the first.
+    pub async fn check_images(&self, actor: &str) -> HubResult<Vec<ImageCheck>> {
+        let running = self.updates.running.clone();
+        let _one = running.lock().await;
+        let servers = self.store.list_servers(None).await?;
+        let mut out = Vec::new();
+        // An image two templates share is asked for once, and pulled once.
+        let mut asked: HashMap<String, Result<RegistryImage, String>> = HashMap::new();
+        let mut pulled: HashMap<String, Result<String, String>> = HashMap::new();
+        for t in self.update_targets() {
+            let mut c = ImageCheck {
+                template: t.template.clone(),
+                image: t.image.clone(),
+                checked: berth_store::now_ms(),
+                status: String::new(),
+                local_digest: String::new(),
+                remote_digest: String::new(),
+                message: String::new(),
+            };
+            let subject = &t.template;
+            if !asked.contains_key(&t.image) {
+                let r = self.spawner.registry_image(&t.image).await.map_err(|e| e.to_string());
+                asked.insert(t.image.clone(), r);
+            }
+            let answer = asked.get(&t.image).cloned().unwrap_or_else(|| Err("not asked".into()));
+            match answer {
+                Err(e) => {
+                    c.status = "failed".into();
+                    c.message = format!("no server touched: {e}");
+                    tracing::warn!(template = %t.template, image = %t.image, error = %e, "image check failed");
+                    let _ = self.store.add_event(actor, "image-check-failed", subject, &c.message).await;
+                }
+                Ok(r) if r.current() => {
+                    c.status = "current".into();
+                    c.local_digest = r.local_digest.unwrap_or_default();
+                    c.remote_digest = r.remote_digest;
+                    c.message = "up to date".into();
+                }
+                Ok(r) => {
+                    c.local_digest = r.local_digest.clone().unwrap_or_default();
+                    c.remote_digest = r.remote_digest.clone();
+                    let policy = self.updates.policy(&t.template);
+                    let was = r.local_digest.as_deref().unwrap_or("nothing");
+                    if policy == Policy::Notify {
+                        c.status = "available".into();
+                        c.message = format!(
+                            "an update is available: {}{} is {} in its registry, {was} here",
+                            if t.built.is_some() { "its base " } else { "" },
+                            t.image,
+                            r.remote_digest
+                        );
+                        let _ = self.store.add_event(actor, "image-update-available", subject, &c.message).await;
+                        self.tell_owners(&servers, &t.template, &c.message).await;
+                    } else {
+                        let previous = previous_tag(&t.image);
+                        if !pulled.contains_key(&t.image) {
+                            let r = self.spawner.update_image(&t.image, &previous).await.map_err(|e| e.to_string());
+                            pulled.insert(t.image.clone(), r);
+                        }
+                        let pull = pulled.get(&t.image).cloned().unwrap_or_else(|| Err("not pulled".into()));
+                        let updated = match pull {
+                            // A template built on the base is set aside (kept
+                            // as its previous image) so its next start
+                            // builds it on the new base.
+                            Ok(now) => match &t.built {
+                                Some(own) => self
+                                    .spawner
+                                    .set_aside_image(own, &previous_tag(own))
+                                    .await
+                                    .map(|()| now)
+                                    .map_err(|e| e.to_string()),
+                                None => Ok(now),
+                            },
+                            Err(e) => Err(e),
+                        };
+                        match updated {
+                            Ok(now) => {
+                                c.status = "updated".into();
+                                c.local_digest = now.clone();
+                                c.message = match &t.built {
+                                    Some(own) => format!(
+                                        "updated its base {} to {now} (was {was}; kept as {previous}); {own} is kept as {} and the next start builds it on the new base; running servers keep theirs",
+                                        t.image,
+                                        previous_tag(own)
+                                    ),
+                                    None => format!(
+                                        "updated {} to {now} (was {was}; kept as {previous}); the next start runs it, running servers keep theirs",
+                                        t.image
+                                    ),
+                                };
+                                tracing::info!(template = %t.template, image = %t.image, digest = %now, "image updated");
+                                let _ = self.store.add_event(actor, "image-updated", subject, &c.message).await;
+                                self.tell_owners(&servers, &t.template, &c.message).await;
+                            }
+                            Err(e) => {
+                                c.status = "failed".into();
+                                c.message = format!("an update is available but pulling it failed: {e}");
+                                tracing::warn!(template = %t.template, image = %t.image, error = %e, "image update failed");
+                                let _ = self.store.add_event(actor, "image-update-failed", subject, &c.message).await;
+                            }
+                        }
+                    }
+                }
+            }
+            self.store.set_image_check(&c).await?;
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// An event for each owner of a running server on `template`.
+    async fn tell_owners(&self, servers: &[berth_store::Server], template: &str, message: &str) {
+        let on = |s: &&berth_store::Server| {
+            matches!(s.state, berth_core::ServerState::Running | berth_core::ServerState::Starting)
+                && (s.template == template || (template == DOCKER_IMAGE && s.template.is_empty()))
+        };
+        for s in servers.iter().filter(on) {
+            let server = if s.name.is_empty() { s.user.clone() } else { format!("{}/{}", s.user, s.name) };
+            let _ = self.store.add_event(&s.user, "image-update-available", &server, message).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies() {
+        let cfg = ImagesConfig {
+            policy: "notify".into(),
+            template_policies: vec!["lab=next-start".into(), " ".into()],
+            check_at: "00:00".into(),
+        };
+        let u = Updates::new(&cfg, "").unwrap();
+        assert_eq!(u.policy("lab"), Policy::NextStart);
+        assert_eq!(u.policy("other"), Policy::Notify);
+        for (policy, templates, at, key) in [
+            ("sometimes", vec![], "00:00", "images.policy"),
+            ("when-idle", vec![], "00:00", "images.policy"),
+            ("notify", vec!["lab"], "00:00", "images.template_policies"),
+            ("notify", vec!["lab=never"], "00:00", "images.template_policies"),
+            ("notify", vec![], "24:00", "images.check_at"),
+            ("notify", vec![], "noon", "images.check_at"),
+        ] {
+            let cfg = ImagesConfig {
+                policy: policy.into(),
+                template_policies: templates.into_iter().map(String::from).collect(),
+                check_at: at.into(),
+            };
+            assert_eq!(Updates::new(&cfg, "").map(|_| ()).unwrap_err().0, key, "{policy} {at}");
+        }
+    }
+
+    #[test]
+    fn schedule() {
+        let u = Updates::new(&ImagesConfig::default(), "").unwrap();
+        let day = 86_400_000i64;
+        // 23:00 UTC → one hour to midnight; exactly midnight → a whole day.
+        assert_eq!(u.until_next(10 * day + 23 * 3_600_000), Some(Duration::from_secs(3600)));
+        assert_eq!(u.until_next(10 * day), Some(Duration::from_secs(86_400)));
+        let at = Updates::new(&ImagesConfig { check_at: "03:30".into(), ..Default::default() }, "").unwrap();
+        assert_eq!(at.until_next(10 * day + 3_600_000), Some(Duration::from_secs(9000)));
+        let off = Updates::new(&ImagesConfig { check_at: String::new(), ..Default::default() }, "").unwrap();
+        assert!(!off.scheduled() && off.until_next(0).is_none());
+    }
+
+    #[test]
+    fn bases_and_previous_tags() {
+        let b = vec![(
+            "Dockerfile".to_string(),
+            "# x\nFROM --platform=linux/amd64 127.0.0.1:5000/base:1 AS b\nRUN x\n".to_string(),
+        )];
+        assert_eq!(base_of(&b).as_deref(), Some("127.0.0.1:5000/base:1"));
+        assert_eq!(base_of(&[]), None);
+        assert_eq!(previous_tag("127.0.0.1:5000/x/y:stable"), "127.0.0.1:5000/x/y:berth-previous");
+        assert_eq!(previous_tag("127.0.0.1:5000/x"), "127.0.0.1:5000/x:berth-previous");
+        assert_eq!(previous_tag("ubuntu:22.04"), "ubuntu:berth-previous");
+    }
+}
