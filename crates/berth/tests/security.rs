@@ -409,9 +409,8 @@ async fn a_revoked_token_or_ended_session_reaches_the_server_no_more() {
     let r = mallory.api(Method::POST, "/hub/api/users/mallory/tokens").json(&json!({"note": "edge"})).send();
     let v: Value = r.await.unwrap().json().await.unwrap();
     let (t, id) = (v["token"].as_str().unwrap().to_string(), v["id"].as_str().unwrap().to_string());
-    let with_token = |path: &str| {
-        api_client().get(format!("{}{path}", b.url)).header("Authorization", format!("token {t}")).send()
-    };
+    let with_token =
+        |path: &str| api_client().get(format!("{}{path}", b.url)).header("Authorization", format!("token {t}")).send();
     for _ in 0..3 {
         assert_eq!(with_token("/user/mallory/token-before").await.unwrap().status(), StatusCode::OK);
     }

@@ -179,10 +179,8 @@ pub(crate) fn rewrite_for_prefix(h: &mut HeaderMap, prefix: &str, target: &str) 
 pub fn strip_cookies(h: &mut HeaderMap, names: &[&str]) {
     let named = |c: &str| names.contains(&c.split('=').next().unwrap_or("").trim());
     // Most requests carry none of them: the header stays as it came.
-    let untouched = h
-        .get_all(header::COOKIE)
-        .iter()
-        .all(|v| v.to_str().is_ok_and(|s| !s.split(';').any(|c| named(c.trim()))));
+    let untouched =
+        h.get_all(header::COOKIE).iter().all(|v| v.to_str().is_ok_and(|s| !s.split(';').any(|c| named(c.trim()))));
     if untouched {
         return;
     }
@@ -227,7 +225,9 @@ fn upstream_uri(uri: &Uri, route: &Route) -> Result<Uri, ProxyError> {
                 Some(uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
             Uri::from_parts(parts).map_err(|e| bad(&e))
         }
-        (_, stripped) => format!("{}{}", route.target, stripped.as_deref().unwrap_or(original)).parse().map_err(|e| bad(&e)),
+        (_, stripped) => {
+            format!("{}{}", route.target, stripped.as_deref().unwrap_or(original)).parse().map_err(|e| bad(&e))
+        }
     }
 }
 
@@ -390,12 +390,18 @@ mod tests {
         assert_eq!(u.to_string(), "http://127.0.0.1:9/user/al/api?x=1&y=%20");
         let s = Route::new("/user/al/app/".into(), "http://127.0.0.1:9".into(), "al".into(), "app".into())
             .with_mode(RoutingMode::Strip);
-        assert_eq!(upstream_uri(&"/user/al/app/x?q".parse().unwrap(), &s).unwrap().to_string(), "http://127.0.0.1:9/x?q");
+        assert_eq!(
+            upstream_uri(&"/user/al/app/x?q".parse().unwrap(), &s).unwrap().to_string(),
+            "http://127.0.0.1:9/x?q"
+        );
         assert_eq!(upstream_uri(&"/user/al/app".parse().unwrap(), &s).unwrap().to_string(), "http://127.0.0.1:9/");
         // A target with a path of its own is joined as text, as before.
         let p = Route::new("/user/al/".into(), "http://127.0.0.1:9/base".into(), "al".into(), String::new());
         assert!(p.upstream.is_none());
-        assert_eq!(upstream_uri(&"/user/al/x".parse().unwrap(), &p).unwrap().to_string(), "http://127.0.0.1:9/base/user/al/x");
+        assert_eq!(
+            upstream_uri(&"/user/al/x".parse().unwrap(), &p).unwrap().to_string(),
+            "http://127.0.0.1:9/base/user/al/x"
+        );
         let bad = Route::new("/user/al/".into(), "not a url".into(), "al".into(), String::new());
         assert!(matches!(upstream_uri(&"/user/al/x".parse().unwrap(), &bad), Err(ProxyError::Downstream(_))));
     }

@@ -256,7 +256,10 @@ mod tests {
             t.insert(route(&format!("/user/u{i}/"), &format!("http://u{i}")));
             t.insert(route(&format!("/user/u{i}/lab/"), &format!("http://u{i}-lab")));
         }
-        t.insert(Route::new("lab--u1.apps.test".into(), "http://host".into(), "u1".into(), "lab".into()).with_mode(berth_core::RoutingMode::Host));
+        t.insert(
+            Route::new("lab--u1.apps.test".into(), "http://host".into(), "u1".into(), "lab".into())
+                .with_mode(berth_core::RoutingMode::Host),
+        );
         assert_eq!(t.len(), 2001);
         for i in [0, 1, 499, 999] {
             let get = |p: String| t.lookup(&p).map(|r| r.target.clone());

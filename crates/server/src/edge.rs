@@ -116,10 +116,12 @@ async fn caller_of(
             Some(v) => identity.app_cookie_caller(host, v).await,
             None => Ok(None),
         },
-        (None, None) => match Cookies::find(&parts.headers, cookies::session_cookie(shared.hub.cfg.secure_cookies, "/").0) {
-            Some(v) => identity.session_caller(v).await,
-            None => Ok(None),
-        },
+        (None, None) => {
+            match Cookies::find(&parts.headers, cookies::session_cookie(shared.hub.cfg.secure_cookies, "/").0) {
+                Some(v) => identity.session_caller(v).await,
+                None => Ok(None),
+            }
+        }
     };
     found.map_err(|e| berth_web::ApiError::from(e).into_response())
 }
