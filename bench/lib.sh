@@ -9,7 +9,13 @@ need_pkg() { # need_pkg COMMAND PACKAGE
     apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >&2
 }
 
+# BERTH_PREBUILT=PATH: measure that berth binary (an earlier build, for a
+# before/after comparison) instead of building this checkout's.
 build_release() {
+    if [ -n "${BERTH_PREBUILT:-}" ] && [ -x "$ROOT/target/release/bench-backend" ]; then
+        BERTH=$BERTH_PREBUILT
+        return
+    fi
     (cd "$ROOT" && cargo build --release -q -p berth -p berth-bench >&2)
     BERTH=$ROOT/target/release/berth
 }
@@ -42,6 +48,19 @@ login_token() {
     x=$(awk '$6=="_xsrf" {print $7}' "$jar" | tail -1)
     curl -s -b "$jar" -H "X-XSRFToken: $x" -X POST "$url/hub/api/users/$user/tokens" -d '{"note":"bench"}' |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
+    rm -f "$jar"
+}
+
+# login_cookie URL USER PASSWORD: logs in and prints the Cookie header a
+# browser would then send to the hub's origin (session, _xsrf, session id).
+login_cookie() {
+    local url=$1 user=$2 pw=$3 jar x
+    jar=$(mktemp)
+    curl -s -c "$jar" "$url/hub/login" >/dev/null
+    x=$(awk '$6=="_xsrf" {print $7}' "$jar" | tail -1)
+    curl -s -b "$jar" -c "$jar" "$url/hub/login?next=" --data-urlencode "_xsrf=$x" \
+        --data-urlencode "username=$user" --data-urlencode "password=$pw" -o /dev/null
+    awk '!/^#/ || /^#HttpOnly_/ { if (NF >= 7) printf "%s%s=%s", (n++ ? "; " : ""), $6, $7 } END { print "" }' "$jar"
     rm -f "$jar"
 }
 

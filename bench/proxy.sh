@@ -2,8 +2,11 @@
 # The one-port proxy against nginx, on one backend in one run: requests/s and
 # p50/p99 for 1 KB and 1 MiB responses at 1 and 64 connections (wrk, 10 s
 # each), WebSocket round trips (20,000 small messages), and each proxy's
-# resident memory. Prints a Markdown table.
-# Usage: bench/proxy.sh
+# resident memory. berth is measured twice: authenticated by an API token
+# (`berth`) and by a browser's session cookie (`berth-cookie`, the Cookie
+# header a logged-in browser sends). Prints a Markdown table.
+# Usage: bench/proxy.sh   (SECS=10 sets each wrk run's length, BODIES="1k 1m"
+# and CONNS="1 64" which cases run)
 source "$(dirname "$0")/lib.sh"
 need_pkg wrk wrk
 need_pkg nginx nginx-light
@@ -18,14 +21,18 @@ cleanup() {
 trap cleanup EXIT
 data=$work/data
 printf 'bench-admin-pass-1\n' | "$BERTH" user add admin --admin --password-stdin --data-dir "$data" >/dev/null
-start_berth "$data" BERTH_SPAWNER=local BERTH_LOCAL_CMD="$ROOT/target/release/bench-backend" BERTH_LOG=warn
+start_berth "$data" BERTH_SPAWNER=local BERTH_LOCAL_CMD="$ROOT/target/release/bench-backend" BERTH_LOG=warn \
+    BERTH_LOCAL_ISOLATE_USERS=false
 token=$(login_token "$URL" admin bench-admin-pass-1)
 auth="Authorization: token $token"
+cookie="Cookie: $(login_cookie "$URL" admin bench-admin-pass-1)"
+case "$cookie" in *berth-session=*) ;; *) echo "no session cookie after logging in: $cookie" >&2; exit 1 ;; esac
 # berth starts the backend as admin's server; everyone uses that one process.
 curl -s -X POST -H "$auth" "$URL/hub/api/users/admin/server" -o /dev/null -w '%{http_code}\n' >&2
 backend_port=$(curl -s -H "$auth" "$URL/hub/api/users/admin" | python3 -c 'import json,sys; print(json.load(sys.stdin)["servers"][""]["state"]["port"])')
 direct="http://127.0.0.1:$backend_port"
 berth="$URL"
+berth_cookie="$URL"
 
 nginx_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mkdir -p "$work/nginx"
@@ -68,15 +75,22 @@ for _ in $(seq 1 100); do curl -s "$nginx/user/admin/api" >/dev/null && break; s
   done ) &
 SAMPLER=$!
 
+# Each target answers 200 (a redirect to the log-in page would count as success in wrk).
+for pair in "direct:" "nginx:" "berth:$auth" "berth_cookie:$cookie"; do
+    base=${pair%%:*}; h=${pair#*:}
+    code=$(curl -s -o /dev/null -w '%{http_code}' ${h:+-H "$h"} "${!base}/user/admin/1k")
+    [ "$code" = 200 ] || { echo "$base answers $code on /user/admin/1k" >&2; exit 1; }
+done
+
 echo "| target | body | connections | requests/s | p50 ms | p99 ms | errors |"
 echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
-for body in 1k 1m; do
-    for c in 1 64; do
+for body in ${BODIES:-1k 1m}; do
+    for c in ${CONNS:-1 64}; do
         t=$([ "$c" = 1 ] && echo 1 || echo 2)
-        for target in direct nginx berth; do
-            base=${!target}
-            hdr=(); [ "$target" = berth ] && hdr=(-H "$auth")
-            read -r rps p50 p99 err < <(wrk -t"$t" -c"$c" -d10s --latency "${hdr[@]}" "$base/user/admin/$body" | wrk_summary)
+        for target in direct nginx berth berth-cookie; do
+            base=${target/-/_}; base=${!base}
+            hdr=(); [ "$target" = berth ] && hdr=(-H "$auth"); [ "$target" = berth-cookie ] && hdr=(-H "$cookie")
+            read -r rps p50 p99 err < <(wrk -t"$t" -c"$c" -d"${SECS:-10}s" --latency "${hdr[@]}" "$base/user/admin/$body" | wrk_summary)
             echo "| $target | $body | $c | $rps | $p50 | $p99 | $err |"
         done
     done

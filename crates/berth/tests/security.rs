@@ -393,3 +393,50 @@ async fn withdrawing_an_account_or_its_password_revokes_its_tokens() {
     assert!(!works(t).await, "a password change revokes the tokens");
     assert_eq!(alice.get("/hub/api/user").await.status(), StatusCode::OK, "this session stays");
 }
+
+/// The edge remembers a verified credential for a few seconds, so a proxied
+/// request costs no database round trip; a revocation made in berth (a token
+/// deleted, a log-out) ends that at once: the revoked token and the ended
+/// session's cookie, replayed, reach the server no more on the very next
+/// request. (Changes made by another process, the CLI, take effect within
+/// the cache's 5 s; see docs/security.md.)
+#[tokio::test]
+async fn a_revoked_token_or_ended_session_reaches_the_server_no_more() {
+    let b = attacker_berth(&[]);
+    let (_admin, mallory) = admin_and_user(&b, "mallory", PW).await;
+    start(&mallory, "mallory").await;
+    let reached = |path: &str| attacker_log(&b, "mallory").iter().any(|e| e["kind"] == "request" && e["path"] == path);
+    let r = mallory.api(Method::POST, "/hub/api/users/mallory/tokens").json(&json!({"note": "edge"})).send();
+    let v: Value = r.await.unwrap().json().await.unwrap();
+    let (t, id) = (v["token"].as_str().unwrap().to_string(), v["id"].as_str().unwrap().to_string());
+    let with_token =
+        |path: &str| api_client().get(format!("{}{path}", b.url)).header("Authorization", format!("token {t}")).send();
+    for _ in 0..3 {
+        assert_eq!(with_token("/user/mallory/token-before").await.unwrap().status(), StatusCode::OK);
+    }
+    assert!(reached("/user/mallory/token-before"));
+    let r = mallory.api(Method::DELETE, &format!("/hub/api/users/mallory/tokens/{id}")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = with_token("/user/mallory/token-after").await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "a revoked token is refused on the next request");
+    assert!(!reached("/user/mallory/token-after"), "and its request never reaches the server");
+
+    // The session: its cookie works through the proxy, then mallory logs out
+    // and someone replays the cookie she had.
+    for _ in 0..3 {
+        assert_eq!(mallory.get("/user/mallory/session-before").await.status(), StatusCode::OK);
+    }
+    let session = mallory.cookie("/hub/", "berth-session").expect("a session cookie");
+    let r = mallory.submit("/hub/logout", "/hub/logout", &[]).await;
+    assert!(r.status().is_redirection());
+    let r = api_client()
+        .get(format!("{}/user/mallory/session-after", b.url))
+        .header("Cookie", format!("berth-session={session}"))
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "an ended session's cookie is refused on the next request");
+    assert!(reached("/user/mallory/session-before"));
+    assert!(!reached("/user/mallory/session-after"), "and its request never reaches the server");
+}

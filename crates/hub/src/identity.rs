@@ -114,7 +114,8 @@ const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 const CACHE_MAX: usize = 10_000;
 
 struct CacheEntry {
-    caller: Caller,
+    /// Shared with every request it admits: a hit copies nothing.
+    caller: Arc<Caller>,
     /// When activity was last recorded for this credential (unix ms).
     last_recorded: std::sync::atomic::AtomicI64,
     /// Token expiry, checked on every use.
@@ -133,7 +134,7 @@ pub struct AuthCache {
 impl AuthCache {
     /// The cached caller, and whether its activity is due to be recorded
     /// (at most once a second per credential).
-    fn get(&self, key: &str, generation: u64, now: i64) -> Option<(Caller, bool)> {
+    fn get(&self, key: &str, generation: u64, now: i64) -> Option<(Arc<Caller>, bool)> {
         use std::sync::atomic::Ordering;
         let map = self.map.lock().ok()?;
         let e = map.get(key)?;
@@ -150,7 +151,7 @@ impl AuthCache {
         Some((e.caller.clone(), due))
     }
 
-    fn put(&self, key: String, caller: Caller, expires_at: Option<i64>, generation: u64) {
+    fn put(&self, key: String, caller: Arc<Caller>, expires_at: Option<i64>, generation: u64) {
         if let Ok(mut map) = self.map.lock() {
             if map.len() >= CACHE_MAX {
                 map.clear();
@@ -189,6 +190,12 @@ impl Identity {
     /// Resolves a token to its caller, or None when unknown, expired, or its
     /// owner is not (or no longer) authorized.
     pub async fn from_token(&self, token: &str) -> HubResult<Option<Caller>> {
+        Ok(self.token_caller(token).await?.map(|c| Caller::clone(&c)))
+    }
+
+    /// [`Identity::from_token`], shared with the cache (the proxy's edge:
+    /// a cached caller costs no copy).
+    pub async fn token_caller(&self, token: &str) -> HubResult<Option<Arc<Caller>>> {
         let now = now_ms();
         // Keyed by the credential itself (memory only), so a hit costs no hashing.
         let key = format!("t:{token}");
@@ -218,6 +225,7 @@ impl Identity {
                 oauth_client: tok.oauth_client,
             },
         };
+        let caller = Arc::new(caller);
         self.cache.put(key, caller.clone(), tok.expires_at, generation);
         Ok(Some(caller))
     }
@@ -247,6 +255,11 @@ pub fn token_scopes(tok: &berth_store::Token, owner: &User) -> ScopeSet {
 impl Identity {
     /// Resolves a session cookie to its caller.
     pub async fn from_session(&self, cookie_value: &str) -> HubResult<Option<Caller>> {
+        Ok(self.session_caller(cookie_value).await?.map(|c| Caller::clone(&c)))
+    }
+
+    /// [`Identity::from_session`], shared with the cache.
+    pub async fn session_caller(&self, cookie_value: &str) -> HubResult<Option<Arc<Caller>>> {
         let now = now_ms();
         let generation = self.store.auth_generation();
         let key = format!("s:{cookie_value}");
@@ -273,6 +286,7 @@ impl Identity {
             scopes: std::sync::Arc::new(scopes),
             via: Via::Session { id_hash: id_hash.clone(), public_id: session.public_id },
         };
+        let caller = Arc::new(caller);
         self.cache.put(key, caller.clone(), Some(session.created + max_age), generation);
         Ok(Some(caller))
     }
@@ -292,6 +306,11 @@ impl Identity {
     /// account holds now (so access follows the same rule as on paths, and
     /// a demoted or unauthorized visitor loses it at once).
     pub async fn from_app_cookie(&self, host: &str, value: &str) -> HubResult<Option<Caller>> {
+        Ok(self.app_cookie_caller(host, value).await?.map(|c| Caller::clone(&c)))
+    }
+
+    /// [`Identity::from_app_cookie`], shared with the cache.
+    pub async fn app_cookie_caller(&self, host: &str, value: &str) -> HubResult<Option<Arc<Caller>>> {
         // Cached like tokens (a revocation invalidates at once), so an app
         // host's requests cost no database round trip each.
         let now = now_ms();
@@ -318,7 +337,7 @@ impl Identity {
             return Ok(None);
         }
         let scopes = ScopeSet::for_user(&user.name, user.admin);
-        let caller = Caller { user, scopes: Arc::new(scopes), via: Via::AppHost { host: host.to_string() } };
+        let caller = Arc::new(Caller { user, scopes: Arc::new(scopes), via: Via::AppHost { host: host.to_string() } });
         let ends = expires.parse::<i64>().unwrap_or(0).saturating_mul(1000).min(created + max_age);
         self.cache.put(key, caller.clone(), Some(ends), generation);
         Ok(Some(caller))

@@ -117,7 +117,6 @@ fn remove_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Removes the named cookies from the `Cookie` header(s), keeping the rest.
 /// Strip mode, on the way back: an app answering at `/` sends redirects and
 /// cookie paths for `/`; they are moved under the public prefix.
 pub(crate) fn rewrite_for_prefix(h: &mut HeaderMap, prefix: &str, target: &str) {
@@ -176,22 +175,58 @@ pub(crate) fn rewrite_for_prefix(h: &mut HeaderMap, prefix: &str, target: &str) 
     }
 }
 
+/// Removes the named cookies from the `Cookie` header(s), keeping the rest.
 pub fn strip_cookies(h: &mut HeaderMap, names: &[&str]) {
-    let kept: Vec<String> = h
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';').map(|c| c.trim().to_string()).collect::<Vec<_>>())
-        .filter(|c| !c.is_empty())
-        .filter(|c| {
-            let name = c.split('=').next().unwrap_or("").trim();
-            !names.contains(&name)
-        })
-        .collect();
+    let named = |c: &str| names.contains(&c.split('=').next().unwrap_or("").trim());
+    // Most requests carry none of them: the header stays as it came.
+    let untouched =
+        h.get_all(header::COOKIE).iter().all(|v| v.to_str().is_ok_and(|s| !s.split(';').any(|c| named(c.trim()))));
+    if untouched {
+        return;
+    }
+    let mut kept = String::new();
+    for c in h.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|s| s.split(';')) {
+        let c = c.trim();
+        if c.is_empty() || named(c) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(c);
+    }
     h.remove(header::COOKIE);
     if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if let Ok(v) = HeaderValue::from_str(&kept) {
             h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// The URI a request goes on with: the route's target, and the request's
+/// path (in strip mode, without the route's prefix: the app answers at `/`).
+fn upstream_uri(uri: &Uri, route: &Route) -> Result<Uri, ProxyError> {
+    let bad = |e: &dyn std::fmt::Display| ProxyError::Downstream(format!("bad upstream URI: {e}"));
+    let original = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let stripped = match route.mode {
+        RoutingMode::Strip => {
+            let rest = original.strip_prefix(route.prefix.trim_end_matches('/')).unwrap_or(original);
+            Some(if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") })
+        }
+        _ => None,
+    };
+    match (&route.upstream, stripped) {
+        // The common case: nothing parsed, nothing copied but reference counts.
+        (Some((scheme, authority)), None) => {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(scheme.clone());
+            parts.authority = Some(authority.clone());
+            parts.path_and_query =
+                Some(uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+            Uri::from_parts(parts).map_err(|e| bad(&e))
+        }
+        (_, stripped) => {
+            format!("{}{}", route.target, stripped.as_deref().unwrap_or(original)).parse().map_err(|e| bad(&e))
         }
     }
 }
@@ -218,20 +253,7 @@ impl Forwarder {
         peer: Peer,
     ) -> Result<Response<Incoming>, ProxyError> {
         let upgrade = is_upgrade(req.headers());
-        let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        // Strip mode: the app answers at `/` (other modes pass the path as it is).
-        let stripped;
-        let path_and_query = match route.mode {
-            RoutingMode::Strip => {
-                let rest = path_and_query.strip_prefix(route.prefix.trim_end_matches('/')).unwrap_or(path_and_query);
-                stripped = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
-                stripped.as_str()
-            }
-            _ => path_and_query,
-        };
-        let uri: Uri = format!("{}{}", route.target, path_and_query)
-            .parse()
-            .map_err(|e| ProxyError::Downstream(format!("bad upstream URI: {e}")))?;
+        let uri = upstream_uri(req.uri(), route)?;
         let original_host = req.headers().get(header::HOST).cloned();
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
@@ -258,16 +280,16 @@ impl Forwarder {
             }
         }
 
-        let target = route.target.clone();
+        let target = || route.target.clone();
         let secs = self.cfg.response_timeout.as_secs();
         let mut resp = match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
-            Err(_) => return Err(ProxyError::Timeout { target, secs }),
+            Err(_) => return Err(ProxyError::Timeout { target: target(), secs }),
             Ok(Err(e)) if e.is_connect() => {
                 let msg = format!("{e:?}");
                 return Err(if msg.contains("timed out") || msg.contains("TimedOut") {
-                    ProxyError::Timeout { target, secs: self.cfg.connect_timeout.as_secs() }
+                    ProxyError::Timeout { target: target(), secs: self.cfg.connect_timeout.as_secs() }
                 } else {
-                    ProxyError::Refused { target }
+                    ProxyError::Refused { target: target() }
                 });
             }
             Ok(Err(e)) => {
@@ -275,7 +297,7 @@ impl Forwarder {
                 if let Some(src) = std::error::Error::source(&e) {
                     message = format!("{message}: {src}");
                 }
-                return Err(ProxyError::Upstream { target, message });
+                return Err(ProxyError::Upstream { target: target(), message });
             }
             Ok(Ok(r)) => r,
         };
@@ -346,6 +368,42 @@ mod tests {
         h.append(header::COOKIE, HeaderValue::from_static("berth-session=s"));
         strip_cookies(&mut h, &["berth-session"]);
         assert!(h.get(header::COOKIE).is_none());
+        // Without them the headers stay as they are; a value that is not
+        // text is dropped when the header is rewritten.
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1;b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        strip_cookies(&mut h, &["berth-session"]);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 2);
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_bytes(b"x=\xff").unwrap());
+        h.append(header::COOKIE, HeaderValue::from_static("a=1; berth-session=s"));
+        strip_cookies(&mut h, &["berth-session"]);
+        assert_eq!(h.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1"]);
+    }
+
+    #[test]
+    fn upstream_uris_keep_the_path_and_query() {
+        let r = Route::new("/user/al/".into(), "http://127.0.0.1:9".into(), "al".into(), String::new());
+        assert!(r.upstream.is_some());
+        let u = upstream_uri(&"/user/al/api?x=1&y=%20".parse().unwrap(), &r).unwrap();
+        assert_eq!(u.to_string(), "http://127.0.0.1:9/user/al/api?x=1&y=%20");
+        let s = Route::new("/user/al/app/".into(), "http://127.0.0.1:9".into(), "al".into(), "app".into())
+            .with_mode(RoutingMode::Strip);
+        assert_eq!(
+            upstream_uri(&"/user/al/app/x?q".parse().unwrap(), &s).unwrap().to_string(),
+            "http://127.0.0.1:9/x?q"
+        );
+        assert_eq!(upstream_uri(&"/user/al/app".parse().unwrap(), &s).unwrap().to_string(), "http://127.0.0.1:9/");
+        // A target with a path of its own is joined as text, as before.
+        let p = Route::new("/user/al/".into(), "http://127.0.0.1:9/base".into(), "al".into(), String::new());
+        assert!(p.upstream.is_none());
+        assert_eq!(
+            upstream_uri(&"/user/al/x".parse().unwrap(), &p).unwrap().to_string(),
+            "http://127.0.0.1:9/base/user/al/x"
+        );
+        let bad = Route::new("/user/al/".into(), "not a url".into(), "al".into(), String::new());
+        assert!(matches!(upstream_uri(&"/user/al/x".parse().unwrap(), &bad), Err(ProxyError::Downstream(_))));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! change builds a new table and swaps it in, so changing one route never
 //! disturbs requests or connections on another.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -24,12 +25,23 @@ pub struct Route {
     /// For `Strip` and `Host` routes: the path prefix the app's redirects
     /// and cookie paths are moved under (`/user/alice/lab/`, or `/`).
     pub public_prefix: String,
+    /// `target` parsed once, when it is just `scheme://authority`: a
+    /// request's upstream URI is then put together without parsing.
+    pub(crate) upstream: Option<(http::uri::Scheme, http::uri::Authority)>,
+}
+
+fn upstream_of(target: &str) -> Option<(http::uri::Scheme, http::uri::Authority)> {
+    let uri: http::Uri = target.parse().ok()?;
+    let (scheme, authority) = (uri.scheme()?.clone(), uri.authority()?.clone());
+    (format!("{scheme}://{authority}") == target).then_some((scheme, authority))
 }
 
 impl Route {
     pub fn new(prefix: String, target: String, user: String, server: String) -> Route {
         let public_prefix = prefix.clone();
+        let upstream = upstream_of(&target);
         Route {
+            upstream,
             prefix,
             target,
             user,
@@ -65,9 +77,33 @@ impl PartialEq for Route {
     }
 }
 
+/// One snapshot of the table: routes by their key (a path prefix without
+/// its trailing slash, or a host name), and the most `/` any path key has,
+/// which bounds the work of a lookup.
+#[derive(Default, Clone)]
+struct Table {
+    by_key: HashMap<String, Arc<Route>>,
+    max_slashes: usize,
+}
+
+impl Table {
+    fn with(mut self, f: impl FnOnce(&mut HashMap<String, Arc<Route>>)) -> Table {
+        f(&mut self.by_key);
+        self.max_slashes = self.by_key.keys().map(|k| k.matches('/').count()).max().unwrap_or(0);
+        self
+    }
+}
+
+fn key_of(prefix: &str) -> &str {
+    prefix.strip_suffix('/').unwrap_or(prefix)
+}
+
+/// Routes by prefix. A lookup costs a few hash probes (one per leading path
+/// segment, at most as many as the deepest prefix has), whatever the number
+/// of routes.
 #[derive(Default)]
 pub struct RouteTable {
-    routes: ArcSwap<Vec<Arc<Route>>>,
+    table: ArcSwap<Table>,
 }
 
 impl RouteTable {
@@ -77,40 +113,67 @@ impl RouteTable {
 
     /// Adds or replaces the route for `route.prefix`.
     pub fn insert(&self, route: Route) {
-        self.routes.rcu(|cur| {
-            let mut next: Vec<Arc<Route>> = cur.iter().filter(|r| r.prefix != route.prefix).cloned().collect();
-            next.push(Arc::new(route.clone()));
-            // Longest prefix first: the first match is the most specific.
-            next.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then_with(|| a.prefix.cmp(&b.prefix)));
-            next
+        let route = Arc::new(route);
+        self.table.rcu(|cur| {
+            Table::clone(cur).with(|m| {
+                m.insert(key_of(&route.prefix).to_string(), route.clone());
+            })
         });
     }
 
     pub fn remove(&self, prefix: &str) {
-        self.routes.rcu(|cur| cur.iter().filter(|r| r.prefix != prefix).cloned().collect::<Vec<_>>());
+        self.table.rcu(|cur| {
+            Table::clone(cur).with(|m| {
+                m.remove(key_of(prefix));
+            })
+        });
     }
 
     /// The most specific route for a path. `/user/alice` (no slash) matches
     /// `/user/alice/` too.
     pub fn lookup(&self, path: &str) -> Option<Arc<Route>> {
-        let snapshot = self.routes.load();
-        snapshot
-            .iter()
-            .find(|r| path.starts_with(r.prefix.as_str()) || path == &r.prefix[..r.prefix.len() - 1])
-            .cloned()
+        let t = self.table.load();
+        let path_route = |k: &str| t.by_key.get(k).filter(|r| r.prefix.starts_with('/'));
+        // Each `/` ends a candidate prefix; the last one found is the longest.
+        let mut best = None;
+        let mut slashes = 0;
+        for (i, _) in path.match_indices('/') {
+            if slashes > t.max_slashes {
+                break;
+            }
+            slashes += 1;
+            if let Some(r) = path_route(&path[..i]) {
+                best = Some(r);
+            }
+        }
+        // The whole path names a prefix without its slash (`/user/alice`).
+        if slashes <= t.max_slashes {
+            if let Some(r) = path_route(path) {
+                best = Some(r);
+            }
+        }
+        best.cloned()
     }
 
     /// The `Host` route for a host name (without port, lower case).
     pub fn lookup_host(&self, host: &str) -> Option<Arc<Route>> {
-        self.routes.load().iter().find(|r| r.mode == berth_core::RoutingMode::Host && r.prefix == host).cloned()
+        self.table
+            .load()
+            .by_key
+            .get(host)
+            .filter(|r| r.mode == berth_core::RoutingMode::Host && r.prefix == host)
+            .cloned()
     }
 
+    /// Every route, longest prefix first.
     pub fn all(&self) -> Vec<Arc<Route>> {
-        self.routes.load().iter().cloned().collect()
+        let mut all: Vec<Arc<Route>> = self.table.load().by_key.values().cloned().collect();
+        all.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then_with(|| a.prefix.cmp(&b.prefix)));
+        all
     }
 
     pub fn len(&self) -> usize {
-        self.routes.load().len()
+        self.table.load().by_key.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -184,6 +247,44 @@ mod tests {
         t.insert(route("/user/alice/", "http://a2"));
         assert_eq!(t.len(), 2);
         assert_eq!(t.lookup("/user/alice/").unwrap().target, "http://a2");
+    }
+
+    #[test]
+    fn a_thousand_routes_each_reached_by_its_own_paths() {
+        let t = RouteTable::new();
+        for i in 0..1000 {
+            t.insert(route(&format!("/user/u{i}/"), &format!("http://u{i}")));
+            t.insert(route(&format!("/user/u{i}/lab/"), &format!("http://u{i}-lab")));
+        }
+        t.insert(
+            Route::new("lab--u1.apps.test".into(), "http://host".into(), "u1".into(), "lab".into())
+                .with_mode(berth_core::RoutingMode::Host),
+        );
+        assert_eq!(t.len(), 2001);
+        for i in [0, 1, 499, 999] {
+            let get = |p: String| t.lookup(&p).map(|r| r.target.clone());
+            assert_eq!(get(format!("/user/u{i}/api/kernels")).as_deref(), Some(format!("http://u{i}").as_str()));
+            assert_eq!(get(format!("/user/u{i}")).as_deref(), Some(format!("http://u{i}").as_str()));
+            assert_eq!(get(format!("/user/u{i}/lab/a/b/c")).as_deref(), Some(format!("http://u{i}-lab").as_str()));
+            assert_eq!(get(format!("/user/u{i}/lab")).as_deref(), Some(format!("http://u{i}-lab").as_str()));
+        }
+        assert!(t.lookup("/user/u1000/").is_none());
+        // A host route is found by its host only, never by a path.
+        assert!(t.lookup("lab--u1.apps.test").is_none());
+        assert_eq!(t.lookup_host("lab--u1.apps.test").unwrap().target, "http://host");
+        assert!(t.lookup_host("/user/u1").is_none(), "a path route is not a host route");
+        // A path of many segments is looked up in as many probes as the deepest prefix has.
+        let deep = format!("/user/u7/lab{}", "/x".repeat(10_000));
+        assert_eq!(t.lookup(&deep).unwrap().target, "http://u7-lab");
+        assert!(t.lookup(&"/".repeat(10_000)).is_none());
+        // Removing the deepest routes still leaves the shallower ones reachable.
+        for i in 0..1000 {
+            t.remove(&format!("/user/u{i}/lab/"));
+        }
+        assert_eq!(t.lookup("/user/u3/lab/x").unwrap().target, "http://u3");
+        let all = t.all();
+        assert_eq!(all.len(), 1001);
+        assert!(all.windows(2).all(|w| w[0].prefix.len() >= w[1].prefix.len()), "longest first");
     }
 
     #[test]

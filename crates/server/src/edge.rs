@@ -102,20 +102,26 @@ fn query_token(parts: &Parts) -> Option<String> {
 /// Who is calling, from what they sent: a token (`Authorization` or
 /// `?token=`), else the app host's own cookie (on an app host), else the
 /// hub's session cookie.
-async fn caller_of(shared: &Shared, parts: &Parts, app_host: Option<&str>) -> Result<Option<Caller>, Response<Body>> {
+/// The caller is the cache's own (shared, not copied per request).
+async fn caller_of(
+    shared: &Shared,
+    parts: &Parts,
+    app_host: Option<&str>,
+) -> Result<Option<Arc<Caller>>, Response<Body>> {
     let identity = &shared.hub.identity;
     let token = berth_web::auth::token_from_headers(&parts.headers).or_else(|| query_token(parts));
-    let jar = Cookies::from_headers(&parts.headers);
     let found = match (&token, app_host) {
-        (Some(t), _) => identity.from_token(t).await,
-        (None, Some(host)) => match jar.get(APP_COOKIE) {
-            Some(v) => identity.from_app_cookie(host, v).await,
+        (Some(t), _) => identity.token_caller(t).await,
+        (None, Some(host)) => match Cookies::find(&parts.headers, APP_COOKIE) {
+            Some(v) => identity.app_cookie_caller(host, v).await,
             None => Ok(None),
         },
-        (None, None) => match jar.get(cookies::session_cookie(shared.hub.cfg.secure_cookies, "/").0) {
-            Some(v) => identity.from_session(v).await,
-            None => Ok(None),
-        },
+        (None, None) => {
+            match Cookies::find(&parts.headers, cookies::session_cookie(shared.hub.cfg.secure_cookies, "/").0) {
+                Some(v) => identity.session_caller(v).await,
+                None => Ok(None),
+            }
+        }
     };
     found.map_err(|e| berth_web::ApiError::from(e).into_response())
 }
