@@ -128,7 +128,7 @@ pub(crate) fn gpu_live(hub: &SharedHub, xsrf: &str) -> String {
         api = esc(&format!("{}api/gpus", hub.hub_prefix())),
         x = esc(xsrf),
         every = hub.servers.gpus.telemetry.interval().as_secs().max(1),
-        script = crate::html::script(&hub.hub_prefix(), "gpus.js"),
+        script = crate::html::script(hub.hub_prefix(), "gpus.js"),
     )
 }
 
