@@ -209,6 +209,14 @@ impl Store {
         self.auth_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
+    /// Marks cached authentication stale now and again when dropped, after
+    /// the write it guards: a request that read the old rows while the
+    /// write ran cannot leave them cached under the newer generation.
+    fn auth_changing(&self) -> AuthChange<'_> {
+        self.auth_changed();
+        AuthChange(self)
+    }
+
     /// Runs `sql` (`$1` an id, `$2` a time) once per pair, in one transaction:
     /// the activity flush's batched last-seen updates.
     pub(crate) async fn update_each(&self, sql: &str, seen: &[(String, i64)]) -> Result<()> {
@@ -255,6 +263,15 @@ fn classify_open(url: &str, source: sqlx::Error) -> StoreError {
 
 pub(crate) fn get_bool(r: &AnyRow, col: &str) -> Result<bool> {
     Ok(r.try_get::<i64, _>(col)? != 0)
+}
+
+/// See [`Store::auth_changing`].
+struct AuthChange<'a>(&'a Store);
+
+impl Drop for AuthChange<'_> {
+    fn drop(&mut self) {
+        self.0.auth_changed();
+    }
 }
 
 #[cfg(test)]

@@ -49,13 +49,13 @@ impl Store {
     }
 
     pub async fn revoke_session(&self, id_hash: &str) -> Result<()> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         sqlx::query("UPDATE sessions SET revoked = 1 WHERE id_hash = $1").bind(id_hash).execute(&self.pool).await?;
         Ok(())
     }
 
     pub async fn revoke_user_sessions(&self, user: &str) -> Result<()> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         sqlx::query("UPDATE sessions SET revoked = 1 WHERE user_name = $1").bind(user).execute(&self.pool).await?;
         Ok(())
     }

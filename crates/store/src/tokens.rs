@@ -60,7 +60,7 @@ impl Store {
     }
 
     pub async fn delete_token(&self, user: &str, id: &str) -> Result<()> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         let r = sqlx::query("DELETE FROM tokens WHERE user_name = $1 AND id = $2")
             .bind(user)
             .bind(id)
@@ -75,7 +75,7 @@ impl Store {
     /// Deletes the tokens a server held (its own API token and the OAuth
     /// access tokens issued to its client).
     pub async fn delete_server_tokens(&self, user: &str, server: &str, client_id: &str) -> Result<()> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         sqlx::query(
             // The server's own token, and every OAuth token issued to it —
             // for its owner and for any visitor.
@@ -90,7 +90,7 @@ impl Store {
     }
 
     pub async fn delete_expired_tokens(&self, now: i64) -> Result<u64> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         let r = sqlx::query("DELETE FROM tokens WHERE expires_at IS NOT NULL AND expires_at < $1")
             .bind(now)
             .execute(&self.pool)
@@ -106,7 +106,7 @@ impl Store {
     /// Revokes what was issued through one browser session (OAuth tokens
     /// servers got for that visitor): on log-out.
     pub async fn revoke_session_tokens(&self, session_public_id: &str) -> Result<u64> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         let r = sqlx::query("DELETE FROM tokens WHERE session_id = $1 AND kind = 'oauth'")
             .bind(session_public_id)
             .execute(&self.pool)
@@ -117,7 +117,7 @@ impl Store {
     /// Revokes every API and OAuth token a user holds (their servers' own
     /// tokens stay with the servers): on a password change, unauthorize or delete.
     pub async fn revoke_user_tokens(&self, user: &str) -> Result<u64> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         let r = sqlx::query("DELETE FROM tokens WHERE user_name = $1 AND kind <> 'server'")
             .bind(user)
             .execute(&self.pool)

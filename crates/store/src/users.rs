@@ -47,12 +47,12 @@ impl Store {
     }
 
     pub async fn set_authorized(&self, name: &str, authorized: bool) -> Result<()> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         self.update_one("UPDATE users SET authorized = $2 WHERE name = $1", name, b(authorized)).await
     }
 
     pub async fn set_admin(&self, name: &str, admin: bool) -> Result<()> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         self.update_one("UPDATE users SET admin = $2 WHERE name = $1", name, b(admin)).await
     }
 
@@ -68,7 +68,7 @@ impl Store {
     /// Sets a new password hash, clears the lock-out, and revokes every
     /// session of the user but `keep_session` (the one that changed it).
     pub async fn set_password(&self, name: &str, hash: &str, keep_session: Option<&str>) -> Result<()> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         let mut tx = self.pool.begin().await?;
         let r =
             sqlx::query("UPDATE users SET password_hash = $2, failed_logins = 0, locked_until = NULL WHERE name = $1")
@@ -147,7 +147,7 @@ impl Store {
     }
 
     pub async fn rename_user(&self, old: &str, new: &str) -> Result<()> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         let r = sqlx::query("UPDATE users SET name = $2 WHERE name = $1").bind(old).bind(new).execute(&self.pool).await;
         match r {
             Ok(r) if r.rows_affected() == 0 => Err(StoreError::NotFound { what: format!("user {old}") }),
@@ -159,7 +159,7 @@ impl Store {
 
     /// Deletes the user; sessions, tokens, servers and OAuth rows go with it.
     pub async fn delete_user(&self, name: &str) -> Result<()> {
-        self.auth_changed();
+        let _changed = self.auth_changing();
         let r = sqlx::query("DELETE FROM users WHERE name = $1").bind(name).execute(&self.pool).await?;
         if r.rows_affected() == 0 {
             return Err(StoreError::NotFound { what: format!("user {name}") });
