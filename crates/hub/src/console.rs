@@ -239,14 +239,30 @@ impl Hub {
 
     /// The live announcement, if any (expired ones read as none).
     pub async fn announcement(&self) -> HubResult<Option<Announcement>> {
-        let Some(raw) = self.store.setting(ANNOUNCEMENT_KEY).await? else { return Ok(None) };
-        match serde_json::from_str::<Announcement>(&raw) {
-            Ok(a) if a.is_live(now_ms()) => Ok(Some(a)),
-            Ok(_) => Ok(None),
-            Err(e) => {
-                tracing::warn!(error = %e, "the stored announcement is unreadable; showing none");
-                Ok(None)
+        let cached = self.announcement.read().ok().and_then(|a| a.clone());
+        let stored = match cached {
+            Some(a) => a,
+            None => {
+                let stored = match self.store.setting(ANNOUNCEMENT_KEY).await? {
+                    None => None,
+                    Some(raw) => match serde_json::from_str::<Announcement>(&raw) {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the stored announcement is unreadable; showing none");
+                            None
+                        }
+                    },
+                };
+                self.cache_announcement(stored.clone());
+                stored
             }
+        };
+        Ok(stored.filter(|a| a.is_live(now_ms())))
+    }
+
+    fn cache_announcement(&self, a: Option<Announcement>) {
+        if let Ok(mut c) = self.announcement.write() {
+            *c = Some(a);
         }
     }
 
@@ -281,6 +297,7 @@ impl Hub {
             Announcement { message: message.to_string(), expires_at, set_by: caller.name().to_string(), set_at: now };
         let json = serde_json::to_string(&a).map_err(HubError::internal)?;
         self.store.set_setting(ANNOUNCEMENT_KEY, &json).await?;
+        self.cache_announcement(Some(a.clone()));
         let detail = match expires_at {
             Some(t) => format!("{message} (expires at unix ms {t})"),
             None => message.to_string(),
@@ -294,6 +311,7 @@ impl Hub {
         caller.require("admin:users", Target::Hub)?;
         let had = self.announcement().await?.is_some();
         self.store.delete_setting(ANNOUNCEMENT_KEY).await?;
+        self.cache_announcement(None);
         if had {
             self.record(caller, "announcement-clear", "hub", "").await;
         }

@@ -569,7 +569,8 @@ impl Servers {
 
     /// Extend: counts as activity now, so the idle window starts again and
     /// a warning ends. A maximum-age cull cannot be pushed back.
-    pub async fn extend_cull(&self, id: &ServerId) -> HubResult<Option<CullStatus>> {
+    pub async fn extend_cull(&self, caller: &crate::identity::Caller, id: &ServerId) -> HubResult<Option<CullStatus>> {
+        caller.require("servers", berth_core::Target::Server { user: id.user(), server: id.server() })?;
         let record = self
             .store
             .get_server(id.user(), id.server())

@@ -79,6 +79,9 @@ pub struct Hub {
     prefixes: (String, String),
     /// Addresses that may read `/hub/metrics` without a credential.
     metrics_allowed: Vec<berth_core::net::Cidr>,
+    /// The announcement as last read or set (`None`: not read yet), so a
+    /// page costs no database read for it; only this hub sets it.
+    announcement: std::sync::RwLock<Option<Option<console::Announcement>>>,
 }
 
 impl Hub {
@@ -103,6 +106,7 @@ impl Hub {
             activity,
             servers,
             identity,
+            announcement: std::sync::RwLock::new(None),
             metrics_allowed: Vec::new(),
         }
     }

@@ -204,6 +204,13 @@ impl Servers {
         Ok(self.store.image_checks().await?)
     }
 
+    /// [`Servers::check_images`] asked for by `caller` (the templates page's
+    /// button): admins only (`admin:servers`).
+    pub async fn check_images_for(&self, caller: &crate::identity::Caller) -> HubResult<Vec<ImageCheck>> {
+        caller.require("admin:servers", berth_core::Target::Hub)?;
+        self.check_images(caller.name()).await
+    }
+
     /// Checks every image in use against its registry and acts on each by
     /// its policy; `actor` (an admin, or `berth` for the schedule) is named
     /// in the events. One check at a time: a second waits for the first.

@@ -60,9 +60,19 @@ async fn prebuild(hub: SharedHub, shutdown: CancellationToken) {
 /// fails: a failed read makes utilisation unknown until the next one).
 async fn sample_gpus(hub: SharedHub, shutdown: CancellationToken) {
     let telemetry = &hub.servers.gpus.telemetry;
-    let mut tick = tokio::time::interval(telemetry.interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let spawner = hub.servers.spawner();
+    every(telemetry.interval(), &shutdown, || telemetry.sample(spawner.as_ref(), now_ms())).await;
+}
+
+/// Runs `work` every `period` (a late tick waits, none is made up), until
+/// shutdown, which also ends a run under way.
+async fn every<F, Fut>(period: Duration, shutdown: &CancellationToken, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -70,7 +80,7 @@ async fn sample_gpus(hub: SharedHub, shutdown: CancellationToken) {
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = telemetry.sample(spawner.as_ref(), now_ms()) => {}
+            _ = work() => {}
         }
     }
 }
@@ -95,18 +105,7 @@ async fn check_images(hub: SharedHub, shutdown: CancellationToken) {
 
 /// Culls idle servers every `cull.interval_seconds` (see `berth_hub::cull`).
 async fn cull(hub: SharedHub, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(hub.servers.culler.interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = hub.servers.cull_check() => {}
-        }
-    }
+    every(hub.servers.culler.interval(), &shutdown, || hub.servers.cull_check()).await;
 }
 
 /// Marks servers that died as stopped, with the reason.

@@ -177,8 +177,7 @@ pub(super) async fn extend(
     ApiCaller(c): ApiCaller,
     ServerPath(id): ServerPath,
 ) -> ApiResult<Json<Value>> {
-    c.require("servers", Target::Server { user: id.user(), server: id.server() })?;
-    let status = hub.servers.extend_cull(&id).await?;
+    let status = hub.servers.extend_cull(&c, &id).await?;
     let record = hub
         .store
         .get_server(id.user(), id.server())

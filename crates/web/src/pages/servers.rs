@@ -272,7 +272,7 @@ pub async fn extend_post(
     ServerPath(id): ServerPath,
 ) -> ApiResult<Response> {
     may_manage(&user.caller, &id)?;
-    hub.servers.extend_cull(&id).await.map_err(|e| ApiError::from(e).page())?;
+    hub.servers.extend_cull(&user.caller, &id).await.map_err(|e| ApiError::from(e).page())?;
     Ok(Redirect::to(&format!("{}home", hub.hub_prefix())).into_response())
 }
 
