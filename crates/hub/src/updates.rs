@@ -16,8 +16,9 @@
 //! applied again until its tag moves on to another digest.
 //!
 //! A catalog template whose base changed is set aside (kept as its
-//! previous image) and built on the new base at its next start; it is not
-//! rebuilt by the check itself.
+//! previous image) and rebuilt on the new base right after the check, in
+//! the background (a start meanwhile waits for that build; `berth images
+//! check` waits for it before it exits).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -253,7 +254,10 @@ impl Servers {
 
     /// [`Servers::check_images`] asked for by `caller` (the templates page's
     /// button): admins only (`admin:servers`).
-    pub async fn check_images_for(&self, caller: &crate::identity::Caller) -> HubResult<Vec<ImageCheck>> {
+    pub async fn check_images_for(
+        self: &std::sync::Arc<Self>,
+        caller: &crate::identity::Caller,
+    ) -> HubResult<Vec<ImageCheck>> {
         caller.require("admin:servers", berth_core::Target::Hub)?;
         self.check_images(caller.name()).await
     }
@@ -261,7 +265,7 @@ impl Servers {
     /// Checks every image in use against its registry and acts on each by
     /// its policy; `actor` (an admin, or `berth` for the schedule) is named
     /// in the events. One check at a time: a second waits for the first.
-    pub async fn check_images(&self, actor: &str) -> HubResult<Vec<ImageCheck>> {
+    pub async fn check_images(self: &std::sync::Arc<Self>, actor: &str) -> HubResult<Vec<ImageCheck>> {
         let running = self.updates.running.clone();
         let _one = running.lock().await;
         let servers = self.store.list_servers(None).await?;
@@ -271,6 +275,7 @@ impl Servers {
         // An image two templates share is asked for once, and pulled once.
         let mut asked: HashMap<String, Result<RegistryImage, String>> = HashMap::new();
         let mut pulled: HashMap<String, Result<String, String>> = HashMap::new();
+        let mut rebuild = Vec::new();
         for t in self.update_targets() {
             let mut c = ImageCheck {
                 template: t.template.clone(),
@@ -350,7 +355,7 @@ impl Servers {
                                 c.local_digest = now.clone();
                                 c.message = match &t.built {
                                     Some(own) => format!(
-                                        "updated its base {} to {now} (was {was}; kept as {previous}); {own} is kept as {} and the next start builds it on the new base; running servers keep theirs",
+                                        "updated its base {} to {now} (was {was}; kept as {previous}); {own} is kept as {} and rebuilt on the new base now (a start meanwhile waits for the build); running servers keep theirs",
                                         t.image,
                                         previous_tag(own)
                                     ),
@@ -369,6 +374,9 @@ impl Servers {
                                     );
                                 }
                                 tracing::info!(template = %t.template, image = %t.image, digest = %now, "image updated");
+                                if t.built.is_some() {
+                                    rebuild.push(t.template.clone());
+                                }
                                 let _ = self.store.add_event(actor, "image-updated", subject, &c.message).await;
                                 self.tell_owners(&servers, &t.template, &c.message).await;
                             }
@@ -386,6 +394,17 @@ impl Servers {
             out.push(c);
         }
         self.refresh_update_notices().await;
+        for id in rebuild {
+            let me = self.clone();
+            let span = tracing::info_span!("rebuild", template = %id);
+            self.track(
+                async move {
+                    let state = me.build_template_image(&id).await;
+                    tracing::info!(template = %id, ?state, "rebuilt on the updated base");
+                },
+                span,
+            );
+        }
         Ok(out)
     }
 
