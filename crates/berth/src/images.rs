@@ -21,6 +21,11 @@ pub(crate) async fn run(command: ImagesCommand, config: &Config) -> anyhow::Resu
         ImagesCommand::Check { json } => {
             let hub = berth_server::offline_hub(config).await.context("preparing the hub")?;
             let checks = hub.servers.check_images("berth images check").await.context("checking images")?;
+            // Templates rebuilt on an updated base: their builds end first.
+            let longest = hub.servers.cfg.build_timeout_seconds;
+            if !hub.servers.drain(longest).await {
+                eprintln!("berth images check: a rebuild did not end within {} s", longest.as_secs());
+            }
             hub.store.close().await;
             if json {
                 let list: Vec<serde_json::Value> = checks

@@ -387,6 +387,19 @@ async fn the_spawn_pending_page_follows_progress_without_inline_script() {
     let width = c.find(Locator::Css("#bar")).await.unwrap().attr("style").await.unwrap().unwrap_or_default();
     assert!(width.contains("width"), "the bar moved: {width:?}");
 
+    // … reaches 100 % when the server is ready (what the bar showed last
+    // is kept in the tab's session storage, which outlives the navigation
+    // to the server on the same origin) …
+    c.execute(
+        r#"var root = document.getElementById("spawn-progress");
+        new MutationObserver(function () {
+          sessionStorage.setItem("berth-bar", root.getAttribute("data-progress") + " " + document.getElementById("bar").style.width + " " + (root.getAttribute("data-state") || ""));
+        }).observe(root, {attributes: true});"#,
+        vec![],
+    )
+    .await
+    .unwrap();
+
     // … and goes to the server once it is ready.
     std::fs::write(home.join("go"), "").unwrap();
     let server = format!("{}/user/admin/", b.url);
@@ -396,6 +409,8 @@ async fn the_spawn_pending_page_follows_progress_without_inline_script() {
     let title =
         poll(Duration::from_secs(30), || async { c.title().await.ok().filter(|t| t == "the admin's server") }).await;
     assert!(title.is_some(), "the server's page did not show; {}", where_is(&c).await);
+    let bar = c.execute(r#"return sessionStorage.getItem("berth-bar");"#, vec![]).await.unwrap();
+    assert_eq!(bar.as_str(), Some("100 100% ready"), "the bar's last state before it went to the server");
     c.close().await.unwrap();
 }
 

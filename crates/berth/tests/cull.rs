@@ -195,41 +195,6 @@ async fn a_busy_or_unknown_gpu_is_never_culled_an_idle_one_is_after_a_warning_an
     assert!(b.log().contains("culling the server"), "{}", b.log());
 }
 
-/// Sends `code` to the kernel and returns without waiting for it to finish
-/// (the kernel goes on after the WebSocket closes).
-async fn execute_nowait(b: &Browser, user: &str, kernel: &str, code: &str) {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Message;
-    let url = reqwest::Url::parse(&b.url(&format!("/user/{user}/api/kernels/{kernel}/channels?session_id=culltest")))
-        .unwrap();
-    let cookie = b.jar_cookie_header(url.path());
-    let mut req = url.as_str().replacen("http", "ws", 1).into_client_request().unwrap();
-    req.headers_mut().insert("Cookie", cookie.parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect((url.host_str().unwrap(), url.port().unwrap())).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.expect("websocket handshake");
-    let msg_id = "cull-test-exec";
-    let request = json!({
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": "culltest", "username": user, "version": "5.3", "date": "2026-11-22T00:00:00Z"},
-        "parent_header": {}, "metadata": {},
-        "content": {"code": code, "silent": false, "store_history": false, "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
-        "channel": "shell", "buffers": []
-    });
-    ws.send(Message::Text(request.to_string())).await.unwrap();
-    // Wait for the kernel to say it is busy with it, then hang up.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout_at(deadline.into(), ws.next()).await else {
-            panic!("the kernel never went busy")
-        };
-        let v: Value = serde_json::from_str(t.as_ref()).unwrap();
-        if v["parent_header"]["msg_id"] == msg_id && v["content"]["execution_state"] == "busy" {
-            break;
-        }
-    }
-    let _ = ws.close(None).await;
-}
-
 #[tokio::test]
 async fn a_busy_kernel_keeps_its_server_and_once_idle_the_server_is_culled() {
     let mut env = cull_env();
@@ -240,7 +205,7 @@ async fn a_busy_kernel_keeps_its_server_and_once_idle_the_server_is_culled() {
     oauth_login(&alice, "alice").await;
     let kernel = kernel::start(&alice, "alice").await;
     let sleep = TIMEOUT + WARNING + 8;
-    execute_nowait(&alice, "alice", &kernel, &format!("import time; time.sleep({sleep})")).await;
+    kernel::execute_nowait(&alice, "alice", &kernel, &format!("import time; time.sleep({sleep})")).await;
     let sent = now_ms();
 
     let m = checked_past_the_window(&b, &alice, "alice", sent).await;

@@ -241,7 +241,7 @@ async fn images_only_in_a_registry_are_pulled_with_progress() {
     scope.extra_images.lock().unwrap().push(remote.clone());
     sh(&["docker", "build", "-q", "-t", &remote, dir.path().to_str().unwrap()]);
     sh(&["docker", "push", "-q", &remote]);
-    sh(&["docker", "rmi", "-f", &remote]);
+    sh(&["docker", "rmi", "-f", "--no-prune", &remote]);
 
     // Users may name an image only where the admin allows it.
     let missing = format!("{}/berth-pull-{}:nope", reg.addr, scope.suffix);

@@ -305,12 +305,10 @@ async fn image_updates_against_a_real_registry() {
     assert_eq!(running_version(&container), "v2", "the next start runs v2");
     let ev = events(&b.data_dir).await;
     assert!(ev.iter().any(|e| e.kind == "image-updated" && e.actor == "berth images check"), "{ev:?}");
-    // The template built on v1 is set aside (kept as berth-previous); its
-    // next build is on v2.
-    assert!(docker_inspect_image(&built).is_none(), "{built} is set aside");
+    // The template built on v1 is kept as berth-previous and rebuilt on v2
+    // (the CLI waits for the rebuild before it exits).
     assert_eq!(version_in(&format!("berth-template-{tid}:berth-previous")), "v1");
-    let r = admin.submit("/hub/admin/templates", &format!("/hub/admin/templates/{tid}/build"), &[]).await;
-    assert!(r.status().is_redirection(), "build: {}", r.status());
+    assert!(docker_inspect_image(&built).is_some(), "{built} is rebuilt by the check");
     assert_eq!(wait_for_template_image(&tid).await, built, "the same template, the same tag");
     assert_eq!(version_in(&built), "v2", "rebuilt on the new base");
 
@@ -458,4 +456,186 @@ async fn a_manifest_for_another_platform_is_refused() {
     let ev = events(&b.data_dir).await;
     assert!(ev.iter().any(|e| e.kind == "image-check-failed" && e.detail.contains("linux/arm64")), "{ev:?}");
     assert_eq!(image_id(&format!("{repo}:stable")), id, "nothing pulled");
+}
+
+/// Builds `tag` as the test image whose single-user server never answers
+/// (its `jupyterhub-singleuser` only sleeps): an update that never becomes ready.
+fn build_never_ready(base: &str, tag: &str, version: &str) {
+    let dockerfile = format!(
+        "FROM {base}\nRUN echo {version} > /berth-version && printf '#!/bin/sh\\nexec sleep 100000\\n' > /opt/venv/bin/jupyterhub-singleuser\n"
+    );
+    let mut child = Command::new("docker")
+        .args(["build", "-q", "-t", tag, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(dockerfile.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "build {tag}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `/berth-version` in the container, or "" while it has none running.
+fn version_now(container: &str) -> String {
+    let out = Command::new("docker").args(["exec", container, "cat", "/berth-version"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits (`secs` at most) until the event log has an event satisfying `f`.
+async fn wait_event(b: &Berth, what: &str, secs: u64, f: impl Fn(&berth_store::Event) -> bool) -> berth_store::Event {
+    let start = Instant::now();
+    loop {
+        if let Some(e) = events(&b.data_dir).await.into_iter().find(|e| f(e)) {
+            return e;
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "no {what} within {secs} s\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The image-update banner on `u`'s home page, if any.
+async fn update_banner(u: &Browser) -> Option<String> {
+    let (_, home) = u.get_text("/hub/home").await;
+    let at = home.find(r#"id="image-update-""#)?;
+    Some(home[at..].split("</div>").next().unwrap_or("").to_string())
+}
+
+/// `when-idle` against the real registry: an idle server is recreated on
+/// v2 while a busy one (a real kernel running a cell) keeps v1 and its
+/// owner is told; v3 never becomes ready, so the server that moved to it
+/// is put back on v2, with the reason in the event log, and v3 is not
+/// applied again; v4 (never ready either) is cut off by `kill -9` of
+/// berth in the middle of its move, and the restarted berth finishes the
+/// job: the server ends on v2 with a container, never without one.
+#[tokio::test(flavor = "multi_thread")]
+async fn when_idle_moves_idle_servers_keeps_busy_ones_and_rolls_back_a_broken_update() {
+    let base = test_image();
+    let registry = Registry::start();
+    let scope = DockerScope::new();
+    let repo = format!("127.0.0.1:{}/berth-idle-{}", registry.port, scope.suffix);
+    for v in ["v1", "v2"] {
+        build_version(&base, &format!("{repo}:{v}"), v);
+    }
+    for v in ["v3", "v4"] {
+        build_never_ready(&base, &format!("{repo}:{v}"), v);
+    }
+    for t in ["v1", "v2", "v3", "v4", "stable", "berth-previous"] {
+        scope.extra_images.lock().unwrap().push(format!("{repo}:{t}"));
+    }
+    docker(&["tag", &format!("{repo}:v1"), &format!("{repo}:stable")]);
+    docker(&["push", "-q", &format!("{repo}:stable")]);
+
+    let mut env = scope.env(&format!("{repo}:stable"));
+    env.retain(|(k, _)| k != "BERTH_START_TIMEOUT");
+    for (k, v) in [
+        ("BERTH_IMAGES_CHECK_AT", ""),
+        ("BERTH_IMAGES_POLICY", "when-idle"),
+        ("BERTH_IMAGES_IDLE_SECONDS", "5"),
+        ("BERTH_CULL_INTERVAL", "2"),
+        ("BERTH_START_TIMEOUT", "30"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut b = Berth::start_with(&env_ref, &[]);
+    let idle = scope.user("idl");
+    let busy = scope.user("bsy");
+    let (admin, iu) = admin_and_user(&b, &idle, PW).await;
+    let bu = authorized_user(&b, &admin, &busy, PW).await;
+    let (ic, bc) = (format!("berth-{idle}"), format!("berth-{busy}"));
+    for (u, name) in [(&iu, &idle), (&bu, &busy)] {
+        let ready = start_server(&b, u, name).await;
+        assert_eq!(ready["ready"], true, "{ready}\n{}", b.log());
+    }
+    assert_eq!((running_version(&ic), running_version(&bc)), ("v1".into(), "v1".into()));
+    // The busy one: a real kernel in the middle of a long cell.
+    oauth_login(&bu, &busy).await;
+    let kernel = kernel::start(&bu, &busy).await;
+    kernel::execute_nowait(&bu, &busy, &kernel, "import time; time.sleep(900)").await;
+    let busy_container = docker_inspect(&bc).unwrap()["Id"].clone();
+
+    // v2: pulled (v1 kept); the idle server is recreated on it.
+    push_as_stable(&repo, "v2");
+    let (status, row) = check_from_page(&admin, "docker.image").await;
+    assert_eq!(status, "updated", "{row}");
+    assert!(row.contains("when-idle") && row.contains("once idle"), "{row}");
+    let moved = wait_event(&b, "move of the idle server", 120, |e| e.kind == "image-moved" && e.subject == idle).await;
+    assert!(moved.detail.contains("runs") && moved.detail.contains(&repo), "{moved:?}");
+    assert_eq!(running_version(&ic), "v2", "the idle server runs v2");
+    let ev = events(&b.data_dir).await;
+    assert!(
+        ev.iter().any(|e| e.kind == "image-move" && e.subject == idle && e.detail.contains("idle for at least 5 s")),
+        "{ev:?}"
+    );
+    // A moved server is still the owner's, reachable through the proxy.
+    oauth_login(&iu, &idle).await;
+    let r = iu.get(&format!("/user/{idle}/api/status")).await;
+    assert_eq!(r.status(), StatusCode::OK, "the moved server answers");
+
+    // The busy one is never interrupted, however many rounds go by; its
+    // owner sees why it still runs v1.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(docker_inspect(&bc).unwrap()["Id"], busy_container, "a busy server is not recreated");
+    assert_eq!(running_version(&bc), "v1");
+    let banner = update_banner(&bu).await.expect("the busy server's owner sees the update");
+    assert!(banner.contains("was updated") && banner.contains("idle for 5 s"), "{banner}");
+    assert!(update_banner(&iu).await.is_none(), "nothing to say to the owner of the moved server");
+    let ev = events(&b.data_dir).await;
+    assert!(!ev.iter().any(|e| e.kind.starts_with("image-move") && e.subject == busy), "{ev:?}");
+
+    // v3 never becomes ready: the server that moves to it is put back on v2.
+    push_as_stable(&repo, "v3");
+    let v3_digest = {
+        let (status, row) = check_from_page(&admin, "docker.image").await;
+        assert_eq!(status, "updated", "{row}");
+        docker(&["image", "inspect", "-f", "{{index .RepoDigests 0}}", &format!("{repo}:stable")])
+            .split('@')
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let rolled = wait_event(&b, "rollback from v3", 240, |e| e.kind == "image-rolled-back" && e.subject == idle).await;
+    assert!(rolled.detail.contains(&v3_digest), "the event names the failed update: {rolled:?}");
+    assert!(rolled.detail.contains("put back on the previous image"), "{rolled:?}");
+    assert!(rolled.detail.contains("30 s") || rolled.detail.contains("did not"), "and why it failed: {rolled:?}");
+    assert_eq!(running_version(&ic), "v2", "the server ends on v2");
+    oauth_login(&iu, &idle).await;
+    let r = iu.get(&format!("/user/{idle}/api/status")).await;
+    assert_eq!(r.status(), StatusCode::OK, "and answers");
+    assert_eq!(image_id(&format!("{repo}:stable")), image_id(&format!("{repo}:v2")), "the tag is back on v2");
+    assert_eq!(running_version(&bc), "v1", "the busy server was left alone throughout");
+    // The check knows: rolled back, and v3 is not pulled again.
+    let (status, row) = check_from_page(&admin, "docker.image").await;
+    assert_eq!(status, "rolled-back", "{row}");
+    assert!(row.contains("rolled back") && row.contains(&v3_digest), "{row}");
+    assert_eq!(image_id(&format!("{repo}:stable")), image_id(&format!("{repo}:v2")), "v3 not applied again");
+
+    // v4 (never ready either), and berth killed in the middle of the move.
+    push_as_stable(&repo, "v4");
+    let (status, row) = check_from_page(&admin, "docker.image").await;
+    assert_eq!(status, "updated", "{row}");
+    let start = Instant::now();
+    while version_now(&ic) != "v4" {
+        assert!(start.elapsed() < Duration::from_secs(120), "the move to v4 did not begin\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    b.kill9_and_restart();
+    let resumed = wait_event(&b, "the move taken up after the restart", 60, |e| {
+        e.kind == "image-move" && e.subject == idle && e.detail.contains("berth restarted")
+    })
+    .await;
+    assert!(resumed.detail.contains(&repo), "{resumed:?}");
+    wait_event(&b, "rollback from v4 after the restart", 240, |e| {
+        e.kind == "image-rolled-back" && e.subject == idle && !e.detail.contains(&v3_digest)
+    })
+    .await;
+    assert_eq!(running_version(&ic), "v2", "after the restart the server ends on v2, with a container");
+    assert_eq!(running_version(&bc), "v1", "and the busy server was re-adopted as it was");
+    let iu = Browser::new(&b.url);
+    iu.login_ok(&idle, PW).await;
+    let v: Value = iu.api(Method::GET, &format!("/hub/api/users/{idle}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["servers"][""]["ready"], true, "{v}");
+    assert!(!b.log().contains("panicked"), "{}", b.log());
 }

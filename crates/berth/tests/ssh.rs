@@ -654,7 +654,7 @@ async fn ssh_user_plus_pytorch_starts_the_pytorch_template_and_runs_python() {
     let docker =
         |args: &[&str]| Command::new("docker").args(args).output().map(|o| o.status.success()).unwrap_or(false);
     if docker(&["image", "inspect", &want]) {
-        assert!(docker(&["tag", &want, "berth-test-cache/pytorch:layers"]) && docker(&["rmi", &want]));
+        assert!(docker(&["tag", &want, "berth-test-cache/pytorch:layers"]) && docker(&["rmi", "--no-prune", &want]));
     }
 
     let login = format!("{alice_name}+pytorch");

@@ -105,7 +105,9 @@ impl Drop for UpScope {
     fn drop(&mut self) {
         let _ = Command::new("docker").args(["rm", "-f", &format!("berth-up-{}", self.id)]).output();
         let _ = Command::new("docker").args(["volume", "rm", "-f", &format!("berth-up-{}-app", self.id)]).output();
-        let _ = Command::new("docker").args(["rmi", "-f", &format!("berth-template-{}:latest", self.id)]).output();
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", "--no-prune", &format!("berth-template-{}:latest", self.id)])
+            .output();
     }
 }
 
@@ -209,7 +211,7 @@ impl Drop for PruneScope {
     fn drop(&mut self) {
         let _ = Command::new("docker").args(["rm", "-f", &self.container]).output();
         for t in &self.tags {
-            let _ = Command::new("docker").args(["rmi", t]).output();
+            let _ = Command::new("docker").args(["rmi", "--no-prune", t]).output();
         }
     }
 }

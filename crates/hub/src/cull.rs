@@ -147,6 +147,24 @@ pub(crate) struct Kernels {
     pub last_activity: Option<i64>,
 }
 
+/// What [`Servers::signals`] read of one running server.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Signals {
+    /// Unix ms of the latest sign of life.
+    pub last_activity: i64,
+    /// Signals alive now.
+    pub active: Vec<String>,
+    /// Signals that could not be read.
+    pub unknown: Vec<String>,
+}
+
+impl Signals {
+    /// Nothing alive, nothing unknown, and no sign of life for `d`.
+    pub(crate) fn idle_for(&self, d: Duration, now: i64) -> bool {
+        self.active.is_empty() && self.unknown.is_empty() && now.saturating_sub(self.last_activity) >= ms(d)
+    }
+}
+
 /// The culler's state: configuration, the servers it watches, SSH sessions
 /// counted per server, and the kernel-reading tokens.
 #[derive(Default)]
@@ -402,50 +420,17 @@ impl Servers {
             Some(w) if w.started == started => (w.last_seen, w.warned_at),
             _ => (started, None),
         };
-        let mut last = last_seen
-            .max(started)
-            .max(record.last_activity.unwrap_or(0))
-            .max(self.activity.pending_server(id.user(), id.server()).unwrap_or(0));
-        let mut active = Vec::new();
-        let mut unknown = Vec::new();
-        if !timeout.is_zero() {
-            let ssh = c.ssh_open(&id);
-            if ssh > 0 {
-                active.push(if ssh == 1 {
-                    "an SSH session is open".to_string()
-                } else {
-                    format!("{ssh} SSH sessions are open")
-                });
-            }
-            self.gpu_signals(&devices, now, &mut last, &mut active, &mut unknown);
+        let (last, active, unknown) = if timeout.is_zero() {
+            let last = last_seen
+                .max(started)
+                .max(record.last_activity.unwrap_or(0))
+                .max(self.activity.pending_server(id.user(), id.server()).unwrap_or(0));
+            (last, Vec::new(), Vec::new())
+        } else {
             let jupyter = template.is_none_or(|t| t.protocol == AppProtocol::Jupyter);
-            if jupyter {
-                match self.read_kernels(&id, &record, started).await {
-                    Ok(k) => {
-                        if k.busy > 0 {
-                            active.push(if k.busy == 1 {
-                                "a kernel is busy".to_string()
-                            } else {
-                                format!("{} kernels are busy", k.busy)
-                            });
-                        }
-                        if let Some(t) = k.last_activity {
-                            let t = t.min(now);
-                            if t > last {
-                                self.activity.server(id.user(), id.server(), t);
-                            }
-                            last = last.max(t);
-                        }
-                    }
-                    Err(e) => unknown.push(format!("its kernels could not be read: {e}")),
-                }
-            }
-            if !active.is_empty() {
-                last = now;
-                // Shown as the server's last_activity, so an external culler sees it too.
-                self.activity.server(id.user(), id.server(), now);
-            }
-        }
+            let s = self.signals(&id, &record, &devices, last_seen, jupyter, now).await;
+            (s.last_activity, s.active, s.unknown)
+        };
         last_seen = last;
         let decision = decide(&Observed {
             now,
@@ -493,6 +478,63 @@ impl Servers {
         if let Some(reason) = cull {
             self.cull(&id, &reason).await;
         }
+    }
+
+    /// Reads every sign of life of a running server: the latest seen
+    /// (never before `since` or its start), what is alive now, and what
+    /// could not be read. Life seen now is written into its
+    /// `last_activity`, so an external culler sees it too.
+    pub(crate) async fn signals(
+        self: &Arc<Self>,
+        id: &ServerId,
+        record: &Server,
+        devices: &[String],
+        since: i64,
+        jupyter: bool,
+        now: i64,
+    ) -> Signals {
+        let started = record.started.unwrap_or(now);
+        let mut last = since
+            .max(started)
+            .max(record.last_activity.unwrap_or(0))
+            .max(self.activity.pending_server(id.user(), id.server()).unwrap_or(0));
+        let mut active = Vec::new();
+        let mut unknown = Vec::new();
+        let ssh = self.culler.ssh_open(id);
+        if ssh > 0 {
+            active.push(if ssh == 1 {
+                "an SSH session is open".to_string()
+            } else {
+                format!("{ssh} SSH sessions are open")
+            });
+        }
+        self.gpu_signals(devices, now, &mut last, &mut active, &mut unknown);
+        if jupyter {
+            match self.read_kernels(id, record, started).await {
+                Ok(k) => {
+                    if k.busy > 0 {
+                        active.push(if k.busy == 1 {
+                            "a kernel is busy".to_string()
+                        } else {
+                            format!("{} kernels are busy", k.busy)
+                        });
+                    }
+                    if let Some(t) = k.last_activity {
+                        let t = t.min(now);
+                        if t > last {
+                            self.activity.server(id.user(), id.server(), t);
+                        }
+                        last = last.max(t);
+                    }
+                }
+                Err(e) => unknown.push(format!("its kernels could not be read: {e}")),
+            }
+        }
+        if !active.is_empty() {
+            last = now;
+            self.activity.server(id.user(), id.server(), now);
+        }
+        Signals { last_activity: last, active, unknown }
     }
 
     fn gpu_signals(

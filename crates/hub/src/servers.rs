@@ -13,6 +13,7 @@
 mod adopt;
 mod config;
 pub mod images;
+pub mod moves;
 pub mod queue;
 mod readiness;
 pub mod spec;
@@ -168,6 +169,11 @@ pub struct Servers {
     /// Starts under way in this process: a stop asks the start's own task
     /// to end it (`Starting::stop`), so a server is torn down once.
     starting: Mutex<HashMap<ServerId, Arc<Starting>>>,
+    /// Image moves under way in this process (see [`moves`]).
+    moving: Mutex<HashSet<ServerId>>,
+    /// What owners are told about updates of the images their running
+    /// servers run, by (user, server); refreshed by checks and moves.
+    notices: Mutex<HashMap<(String, String), String>>,
 }
 
 /// A start's task as a stop sees it.
@@ -218,6 +224,8 @@ impl Servers {
             queue_len: AtomicUsize::new(0),
             queue_paused: AtomicBool::new(false),
             starting: Mutex::new(HashMap::new()),
+            moving: Mutex::new(HashSet::new()),
+            notices: Mutex::new(HashMap::new()),
         }
     }
 
@@ -298,8 +306,16 @@ impl Servers {
     /// starting (JupyterHub's pending spawn), and it starts by itself when
     /// it is first in line and GPUs are free.
     pub async fn start(self: &Arc<Self>, id: &ServerId, options: UserOptions) -> HubResult<()> {
+        self.start_as(id, options, false).await
+    }
+
+    /// [`Servers::start`]; a `recreate` (a server berth itself stopped a
+    /// moment ago to run it on an updated image) is not held to the limits
+    /// on running servers and GPU time that a new start must pass, and
+    /// waits for a start slot instead of being refused one.
+    async fn start_as(self: &Arc<Self>, id: &ServerId, options: UserOptions, recreate: bool) -> HubResult<()> {
         let asked = tokio::time::Instant::now();
-        let admission = match self.admit(id, options).await {
+        let admission = match self.admit(id, options, recreate).await {
             Ok(Admitted::Now(a)) => *a,
             Ok(Admitted::Queued) => return Ok(()),
             Err(e) => {
@@ -343,7 +359,7 @@ impl Servers {
 
     /// Step 1: whether this start may happen now — the owner, the template,
     /// the claim, the state, the limits — and the GPUs it holds.
-    async fn admit(self: &Arc<Self>, id: &ServerId, mut options: UserOptions) -> HubResult<Admitted> {
+    async fn admit(self: &Arc<Self>, id: &ServerId, mut options: UserOptions, recreate: bool) -> HubResult<Admitted> {
         let (user, server) = (id.user(), id.server());
         if let Some(image) = &options.image {
             if options.template.is_some() || !self.cfg.allowed_images.contains(image) {
@@ -397,16 +413,22 @@ impl Servers {
                 return Err(HubError::NamedServerLimit { user: user.into(), limit, running });
             }
         }
-        if self.cfg.max_running > 0 && self.store.count_active_servers().await? >= self.cfg.max_running as i64 {
+        if !recreate
+            && self.cfg.max_running > 0
+            && self.store.count_active_servers().await? >= self.cfg.max_running as i64
+        {
             return Err(HubError::HubFull { limit: self.cfg.max_running });
         }
-        let permit = self
-            .starts
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| HubError::TooManyStarting { limit: self.cfg.max_concurrent_starts })?;
+        let permit = if recreate {
+            self.starts.clone().acquire_owned().await.map_err(|_| HubError::internal("the start slots are closed"))?
+        } else {
+            self.starts
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| HubError::TooManyStarting { limit: self.cfg.max_concurrent_starts })?
+        };
         let want = options.gpus.unwrap_or(0) as usize;
-        if want > 0 {
+        if want > 0 && !recreate {
             self.usage.check_quota(user, now_ms()).await?;
         }
         let Some(gpus) = self.take_or_queue(id, want, record.clone(), &options).await? else {

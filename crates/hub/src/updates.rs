@@ -6,14 +6,19 @@
 //! available and tells the admins and the owners of running servers on it
 //! in the event log; `next-start` also pulls the tag anew, keeping the
 //! engine's previous copy as `<repo>:berth-previous`, so the next start
-//! runs the new image while running servers keep theirs. A check that
-//! fails (no answer, 401, no manifest for this platform) is recorded and
-//! is an event; no server is touched.
+//! runs the new image while running servers keep theirs; `when-idle` pulls
+//! the same way and records a *move* for each running server on it, which
+//! the hub carries out once that server is idle (see
+//! [`crate::servers::moves`]: recreated on the new image, put back on the
+//! previous one when it fails its readiness check). A check that fails (no
+//! answer, 401, no manifest for this platform) is recorded and is an
+//! event; no server is touched. An update that was rolled back is not
+//! applied again until its tag moves on to another digest.
 //!
-//! Not built yet: `when-idle` (recreating idle servers on the new image,
-//! with the rollback to the previous image when one fails its readiness
-//! check), and rebuilding a catalog template whose base changed (its check
-//! reports the base's update; the template is not rebuilt).
+//! A catalog template whose base changed is set aside (kept as its
+//! previous image) and rebuilt on the new base right after the check, in
+//! the background (a start meanwhile waits for that build; `berth images
+//! check` waits for it before it exits).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,17 +38,26 @@ pub const DOCKER_IMAGE: &str = "docker.image";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImagesConfig {
-    /// What a check does when an image changed: `notify` or `next-start`.
+    /// What a check does when an image changed: `notify`, `next-start` or `when-idle`.
     pub policy: String,
     /// Per template, `id=policy` (`docker.image=…` for `docker.image`).
     pub template_policies: Vec<String>,
     /// When the daily check runs, `HH:MM` in UTC; empty: no scheduled check.
     pub check_at: String,
+    /// `when-idle`: how long a server shows no sign of use before it is
+    /// recreated on the updated image.
+    #[serde(with = "berth_core::serde_secs")]
+    pub idle_seconds: Duration,
 }
 
 impl Default for ImagesConfig {
     fn default() -> Self {
-        ImagesConfig { policy: "notify".into(), template_policies: Vec::new(), check_at: "00:00".into() }
+        ImagesConfig {
+            policy: "notify".into(),
+            template_policies: Vec::new(),
+            check_at: "00:00".into(),
+            idle_seconds: Duration::from_secs(1800),
+        }
     }
 }
 
@@ -52,6 +66,7 @@ impl Default for ImagesConfig {
 pub enum Policy {
     Notify,
     NextStart,
+    WhenIdle,
 }
 
 impl Policy {
@@ -59,8 +74,8 @@ impl Policy {
         match s.trim() {
             "notify" => Ok(Policy::Notify),
             "next-start" => Ok(Policy::NextStart),
-            "when-idle" => Err("`when-idle` is not built yet; use `notify` or `next-start`".into()),
-            other => Err(format!("{other:?} is not a policy (`notify` or `next-start`)")),
+            "when-idle" => Ok(Policy::WhenIdle),
+            other => Err(format!("{other:?} is not a policy (`notify`, `next-start` or `when-idle`)")),
         }
     }
 
@@ -68,6 +83,7 @@ impl Policy {
         match self {
             Policy::Notify => "notify",
             Policy::NextStart => "next-start",
+            Policy::WhenIdle => "when-idle",
         }
     }
 }
@@ -81,6 +97,8 @@ pub struct Updates {
     at: Option<u32>,
     /// `docker.image`, when set.
     docker_image: String,
+    /// `when-idle`: the idle time before a move.
+    idle: Duration,
     /// One check at a time.
     running: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
@@ -92,6 +110,7 @@ impl Default for Updates {
             per_template: HashMap::new(),
             at: None,
             docker_image: String::new(),
+            idle: ImagesConfig::default().idle_seconds,
             running: Default::default(),
         }
     }
@@ -110,7 +129,19 @@ impl Updates {
             per_template.insert(id.trim().to_string(), p);
         }
         let at = parse_at(&cfg.check_at).map_err(|m| ("images.check_at", m))?;
-        Ok(Updates { global, per_template, at, docker_image: docker_image.to_string(), running: Default::default() })
+        Ok(Updates {
+            global,
+            per_template,
+            at,
+            docker_image: docker_image.to_string(),
+            idle: cfg.idle_seconds,
+            running: Default::default(),
+        })
+    }
+
+    /// `when-idle`: how long a server must have shown no sign of use.
+    pub fn idle(&self) -> Duration {
+        self.idle
     }
 
     pub fn policy(&self, template: &str) -> Policy {
@@ -175,6 +206,23 @@ struct Target {
     built: Option<String>,
 }
 
+impl Target {
+    /// The image its servers run.
+    fn runs(&self) -> &str {
+        self.built.as_deref().unwrap_or(&self.image)
+    }
+}
+
+/// Whether `s` runs `template` (`docker.image`: a server of no template
+/// that named no image of its own).
+pub(crate) fn runs_template(s: &berth_store::Server, template: &str) -> bool {
+    if template == DOCKER_IMAGE {
+        s.template.is_empty() && crate::servers::UserOptions::from_record(&s.user_options).image.is_none()
+    } else {
+        s.template == template
+    }
+}
+
 impl Servers {
     /// What to check: `docker.image` when set, then every template's image
     /// (or, for one built from the catalog, its base).
@@ -206,7 +254,10 @@ impl Servers {
 
     /// [`Servers::check_images`] asked for by `caller` (the templates page's
     /// button): admins only (`admin:servers`).
-    pub async fn check_images_for(&self, caller: &crate::identity::Caller) -> HubResult<Vec<ImageCheck>> {
+    pub async fn check_images_for(
+        self: &std::sync::Arc<Self>,
+        caller: &crate::identity::Caller,
+    ) -> HubResult<Vec<ImageCheck>> {
         caller.require("admin:servers", berth_core::Target::Hub)?;
         self.check_images(caller.name()).await
     }
@@ -214,14 +265,17 @@ impl Servers {
     /// Checks every image in use against its registry and acts on each by
     /// its policy; `actor` (an admin, or `berth` for the schedule) is named
     /// in the events. One check at a time: a second waits for the first.
-    pub async fn check_images(&self, actor: &str) -> HubResult<Vec<ImageCheck>> {
+    pub async fn check_images(self: &std::sync::Arc<Self>, actor: &str) -> HubResult<Vec<ImageCheck>> {
         let running = self.updates.running.clone();
         let _one = running.lock().await;
         let servers = self.store.list_servers(None).await?;
+        let earlier: HashMap<String, ImageCheck> =
+            self.store.image_checks().await?.into_iter().map(|c| (c.template.clone(), c)).collect();
         let mut out = Vec::new();
         // An image two templates share is asked for once, and pulled once.
         let mut asked: HashMap<String, Result<RegistryImage, String>> = HashMap::new();
         let mut pulled: HashMap<String, Result<String, String>> = HashMap::new();
+        let mut rebuild = Vec::new();
         for t in self.update_targets() {
             let mut c = ImageCheck {
                 template: t.template.clone(),
@@ -256,7 +310,14 @@ impl Servers {
                     c.remote_digest = r.remote_digest.clone();
                     let policy = self.updates.policy(&t.template);
                     let was = r.local_digest.as_deref().unwrap_or("nothing");
-                    if policy == Policy::Notify {
+                    let rejected = earlier
+                        .get(&t.template)
+                        .filter(|e| e.status == "rolled-back" && e.remote_digest == r.remote_digest);
+                    if let Some(e) = rejected {
+                        // Known to fail: not applied again until the tag moves on.
+                        c.status = "rolled-back".into();
+                        c.message = e.message.clone();
+                    } else if policy == Policy::Notify {
                         c.status = "available".into();
                         c.message = format!(
                             "an update is available: {}{} is {} in its registry, {was} here",
@@ -294,7 +355,7 @@ impl Servers {
                                 c.local_digest = now.clone();
                                 c.message = match &t.built {
                                     Some(own) => format!(
-                                        "updated its base {} to {now} (was {was}; kept as {previous}); {own} is kept as {} and the next start builds it on the new base; running servers keep theirs",
+                                        "updated its base {} to {now} (was {was}; kept as {previous}); {own} is kept as {} and rebuilt on the new base now (a start meanwhile waits for the build); running servers keep theirs",
                                         t.image,
                                         previous_tag(own)
                                     ),
@@ -303,7 +364,19 @@ impl Servers {
                                         t.image
                                     ),
                                 };
+                                if policy == Policy::WhenIdle {
+                                    let moves = self.record_moves(&servers, &t, &now).await;
+                                    c.message = format!(
+                                        "{}; {moves} running on it {} recreated on it once idle for {} (a busy server is never interrupted)",
+                                        c.message.trim_end_matches("; running servers keep theirs"),
+                                        if moves == 1 { "is" } else { "are" },
+                                        crate::cull::human(self.updates.idle()),
+                                    );
+                                }
                                 tracing::info!(template = %t.template, image = %t.image, digest = %now, "image updated");
+                                if t.built.is_some() {
+                                    rebuild.push(t.template.clone());
+                                }
                                 let _ = self.store.add_event(actor, "image-updated", subject, &c.message).await;
                                 self.tell_owners(&servers, &t.template, &c.message).await;
                             }
@@ -320,14 +393,54 @@ impl Servers {
             self.store.set_image_check(&c).await?;
             out.push(c);
         }
+        self.refresh_update_notices().await;
+        for id in rebuild {
+            let me = self.clone();
+            let span = tracing::info_span!("rebuild", template = %id);
+            self.track(
+                async move {
+                    let state = me.build_template_image(&id).await;
+                    tracing::info!(template = %id, ?state, "rebuilt on the updated base");
+                },
+                span,
+            );
+        }
         Ok(out)
+    }
+
+    /// `when-idle`: a move for each running server on `t`, waiting for it
+    /// to be idle; how many.
+    async fn record_moves(&self, servers: &[berth_store::Server], t: &Target, digest: &str) -> usize {
+        let now = berth_store::now_ms();
+        let mut n = 0;
+        for s in servers.iter().filter(|s| s.state == berth_core::ServerState::Running && runs_template(s, &t.template))
+        {
+            let m = berth_store::ImageMove {
+                user: s.user.clone(),
+                server: s.name.clone(),
+                template: t.template.clone(),
+                image: t.runs().to_string(),
+                previous: previous_tag(t.runs()),
+                digest: digest.to_string(),
+                phase: "waiting".into(),
+                detail: String::new(),
+                created: now,
+            };
+            match self.store.put_image_move(&m).await {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::error!(user = %s.user, server = %s.name, error = %e, "could not record an image move")
+                }
+            }
+        }
+        n
     }
 
     /// An event for each owner of a running server on `template`.
     async fn tell_owners(&self, servers: &[berth_store::Server], template: &str, message: &str) {
         let on = |s: &&berth_store::Server| {
             matches!(s.state, berth_core::ServerState::Running | berth_core::ServerState::Starting)
-                && (s.template == template || (template == DOCKER_IMAGE && s.template.is_empty()))
+                && runs_template(s, template)
         };
         for s in servers.iter().filter(on) {
             let server = if s.name.is_empty() { s.user.clone() } else { format!("{}/{}", s.user, s.name) };
@@ -346,13 +459,15 @@ mod tests {
             policy: "notify".into(),
             template_policies: vec!["lab=next-start".into(), " ".into()],
             check_at: "00:00".into(),
+            ..Default::default()
         };
         let u = Updates::new(&cfg, "").unwrap();
         assert_eq!(u.policy("lab"), Policy::NextStart);
         assert_eq!(u.policy("other"), Policy::Notify);
+        let idle = ImagesConfig { policy: "when-idle".into(), ..Default::default() };
+        assert_eq!(Updates::new(&idle, "").unwrap().policy("lab"), Policy::WhenIdle);
         for (policy, templates, at, key) in [
             ("sometimes", vec![], "00:00", "images.policy"),
-            ("when-idle", vec![], "00:00", "images.policy"),
             ("notify", vec!["lab"], "00:00", "images.template_policies"),
             ("notify", vec!["lab=never"], "00:00", "images.template_policies"),
             ("notify", vec![], "24:00", "images.check_at"),
@@ -362,6 +477,7 @@ mod tests {
                 policy: policy.into(),
                 template_policies: templates.into_iter().map(String::from).collect(),
                 check_at: at.into(),
+                ..Default::default()
             };
             assert_eq!(Updates::new(&cfg, "").map(|_| ()).unwrap_err().0, key, "{policy} {at}");
         }

@@ -195,9 +195,10 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("cull.max_age_seconds", &["BERTH_CULL_MAX_AGE"], "Stop a server this many seconds after it started, however busy it is (after the warning, which cannot be extended); 0 means no maximum age."),
     ("cull.warning_seconds", &["BERTH_CULL_WARNING"], "How long the owner is warned (banner, `berth.cull` in the server model, a progress event) before a server is culled; Extend or any use ends an idle warning."),
     ("cull.interval_seconds", &["BERTH_CULL_INTERVAL"], "Seconds between the culler's checks of the running servers."),
-    ("images.policy", &["BERTH_IMAGES_POLICY"], "What an image-update check does when an image's tag moved in its registry: `notify` (the admins' templates page and the event log say an update is available, also to the owners of servers running on it) or `next-start` (the tag is pulled anew, the previous image kept as `<repo>:berth-previous`; the next start runs the new one, running servers keep theirs). See docs/gpus.md."),
+    ("images.policy", &["BERTH_IMAGES_POLICY"], "What an image-update check does when an image's tag moved in its registry: `notify` (the admins' templates page and the event log say an update is available, also to the owners of servers running on it), `next-start` (the tag is pulled anew, the previous image kept as `<repo>:berth-previous`; the next start runs the new one, running servers keep theirs) or `when-idle` (pulled the same way; running servers on it are recreated on it once idle for `images.idle_seconds`, and put back on the previous image when the new one fails its readiness check; a busy server is never interrupted). See docs/operations.md."),
     ("images.template_policies", &["BERTH_IMAGES_TEMPLATE_POLICIES"], "Policies per template, `id=policy` (comma-separated in the environment; `docker.image=…` for `docker.image`), over `images.policy`."),
     ("images.check_at", &["BERTH_IMAGES_CHECK_AT"], "When the daily image-update check runs, `HH:MM` in UTC; empty: only on demand (`berth images check`, the admins' templates page)."),
+    ("images.idle_seconds", &["BERTH_IMAGES_IDLE_SECONDS"], "`when-idle`: how long a server must show no sign of use (web traffic, kernel activity, an open SSH session, GPU use — what the culler reads) before berth recreates it on an updated image."),
     ("ssh.bind", &["BERTH_SSH_BIND"], "Where the SSH gateway listens (`ADDR:PORT`; 22 in a container deployment), or `off`."),
     ("ssh.auto_start", &["BERTH_SSH_AUTO_START"], "Start a stopped server when its user connects over SSH, with its progress on the terminal."),
     ("ssh.max_auth_failures", &["BERTH_SSH_MAX_AUTH_FAILURES"], "Failed SSH log-ins from one address before it is refused for `ssh.failure_window_seconds`."),
@@ -565,7 +566,6 @@ mod tests {
     fn image_update_settings_are_checked() {
         for (var, value, key, says) in [
             ("BERTH_IMAGES_POLICY", "sometimes", "images.policy", "not a policy"),
-            ("BERTH_IMAGES_POLICY", "when-idle", "images.policy", "not built yet"),
             ("BERTH_IMAGES_TEMPLATE_POLICIES", "lab", "images.template_policies", "template=policy"),
             ("BERTH_IMAGES_CHECK_AT", "25:00", "images.check_at", "HH:MM"),
         ] {

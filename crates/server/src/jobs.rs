@@ -35,6 +35,11 @@ pub(crate) fn spawn_all(tasks: &TaskTracker, hub: SharedHub, tls: Option<Arc<Tls
             check_images(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "image-updates")),
         );
     }
+    if hub.servers.spawner().runs_images() {
+        tasks.spawn(
+            image_moves(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "image-moves")),
+        );
+    }
     if hub.servers.culler.enabled() {
         tasks.spawn(cull(hub.clone(), shutdown.clone()).instrument(tracing::info_span!("job", name = "cull")));
     }
@@ -101,6 +106,13 @@ async fn check_images(hub: SharedHub, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// Image moves (`images.policy = when-idle`), at the culler's interval:
+/// idle servers recreated on updated images, moves cut off by a restart
+/// taken up (the first round runs at once), owners' notices refreshed.
+async fn image_moves(hub: SharedHub, shutdown: CancellationToken) {
+    every(hub.servers.culler.interval(), &shutdown, || hub.servers.run_image_moves()).await;
 }
 
 /// Culls idle servers every `cull.interval_seconds` (see `berth_hub::cull`).

@@ -241,6 +241,24 @@ CREATE TABLE image_checks (
 )
 "#,
     ),
+    (
+        13,
+        "image moves: running servers to recreate on an updated image (when idle), and where each move stands",
+        r#"
+CREATE TABLE image_moves (
+    user_name TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    server_name TEXT NOT NULL,
+    template TEXT NOT NULL,
+    image TEXT NOT NULL,
+    previous TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    PRIMARY KEY (user_name, server_name)
+)
+"#,
+    ),
 ];
 
 impl Store {

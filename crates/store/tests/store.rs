@@ -246,6 +246,50 @@ async fn image_checks(s: &Store) {
 }
 both!(image_checks_, image_checks);
 
+async fn image_moves(s: &Store) {
+    use berth_store::ImageMove;
+    s.create_user(&new_user("fay")).await.unwrap();
+    assert!(s.image_moves().await.unwrap().is_empty());
+    let mut m = ImageMove {
+        user: "fay".into(),
+        server: "".into(),
+        template: "lab".into(),
+        image: "127.0.0.1:5000/lab:stable".into(),
+        previous: "127.0.0.1:5000/lab:berth-previous".into(),
+        digest: "sha256:bb".into(),
+        phase: "waiting".into(),
+        detail: String::new(),
+        created: 5,
+    };
+    s.put_image_move(&m).await.unwrap();
+    m.digest = "sha256:cc".into();
+    s.put_image_move(&m).await.unwrap();
+    s.set_image_move_phase("fay", "", "rolling-back", "never ready").await.unwrap();
+    m.phase = "rolling-back".into();
+    m.detail = "never ready".into();
+    assert_eq!(s.image_moves().await.unwrap(), vec![m], "one move per server, the latest");
+    s.delete_image_move("fay", "").await.unwrap();
+    assert!(s.image_moves().await.unwrap().is_empty());
+    s.put_image_move(&ImageMove { phase: "waiting".into(), ..s_move("fay") }).await.unwrap();
+    s.delete_user("fay").await.unwrap();
+    assert!(s.image_moves().await.unwrap().is_empty(), "a deleted user's moves go with it");
+}
+both!(image_moves_, image_moves);
+
+fn s_move(user: &str) -> berth_store::ImageMove {
+    berth_store::ImageMove {
+        user: user.into(),
+        server: "x".into(),
+        template: "t".into(),
+        image: "i:1".into(),
+        previous: "i:berth-previous".into(),
+        digest: "sha256:dd".into(),
+        phase: String::new(),
+        detail: String::new(),
+        created: 0,
+    }
+}
+
 #[tokio::test]
 async fn sqlite_is_wal_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
@@ -256,7 +300,7 @@ async fn sqlite_is_wal_and_reopens() {
     }
     assert!(dir.path().join("berth.sqlite-wal").exists() || dir.path().join("berth.sqlite").exists());
     let s = Store::open_in_dir(dir.path()).await.unwrap();
-    assert_eq!(s.schema_version().await.unwrap(), 12, "every migration, through 12 (image checks), applied once");
+    assert_eq!(s.schema_version().await.unwrap(), 13, "every migration, through 13 (image moves), applied once");
     assert!(s.get_user("erin").await.unwrap().is_some());
     let mode: String = s.journal_mode().await.unwrap();
     assert_eq!(mode, "wal");

@@ -173,7 +173,17 @@ async fn authenticate_inner(hub: SharedHub, req: Request, next: Next) -> Result<
         hub.signer().xsrf_token(&binding, now)
     };
     let set_xsrf = !cookie_xsrf_valid && safe && !api;
-    let banner = if api { None } else { caller.as_ref().and_then(|c| crate::pages::home::cull_banner(&hub, c, &xsrf)) };
+    let banner = match (&caller, api) {
+        (Some(c), false) => {
+            let cull = crate::pages::home::cull_banner(&hub, c, &xsrf);
+            let update = crate::pages::home::update_banner(&hub, c);
+            match (cull, update) {
+                (None, None) => None,
+                (a, b) => Some(format!("{}{}", a.unwrap_or_default(), b.unwrap_or_default())),
+            }
+        }
+        _ => None,
+    };
     parts.extensions.insert(RequestAuth { caller, cookies, xsrf: xsrf.clone(), banner });
     // Pages show the announcement (see `html`); the API answers without it.
     let announcement = if api {

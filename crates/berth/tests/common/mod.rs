@@ -526,6 +526,38 @@ pub(crate) mod kernel {
         v["id"].as_str().expect("kernel id").to_string()
     }
 
+    /// Sends `code` to the kernel and returns without waiting for it to finish
+    /// (the kernel goes on after the WebSocket closes).
+    pub(crate) async fn execute_nowait(b: &Browser, user: &str, kernel: &str, code: &str) {
+        let url =
+            Url::parse(&b.url(&format!("/user/{user}/api/kernels/{kernel}/channels?session_id=culltest"))).unwrap();
+        let cookie = b.jar_cookie_header(url.path());
+        let mut req = url.as_str().replacen("http", "ws", 1).into_client_request().unwrap();
+        req.headers_mut().insert("Cookie", cookie.parse().unwrap());
+        let tcp = tokio::net::TcpStream::connect((url.host_str().unwrap(), url.port().unwrap())).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.expect("websocket handshake");
+        let msg_id = "cull-test-exec";
+        let request = json!({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": "culltest", "username": user, "version": "5.3", "date": "2026-11-22T00:00:00Z"},
+            "parent_header": {}, "metadata": {},
+            "content": {"code": code, "silent": false, "store_history": false, "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
+            "channel": "shell", "buffers": []
+        });
+        ws.send(Message::Text(request.to_string())).await.unwrap();
+        // Wait for the kernel to say it is busy with it, then hang up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout_at(deadline.into(), ws.next()).await else {
+                panic!("the kernel never went busy")
+            };
+            let v: Value = serde_json::from_str(t.as_ref()).unwrap();
+            if v["parent_header"]["msg_id"] == msg_id && v["content"]["execution_state"] == "busy" {
+                break;
+            }
+        }
+        let _ = ws.close(None).await;
+    }
+
     /// Runs `code` in the kernel and returns its `text/plain` result.
     /// `tls`: the CA to trust when the base URL is https.
     pub(crate) async fn run(b: &Browser, user: &str, kernel: &str, code: &str, tls: Option<&str>) -> String {
@@ -689,7 +721,7 @@ impl Drop for DockerScope {
         docker(&["volume", "rm", "-f", &self.shared]);
         docker(&["network", "rm", &self.network]);
         for i in self.extra_images.lock().map(|i| i.clone()).unwrap_or_default() {
-            docker(&["rmi", "-f", &i]);
+            docker(&["rmi", "-f", "--no-prune", &i]);
         }
     }
 }

@@ -99,6 +99,29 @@ pub(crate) fn cull_banner(hub: &SharedHub, caller: &berth_hub::Caller, xsrf: &st
     Some(out)
 }
 
+/// The banner on every page of a user whose running servers' images have
+/// an update (see `berth_hub::servers::moves`).
+pub(crate) fn update_banner(hub: &SharedHub, caller: &berth_hub::Caller) -> Option<String> {
+    let notices = hub.servers.update_notices_of(caller.name());
+    if notices.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    for (name, text) in notices {
+        let label = if name.is_empty() {
+            "Your server".to_string()
+        } else {
+            format!("Your server <code>{}</code>", esc(&name))
+        };
+        out.push_str(&format!(
+            r#"<div class="alert alert-info" role="status" id="image-update-{n}"><p>{label}: {text}</p></div>"#,
+            n = esc(&name),
+            text = esc(&text),
+        ));
+    }
+    Some(out)
+}
+
 /// `87 % · 40536 / 81920 MiB · 61 °C · 312 W`, or "utilisation unknown".
 pub(crate) fn gpu_usage(g: &GpuView) -> String {
     let mut parts = Vec::new();

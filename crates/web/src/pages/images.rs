@@ -98,6 +98,7 @@ async fn updates_card(hub: &SharedHub, p: &str, x: &str) -> ApiResult<String> {
             "current" => r#"<span class="badge ok">up to date</span>"#,
             "available" => r#"<span class="badge warn">update available</span>"#,
             "updated" => r#"<span class="badge ok">updated</span>"#,
+            "rolled-back" => r#"<span class="badge err">rolled back</span>"#,
             _ => r#"<span class="badge err">check failed</span>"#,
         };
         rows.push_str(&format!(
@@ -118,7 +119,7 @@ async fn updates_card(hub: &SharedHub, p: &str, x: &str) -> ApiResult<String> {
         )
     };
     Ok(format!(
-        r#"<div class="card" id="image-updates"><h2>Image updates</h2><p class="muted">A check asks each image's registry for the digest its tag has now; a changed image is handled by the template's policy (<code>images.policy</code>): <code>notify</code> says so here and in the event log, <code>next-start</code> pulls it for the next start (keeping the previous image). Running servers are never touched.</p>{table}<form method="post" action="{p}admin/templates/check">{x}<button type="submit">Check for updates</button></form></div>"#
+        r#"<div class="card" id="image-updates"><h2>Image updates</h2><p class="muted">A check asks each image's registry for the digest its tag has now; a changed image is handled by the template's policy (<code>images.policy</code>): <code>notify</code> says so here and in the event log, <code>next-start</code> pulls it for the next start (keeping the previous image), <code>when-idle</code> also recreates idle servers on it and puts one whose new image does not become ready back on the previous image. A busy server is never interrupted.</p>{table}<form method="post" action="{p}admin/templates/check">{x}<button type="submit">Check for updates</button></form></div>"#
     ))
 }
 
@@ -136,11 +137,12 @@ pub async fn check_action(
     let checks = hub.servers.check_images_for(&user.caller).await.map_err(page)?;
     let count = |s: &str| checks.iter().filter(|c| c.status == s).count();
     let msg = format!(
-        "Checked {} images: {} up to date, {} with an update available, {} updated, {} failed.",
+        "Checked {} images: {} up to date, {} with an update available, {} updated, {} rolled back before, {} failed.",
         checks.len(),
         count("current"),
         count("available"),
         count("updated"),
+        count("rolled-back"),
         count("failed")
     );
     let msg = percent_encoding::utf8_percent_encode(&msg, percent_encoding::NON_ALPHANUMERIC);
