@@ -54,13 +54,13 @@ pub(crate) async fn run(command: GpusCommand, cfg: &berth_hub::gpus::GpuConfig) 
                 "gpu_uuid": a.gpu_uuid, "pid": a.pid, "memory_mib": a.memory_mib, "container": container(a.pid),
             })).collect::<Vec<_>>(),
         });
-        println!("{v}");
+        out!("{v}");
         return Ok(());
     }
-    println!("source: {}", source.name());
+    out!("source: {}", source.name());
     let opt = |v: Option<String>| v.unwrap_or_else(|| "unknown".into());
     for g in &raw.gpus {
-        println!(
+        out!(
             "{} {} {}: utilisation {}, memory {} / {} MiB, {} °C, {} W",
             g.index,
             g.uuid,
@@ -73,7 +73,7 @@ pub(crate) async fn run(command: GpusCommand, cfg: &berth_hub::gpus::GpuConfig) 
         );
     }
     for a in &raw.apps {
-        println!(
+        out!(
             "  pid {} on {}: {} MiB, container {}",
             a.pid,
             a.gpu_uuid,

@@ -37,12 +37,12 @@ pub(crate) async fn run(command: ImagesCommand, config: &Config) -> anyhow::Resu
                         })
                     })
                     .collect();
-                println!("{}", serde_json::Value::Array(list));
+                out!("{}", serde_json::Value::Array(list));
             } else if checks.is_empty() {
-                println!("no images to check");
+                out!("no images to check");
             } else {
                 for c in &checks {
-                    println!("{}\t{}\t{}\t{}", c.template, c.image, c.status, c.message);
+                    out!("{}\t{}\t{}\t{}", c.template, c.image, c.status, c.message);
                 }
             }
             if checks.iter().any(|c| c.status == "failed") {

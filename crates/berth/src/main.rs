@@ -2,6 +2,27 @@
 //! lives in the library crates; `berth_server::App` wires them together.
 #![forbid(unsafe_code)]
 
+/// `println!` for what the CLI prints: when the reader has gone away (a
+/// pipe into `head`), berth stops quietly instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
+/// `print!`, the same way.
+macro_rules! outp {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($t)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
 mod gpus;
 mod images;
 mod migrate;
@@ -250,7 +271,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Config { command, common } => match command {
             ConfigCommand::Check => {
                 let c = load_config(&common, &[])?;
-                println!(
+                out!(
                     "configuration OK: listening on {}, data in {}, database {}",
                     c.bind,
                     c.data_dir.display(),
@@ -259,11 +280,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Ok(())
             }
             ConfigCommand::Defaults => {
-                print!("{}", Config::defaults_toml());
+                outp!("{}", Config::defaults_toml());
                 Ok(())
             }
             ConfigCommand::Reference => {
-                print!("{}", Config::reference_markdown());
+                outp!("{}", Config::reference_markdown());
                 Ok(())
             }
         },
@@ -315,6 +336,16 @@ fn redact(url: &str) -> String {
         }
         None => url.to_string(),
     }
+}
+
+/// Standard output cannot be written: a closed pipe ends berth with the
+/// status a shell gives a command ended by SIGPIPE; anything else is said.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("berth: cannot write to standard output: {e}");
+    std::process::exit(1);
 }
 
 fn main() -> ExitCode {

@@ -419,16 +419,16 @@ async fn migrate(args: JupyterhubArgs, config: &berth_server::Config, mode: Mode
             "after": after,
             "elapsed_ms": elapsed.as_millis() as u64,
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        out!("{}", serde_json::to_string_pretty(&doc)?);
     } else if mode == Mode::AccountsOnly {
         let r = after.as_ref().unwrap_or(&before);
         print_report("Result", r);
-        println!("{} account(s) imported, {} skipped", r.counts.imported, r.counts.skipped);
+        out!("{} account(s) imported, {} skipped", r.counts.imported, r.counts.skipped);
     } else if let Some(done) = &after {
         print_report("Result", done);
-        println!("done in {:.2} s", elapsed.as_secs_f64());
+        out!("done in {:.2} s", elapsed.as_secs_f64());
     } else if args.dry_run && before.has_work() {
-        println!("dry run: nothing was written");
+        out!("dry run: nothing was written");
     }
     Ok(())
 }
@@ -732,28 +732,28 @@ async fn apply(store: &Store, report: &mut Report, accounts: &[SourceAccount], s
 }
 
 fn print_report(title: &str, r: &Report) {
-    println!("{title}: migrating from {}{}", r.source, if r.dry_run { " (dry run)" } else { "" });
-    println!("  accounts:");
+    out!("{title}: migrating from {}{}", r.source, if r.dry_run { " (dry run)" } else { "" });
+    out!("  accounts:");
     if r.accounts.is_empty() {
-        println!("    (none in the source)");
+        out!("    (none in the source)");
     }
     for a in &r.accounts {
         let name = a.name.clone().unwrap_or_else(|| format!("{:?}", a.source_name));
         let flags =
             format!("{}{}", if a.authorized { "" } else { " (pending)" }, if a.admin { " (admin)" } else { "" });
         match a.action {
-            AccountAction::Import => println!("    import {name}{flags}"),
-            AccountAction::Imported => println!("    imported {name}{flags}"),
-            AccountAction::AlreadyImported => println!("    already imported {name}"),
-            AccountAction::Skip => println!("    skipped {name}: {}", a.why.clone().unwrap_or_default()),
+            AccountAction::Import => out!("    import {name}{flags}"),
+            AccountAction::Imported => out!("    imported {name}{flags}"),
+            AccountAction::AlreadyImported => out!("    already imported {name}"),
+            AccountAction::Skip => out!("    skipped {name}: {}", a.why.clone().unwrap_or_default()),
         }
     }
     if r.accounts_only {
         return;
     }
-    println!("  volumes:");
+    out!("  volumes:");
     if r.volumes.is_empty() {
-        println!("    (none found)");
+        out!("    (none found)");
     }
     for v in &r.volumes {
         let whose = match &v.user {
@@ -777,19 +777,19 @@ fn print_report(title: &str, r: &Report) {
             VolumeAction::NotSwitched => "not switched",
             VolumeAction::LeftAlone => "left alone",
         };
-        println!("    {verb} {} as {whose} at {}{driver}{why}", v.volume, v.mount_point);
+        out!("    {verb} {} as {whose} at {}{driver}{why}", v.volume, v.mount_point);
     }
     if !r.volumes_without_user.is_empty() {
-        println!("  volumes with no matching user (left alone):");
+        out!("  volumes with no matching user (left alone):");
         for v in &r.volumes_without_user {
-            println!("    {v}");
+            out!("    {v}");
         }
     }
     for n in &r.notes {
-        println!("  note: {n}");
+        out!("  note: {n}");
     }
     let c = &r.counts;
-    println!(
+    out!(
         "  {} account(s) {}, {} already imported, {} skipped; {} volume(s) {}, {} already adopted, {} not adopted, {} with no matching user",
         c.imported,
         if title == "Plan" { "to import" } else { "imported" },
@@ -802,7 +802,7 @@ fn print_report(title: &str, r: &Report) {
         c.volumes_without_user
     );
     if title == "Plan" && r.nothing_to_do {
-        println!("nothing to do");
+        out!("nothing to do");
     }
 }
 

@@ -100,23 +100,23 @@ pub(crate) async fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
             for t in ts {
                 if t.category != category {
                     category = &t.category;
-                    println!("{category}:");
+                    out!("{category}:");
                 }
                 let app = t.app.as_ref().map_or("ssh only".to_string(), |a| {
                     let modes: Vec<&str> = a.routing.iter().map(|m| m.as_str()).collect();
                     format!("app on {} ({})", a.port.get_ref(), modes.join(", "))
                 });
-                println!("  {:<22} {:<40} {:>16}  {app}", t.id, t.name, t.estimated_size);
+                out!("  {:<22} {:<40} {:>16}  {app}", t.id, t.name, t.estimated_size);
             }
             Ok(())
         }
         TemplatesCommand::Show { id, catalog } => {
             let c = open(catalog.as_deref())?;
             let l = c.get(&id).ok_or_else(|| unknown(&c, &id))?;
-            println!("# {}", l.path.display());
-            print!("{}", l.text);
+            out!("# {}", l.path.display());
+            outp!("{}", l.text);
             for (name, text) in render::render(&l.template) {
-                println!("\n# {name}\n{text}");
+                out!("\n# {name}\n{text}");
             }
             Ok(())
         }
@@ -124,7 +124,7 @@ pub(crate) async fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
             let c = open(dir.as_deref())?;
             let problems = check::check(&c);
             if problems.is_empty() {
-                println!("{} templates, no violations", c.templates.len());
+                out!("{} templates, no violations", c.templates.len());
                 Ok(())
             } else {
                 eprintln!("{}", problems_text(&problems));
@@ -136,9 +136,9 @@ pub(crate) async fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
             let c = open(Some(&dir))?;
             let written = render::write_all(&c, &dir).with_context(|| format!("writing into {}", dir.display()))?;
             for p in &written {
-                println!("wrote {}", p.display());
+                out!("wrote {}", p.display());
             }
-            println!("{} templates rendered, {} file(s) changed", c.templates.len(), written.len());
+            out!("{} templates rendered, {} file(s) changed", c.templates.len(), written.len());
             Ok(())
         }
         TemplatesCommand::Export { format, catalog } => {
@@ -146,7 +146,7 @@ pub(crate) async fn run(cmd: TemplatesCommand) -> anyhow::Result<()> {
                 bail!("unknown format {format:?}; the only format is json");
             }
             let c = open(catalog.as_deref())?;
-            println!("{}", serde_json::to_string_pretty(&c.config())?);
+            out!("{}", serde_json::to_string_pretty(&c.config())?);
             Ok(())
         }
     }
@@ -180,10 +180,10 @@ async fn build(c: &Catalog, ids: &[String], all: bool) -> anyhow::Result<()> {
             })
             .await;
         match built {
-            Ok(true) => println!("built {} in {:.0} s", ht.image, started.elapsed().as_secs_f64()),
-            Ok(false) => println!("{} is built already", ht.image),
+            Ok(true) => out!("built {} in {:.0} s", ht.image, started.elapsed().as_secs_f64()),
+            Ok(false) => out!("{} is built already", ht.image),
             Err(e) => {
-                println!("{}: {e}", t.id);
+                out!("{}: {e}", t.id);
                 failed.push(t.id.clone());
             }
         }
@@ -199,13 +199,13 @@ async fn images(c: &Catalog) -> anyhow::Result<()> {
     let have = engine.template_images().await?;
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    println!("{:<22} {:<6} {:<46} {:>9} {:<8} IN USE BY", "TEMPLATE", "BUILT", "IMAGE", "SIZE", "AGE");
+    out!("{:<22} {:<6} {:<46} {:>9} {:<8} IN USE BY", "TEMPLATE", "BUILT", "IMAGE", "SIZE", "AGE");
     for l in &c.templates {
         let image = l.template.hub_template().image;
         match have.iter().find(|i| i.tag == image) {
             Some(i) => {
                 let users = engine.containers_using(&image).await?;
-                println!(
+                out!(
                     "{:<22} {:<6} {:<46} {:>6} MB {:<8} {}",
                     l.template.id,
                     "yes",
@@ -215,16 +215,16 @@ async fn images(c: &Catalog) -> anyhow::Result<()> {
                     if users.is_empty() { "-".to_string() } else { users.join(", ") }
                 )
             }
-            None => println!("{:<22} {:<6} {:<46} {:>9} {:<8} -", l.template.id, "no", image, "-", "-"),
+            None => out!("{:<22} {:<6} {:<46} {:>9} {:<8} -", l.template.id, "no", image, "-", "-"),
         }
     }
     let current: Vec<String> = c.templates.iter().map(|l| l.template.hub_template().image).collect();
     let stale: Vec<_> = have.iter().filter(|i| !current.contains(&i.tag)).collect();
     if !stale.is_empty() {
-        println!("\nolder images no template builds any more (`berth templates prune` removes them):");
+        out!("\nolder images no template builds any more (`berth templates prune` removes them):");
         for i in stale {
             let users = engine.containers_using(&i.tag).await?;
-            println!(
+            out!(
                 "  {:<54} {:>6} MB {:<8} {}",
                 i.tag,
                 i.size_bytes / 1_000_000,
@@ -247,26 +247,26 @@ async fn prune(c: &Catalog, ids: &[String], all: bool, dry_run: bool) -> anyhow:
         }
         let users = engine.containers_using(&i.tag).await?;
         if !users.is_empty() {
-            println!("kept {}: in use by {}", i.tag, users.join(", "));
+            out!("kept {}: in use by {}", i.tag, users.join(", "));
             kept += 1;
             continue;
         }
         if dry_run {
-            println!("would remove {} ({} MB)", i.tag, i.size_bytes / 1_000_000);
+            out!("would remove {} ({} MB)", i.tag, i.size_bytes / 1_000_000);
         } else if let Err(e) = engine.remove_template_image(&i.tag).await {
             // The engine refuses while a container made from another name of
             // the same image uses it.
-            println!("kept {}: {e}", i.tag);
+            out!("kept {}: {e}", i.tag);
             kept += 1;
             continue;
         } else {
-            println!("removed {} ({} MB)", i.tag, i.size_bytes / 1_000_000);
+            out!("removed {} ({} MB)", i.tag, i.size_bytes / 1_000_000);
         }
         removed += 1;
         freed += i.size_bytes;
     }
     let verb = if dry_run { "would remove" } else { "removed" };
-    println!("{verb} {removed} image(s), {} MB; {kept} kept in use", freed / 1_000_000);
+    out!("{verb} {removed} image(s), {} MB; {kept} kept in use", freed / 1_000_000);
     Ok(())
 }
 

@@ -172,12 +172,12 @@ pub(crate) async fn up(a: UpArgs) -> anyhow::Result<()> {
         let out = engine.list_gpus(&t.id).await?;
         eprint!("{out}");
     }
-    println!("{} is up ({name}).", t.name);
-    println!("  ssh:  ssh -p {} root@<this host>", a.ssh_port);
+    out!("{} is up ({name}).", t.name);
+    out!("  ssh:  ssh -p {} root@<this host>", a.ssh_port);
     if t.app.is_some() {
-        println!("  app:  http://<this host>:{}/", a.http_port);
+        out!("  app:  http://<this host>:{}/", a.http_port);
     }
-    println!("  stop: berth down {}", t.id);
+    out!("  stop: berth down {}", t.id);
     Ok(())
 }
 
@@ -193,16 +193,16 @@ pub(crate) async fn down(id: &str, volumes: bool) -> anyhow::Result<()> {
     let engine = Engine::connect().await?;
     let name = container_name(id);
     match engine.remove(id).await? {
-        Removal::Removed => println!("removed {name}"),
-        Removal::NotFound => println!("{name} is not running"),
+        Removal::Removed => out!("removed {name}"),
+        Removal::NotFound => out!("{name} is not running"),
     }
     let v = volume_name(id);
     if volumes {
         if engine.remove_volume(id).await? == Removal::Removed {
-            println!("removed the volume {v}");
+            out!("removed the volume {v}");
         }
     } else {
-        println!("kept the volume {v} (add --volumes to remove it)");
+        out!("kept the volume {v} (add --volumes to remove it)");
     }
     Ok(())
 }
@@ -210,13 +210,13 @@ pub(crate) async fn down(id: &str, volumes: bool) -> anyhow::Result<()> {
 pub(crate) async fn ps() -> anyhow::Result<()> {
     let list = Engine::connect().await?.list().await?;
     if list.is_empty() {
-        println!("nothing started with `berth up`");
+        out!("nothing started with `berth up`");
         return Ok(());
     }
-    println!("{:<22} {:<24} {:<12} ports", "template", "container", "state");
+    out!("{:<22} {:<24} {:<12} ports", "template", "container", "state");
     for c in list {
         let ports: Vec<String> = c.ports.iter().map(|p| format!("{}->{}", p.host, p.container)).collect();
-        println!("{:<22} {:<24} {:<12} {}", c.template, c.name, c.state, ports.join(" "));
+        out!("{:<22} {:<24} {:<12} {}", c.template, c.name, c.state, ports.join(" "));
     }
     Ok(())
 }

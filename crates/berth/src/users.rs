@@ -86,24 +86,24 @@ pub(crate) async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Res
             let name = UserName::normalize(&name)?;
             let (pw, generated) = read_password(password_stdin)?;
             hub(config).await?.create_user(&op, &name, admin, Some(pw.clone())).await.map_err(said)?;
-            println!("created {name}{}", if admin { " (admin)" } else { "" });
+            out!("created {name}{}", if admin { " (admin)" } else { "" });
             if generated {
-                println!("password: {pw}");
+                out!("password: {pw}");
             }
         }
         UserCommand::Approve { name } => {
             hub(config).await?.set_authorized(&op, &name, true).await.map_err(said)?;
-            println!("{name} is authorized");
+            out!("{name} is authorized");
         }
         UserCommand::List { pending } => {
             let mut offset = 0;
-            println!("{:<33} {:<11} {:<6} LOCKED", "NAME", "STATUS", "ADMIN");
+            out!("{:<33} {:<11} {:<6} LOCKED", "NAME", "STATUS", "ADMIN");
             loop {
                 let q = UserQuery { authorized: pending.then_some(false), offset, limit: 200, ..Default::default() };
                 let (users, total) = store.list_users(&q).await?;
                 for u in &users {
                     let locked = u.locked_until.filter(|t| *t > berth_store::now_ms()).map(|_| "locked").unwrap_or("");
-                    println!(
+                    out!(
                         "{:<33} {:<11} {:<6} {}",
                         u.name,
                         if u.authorized { "authorized" } else { "pending" },
@@ -124,9 +124,9 @@ pub(crate) async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Res
             }
             let hub = hub(config).await?;
             hub.delete_user(&op, &name, remove_volumes).await.map_err(said)?;
-            println!("deleted {name}");
+            out!("deleted {name}");
             if remove_volumes {
-                println!("removed {name}'s data ({} spawner)", hub.servers.spawner_kind());
+                out!("removed {name}'s data ({} spawner)", hub.servers.spawner_kind());
             }
         }
         UserCommand::ResetPassword { name, password_stdin } => {
@@ -135,14 +135,14 @@ pub(crate) async fn run(cmd: UserCommand, config: &Config, store: &Store) -> Res
             }
             let (pw, generated) = read_password(password_stdin)?;
             hub(config).await?.reset_password(&op, &name, pw.clone()).await.map_err(said)?;
-            println!("password of {name} changed; their sessions are logged out");
+            out!("password of {name} changed; their sessions are logged out");
             if generated {
-                println!("password: {pw}");
+                out!("password: {pw}");
             }
         }
         UserCommand::Admin { name, revoke } => {
             hub(config).await?.set_admin(&op, &name, !revoke).await.map_err(said)?;
-            println!("{name} is {}an admin", if revoke { "no longer " } else { "" });
+            out!("{name} is {}an admin", if revoke { "no longer " } else { "" });
         }
         UserCommand::ImportNativeauth { database } => crate::migrate::import_nativeauth(database, config).await?,
     }

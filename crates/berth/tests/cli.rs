@@ -183,3 +183,24 @@ fn the_configuration_reference_in_docs_is_current() {
         "docs/configuration.md is out of date: run `berth config reference > docs/configuration.md`"
     );
 }
+
+/// A reader that goes away (`berth templates list | head -1`) ends berth
+/// quietly with SIGPIPE's shell status, never with a panic.
+#[test]
+fn output_into_a_closed_pipe_is_not_a_panic() {
+    for args in [&["templates", "list"][..], &["config", "reference"], &["templates", "show", "jupyterlab"]] {
+        // A pipe whose reading end is closed before berth starts.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env_remove("BERTH_CONFIG")
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+    }
+}
