@@ -34,7 +34,8 @@ use bollard::models::{
     ConfigReference, GenericResourcesInner, GenericResourcesInnerDiscreteResourceSpec, Ipam, IpamConfig, Limit,
     LocalNodeState, Mount, MountTmpfsOptions, MountTypeEnum, Network, NetworkAttachmentConfig, NetworkCreateRequest,
     ResourceObject, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec,
-    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    TaskSpecContainerSpecPrivileges, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
     InspectContainerOptions, InspectNetworkOptions, InspectServiceOptions, ListTasksOptions, RemoveContainerOptions,
@@ -241,6 +242,13 @@ impl SwarmSpawner {
             mounts: Some(mounts),
             init: hc.init,
             capability_drop: hc.cap_drop,
+            // Engines before API 1.46 (Docker 27) ignore it (docs/swarm.md).
+            privileges: Some(TaskSpecContainerSpecPrivileges {
+                no_new_privileges: Some(
+                    hc.security_opt.iter().flatten().any(|o| o.as_str() == "no-new-privileges:true"),
+                ),
+                ..Default::default()
+            }),
             stop_grace_period: Some(i64::try_from(grace.as_nanos()).unwrap_or(i64::MAX)),
             ..Default::default()
         };
@@ -801,6 +809,7 @@ mod tests {
         assert_eq!(c.labels.unwrap()[LABEL_USER], "alice", "the container is labelled as the Docker spawner's are");
         assert_eq!(c.args.unwrap(), ["jupyterhub-singleuser", "--port=8888"]);
         assert!(c.capability_drop.unwrap().contains(&"NET_RAW".to_string()));
+        assert_eq!(c.privileges.unwrap().no_new_privileges, Some(true));
         let mounts: Vec<String> = c
             .mounts
             .unwrap()
