@@ -141,8 +141,12 @@ async fn server_model(b: &Browser, user: &str) -> Value {
 #[tokio::test]
 async fn swarm_services_run_the_hub_flow_survive_a_restart_and_fail_cleanly() {
     let image = test_image();
-    let swarm = Swarm::join_or_init();
     let scope = DockerScope::new();
+    if docker_text(&["info", "--format", "{{.Swarm.LocalNodeState}}"]) != "active" {
+        // Only checkable before the test makes its swarm (CI's case).
+        a_start_outside_a_swarm_is_refused_clearly(&scope, &image).await;
+    }
+    let swarm = Swarm::join_or_init();
     let tmp = tempfile::tempdir().unwrap();
     let alice_name = scope.user("sw");
     let gpu_name = scope.user("sg");
@@ -317,7 +321,12 @@ async fn swarm_services_run_the_hub_flow_survive_a_restart_and_fail_cleanly() {
         assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
         r.json::<Value>().await.unwrap()["message"].as_str().unwrap_or_default().to_string()
     };
-    assert!(message.contains("the server's task failed 3 times") && message.contains("exit"), "{message}");
+    assert!(
+        message.contains("the server's task failed 3 times")
+            && message.contains("exit (3)")
+            && message.contains("cannot start"),
+        "the tries, the exit code and the server's own last words: {message}"
+    );
     let model = server_model(&bad, &bad_name).await;
     assert!(model["servers"].get("broken").is_none(), "stopped, not half-started: {model}");
     assert!(service(&format!("berth-{bad_name}--broken")).is_none(), "the service is removed");
@@ -359,6 +368,32 @@ impl FailingImage {
 impl Drop for FailingImage {
     fn drop(&mut self) {
         let _ = docker(&["rmi", "--no-prune", &self.name]);
+    }
+}
+
+/// On an engine in no swarm: a start fails saying what to do, and berth
+/// makes nothing (no half of its network pair).
+async fn a_start_outside_a_swarm_is_refused_clearly(scope: &DockerScope, image: &str) {
+    let network = format!("berth-test-{}-noswarm", scope.suffix);
+    let name = scope.user("sn");
+    let mut env = scope.env(image);
+    env.push(("BERTH_SWARM_NETWORK".into(), network.clone()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env, &["--spawner", "swarm"]);
+    let admin = b.first_admin().await;
+    let u = authorized_user(&b, &admin, &name, PW).await;
+    let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).send().await.unwrap();
+    let message = if r.status().is_success() {
+        let last = wait_progress(&u, &format!("/hub/api/users/{name}/server/progress")).await;
+        assert_eq!(last["failed"], true, "{last}");
+        last["message"].as_str().unwrap_or_default().to_string()
+    } else {
+        r.json::<Value>().await.unwrap()["message"].as_str().unwrap_or_default().to_string()
+    };
+    assert!(message.contains("not in a swarm") && message.contains("docker swarm init"), "{message}\n{}", b.log());
+    assert!(server_model(&u, &name).await["servers"].get("").is_none(), "the server is stopped");
+    for n in [network.clone(), format!("{network}-config")] {
+        assert!(!docker(&["network", "inspect", &n]).status.success(), "{n} was not made");
     }
 }
 

@@ -51,7 +51,9 @@ pub async fn run(config: &Config) -> bool {
                     if config.spawner.kind == "swarm" {
                         let grace = berth_spawner::StopGrace::default();
                         let s = berth_spawner_docker::SwarmSpawner::new(d.clone(), config.swarm.clone(), grace);
-                        all &= match s.node_facts().await {
+                        let facts = s.node_facts().await;
+                        let in_swarm = facts.is_ok();
+                        all &= match facts {
                             Ok(f) => line(
                                 true,
                                 "Swarm",
@@ -65,10 +67,14 @@ pub async fn run(config: &Config) -> bool {
                             ),
                             Err(e) => line(false, "Swarm", &e.to_string()),
                         };
-                        all &= match s.ensure_network().await {
-                            Ok(gw) => line(true, "Swarm network", &format!("{} (gateway {gw})", config.swarm.network)),
-                            Err(e) => line(false, "Swarm network", &e.to_string()),
-                        };
+                        if in_swarm {
+                            all &= match s.ensure_network().await {
+                                Ok(gw) => {
+                                    line(true, "Swarm network", &format!("{} (gateway {gw})", config.swarm.network))
+                                }
+                                Err(e) => line(false, "Swarm network", &e.to_string()),
+                            };
+                        }
                     }
                     if config.spawner.kind != "swarm" {
                         all &= match d.ensure_network().await {

@@ -38,14 +38,15 @@ use bollard::models::{
     TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
-    InspectContainerOptions, InspectNetworkOptions, InspectServiceOptions, ListTasksOptions, RemoveContainerOptions,
+    InspectContainerOptions, InspectNetworkOptions, InspectServiceOptions, ListContainersOptions, ListTasksOptions,
+    LogsOptions, RemoveContainerOptions,
 };
 use bollard::Docker;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 
-use crate::{engine_error, is_not_found, DockerSpawner, CONTAINER_PORT, LABEL_MANAGED};
+use crate::{engine_error, is_not_found, DockerSpawner, CONTAINER_PORT, LABEL_MANAGED, LABEL_SERVER, LABEL_USER};
 
 /// Label on the services the Swarm spawner makes.
 pub const LABEL_SWARM: &str = "berth.swarm";
@@ -318,6 +319,8 @@ impl SwarmSpawner {
     /// address range the engine picks for a probe network made and removed
     /// just before (so it does not overlap another network's).
     pub async fn ensure_network(&self) -> Result<String, SpawnError> {
+        // Not in a swarm: say so, before making half of the pair.
+        self.node_facts().await?;
         let _one_at_a_time = self.network_lock.lock().await;
         let name = &self.cfg.network;
         let config_name = self.config_network();
@@ -492,6 +495,19 @@ impl SwarmSpawner {
         }
     }
 
+    /// The last `lines` of a container's output, if it has any.
+    async fn output_tail(&self, container: &str, lines: usize) -> Option<String> {
+        let docker = self.docker.client().ok()?;
+        let opts = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
+        let mut s = docker.logs(container, Some(opts));
+        let mut out = String::new();
+        while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut s).await {
+            out.push_str(&chunk.to_string());
+        }
+        let out = out.trim_end().to_string();
+        (!out.is_empty()).then_some(out)
+    }
+
     /// The container's address on the swarm network, while it runs.
     async fn container_ip(&self, container: &str) -> Result<Option<String>, SpawnError> {
         let c = match self.docker.client()?.inspect_container(container, None::<InspectContainerOptions>).await {
@@ -523,10 +539,16 @@ impl SwarmSpawner {
             let failed: Vec<&Task> = tasks.iter().filter(|t| is_failed(task_state(t))).collect();
             if failed.len() > self.cfg.restart_attempts as usize {
                 let tries = failed.len();
+                let container = failed[0].status.clone().and_then(|s| s.container_status).and_then(|c| c.container_id);
+                let output = match container.filter(|c| !c.is_empty()) {
+                    Some(c) => self.output_tail(&c, 3).await.map(|o| format!("; its last output: {o}")),
+                    None => None,
+                };
                 return Err(SpawnError::Failed(format!(
-                    "the server's task failed {tries} time{}; the last time: {}",
+                    "the server's task failed {tries} time{}; the last time: {}{}",
                     if tries == 1 { "" } else { "s" },
-                    task_error(failed[0])
+                    task_error(failed[0]),
+                    output.unwrap_or_default()
                 )));
             }
             if let Some(t) = tasks
@@ -554,8 +576,8 @@ impl SwarmSpawner {
     }
 
     async fn start_service(&self, spec: SpawnSpec, progress: ProgressTx) -> Result<Started, SpawnError> {
-        let node = self.node_facts().await?;
         let gateway = self.ensure_network().await?;
+        let node = self.node_facts().await?;
         let image = spec.image.clone().unwrap_or_else(|| self.docker.config().image.clone());
         if image.is_empty() {
             return Err(SpawnError::Failed(
@@ -741,8 +763,22 @@ impl Spawner for SwarmSpawner {
         Spawner::prepare_image(&*self.docker, image, build, progress)
     }
 
-    fn logs<'a>(&'a self, _user: &'a str, _server: &'a str) -> BoxFuture<'a, Option<String>> {
-        Box::pin(async move { None })
+    fn logs<'a>(&'a self, user: &'a str, server: &'a str) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            // The newest of the server's task containers (a failed one is
+            // kept until its service goes).
+            let docker = self.docker.client().ok()?;
+            let filters = HashMap::from([(
+                "label".to_string(),
+                vec![format!("{LABEL_USER}={user}"), format!("{LABEL_SWARM}=true")],
+            )]);
+            let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+            let mut list = docker.list_containers(Some(opts)).await.ok()?;
+            list.retain(|c| c.labels.as_ref().and_then(|l| l.get(LABEL_SERVER)).map(String::as_str) == Some(server));
+            list.sort_by_key(|c| std::cmp::Reverse(c.created));
+            let id = list.into_iter().next()?.id?;
+            self.output_tail(&id, 400).await
+        })
     }
 }
 
@@ -761,7 +797,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::{Config, LABEL_SERVER, LABEL_USER};
+    use crate::Config;
 
     fn spec(gpus: &[&str]) -> SpawnSpec {
         SpawnSpec {
