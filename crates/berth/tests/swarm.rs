@@ -299,6 +299,29 @@ async fn swarm_services_run_the_hub_flow_survive_a_restart_and_fail_cleanly() {
         task["Resources"]["Reservations"]["GenericResources"].is_null(),
         "this node advertises no GPUs: no generic resource is reserved: {task}"
     );
+    // Servers on the swarm network cannot reach each other; they reach the
+    // hub. Probed from the GPU server (started by the restarted berth, so
+    // its hub URL has berth's new port) towards alice's.
+    let gpu_container = task_container(&format!("berth-{gpu_name}"));
+    let ip_of = |c: &str| {
+        docker_inspect(c).unwrap()["NetworkSettings"]["Networks"][&network]["IPAddress"].as_str().unwrap().to_string()
+    };
+    let alice_ip = ip_of(&container);
+    let probe = format!(
+        "import os, socket, urllib.request\n\
+         print(urllib.request.urlopen(os.environ['JUPYTERHUB_API_URL']).status)\n\
+         try:\n    socket.create_connection(('{alice_ip}', 8888), timeout=3); print('connected')\n\
+         except OSError as e:\n    print('refused', e)\n"
+    );
+    let o = docker(&["exec", &gpu_container, "python3", "-c", &probe]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"200"), "a server reaches the hub: {out} {}", String::from_utf8_lossy(&o.stderr));
+    assert!(lines.get(1).is_some_and(|l| l.starts_with("refused")), "but not another user's server: {out}");
+    let from_host =
+        tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect((alice_ip.as_str(), 8888)));
+    assert!(from_host.await.is_ok_and(|c| c.is_ok()), "the hub's side reaches alice's server at {alice_ip}");
+
     let r = gpu.api(Method::DELETE, &format!("/hub/api/users/{gpu_name}/server")).send().await.unwrap();
     assert!(r.status().is_success(), "{}", r.status());
 
