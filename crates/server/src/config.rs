@@ -24,6 +24,7 @@ pub struct Config {
     pub auth: berth_auth::Config,
     pub spawner: berth_hub::servers::Config,
     pub docker: berth_spawner_docker::Config,
+    pub swarm: berth_spawner_docker::SwarmConfig,
     pub gpu: berth_hub::gpus::GpuConfig,
     pub proxy: ProxyConfig,
     pub tls: TlsConfig,
@@ -104,6 +105,7 @@ impl Default for Config {
             auth: berth_auth::Config::default(),
             spawner: berth_hub::servers::Config::default(),
             docker: berth_spawner_docker::Config::default(),
+            swarm: berth_spawner_docker::SwarmConfig::default(),
             gpu: berth_hub::gpus::GpuConfig::default(),
             proxy: ProxyConfig::default(),
             tls: TlsConfig::default(),
@@ -136,7 +138,7 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("auth.session_max_age_seconds", &["BERTH_SESSION_MAX_AGE_SECONDS"], "Lifetime of a log-in session, in seconds."),
     ("auth.argon2_memory_kib", &["BERTH_ARGON2_MEMORY_KIB"], "argon2id memory cost in KiB for password hashes."),
     ("auth.argon2_iterations", &["BERTH_ARGON2_ITERATIONS"], "argon2id passes for password hashes."),
-    ("spawner.kind", &["BERTH_SPAWNER"], "`auto`, `local` or `docker`. `auto` is Docker (it keeps trying when the engine does not answer); local processes only when set to `local`, never as a fall-back."),
+    ("spawner.kind", &["BERTH_SPAWNER"], "`auto`, `local`, `docker` or `swarm`. `auto` is Docker (it keeps trying when the engine does not answer); local processes only when set to `local`, never as a fall-back. `swarm`: each server a Docker Swarm service on the engine's swarm, which must be a manager (docs/swarm.md); the `docker.*` keys shape its containers."),
     ("spawner.local_cmd", &["BERTH_LOCAL_CMD"], "The local spawner's command line; the first word is looked up on PATH."),
     ("spawner.provision", &["BERTH_PROVISION"], "When `jupyterhub-singleuser` is not installed, make a virtualenv with JupyterLab under the data directory on the first start."),
     ("spawner.local_isolate_users", &["BERTH_LOCAL_ISOLATE_USERS"], "Local spawner as root: run each user's server and SSH sessions under a Unix account of their own (`berth-<user>`). When berth is not root only the admin may start a local server; off, everyone runs as berth itself (only for users trusted with berth's data)."),
@@ -185,6 +187,8 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("proxy.max_connections", &["BERTH_MAX_CONNECTIONS"], "Connections berth serves at once; more are answered 503 with a message."),
     ("proxy.max_connections_per_address", &["BERTH_MAX_CONNECTIONS_PER_ADDRESS"], "Connections one source address may hold at once; more are answered 503 (loopback is not limited)."),
     ("proxy.client_timeout_seconds", &["BERTH_CLIENT_TIMEOUT"], "Time a client has for the TLS handshake and for a request's headers, and that a request body may stay idle."),
+    ("swarm.network", &["BERTH_SWARM_NETWORK"], "Swarm-scoped network the Swarm spawner's services join; created if missing (a bridge on berth's node, configured from `<network>-config` with traffic between containers off)."),
+    ("swarm.restart_attempts", &["BERTH_SWARM_RESTART_ATTEMPTS"], "How often Swarm retries a server's task that fails while it starts before the start fails with the task's error."),
     ("templates.dir", &["BERTH_TEMPLATES_DIR"], "A catalog directory (`<id>/template.toml`) to offer on the start page instead of the catalog built into berth."),
     ("templates.allowed", &["BERTH_TEMPLATES_ALLOWED"], "Template ids users may start (comma-separated in the environment); empty means all."),
     ("templates.prebuild", &["BERTH_TEMPLATES_PREBUILD"], "Template ids whose images the Docker spawner builds in the background once berth serves (comma-separated in the environment), so no first start waits for a build."),
@@ -419,8 +423,14 @@ impl Config {
             return Err(invalid("database_url", "must start with sqlite:, postgres:// or postgresql://".into()));
         }
         tracing_filter_ok(&self.log).map_err(|m| invalid("log", m))?;
-        if !["auto", "local", "docker"].contains(&self.spawner.kind.as_str()) {
-            return Err(invalid("spawner.kind", format!("{:?} is not auto, local or docker", self.spawner.kind)));
+        if !["auto", "local", "docker", "swarm"].contains(&self.spawner.kind.as_str()) {
+            return Err(invalid(
+                "spawner.kind",
+                format!("{:?} is not auto, local, docker or swarm", self.spawner.kind),
+            ));
+        }
+        if self.swarm.network.is_empty() {
+            return Err(invalid("swarm.network", "must name a network".into()));
         }
         if self.spawner.local_cmd.split_whitespace().next().is_none() {
             return Err(invalid("spawner.local_cmd", "must name a command".into()));

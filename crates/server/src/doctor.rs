@@ -41,14 +41,49 @@ pub async fn run(config: &Config) -> bool {
         line(true, "spawner", "local processes (spawner.kind = local)");
     } else {
         match DockerSpawner::connect(config.docker.clone(), &config.hub.base_url) {
-            Err(e) => all &= line(config.spawner.kind != "docker", "Docker engine", &e.to_string()),
+            Err(e) => {
+                all &=
+                    line(!["docker", "swarm"].contains(&config.spawner.kind.as_str()), "Docker engine", &e.to_string())
+            }
             Ok(d) => match tokio::time::timeout(Duration::from_secs(5), d.ping()).await {
                 Ok(Ok(version)) => {
                     line(true, "Docker engine", &format!("version {version}"));
-                    all &= match d.ensure_network().await {
-                        Ok(gw) => line(true, "Docker network", &format!("{} (gateway {gw})", config.docker.network)),
-                        Err(e) => line(false, "Docker network", &e.to_string()),
-                    };
+                    if config.spawner.kind == "swarm" {
+                        let grace = berth_spawner::StopGrace::default();
+                        let s = berth_spawner_docker::SwarmSpawner::new(d.clone(), config.swarm.clone(), grace);
+                        let facts = s.node_facts().await;
+                        let in_swarm = facts.is_ok();
+                        all &= match facts {
+                            Ok(f) => line(
+                                true,
+                                "Swarm",
+                                &format!(
+                                    "a manager; servers run on this node ({}){}",
+                                    f.node_id,
+                                    f.gpu_kind
+                                        .map(|k| format!(", which advertises GPUs as the generic resource {k}"))
+                                        .unwrap_or_default()
+                                ),
+                            ),
+                            Err(e) => line(false, "Swarm", &e.to_string()),
+                        };
+                        if in_swarm {
+                            all &= match s.ensure_network().await {
+                                Ok(gw) => {
+                                    line(true, "Swarm network", &format!("{} (gateway {gw})", config.swarm.network))
+                                }
+                                Err(e) => line(false, "Swarm network", &e.to_string()),
+                            };
+                        }
+                    }
+                    if config.spawner.kind != "swarm" {
+                        all &= match d.ensure_network().await {
+                            Ok(gw) => {
+                                line(true, "Docker network", &format!("{} (gateway {gw})", config.docker.network))
+                            }
+                            Err(e) => line(false, "Docker network", &e.to_string()),
+                        };
+                    }
                     let image_ok =
                         d.client().ok().map(|c| async move { c.inspect_image(&config.docker.image).await.is_ok() });
                     let present = match image_ok {
@@ -97,12 +132,18 @@ pub async fn run(config: &Config) -> bool {
                 }
                 Ok(Err(e)) => {
                     all &= line(
-                        config.spawner.kind != "docker",
+                        !["docker", "swarm"].contains(&config.spawner.kind.as_str()),
                         "Docker engine",
                         &format!("{e}; servers run as local processes until it answers"),
                     )
                 }
-                Err(_) => all &= line(config.spawner.kind != "docker", "Docker engine", "did not answer within 5 s"),
+                Err(_) => {
+                    all &= line(
+                        !["docker", "swarm"].contains(&config.spawner.kind.as_str()),
+                        "Docker engine",
+                        "did not answer within 5 s",
+                    )
+                }
             },
         }
     }

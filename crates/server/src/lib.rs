@@ -30,7 +30,6 @@ use berth_hub::{Hub, Servers};
 use berth_proxy::tls::{CertSource, TlsState};
 use berth_proxy::{Forwarder, ForwarderConfig, RouteTable};
 use berth_spawner::Spawner;
-use berth_spawner_docker::DockerSpawner;
 use berth_store::Store;
 use berth_web::SharedHub;
 use http::HeaderValue;
@@ -144,7 +143,7 @@ pub async fn open_store(config: &Config) -> Result<Store, StartError> {
 pub async fn offline_hub(config: &Config) -> Result<SharedHub, StartError> {
     let store = open_store(config).await?;
     let secret = load_cookie_secret(&config.data_dir)?;
-    let (spawner, _) = parts::build_spawner(config).await?;
+    let (spawner, _, _) = parts::build_spawner(config).await?;
     build_hub(config, store, &secret, spawner)
 }
 
@@ -185,7 +184,8 @@ pub struct App {
     pub config: Config,
     pub hub: SharedHub,
     shared: Arc<Shared>,
-    docker: Option<Arc<DockerSpawner>>,
+    /// The network servers reach the hub on (Docker and Swarm spawners).
+    hub_network: Option<Arc<dyn berth_spawner_docker::HubNetwork>>,
     /// The SSH gateway, unless `ssh.bind` is off.
     pub ssh: Option<Arc<berth_ssh::Gateway>>,
 }
@@ -229,8 +229,8 @@ impl App {
         } else {
             None
         };
-        let (spawner, docker) = match spawner {
-            Some(s) => (s, None),
+        let (spawner, docker, hub_network) = match spawner {
+            Some(s) => (s, None, None),
             None => parts::build_spawner(&config).await?,
         };
         let hub = build_hub(&config, store, &secret, spawner)?;
@@ -264,7 +264,7 @@ impl App {
             conns: listen::Conns::new(config.proxy.max_connections, config.proxy.max_connections_per_address),
             client_timeout: config.proxy.client_timeout_seconds,
         });
-        Ok(App { config, hub, shared, docker, ssh })
+        Ok(App { config, hub, shared, hub_network, ssh })
     }
 
     /// The TLS certificate's fingerprint and CA (auto mode), when TLS is on.
@@ -340,7 +340,7 @@ impl App {
 
         // Containers reach the hub through their network's gateway; when berth
         // listens on loopback only, it listens there too (once the engine answers).
-        if let Some(d) = &self.docker {
+        if let Some(d) = &self.hub_network {
             d.set_hub_port(local.port());
             if local.ip().is_loopback() && self.config.docker.hub_connect_url.is_empty() {
                 let (d, shared, stop, t2) = (d.clone(), self.shared.clone(), shutdown.clone(), tasks.clone());

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proxy::Peer;
-use berth_spawner_docker::DockerSpawner;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,7 +19,7 @@ use crate::Shared;
 /// Listens on the Docker network's gateway (retrying until the engine
 /// answers), then accepts there until shutdown.
 pub(crate) async fn gateway_listener(
-    d: Arc<DockerSpawner>,
+    d: Arc<dyn berth_spawner_docker::HubNetwork>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -29,7 +28,7 @@ pub(crate) async fn gateway_listener(
     let mut warned = false;
     loop {
         let attempt = async {
-            let gw = d.ensure_network().await.map_err(|e| e.to_string())?;
+            let gw = d.gateway().await.map_err(|e| e.to_string())?;
             let addr: SocketAddr = format!("{gw}:{port}").parse().map_err(|e| format!("gateway {gw}: {e}"))?;
             TcpListener::bind(addr).await.map(|l| (l, addr)).map_err(|e| format!("cannot listen on {addr}: {e}"))
         };

@@ -8,15 +8,17 @@ use berth_hub::gpus::Gpu;
 use berth_hub::templates::Templates;
 use berth_spawner::local::LocalConfig;
 use berth_spawner::{LocalSpawner, Spawner};
-use berth_spawner_docker::DockerSpawner;
+use berth_spawner_docker::{DockerSpawner, HubNetwork, SwarmSpawner};
 
 use crate::{Config, StartError};
 
-/// The spawner the configuration asks for: `docker`, `local`, or `auto`
-/// (Docker; local processes only when configured, never as a fall-back).
-pub(crate) async fn build_spawner(
-    config: &Config,
-) -> Result<(Arc<dyn Spawner>, Option<Arc<DockerSpawner>>), StartError> {
+/// What `build_spawner` makes: the spawner, the Docker engine behind it
+/// (GPU detection), and the network its servers reach the hub on.
+pub(crate) type Spawners = (Arc<dyn Spawner>, Option<Arc<DockerSpawner>>, Option<Arc<dyn HubNetwork>>);
+
+/// The spawner the configuration asks for: `docker`, `swarm`, `local`, or
+/// `auto` (Docker; local processes only when configured, never as a fall-back).
+pub(crate) async fn build_spawner(config: &Config) -> Result<Spawners, StartError> {
     let local = || -> Arc<dyn Spawner> {
         let cmd: Vec<String> = config.spawner.local_cmd.split_whitespace().map(str::to_string).collect();
         Arc::new(LocalSpawner::new(LocalConfig {
@@ -30,7 +32,7 @@ pub(crate) async fn build_spawner(
         }))
     };
     match config.spawner.kind.as_str() {
-        "local" => Ok((local(), None)),
+        "local" => Ok((local(), None, None)),
         kind => {
             let docker = DockerSpawner::connect(config.docker.clone(), &config.hub.base_url);
             let answer = match &docker {
@@ -40,9 +42,28 @@ pub(crate) async fn build_spawner(
                 Err(e) => Err(berth_spawner::SpawnError::Failed(e.to_string())),
             };
             match (kind, docker, answer) {
+                ("swarm", Ok(d), answer) => {
+                    let grace = berth_spawner::StopGrace {
+                        interrupt: config.spawner.stop_grace_seconds,
+                        terminate: config.spawner.stop_grace_seconds,
+                    };
+                    let s = SwarmSpawner::new(d.clone(), config.swarm.clone(), grace);
+                    let facts = match answer {
+                        Ok(_) => tokio::time::timeout(Duration::from_secs(5), s.node_facts()).await.unwrap_or_else(
+                            |_| Err(berth_spawner::SpawnError::Failed("the swarm did not answer within 5 s".into())),
+                        ),
+                        Err(e) => Err(e),
+                    };
+                    match facts {
+                        Ok(f) => tracing::info!(node = %f.node_id, gpu_resource = ?f.gpu_kind, "using the Swarm spawner"),
+                        // Starts fail with this message until the swarm answers.
+                        Err(e) => tracing::warn!(error = %e, "the Swarm spawner cannot start servers now"),
+                    }
+                    Ok((s.clone() as Arc<dyn Spawner>, Some(d), Some(s as Arc<dyn HubNetwork>)))
+                }
                 (_, Ok(d), Ok(version)) => {
                     tracing::info!(%version, "using the Docker spawner");
-                    Ok((d.clone() as Arc<dyn Spawner>, Some(d)))
+                    Ok((d.clone() as Arc<dyn Spawner>, Some(d.clone()), Some(d as Arc<dyn HubNetwork>)))
                 }
                 (_, Ok(d), Err(e)) => {
                     // Never a silent fall-back to local processes (they isolate
@@ -52,7 +73,7 @@ pub(crate) async fn build_spawner(
                         error = %e,
                         "the Docker engine does not answer now; servers cannot start until it does (berth keeps trying; set spawner.kind = \"local\" to run servers as local processes instead)"
                     );
-                    Ok((d.clone() as Arc<dyn Spawner>, Some(d)))
+                    Ok((d.clone() as Arc<dyn Spawner>, Some(d.clone()), Some(d as Arc<dyn HubNetwork>)))
                 }
                 (_, Err(e), _) => Err(StartError::Unsupported(format!(
                     "cannot use the Docker spawner: {e} (set spawner.kind = \"local\" to run servers as local processes)"

@@ -128,18 +128,7 @@ impl DockerSpawner {
             self.ensure_built(&image, &spec.build, progress).await?;
         }
         let _ = progress.send(Progress { progress: 40, message: "Preparing volumes…".into() });
-        for v in self.volume_plan(spec) {
-            if spec.volumes.iter().any(|a| a.role == v.role) {
-                // Adopted: it holds someone's data, so a missing one is an
-                // error, never an empty replacement.
-                self.require_volume(&v.name, v.role, &spec.user).await?;
-            } else if v.role == DataRole::Shared {
-                let opts = parse_pairs(&self.cfg.shared_volume_opts);
-                self.ensure_volume(&v.name, &self.cfg.shared_volume_driver, &opts, "").await?;
-            } else {
-                self.ensure_volume(&v.name, "local", &[], &spec.user).await?;
-            }
-        }
+        self.prepare_volumes(spec).await?;
         let name = container_name(&spec.user, &spec.server);
         // A container of that name left from an earlier run (kept on stop, or
         // the engine restarted): it is berth's, so replace it.
@@ -170,6 +159,24 @@ impl DockerSpawner {
             .await
             .map_err(engine_error)?;
         Ok((created.id, t.elapsed()))
+    }
+
+    /// Makes the volumes of the server's plan that berth owns (and checks
+    /// that adopted ones are there): what a start does before the container.
+    pub(crate) async fn prepare_volumes(&self, spec: &SpawnSpec) -> Result<(), SpawnError> {
+        for v in self.volume_plan(spec) {
+            if spec.volumes.iter().any(|a| a.role == v.role) {
+                // Adopted: it holds someone's data, so a missing one is an
+                // error, never an empty replacement.
+                self.require_volume(&v.name, v.role, &spec.user).await?;
+            } else if v.role == DataRole::Shared {
+                let opts = parse_pairs(&self.cfg.shared_volume_opts);
+                self.ensure_volume(&v.name, &self.cfg.shared_volume_driver, &opts, "").await?;
+            } else {
+                self.ensure_volume(&v.name, "local", &[], &spec.user).await?;
+            }
+        }
+        Ok(())
     }
 
     pub(crate) async fn container_ip(&self, id: &str) -> Result<Option<String>, SpawnError> {

@@ -9,6 +9,8 @@
 //! connecting to each other, and every container runs hardened (no new
 //! privileges, fewer capabilities, process and memory limits).
 //!
+//! `swarm`: the same containers as Swarm services (one replica each).
+//!
 //! Must not know the store or HTTP.
 #![forbid(unsafe_code)]
 
@@ -23,17 +25,19 @@ mod image;
 mod network;
 pub mod single;
 mod spawner;
+pub mod swarm;
 mod volumes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use berth_spawner::SpawnError;
+use berth_spawner::{BoxFuture, SpawnError};
 use bollard::Docker;
 
 pub use config::{parse_pairs, Config};
 pub use container::own_volume;
 pub use image::split_image;
+pub use swarm::{SwarmConfig, SwarmSpawner};
 pub use volumes::VolumeInfo;
 
 pub const LABEL_MANAGED: &str = "berth.managed";
@@ -151,6 +155,25 @@ impl DockerSpawner {
             self.reset_on(e);
         }
         Ok(v?.version.unwrap_or_else(|| "unknown".into()))
+    }
+}
+
+/// The network a spawner's servers reach the hub on: berth listens on its
+/// gateway (when bound to loopback) and tells the servers that address.
+pub trait HubNetwork: Send + Sync + 'static {
+    /// Tells the spawner the hub's port once it is bound.
+    fn set_hub_port(&self, port: u16);
+    /// Makes the network unless it exists; returns its gateway address.
+    fn gateway(&self) -> BoxFuture<'_, Result<String, SpawnError>>;
+}
+
+impl HubNetwork for DockerSpawner {
+    fn set_hub_port(&self, port: u16) {
+        DockerSpawner::set_hub_port(self, port);
+    }
+
+    fn gateway(&self) -> BoxFuture<'_, Result<String, SpawnError>> {
+        Box::pin(self.ensure_network())
     }
 }
 
