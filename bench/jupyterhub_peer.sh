@@ -6,28 +6,13 @@
 # Usage: bench/jupyterhub_peer.sh
 source "$(dirname "$0")/lib.sh"
 need_pkg wrk wrk
-venv=$BUILD/jh-venv
-if [ ! -x "$venv/bin/jupyterhub" ] || ! "$venv/bin/python" -c 'import nativeauthenticator' 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check jupyterhub==6.1.1 jupyterhub-nativeauthenticator==1.3.0 >&2
-fi
+bench_venv
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+JH_PORT=$(free_port)
 token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
-cat > "$work/jupyterhub_config.py" <<PY
-from jupyterhub.proxy import Proxy
-
-class NoProxy(Proxy):
-    should_start = False
-    async def start(self): pass
-    async def stop(self): pass
-    async def add_route(self, routespec, target, data): pass
-    async def delete_route(self, routespec): pass
-    async def get_all_routes(self): return {}
-
-c.JupyterHub.proxy_class = NoProxy
+{ jh_noproxy_config; cat <<PY
 c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = $port
+c.JupyterHub.hub_port = $JH_PORT
 c.JupyterHub.db_url = "sqlite:///$work/jupyterhub.sqlite"
 c.JupyterHub.cookie_secret_file = "$work/cookie_secret"
 c.JupyterHub.pid_file = "$work/jupyterhub.pid"
@@ -37,11 +22,10 @@ c.Authenticator.admin_users = {"admin"}
 c.JupyterHub.services = [{"name": "bench", "api_token": "$token"}]
 c.JupyterHub.load_roles = [{"name": "bench", "scopes": ["admin:users", "list:users", "read:users"], "services": ["bench"]}]
 PY
-(cd "$work" && exec "$venv/bin/jupyterhub" -f "$work/jupyterhub_config.py" >"$work/out" 2>"$work/err") &
-JH=$!
+} > "$work/jupyterhub_config.py"
 trap 'kill $JH 2>/dev/null; sleep 1; kill -9 $JH 2>/dev/null; rm -rf "$work"' EXIT
-URL="http://127.0.0.1:$port"
-for _ in $(seq 1 300); do curl -s "$URL/hub/api/" >/dev/null && break; sleep 0.1; done
+start_jupyterhub "$work"
+URL=$JH_URL
 auth="Authorization: token $token"
 
 # The admin signs up (NativeAuthenticator authorizes admin_users at once).

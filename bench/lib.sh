@@ -37,6 +37,59 @@ start_berth() {
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
+# cpu_ticks PID: the process's CPU time so far in clock ticks, from
+# /proc/PID/stat: utime + stime + cutime + cstime (its own threads and the
+# children it has waited for). cpu_seconds TICKS: ticks as seconds.
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13 + $14 + $15}'; }
+cpu_seconds() { python3 -c "import os, sys; print(int(sys.argv[1]) / os.sysconf('SC_CLK_TCK'))" "$1"; }
+
+# bench_venv: JupyterHub 6.1.1, NativeAuthenticator 1.3.0 and DockerSpawner
+# 14.0.0 from PyPI in a virtualenv under the build directory (the peer the
+# hub and spawn benchmarks measure); sets VENV.
+JH_PINS="jupyterhub==6.1.1 jupyterhub-nativeauthenticator==1.3.0 dockerspawner==14.0.0"
+bench_venv() {
+    VENV=$BUILD/bench-venv
+    if [ "$(cat "$VENV/.pins" 2>/dev/null)" != "$JH_PINS" ]; then
+        echo "preparing $VENV" >&2
+        python3 -m venv "$VENV"
+        # shellcheck disable=SC2086
+        "$VENV/bin/pip" install -q --disable-pip-version-check $JH_PINS >&2
+        echo "$JH_PINS" > "$VENV/.pins"
+    fi
+}
+
+# jh_noproxy_config: the start of a jupyterhub_config.py whose proxy is a
+# no-op (configurable-http-proxy is an npm package, not on this machine):
+# only the hub is measured, never routing through JupyterHub's proxy.
+jh_noproxy_config() {
+    cat <<'PY'
+from jupyterhub.proxy import Proxy
+
+class NoProxy(Proxy):
+    should_start = False
+    async def start(self): pass
+    async def stop(self): pass
+    async def add_route(self, routespec, target, data): pass
+    async def delete_route(self, routespec): pass
+    async def get_all_routes(self): return {}
+
+c.JupyterHub.proxy_class = NoProxy
+PY
+}
+
+# start_jupyterhub WORK_DIR: runs $VENV's jupyterhub with WORK_DIR/jupyterhub_config.py
+# (which must set hub_port $JH_PORT and pid_file WORK_DIR/jupyterhub.pid) and waits
+# until its API answers; sets JH (the pid) and JH_URL.
+start_jupyterhub() {
+    local work=$1
+    (cd "$work" && exec "$VENV/bin/jupyterhub" -f "$work/jupyterhub_config.py" >"$work/out" 2>"$work/err") &
+    JH=$!
+    JH_URL="http://127.0.0.1:$JH_PORT"
+    for _ in $(seq 1 600); do curl -s "$JH_URL/hub/api/" >/dev/null && return 0; sleep 0.1; done
+    echo "JupyterHub did not start:" >&2; tail -20 "$work/err" >&2; exit 1
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 # login_token URL USER PASSWORD: logs in with a cookie jar and prints a new API token.
 login_token() {
     local url=$1 user=$2 pw=$3 jar

@@ -86,7 +86,10 @@ pub struct ProgressLog {
 
 impl ProgressLog {
     pub fn new() -> Arc<ProgressLog> {
-        let (tx, _) = broadcast::channel(256);
+        // Small: the buffer is allocated whole and kept as long as the server
+        // runs (its log is), and a start sends about ten events; a watcher
+        // that falls behind skips what it missed (the final event is kept).
+        let (tx, _) = broadcast::channel(16);
         Arc::new(ProgressLog { events: Mutex::new(Vec::new()), tx })
     }
 

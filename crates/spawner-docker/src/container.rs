@@ -130,9 +130,34 @@ impl DockerSpawner {
         let _ = progress.send(Progress { progress: 40, message: "Preparing volumes…".into() });
         self.prepare_volumes(spec).await?;
         let name = container_name(&spec.user, &spec.server);
-        // A container of that name left from an earlier run (kept on stop, or
-        // the engine restarted): it is berth's, so replace it.
-        match self.client()?.inspect_container(&name, None::<InspectContainerOptions>).await {
+        let body = self.container_body(spec, &self.hub_api_url(&gateway));
+        let docker = self.client()?;
+        let create = || {
+            let opts = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+            docker.create_container(Some(opts), body.clone())
+        };
+        let t = std::time::Instant::now();
+        let created = match create().await {
+            Ok(c) => Ok(c),
+            // A container of that name left from an earlier run (kept on
+            // stop, or the engine restarted): if it is berth's, replaced.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {
+                self.remove_leftover(&name).await?;
+                create().await
+            }
+            Err(e) => Err(e),
+        };
+        let created = created.map_err(|e| {
+            // The network may be what is missing: looked at again next time.
+            self.forget_network();
+            engine_error(e)
+        })?;
+        Ok((created.id, t.elapsed()))
+    }
+
+    /// Removes a container of berth's named `name`; one that is not berth's is an error.
+    async fn remove_leftover(&self, name: &str) -> Result<(), SpawnError> {
+        match self.client()?.inspect_container(name, None::<InspectContainerOptions>).await {
             Ok(existing) => {
                 let ours = existing
                     .config
@@ -144,38 +169,33 @@ impl DockerSpawner {
                     )));
                 }
                 self.client()?
-                    .remove_container(&name, Some(RemoveContainerOptions { force: true, ..Default::default() }))
+                    .remove_container(name, Some(RemoveContainerOptions { force: true, ..Default::default() }))
                     .await
-                    .map_err(engine_error)?;
+                    .map_err(engine_error)
             }
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(engine_error(e)),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(engine_error(e)),
         }
-        let body = self.container_body(spec, &self.hub_api_url(&gateway));
-        let t = std::time::Instant::now();
-        let created = self
-            .client()?
-            .create_container(Some(CreateContainerOptions { name: Some(name.clone()), ..Default::default() }), body)
-            .await
-            .map_err(engine_error)?;
-        Ok((created.id, t.elapsed()))
     }
 
     /// Makes the volumes of the server's plan that berth owns (and checks
     /// that adopted ones are there): what a start does before the container.
     pub(crate) async fn prepare_volumes(&self, spec: &SpawnSpec) -> Result<(), SpawnError> {
-        for v in self.volume_plan(spec) {
+        // The volumes at once: each is its own engine call.
+        let plan = self.volume_plan(spec);
+        let shared_opts = parse_pairs(&self.cfg.shared_volume_opts);
+        futures_util::future::try_join_all(plan.iter().map(|v| async {
             if spec.volumes.iter().any(|a| a.role == v.role) {
                 // Adopted: it holds someone's data, so a missing one is an
                 // error, never an empty replacement.
-                self.require_volume(&v.name, v.role, &spec.user).await?;
+                self.require_volume(&v.name, v.role, &spec.user).await
             } else if v.role == DataRole::Shared {
-                let opts = parse_pairs(&self.cfg.shared_volume_opts);
-                self.ensure_volume(&v.name, &self.cfg.shared_volume_driver, &opts, "").await?;
+                self.ensure_volume(&v.name, &self.cfg.shared_volume_driver, &shared_opts, "").await
             } else {
-                self.ensure_volume(&v.name, "local", &[], &spec.user).await?;
+                self.ensure_volume(&v.name, "local", &[], &spec.user).await
             }
-        }
+        }))
+        .await?;
         Ok(())
     }
 

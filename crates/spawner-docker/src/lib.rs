@@ -70,6 +70,10 @@ pub struct DockerSpawner {
     /// The engine does not refuse a second network of the same name, so
     /// creation is one at a time.
     network_lock: tokio::sync::Mutex<()>,
+    /// The network's gateway once it was checked (or made) in this process:
+    /// later starts skip the engine round trip and the lock. Forgotten when a
+    /// container cannot be created, so a network removed meanwhile is made again.
+    network_checked: std::sync::Mutex<Option<String>>,
     /// Whether the network's warning (containers can reach each other on
     /// it) was logged: once per process.
     network_warned: std::sync::atomic::AtomicBool,
@@ -111,6 +115,7 @@ impl DockerSpawner {
             base_url: base_url.to_string(),
             image_locks: std::sync::Mutex::new(HashMap::new()),
             network_lock: tokio::sync::Mutex::new(()),
+            network_checked: std::sync::Mutex::new(None),
             network_warned: std::sync::atomic::AtomicBool::new(false),
         }))
     }

@@ -49,7 +49,13 @@ impl DockerSpawner {
     /// re-created with that off when no container needs it; otherwise it is
     /// used as it is, with a warning.
     pub async fn ensure_network(&self) -> Result<String, SpawnError> {
+        if let Some(gateway) = self.network_checked.lock().ok().and_then(|g| g.clone()) {
+            return Ok(gateway);
+        }
         let _one_at_a_time = self.network_lock.lock().await;
+        if let Some(gateway) = self.network_checked.lock().ok().and_then(|g| g.clone()) {
+            return Ok(gateway);
+        }
         let name = &self.cfg.network;
         let net = match self.inspect_network(name).await? {
             None => self.create_network(None).await?,
@@ -67,12 +73,27 @@ impl DockerSpawner {
                 }
             },
         };
+        let settled = icc(&net) == Icc::Off;
         let gateway = net
             .ipam
             .and_then(|i| i.config)
             .and_then(|c| c.into_iter().find_map(|c| c.gateway))
             .ok_or_else(|| SpawnError::Failed(format!("the Docker network {name} has no gateway address")))?;
+        // Only a network as berth makes it is taken as settled: one kept
+        // with a warning is looked at again at the next start.
+        if settled {
+            if let Ok(mut g) = self.network_checked.lock() {
+                *g = Some(gateway.clone());
+            }
+        }
         Ok(gateway)
+    }
+
+    /// Forgets the checked network: the next start inspects it again.
+    pub(crate) fn forget_network(&self) {
+        if let Ok(mut g) = self.network_checked.lock() {
+            *g = None;
+        }
     }
 
     async fn inspect_network(&self, name: &str) -> Result<Option<Network>, SpawnError> {

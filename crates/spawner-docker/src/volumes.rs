@@ -28,6 +28,9 @@ impl From<Volume> for VolumeInfo {
 
 impl DockerSpawner {
     /// Creates the volume unless it exists, labelled as berth's (and the user's).
+    /// One engine call when all is well: the engine's create returns a volume
+    /// that exists (of the same driver) as it is; when it refuses, a volume of
+    /// that name that exists is used as it is (as before, never relabelled).
     pub(crate) async fn ensure_volume(
         &self,
         name: &str,
@@ -35,11 +38,6 @@ impl DockerSpawner {
         opts: &[(String, String)],
         user: &str,
     ) -> Result<(), SpawnError> {
-        match self.client()?.inspect_volume(name).await {
-            Ok(_) => return Ok(()),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(engine_error(e)),
-        }
         let mut labels = HashMap::from([(LABEL_MANAGED.to_string(), "true".to_string())]);
         if !user.is_empty() {
             labels.insert(LABEL_USER.to_string(), user.to_string());
@@ -51,8 +49,13 @@ impl DockerSpawner {
             labels: Some(labels),
             ..Default::default()
         };
-        self.client()?.create_volume(req).await.map_err(engine_error)?;
-        Ok(())
+        match self.client()?.create_volume(req).await {
+            Ok(_) => Ok(()),
+            Err(refused) => match self.client()?.inspect_volume(name).await {
+                Ok(_) => Ok(()),
+                Err(_) => Err(engine_error(refused)),
+            },
+        }
     }
 
     /// Checks that an adopted volume is there; berth never creates one.
