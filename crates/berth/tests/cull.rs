@@ -233,14 +233,6 @@ impl Drop for Kill {
     }
 }
 
-fn keygen(dir: &Path) -> (std::path::PathBuf, String) {
-    let private = dir.join("id_cull");
-    let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&private).status().unwrap();
-    assert!(st.success());
-    let public = std::fs::read_to_string(private.with_extension("pub")).unwrap().trim().to_string();
-    (private, public)
-}
-
 #[tokio::test]
 async fn an_open_ssh_session_keeps_its_server_and_closing_it_lets_the_culler_act() {
     let mut env = cull_env();
@@ -249,7 +241,7 @@ async fn an_open_ssh_session_keeps_its_server_and_closing_it_lets_the_culler_act
     let b = start_berth(&env);
     let (_admin, alice) = admin_and_user(&b, "alice", PW).await;
     let tmp = tempfile::tempdir().unwrap();
-    let (key, public) = keygen(tmp.path());
+    let Key { private: key, public } = keygen(tmp.path(), "id_cull");
     let r = alice.api(Method::POST, "/hub/api/users/alice/keys").json(&json!({"key": public})).send().await.unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     start_default(&b, &alice, "alice", json!({})).await;

@@ -59,12 +59,7 @@ async fn containers_run_jupyter_keep_work_and_share_a_volume() {
         c["HostConfig"]["DeviceRequests"].is_null() || c["HostConfig"]["DeviceRequests"] == json!([]),
         "no GPU here: no device requests"
     );
-    let mounts: Vec<String> = c["Mounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| format!("{}:{}", m["Name"].as_str().unwrap_or(""), m["Destination"].as_str().unwrap_or("")))
-        .collect();
+    let mounts = mounts_of(&c);
     // Per-user volumes are named by the account's immutable id, not the name.
     let owner = mounts
         .iter()

@@ -94,9 +94,9 @@ fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Builds `tag` from the test image plus `/berth-version` saying `version`.
-fn build_version(base: &str, tag: &str, version: &str) {
-    let dockerfile = format!("FROM {base}\nRUN echo {version} > /berth-version\n");
+/// Builds `tag` from `base` plus the Dockerfile line `run`.
+fn build_image(base: &str, tag: &str, run: &str) {
+    let dockerfile = format!("FROM {base}\n{run}\n");
     let mut child = Command::new("docker")
         .args(["build", "-q", "-t", tag, "-"])
         .stdin(Stdio::piped())
@@ -108,6 +108,11 @@ fn build_version(base: &str, tag: &str, version: &str) {
     child.stdin.take().unwrap().write_all(dockerfile.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "build {tag}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Builds `tag` from the test image plus `/berth-version` saying `version`.
+fn build_version(base: &str, tag: &str, version: &str) {
+    build_image(base, tag, &format!("RUN echo {version} > /berth-version"));
 }
 
 /// Makes the registry's `stable` the image `local` while the engine's own
@@ -461,20 +466,13 @@ async fn a_manifest_for_another_platform_is_refused() {
 /// Builds `tag` as the test image whose single-user server never answers
 /// (its `jupyterhub-singleuser` only sleeps): an update that never becomes ready.
 fn build_never_ready(base: &str, tag: &str, version: &str) {
-    let dockerfile = format!(
-        "FROM {base}\nRUN echo {version} > /berth-version && printf '#!/bin/sh\\nexec sleep 100000\\n' > /opt/venv/bin/jupyterhub-singleuser\n"
+    build_image(
+        base,
+        tag,
+        &format!(
+            "RUN echo {version} > /berth-version && printf '#!/bin/sh\\nexec sleep 100000\\n' > /opt/venv/bin/jupyterhub-singleuser"
+        ),
     );
-    let mut child = Command::new("docker")
-        .args(["build", "-q", "-t", tag, "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(dockerfile.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "build {tag}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// `/berth-version` in the container, or "" while it has none running.

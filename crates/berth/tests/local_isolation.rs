@@ -7,7 +7,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use common::*;
@@ -60,15 +60,6 @@ fn processes(keep: impl Fn(u32) -> bool) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| keep(*pid))
         .collect()
-}
-
-/// A key pair made with ssh-keygen.
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let private = dir.join(name);
-    let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&private).status().unwrap();
-    assert!(st.success());
-    let public = std::fs::read_to_string(private.with_extension("pub")).unwrap().trim().to_string();
-    (private, public)
 }
 
 /// `ssh -i key login@127.0.0.1 cmd` with the real OpenSSH client.
@@ -150,8 +141,8 @@ async fn a_local_users_server_and_shell_cannot_read_berths_data() {
     assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700), "her home is hers alone");
 
     // Her SSH sessions run as that account too.
-    let (alice_key, alice_pub) = keygen(tmp.path(), "alice");
-    let (bob_key, bob_pub) = keygen(tmp.path(), "bob");
+    let Key { private: alice_key, public: alice_pub } = keygen(tmp.path(), "alice");
+    let Key { private: bob_key, public: bob_pub } = keygen(tmp.path(), "bob");
     for (who, name, key) in [(&alice_web, &alice, &alice_pub), (&bob_web, &bob, &bob_pub)] {
         let r = who.api(Method::POST, &format!("/hub/api/users/{name}/keys")).json(&json!({"key": key})).send().await;
         assert_eq!(r.unwrap().status(), StatusCode::CREATED);

@@ -382,12 +382,7 @@ async fn migrates_accounts_and_volumes_from_a_real_jupyterhub() {
     let ready = start_via_pages(&alice_b, alice).await;
     assert_eq!(ready["ready"], true, "{ready}\n{}", b.log());
     let c = docker_inspect(&format!("berth-{alice}")).expect("alice's container");
-    let mounts: Vec<String> = c["Mounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| format!("{}:{}", m["Name"].as_str().unwrap_or(""), m["Destination"].as_str().unwrap_or("")))
-        .collect();
+    let mounts = mounts_of(&c);
     for want in [
         format!("jupyterlab-{alice}_home:/home"),
         format!("jupyterlab-{alice}_workspace:/home/lab/workspace"),

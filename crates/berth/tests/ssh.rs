@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,24 +14,6 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 const PW: &str = "ssh-pass-42x";
-
-/// A key pair made with ssh-keygen for one test user.
-struct Key {
-    private: PathBuf,
-    public: String,
-}
-
-fn keygen(dir: &Path, name: &str) -> Key {
-    let private = dir.join(name);
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", &format!("{name}@test"), "-f"])
-        .arg(&private)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let public = std::fs::read_to_string(private.with_extension("pub")).unwrap().trim().to_string();
-    Key { private, public }
-}
 
 fn fingerprint(key: &Key) -> String {
     let out = Command::new("ssh-keygen").arg("-lf").arg(key.private.with_extension("pub")).output().unwrap();

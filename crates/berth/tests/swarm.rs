@@ -7,8 +7,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -101,23 +99,6 @@ fn task_container(service: &str) -> String {
     docker_text(&["ps", "-q", "--no-trunc", "--filter", &format!("label=com.docker.swarm.service.name={service}")])
 }
 
-struct Key {
-    private: PathBuf,
-    public: String,
-}
-
-fn keygen(dir: &Path, name: &str) -> Key {
-    let private = dir.join(name);
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", &format!("{name}@test"), "-f"])
-        .arg(&private)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let public = std::fs::read_to_string(private.with_extension("pub")).unwrap().trim().to_string();
-    Key { private, public }
-}
-
 fn ssh(b: &Berth, key: &Key, login: &str, cmd: &str) -> Output {
     let port = b.ssh_addr.as_ref().expect("the SSH gateway is on").rsplit(':').next().unwrap().to_string();
     Command::new("timeout")
@@ -203,12 +184,7 @@ async fn swarm_services_run_the_hub_flow_survive_a_restart_and_fail_cleanly() {
     let container = task_container(&svc_name);
     assert!(!container.is_empty(), "the task's container runs on this engine");
     let c = docker_inspect(&container).unwrap();
-    let mounts: Vec<String> = c["Mounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| format!("{}:{}", m["Name"].as_str().unwrap_or(""), m["Destination"].as_str().unwrap_or("")))
-        .collect();
+    let mounts = mounts_of(&c);
     assert!(mounts.iter().any(|m| m.ends_with("-home:/home")), "the home volume: {mounts:?}");
 
     // A file in the home volume survives stop and start.

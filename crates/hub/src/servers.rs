@@ -172,8 +172,9 @@ pub struct Servers {
     /// Image moves under way in this process (see [`moves`]).
     moving: Mutex<HashSet<ServerId>>,
     /// What owners are told about updates of the images their running
-    /// servers run, by (user, server); refreshed by checks and moves.
-    notices: Mutex<HashMap<(String, String), String>>,
+    /// servers run: by user, (server, text) sorted; refreshed by checks
+    /// and moves, read on every page.
+    notices: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
 
 /// A start's task as a stop sees it.

@@ -726,6 +726,37 @@ impl Drop for DockerScope {
     }
 }
 
+/// A key pair made with ssh-keygen for one test user.
+pub(crate) struct Key {
+    pub private: PathBuf,
+    pub public: String,
+}
+
+/// A fresh ed25519 key pair `dir/name` (no passphrase).
+pub(crate) fn keygen(dir: &Path, name: &str) -> Key {
+    let private = dir.join(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", &format!("{name}@test"), "-f"])
+        .arg(&private)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+    let public = std::fs::read_to_string(private.with_extension("pub")).expect("public key").trim().to_string();
+    Key { private, public }
+}
+
+/// A container's mounts (`docker inspect`) as `volume:destination`.
+pub(crate) fn mounts_of(c: &serde_json::Value) -> Vec<String> {
+    c["Mounts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| format!("{}:{}", m["Name"].as_str().unwrap_or(""), m["Destination"].as_str().unwrap_or("")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The test image (built from nothing pulled by scripts/build-test-image).
 pub(crate) fn test_image() -> String {
     if let Ok(i) = std::env::var("BERTH_TEST_IMAGE") {

@@ -51,10 +51,6 @@ impl Drop for Moving {
     }
 }
 
-fn label(id: &ServerId) -> String {
-    id.to_string()
-}
-
 impl Servers {
     /// One round of the image-moves job: the owners' notices refreshed,
     /// moves of servers that stopped (or restarted on the new image)
@@ -155,7 +151,7 @@ impl Servers {
         // The mode is chosen again, as for any start of a stopped server.
         options.routing = None;
         options.extra.clear();
-        let subject = label(id);
+        let subject = id.to_string();
         let mut why = m.detail.clone();
         if m.phase != "rolling-back" {
             if let Err(e) = self.store.set_image_move_phase(user, server, "moving", "").await {
@@ -322,7 +318,10 @@ impl Servers {
                     c.image
                 ),
             };
-            out.insert((s.user.clone(), s.name.clone()), text);
+            out.entry(s.user.clone()).or_insert_with(Vec::new).push((s.name.clone(), text));
+        }
+        for list in out.values_mut() {
+            list.sort();
         }
         if let Ok(mut n) = self.notices.lock() {
             *n = out;
@@ -332,12 +331,6 @@ impl Servers {
     /// What `user` is told about updates of their running servers' images,
     /// by server name.
     pub fn update_notices_of(&self, user: &str) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = self
-            .notices
-            .lock()
-            .map(|n| n.iter().filter(|((u, _), _)| u == user).map(|((_, s), t)| (s.clone(), t.clone())).collect())
-            .unwrap_or_default();
-        v.sort();
-        v
+        self.notices.lock().ok().and_then(|n| n.get(user).cloned()).unwrap_or_default()
     }
 }
