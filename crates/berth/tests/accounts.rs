@@ -456,3 +456,21 @@ async fn api_shapes_and_pagination() {
     let v: Value = c.get(format!("{}/hub/api/", b.url)).send().await.unwrap().json().await.unwrap();
     assert!(v["version"].as_str().is_some());
 }
+
+/// The address the README gives (`http://<host>:27015/hub/`), with or
+/// without the slash, and the bare root: a visitor is sent to log in, a
+/// logged-in user home.
+#[tokio::test]
+async fn the_hubs_address_with_or_without_a_slash_leads_to_log_in_or_home() {
+    let b = Berth::start();
+    let admin = b.first_admin().await;
+    let anon = Browser::new(&b.url);
+    for path in ["/hub/", "/hub", "/"] {
+        let r = anon.get(path).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(r.headers()["location"], "/hub/login", "{path}");
+        let r = admin.get(path).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(r.headers()["location"], "/hub/home", "{path}");
+    }
+}

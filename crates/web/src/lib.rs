@@ -90,6 +90,8 @@ pub fn router(hub: SharedHub) -> Router {
     let mount = format!("{}hub", base);
     let mut app = Router::new()
         .nest(&mount, hub_routes)
+        // `<base>hub/` (what people type, and what JupyterHub answers) as `<base>hub`.
+        .route(&format!("{mount}/"), get(login::root))
         // Reached only when the proxy has no route: the server is not running.
         .route(&format!("{base}user/{{*rest}}"), any(servers::not_running));
     if base != "/" {
