@@ -55,6 +55,64 @@ pub fn allocate(
     Ok(free.into_iter().take(want).cloned().collect())
 }
 
+/// The node a device id of the inventory is on: `node:device` is a Swarm
+/// node's, a plain id berth's own node's (`None`).
+pub fn node_of(id: &str) -> Option<&str> {
+    id.split_once(':').map(|(n, _)| n)
+}
+
+/// [`allocate`], with every device of one server on one node (see
+/// [`node_of`]): among the nodes that can give `want` (only `on`, when
+/// given), the one left with the fewest free devices, so larger blocks stay
+/// whole. The shortage reported is the best node's.
+pub fn allocate_on_one_node(
+    devices: &[String],
+    shared: &HashSet<String>,
+    held: &[(String, String)],
+    want: usize,
+    on: Option<Option<&str>>,
+) -> Result<Vec<String>, Shortage> {
+    let mut nodes: BTreeMap<Option<&str>, Vec<String>> = BTreeMap::new();
+    for d in devices {
+        nodes.entry(node_of(d)).or_default().push(d.clone());
+    }
+    if let Some(only) = on {
+        nodes.retain(|n, _| *n == only);
+    }
+    let mut best: Option<(usize, Vec<String>)> = None;
+    let mut shortage: Option<Shortage> = None;
+    for devs in nodes.values() {
+        match allocate(devs, shared, held, want) {
+            Ok(ids) => {
+                let free = devs.iter().filter(|d| !held.iter().any(|(h, _)| h == *d)).count();
+                let left = free.saturating_sub(ids.len());
+                if best.as_ref().is_none_or(|(l, _)| left < *l) {
+                    best = Some((left, ids));
+                }
+            }
+            Err(s) => {
+                if shortage.as_ref().is_none_or(|b| s.free > b.free) {
+                    shortage = Some(s);
+                }
+            }
+        }
+    }
+    match (best, shortage) {
+        (Some((_, ids)), _) => Ok(ids),
+        (None, Some(s)) => Err(s),
+        (None, None) => Err(Shortage { wanted: want, free: 0, total: 0, holders: BTreeMap::new() }),
+    }
+}
+
+/// The most devices one node has.
+pub fn largest_node(devices: &[String]) -> usize {
+    let mut count: BTreeMap<Option<&str>, usize> = BTreeMap::new();
+    for d in devices {
+        *count.entry(node_of(d)).or_default() += 1;
+    }
+    count.into_values().max().unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +153,28 @@ mod tests {
         assert_eq!(allocate(&devices, &shared, &[], 2).unwrap(), ids(2), "free devices first");
         assert!(allocate(&[], &shared, &[], 1).is_err());
         assert_eq!(allocate(&devices, &shared, &[], 0).unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn one_servers_devices_come_from_one_node_the_tightest_that_fits() {
+        let devices: Vec<String> = ["0", "1", "w1:a", "w1:b", "w1:c", "w2:a", "w2:b"].map(String::from).to_vec();
+        let none = HashSet::new();
+        // Two: berth's node (two free) fits exactly; w1 would keep one left.
+        assert_eq!(allocate_on_one_node(&devices, &none, &[], 2, None).unwrap(), vec!["0", "1"]);
+        // Three: only w1 has three.
+        assert_eq!(allocate_on_one_node(&devices, &none, &[], 3, None).unwrap(), vec!["w1:a", "w1:b", "w1:c"]);
+        // One, with berth's node full and w1:a held: w2 has two, w1 two: the first tightest.
+        let held = vec![("0".into(), "u".into()), ("1".into(), "v".into()), ("w1:a".into(), "x".into())];
+        let got = allocate_on_one_node(&devices, &none, &held, 2, None).unwrap();
+        assert!(got == vec!["w1:b", "w1:c"] || got == vec!["w2:a", "w2:b"], "{got:?}");
+        // Never split over nodes: four free in all, at most two on one node.
+        let s = allocate_on_one_node(&devices, &none, &held, 3, None).unwrap_err();
+        assert_eq!((s.wanted, s.free), (3, 2));
+        // Held to one node (where the user's volumes are).
+        assert_eq!(allocate_on_one_node(&devices, &none, &[], 1, Some(Some("w2"))).unwrap(), vec!["w2:a"]);
+        let s = allocate_on_one_node(&devices, &none, &held, 1, Some(None)).unwrap_err();
+        assert_eq!((s.free, s.total), (0, 2));
+        assert_eq!(largest_node(&devices), 3);
+        assert_eq!(largest_node(&[]), 0);
     }
 }

@@ -277,15 +277,18 @@ impl Gpus {
         if want > self.cfg.max_per_server as usize {
             return Err(HubError::TooManyGpus { max: self.cfg.max_per_server });
         }
-        let total = self.inventory().len();
+        // One server's GPUs are on one machine (Swarm nodes: `node:id`).
+        let devices: Vec<String> = self.inventory().into_iter().map(|g| g.id).collect();
+        let total = berth_core::gpu::largest_node(&devices);
         if want > total {
             return Err(HubError::GpusExceedInventory { wanted: want, total });
         }
         Ok(())
     }
 
-    /// Allocates `want` GPUs to `id`, or says why not.
-    pub async fn allocate(&self, id: &ServerId, want: usize) -> HubResult<Vec<String>> {
+    /// Allocates `want` GPUs to `id`, all on one machine (`on`: that one,
+    /// see [`berth_spawner::Spawner::data_node`]), or says why not.
+    pub async fn allocate(&self, id: &ServerId, want: usize, on: Option<Option<String>>) -> HubResult<Vec<String>> {
         if want == 0 {
             return Ok(Vec::new());
         }
@@ -295,7 +298,8 @@ impl Gpus {
         let shared: HashSet<String> = self.store.shared_gpus().await?.into_iter().collect();
         let held: Vec<(String, String)> =
             self.store.gpu_allocations().await?.into_iter().map(|(d, u, s)| (d, describe(&u, &s))).collect();
-        match berth_core::gpu::allocate(&devices, &shared, &held, want) {
+        let on = on.as_ref().map(|n| n.as_deref());
+        match berth_core::gpu::allocate_on_one_node(&devices, &shared, &held, want, on) {
             Ok(ids) => {
                 self.store.add_gpu_allocations(id.user(), id.server(), &ids).await?;
                 Ok(ids)

@@ -432,7 +432,7 @@ impl Servers {
         if want > 0 && !recreate {
             self.usage.check_quota(user, now_ms()).await?;
         }
-        let Some(gpus) = self.take_or_queue(id, want, record.clone(), &options).await? else {
+        let Some(gpus) = self.take_or_queue(id, want, record.clone(), &options, &owner.account_id).await? else {
             // Waiting for GPUs holds no start slot, and the claim goes: the
             // record (starting) keeps other starts of it out.
             drop(permit);

@@ -189,6 +189,14 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("proxy.client_timeout_seconds", &["BERTH_CLIENT_TIMEOUT"], "Time a client has for the TLS handshake and for a request's headers, and that a request body may stay idle."),
     ("swarm.network", &["BERTH_SWARM_NETWORK"], "Swarm-scoped network the Swarm spawner's services join; created if missing (a bridge on berth's node, configured from `<network>-config` with traffic between containers off)."),
     ("swarm.restart_attempts", &["BERTH_SWARM_RESTART_ATTEMPTS"], "How often Swarm retries a server's task that fails while it starts before the start fails with the task's error."),
+    ("swarm.nodes", &["BERTH_SWARM_NODES"], "Which nodes run servers: `self` (berth's own node) or `labelled` (every node labelled `berth.servers=true`; berth picks the node, docs/swarm.md)."),
+    ("swarm.engines", &["BERTH_SWARM_ENGINES"], "Each other node's own Docker engine, `hostname=tcp://ADDRESS:2376;hostname=unix:///path`: its images, volumes, its part of the network and its servers' containers (address, output, SSH)."),
+    ("swarm.engine_tls_dir", &["BERTH_SWARM_ENGINE_TLS_DIR"], "Directory with `ca.pem`, `cert.pem` and `key.pem` for the `tcp://` engines (a node's own in `<dir>/<hostname>/` when there is one); empty: plain HTTP."),
+    ("swarm.node_subnets", &["BERTH_SWARM_NODE_SUBNETS"], "Address range each other node's part of `swarm.network` gets a `/24` of; the hub routes to them (docs/swarm.md)."),
+    ("swarm.hub_address", &["BERTH_SWARM_HUB_ADDRESS"], "Address servers on other nodes reach the hub at (berth listens there too); empty: berth's node's address in the swarm."),
+    ("swarm.volumes", &["BERTH_SWARM_VOLUMES"], "Users' volumes: `node` (on the node a user's server first ran on; their servers go there) or `shared` (made by each node from `swarm.volume_driver` and `swarm.volume_opts`, e.g. NFS; servers go anywhere and follow a drained node's)."),
+    ("swarm.volume_driver", &["BERTH_SWARM_VOLUME_DRIVER"], "Volume driver of users' volumes with `swarm.volumes = \"shared\"`."),
+    ("swarm.volume_opts", &["BERTH_SWARM_VOLUME_OPTS"], "Its options, `key=value;key=value`, `{volume}` replaced by the volume's name, e.g. `type=nfs;o=addr=10.0.0.5,rw;device=:/export/{volume}`."),
     ("templates.dir", &["BERTH_TEMPLATES_DIR"], "A catalog directory (`<id>/template.toml`) to offer on the start page instead of the catalog built into berth."),
     ("templates.allowed", &["BERTH_TEMPLATES_ALLOWED"], "Template ids users may start (comma-separated in the environment); empty means all."),
     ("templates.prebuild", &["BERTH_TEMPLATES_PREBUILD"], "Template ids whose images the Docker spawner builds in the background once berth serves (comma-separated in the environment), so no first start waits for a build."),
@@ -431,6 +439,26 @@ impl Config {
         }
         if self.swarm.network.is_empty() {
             return Err(invalid("swarm.network", "must name a network".into()));
+        }
+        if !["self", "labelled"].contains(&self.swarm.nodes.as_str()) {
+            return Err(invalid("swarm.nodes", format!("{:?} is not self or labelled", self.swarm.nodes)));
+        }
+        if !["node", "shared"].contains(&self.swarm.volumes.as_str()) {
+            return Err(invalid("swarm.volumes", format!("{:?} is not node or shared", self.swarm.volumes)));
+        }
+        berth_spawner_docker::nodes::parse_engines(&self.swarm.engines, &self.swarm.engine_tls_dir)
+            .map_err(|m| invalid("swarm.engines", m))?;
+        if !self.swarm.engine_tls_dir.is_empty() && !std::path::Path::new(&self.swarm.engine_tls_dir).is_dir() {
+            return Err(invalid("swarm.engine_tls_dir", format!("{} is not a directory", self.swarm.engine_tls_dir)));
+        }
+        if berth_spawner_docker::nodes::free_subnet_in(&self.swarm.node_subnets, &[]).is_none() {
+            return Err(invalid(
+                "swarm.node_subnets",
+                format!("{:?} is not an IPv4 range of /24 or wider (10.231.0.0/16)", self.swarm.node_subnets),
+            ));
+        }
+        if !self.swarm.hub_address.is_empty() && self.swarm.hub_address.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid("swarm.hub_address", format!("{:?} is not an IP address", self.swarm.hub_address)));
         }
         if self.spawner.local_cmd.split_whitespace().next().is_none() {
             return Err(invalid("spawner.local_cmd", "must name a command".into()));

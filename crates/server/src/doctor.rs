@@ -74,6 +74,7 @@ pub async fn run(config: &Config) -> bool {
                                 }
                                 Err(e) => line(false, "Swarm network", &e.to_string()),
                             };
+                            all &= swarm_nodes(&s).await;
                         }
                     }
                     if config.spawner.kind != "swarm" {
@@ -148,4 +149,35 @@ pub async fn run(config: &Config) -> bool {
         }
     }
     all
+}
+
+/// One line per swarm node: whether berth may place servers there, its
+/// state, its GPUs and their runtime, and (other nodes) whether berth
+/// reaches its engine and its part of the network is made.
+async fn swarm_nodes(s: &berth_spawner_docker::SwarmSpawner) -> bool {
+    let nodes = match s.nodes().await {
+        Ok(n) => n,
+        Err(e) => return line(false, "Swarm nodes", &e.to_string()),
+    };
+    let mut ok = true;
+    let mut usable = 0;
+    for n in &nodes {
+        let uses = s.may_use(n);
+        let label = format!("Swarm node {}{}", n.hostname, if n.own { " (berth's)" } else { "" });
+        if !uses {
+            line(
+                true,
+                &label,
+                &format!("{}, {}; not used for servers (no berth.servers=true label)", n.state, n.availability),
+            );
+            continue;
+        }
+        usable += 1;
+        let (good, facts) = s.check_node(n).await;
+        ok &= line(good, &label, &facts);
+    }
+    if usable == 0 {
+        ok &= line(false, "Swarm nodes", "no node may run servers: label one with berth.servers=true");
+    }
+    ok
 }

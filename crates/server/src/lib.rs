@@ -188,6 +188,16 @@ pub struct App {
     hub_network: Option<Arc<dyn berth_spawner_docker::HubNetwork>>,
     /// The SSH gateway, unless `ssh.bind` is off.
     pub ssh: Option<Arc<berth_ssh::Gateway>>,
+    /// berth's own machine's GPUs (configured or detected at start-up);
+    /// the inventory adds other swarm nodes' to them.
+    own_gpus: Vec<berth_hub::gpus::Gpu>,
+}
+
+/// berth's own GPUs and other nodes' (`node:device`, model).
+fn with_node_gpus(own: &[berth_hub::gpus::Gpu], nodes: Vec<(String, String)>) -> Vec<berth_hub::gpus::Gpu> {
+    let mut all = own.to_vec();
+    all.extend(nodes.into_iter().map(|(id, name)| berth_hub::gpus::Gpu { id, name }));
+    all
 }
 
 /// What each connection needs.
@@ -234,7 +244,15 @@ impl App {
             None => parts::build_spawner(&config).await?,
         };
         let hub = build_hub(&config, store, &secret, spawner)?;
-        hub.servers.gpus.set_inventory(parts::gpu_inventory(&config, docker.as_ref()).await);
+        let own_gpus = parts::gpu_inventory(&config, docker.as_ref()).await;
+        let node_gpus = match &hub_network {
+            Some(n) if config.gpu.mode != 0 => n.node_gpus().await,
+            _ => Vec::new(),
+        };
+        if !node_gpus.is_empty() {
+            tracing::info!(count = node_gpus.len(), "GPUs on other swarm nodes");
+        }
+        hub.servers.gpus.set_inventory(with_node_gpus(&own_gpus, node_gpus));
         let ssh = if config.ssh.enabled() {
             let upstream = ssh_upstream::HubUpstream { hub: hub.clone(), auto_start: config.ssh.auto_start };
             let gw = berth_ssh::Gateway::new(config.ssh.clone(), &config.data_dir, Arc::new(upstream))
@@ -264,7 +282,7 @@ impl App {
             conns: listen::Conns::new(config.proxy.max_connections, config.proxy.max_connections_per_address),
             client_timeout: config.proxy.client_timeout_seconds,
         });
-        Ok(App { config, hub, shared, hub_network, ssh })
+        Ok(App { config, hub, shared, hub_network, ssh, own_gpus })
     }
 
     /// The TLS certificate's fingerprint and CA (auto mode), when TLS is on.
@@ -345,9 +363,28 @@ impl App {
             if local.ip().is_loopback() && self.config.docker.hub_connect_url.is_empty() {
                 let (d, shared, stop, t2) = (d.clone(), self.shared.clone(), shutdown.clone(), tasks.clone());
                 tasks.spawn(
-                    listen::gateway_listener(d, shared, stop, t2, local.port())
+                    listen::gateway_listener(d.clone(), shared, stop, t2, local.port(), false)
                         .instrument(tracing::info_span!("gateway-listener")),
                 );
+                let (shared, stop, t2) = (self.shared.clone(), shutdown.clone(), tasks.clone());
+                tasks.spawn(
+                    listen::gateway_listener(d.clone(), shared, stop, t2, local.port(), true)
+                        .instrument(tracing::info_span!("node-listener")),
+                );
+            }
+            // Swarm nodes come and go, and with them their GPUs.
+            if self.config.gpu.mode != 0 && self.config.spawner.kind == "swarm" && self.config.swarm.nodes == "labelled"
+            {
+                let (d, hub, stop, own) = (d.clone(), hub.clone(), shutdown.clone(), self.own_gpus.clone());
+                tasks.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                        }
+                        hub.servers.gpus.set_inventory(with_node_gpus(&own, d.node_gpus().await));
+                    }
+                });
             }
         }
         listen::accept_loop(listener, self.shared.clone(), shutdown.clone(), tasks.clone(), local.port(), false).await;

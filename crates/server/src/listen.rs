@@ -24,19 +24,33 @@ pub(crate) async fn gateway_listener(
     shutdown: CancellationToken,
     tasks: TaskTracker,
     port: u16,
+    node: bool,
 ) {
     let mut warned = false;
     loop {
         let attempt = async {
-            let gw = d.gateway().await.map_err(|e| e.to_string())?;
+            let gw = if node {
+                match d.node_address().await.map_err(|e| e.to_string())? {
+                    Some(a) => a,
+                    None => return Err(String::new()),
+                }
+            } else {
+                d.gateway().await.map_err(|e| e.to_string())?
+            };
             let addr: SocketAddr = format!("{gw}:{port}").parse().map_err(|e| format!("gateway {gw}: {e}"))?;
             TcpListener::bind(addr).await.map(|l| (l, addr)).map_err(|e| format!("cannot listen on {addr}: {e}"))
         };
         match attempt.await {
             Ok((listener, addr)) => {
-                tracing::info!(%addr, "also listening on the Docker network's gateway for containers");
+                if node {
+                    tracing::info!(%addr, "also listening on the hub's swarm address for servers on other nodes");
+                } else {
+                    tracing::info!(%addr, "also listening on the Docker network's gateway for containers");
+                }
                 return accept_loop(listener, shared, shutdown, tasks, port, true).await;
             }
+            // No such address (not placing servers on other nodes).
+            Err(e) if e.is_empty() => return,
             Err(e) => {
                 if !warned {
                     tracing::warn!(error = %e, "containers cannot reach the hub yet; retrying every 5 s");

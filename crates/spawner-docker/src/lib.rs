@@ -23,6 +23,7 @@ pub mod gpu;
 mod hardening;
 mod image;
 mod network;
+pub mod nodes;
 pub mod single;
 mod spawner;
 pub mod swarm;
@@ -60,6 +61,8 @@ pub struct DockerSpawner {
     /// Connected on first use and again after the engine went away, so an
     /// engine that restarts (or starts after berth) needs no berth restart.
     docker: std::sync::Mutex<Option<Docker>>,
+    /// Which engine: the local one, or a Swarm node's (`swarm.engines`).
+    endpoint: Endpoint,
     cfg: Config,
     /// The hub's port, for the derived `hub_connect_url`.
     hub_port: std::sync::atomic::AtomicU16,
@@ -77,6 +80,68 @@ pub struct DockerSpawner {
     /// Whether the network's warning (containers can reach each other on
     /// it) was logged: once per process.
     network_warned: std::sync::atomic::AtomicBool,
+}
+
+/// Where an engine answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `DOCKER_HOST` or the default socket: berth's own engine.
+    Local,
+    /// `unix:///path/to/docker.sock`.
+    Unix(String),
+    /// `tcp://host:port`, with the directory holding `ca.pem`, `cert.pem`
+    /// and `key.pem` (Docker's own TLS layout), or plain HTTP without one.
+    Tcp { addr: String, tls: Option<std::path::PathBuf> },
+}
+
+impl Endpoint {
+    /// `unix:///…` or `tcp://host:port`; `tls` is used for `tcp://`.
+    pub fn parse(s: &str, tls: Option<&std::path::Path>) -> Result<Endpoint, String> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(format!("{s:?}: a unix socket's path must be absolute (unix:///run/docker.sock)"));
+            }
+            return Ok(Endpoint::Unix(path.to_string()));
+        }
+        if let Some(addr) = s.strip_prefix("tcp://") {
+            let ok = addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("{s:?}: expected tcp://HOST:PORT"));
+            }
+            return Ok(Endpoint::Tcp { addr: addr.to_string(), tls: tls.map(std::path::Path::to_path_buf) });
+        }
+        Err(format!("{s:?}: an engine address is unix:///path or tcp://host:port"))
+    }
+
+    fn connect(&self) -> Result<Docker, bollard::errors::Error> {
+        const TIMEOUT_S: u64 = 120;
+        match self {
+            Endpoint::Local => Docker::connect_with_local_defaults(),
+            Endpoint::Unix(p) => Docker::connect_with_unix(p, TIMEOUT_S, bollard::API_DEFAULT_VERSION),
+            Endpoint::Tcp { addr, tls: None } => {
+                Docker::connect_with_http(addr, TIMEOUT_S, bollard::API_DEFAULT_VERSION)
+            }
+            Endpoint::Tcp { addr, tls: Some(dir) } => Docker::connect_with_ssl(
+                addr,
+                &dir.join("key.pem"),
+                &dir.join("cert.pem"),
+                &dir.join("ca.pem"),
+                TIMEOUT_S,
+                bollard::API_DEFAULT_VERSION,
+            ),
+        }
+    }
+
+    /// " at …" for messages; nothing for the local engine.
+    pub fn describe(&self) -> String {
+        match self {
+            Endpoint::Local => String::new(),
+            Endpoint::Unix(p) => format!(" at unix://{p}"),
+            Endpoint::Tcp { addr, tls } => {
+                format!(" at tcp://{addr}{}", if tls.is_some() { " (TLS)" } else { "" })
+            }
+        }
+    }
 }
 
 fn engine_error(e: bollard::errors::Error) -> SpawnError {
@@ -107,9 +172,16 @@ impl DockerSpawner {
 
     /// Connects to the local engine (DOCKER_HOST or the default socket).
     pub fn connect(cfg: Config, base_url: &str) -> Result<Arc<DockerSpawner>, SpawnError> {
-        let docker = Docker::connect_with_local_defaults().ok();
-        Ok(Arc::new(DockerSpawner {
+        Ok(DockerSpawner::connect_to(cfg, base_url, Endpoint::Local))
+    }
+
+    /// The same over another engine: a Swarm node's (its images, volumes,
+    /// containers and networks are that node's).
+    pub fn connect_to(cfg: Config, base_url: &str, endpoint: Endpoint) -> Arc<DockerSpawner> {
+        let docker = endpoint.connect().ok();
+        Arc::new(DockerSpawner {
             docker: std::sync::Mutex::new(docker),
+            endpoint,
             cfg,
             hub_port: std::sync::atomic::AtomicU16::new(0),
             base_url: base_url.to_string(),
@@ -117,7 +189,20 @@ impl DockerSpawner {
             network_lock: tokio::sync::Mutex::new(()),
             network_checked: std::sync::Mutex::new(None),
             network_warned: std::sync::atomic::AtomicBool::new(false),
-        }))
+        })
+    }
+
+    /// Which engine this is.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub(crate) fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub(crate) fn hub_port(&self) -> u16 {
+        self.hub_port.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The engine client, connecting if needed.
@@ -126,9 +211,10 @@ impl DockerSpawner {
         if let Some(d) = slot.as_ref() {
             return Ok(d.clone());
         }
-        let d = Docker::connect_with_local_defaults().map_err(|e| {
+        let d = self.endpoint.connect().map_err(|e| {
             SpawnError::Failed(format!(
-                "the Docker engine does not answer ({e}); is it running? Starts work again once it is back"
+                "the Docker engine{} does not answer ({e}); is it running? Starts work again once it is back",
+                self.endpoint.describe()
             ))
         })?;
         *slot = Some(d.clone());
@@ -170,6 +256,16 @@ pub trait HubNetwork: Send + Sync + 'static {
     fn set_hub_port(&self, port: u16);
     /// Makes the network unless it exists; returns its gateway address.
     fn gateway(&self) -> BoxFuture<'_, Result<String, SpawnError>>;
+    /// Another address servers reach the hub at (Swarm servers on other
+    /// nodes: the hub's address in the swarm), where berth listens too.
+    fn node_address(&self) -> BoxFuture<'_, Result<Option<String>, SpawnError>> {
+        Box::pin(async { Ok(None) })
+    }
+    /// GPUs on other machines the spawner places servers on (Swarm nodes):
+    /// (`node:device`, model), added to the hub's inventory.
+    fn node_gpus(&self) -> BoxFuture<'_, Vec<(String, String)>> {
+        Box::pin(async { Vec::new() })
+    }
 }
 
 impl HubNetwork for DockerSpawner {

@@ -32,20 +32,21 @@ use berth_spawner::{
 };
 use bollard::models::{
     ConfigReference, GenericResourcesInner, GenericResourcesInnerDiscreteResourceSpec, Ipam, IpamConfig, Limit,
-    LocalNodeState, Mount, MountTmpfsOptions, MountTypeEnum, Network, NetworkAttachmentConfig, NetworkCreateRequest,
-    ResourceObject, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec,
-    TaskSpecContainerSpecPrivileges, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
-    TaskSpecRestartPolicyConditionEnum, TaskState,
+    LocalNodeState, Mount, MountTmpfsOptions, MountTypeEnum, MountVolumeOptionsDriverConfig, Network,
+    NetworkAttachmentConfig, NetworkCreateRequest, ResourceObject, ServiceSpec, ServiceSpecMode,
+    ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecPrivileges,
+    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
-    InspectContainerOptions, InspectNetworkOptions, InspectServiceOptions, ListContainersOptions, ListTasksOptions,
-    LogsOptions, RemoveContainerOptions,
+    InspectContainerOptions, InspectNetworkOptions, InspectServiceOptions, ListContainersOptions, ListNetworksOptions,
+    ListTasksOptions, LogsOptions, RemoveContainerOptions,
 };
 use bollard::Docker;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 
+use crate::nodes::SwarmNode;
 use crate::{engine_error, is_not_found, DockerSpawner, CONTAINER_PORT, LABEL_MANAGED, LABEL_SERVER, LABEL_USER};
 
 /// Label on the services the Swarm spawner makes.
@@ -68,12 +69,59 @@ pub struct SwarmConfig {
     /// How often a server's task that fails while starting is tried again
     /// before the start fails with its error.
     pub restart_attempts: u32,
+    /// Which nodes run servers: `self` (berth's own node) or `labelled`
+    /// (every node labelled `berth.servers=true`).
+    pub nodes: String,
+    /// Each node's own engine but berth's: `hostname=tcp://ADDRESS:2376;…`
+    /// (or `unix:///path`), for its images, volumes, network and the
+    /// servers' containers (address, output, SSH).
+    pub engines: String,
+    /// Directory with `ca.pem`, `cert.pem` and `key.pem` for `tcp://`
+    /// engines (a node's own in `<dir>/<hostname>/` when there is one);
+    /// empty: plain HTTP.
+    pub engine_tls_dir: String,
+    /// Address range the other nodes' parts of `network` are given a `/24`
+    /// of each (the hub routes to them).
+    pub node_subnets: String,
+    /// Where servers on other nodes reach the hub; empty: berth's node's
+    /// address in the swarm.
+    pub hub_address: String,
+    /// Users' volumes: `node` (on the node a user's server first ran on;
+    /// later servers go there) or `shared` (created by every node from
+    /// `volume_driver` and `volume_opts`, e.g. NFS; servers go anywhere).
+    pub volumes: String,
+    /// The driver and its options (`key=value;…`, `{volume}` replaced by
+    /// the volume's name) of users' volumes with `volumes = "shared"`.
+    pub volume_driver: String,
+    pub volume_opts: String,
 }
 
 impl Default for SwarmConfig {
     fn default() -> Self {
-        SwarmConfig { network: "berth-swarm".into(), restart_attempts: 2 }
+        SwarmConfig {
+            network: "berth-swarm".into(),
+            restart_attempts: 2,
+            nodes: "self".into(),
+            engines: String::new(),
+            engine_tls_dir: String::new(),
+            node_subnets: "10.231.0.0/16".into(),
+            hub_address: String::new(),
+            volumes: "node".into(),
+            volume_driver: "local".into(),
+            volume_opts: String::new(),
+        }
     }
+}
+
+/// Where a service may run, and how its node advertises GPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// A Swarm placement constraint (`node.id==…`, `node.labels.…==true`).
+    pub constraint: String,
+    /// The generic resource kind the node advertises its GPUs as, if any.
+    pub gpu_kind: Option<String>,
+    /// Users' volumes on a driver every node mounts (`volumes = "shared"`).
+    pub shared_volumes: bool,
 }
 
 /// What berth needs to know of the swarm and its own node.
@@ -88,6 +136,12 @@ pub struct NodeFacts {
 pub struct SwarmSpawner {
     docker: Arc<DockerSpawner>,
     cfg: SwarmConfig,
+    /// `swarm.engines`, parsed (checked when the configuration is read).
+    engines: HashMap<String, crate::Endpoint>,
+    /// A Docker spawner over each other node's engine, made on first use.
+    pub(crate) node_engines: std::sync::Mutex<HashMap<String, Arc<DockerSpawner>>>,
+    /// Nodes whose config-only network was checked in this process.
+    networks_ready: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Given to each service as its stop grace period.
     grace: StopGrace,
     /// Network creation one at a time (the engine allows two of one name).
@@ -158,7 +212,23 @@ impl SwarmSpawner {
     /// The Swarm spawner over the local engine, which must be a manager of a
     /// swarm by the first start (checked then, with a clear error).
     pub fn new(docker: Arc<DockerSpawner>, cfg: SwarmConfig, grace: StopGrace) -> Arc<SwarmSpawner> {
-        Arc::new(SwarmSpawner { docker, cfg, grace, network_lock: tokio::sync::Mutex::new(()) })
+        let engines = crate::nodes::parse_engines(&cfg.engines, &cfg.engine_tls_dir).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "swarm.engines is unusable; only berth's own node can run servers");
+            HashMap::new()
+        });
+        Arc::new(SwarmSpawner {
+            docker,
+            cfg,
+            grace,
+            engines,
+            node_engines: std::sync::Mutex::new(HashMap::new()),
+            networks_ready: std::sync::Mutex::new(Default::default()),
+            network_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub(crate) fn engines(&self) -> &HashMap<String, crate::Endpoint> {
+        &self.engines
     }
 
     /// The Docker spawner this one shares its engine and containers with.
@@ -206,10 +276,18 @@ impl SwarmSpawner {
 
     /// The service a server runs as (public so tests can check what a GPU
     /// server's service carries without a GPU).
-    pub fn service_spec(&self, spec: &SpawnSpec, api_url: &str, node: &NodeFacts) -> ServiceSpec {
+    pub fn service_spec(&self, spec: &SpawnSpec, api_url: &str, place: &Placement) -> ServiceSpec {
+        // The hub's GPU ids name their node (`node:device`); the node's
+        // runtime knows the device part.
+        let mut local = spec.clone();
+        local.gpus = spec.gpus.iter().map(|g| crate::nodes::gpu_device(g).to_string()).collect();
+        let spec = &local;
         let body = self.docker.container_body(spec, api_url);
         let hc = body.host_config.unwrap_or_default();
         let mut mounts: Vec<Mount> = hc.mounts.unwrap_or_default();
+        if place.shared_volumes {
+            self.shared_volume_options(spec, &mut mounts);
+        }
         // Services have no ShmSize: a tmpfs of that size on /dev/shm instead.
         if let Some(size) = hc.shm_size {
             mounts.push(Mount {
@@ -223,7 +301,7 @@ impl SwarmSpawner {
         labels.insert(LABEL_SWARM.to_string(), "true".to_string());
         let grace = self.grace.interrupt + self.grace.terminate;
         let reservations =
-            (!spec.gpus.is_empty()).then_some(()).and(node.gpu_kind.as_ref()).map(|kind| ResourceObject {
+            (!spec.gpus.is_empty()).then_some(()).and(place.gpu_kind.as_ref()).map(|kind| ResourceObject {
                 generic_resources: Some(vec![GenericResourcesInner {
                     discrete_resource_spec: Some(GenericResourcesInnerDiscreteResourceSpec {
                         kind: Some(kind.clone()),
@@ -266,7 +344,7 @@ impl SwarmSpawner {
                 window: None,
             }),
             placement: Some(TaskSpecPlacement {
-                constraints: Some(vec![format!("node.id=={}", node.node_id)]),
+                constraints: Some(vec![place.constraint.clone()]),
                 ..Default::default()
             }),
             networks: Some(vec![NetworkAttachmentConfig {
@@ -447,8 +525,8 @@ impl SwarmSpawner {
                     Err(e) if is_not_found(&e) => {}
                     Err(e) => return Err(engine_error(e)),
                 }
-                for c in containers {
-                    self.wait_gone(&c, Duration::from_secs(30)).await;
+                for (engine, c) in containers {
+                    self.wait_gone(&engine, &c, Duration::from_secs(30)).await;
                 }
                 Ok(())
             }
@@ -457,13 +535,18 @@ impl SwarmSpawner {
         }
     }
 
-    async fn containers_of(&self, service_id: &str) -> Vec<String> {
+    /// The service's tasks' containers, each with its node's engine.
+    async fn containers_of(&self, service_id: &str) -> Vec<(Arc<DockerSpawner>, String)> {
+        let nodes = self.nodes().await.unwrap_or_default();
         self.tasks(service_id)
             .await
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|t| t.status?.container_status?.container_id)
-            .filter(|c| !c.is_empty())
+            .filter_map(|t| {
+                let engine = self.task_node(&t, &nodes).map(|(_, e)| e).unwrap_or_else(|| self.docker.clone());
+                let c = t.status?.container_status?.container_id.filter(|c| !c.is_empty())?;
+                Some((engine, c))
+            })
             .collect()
     }
 
@@ -471,8 +554,8 @@ impl SwarmSpawner {
     /// stopped (up to `limit`, then it is killed) and removes it, so the
     /// next start finds its volumes free and nothing is left behind (the
     /// engine removes it too, a moment later).
-    async fn wait_gone(&self, container: &str, limit: Duration) {
-        let Ok(docker) = self.docker.client() else { return };
+    async fn wait_gone(&self, engine: &DockerSpawner, container: &str, limit: Duration) {
+        let Ok(docker) = engine.client() else { return };
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             match docker.inspect_container(container, None::<InspectContainerOptions>).await {
@@ -496,8 +579,8 @@ impl SwarmSpawner {
     }
 
     /// The last `lines` of a container's output, if it has any.
-    async fn output_tail(&self, container: &str, lines: usize) -> Option<String> {
-        let docker = self.docker.client().ok()?;
+    async fn output_tail(&self, engine: &DockerSpawner, container: &str, lines: usize) -> Option<String> {
+        let docker = engine.client().ok()?;
         let opts = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
         let mut s = docker.logs(container, Some(opts));
         let mut out = String::new();
@@ -509,8 +592,8 @@ impl SwarmSpawner {
     }
 
     /// The container's address on the swarm network, while it runs.
-    async fn container_ip(&self, container: &str) -> Result<Option<String>, SpawnError> {
-        let c = match self.docker.client()?.inspect_container(container, None::<InspectContainerOptions>).await {
+    async fn container_ip(&self, engine: &DockerSpawner, container: &str) -> Result<Option<String>, SpawnError> {
+        let c = match engine.client()?.inspect_container(container, None::<InspectContainerOptions>).await {
             Ok(c) => c,
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(engine_error(e)),
@@ -525,14 +608,41 @@ impl SwarmSpawner {
             .filter(|ip| !ip.is_empty()))
     }
 
-    /// Waits for the service's task to run: the task, its container and its
-    /// address, or the error of the last try once the task has failed more
-    /// often than it is retried.
+    /// The node a task runs on, from the list, and its engine.
+    fn task_node(&self, t: &Task, nodes: &[SwarmNode]) -> Option<(SwarmNode, Arc<DockerSpawner>)> {
+        let node = nodes.iter().find(|n| Some(&n.id) == t.node_id.as_ref())?.clone();
+        let engine = self.engine_of(&node).ok()?;
+        Some((node, engine))
+    }
+
+    /// A running task of the service with its container's address, if it
+    /// has one.
+    async fn running_task(&self, tasks: &[Task], nodes: &[SwarmNode]) -> Result<Option<Running>, SpawnError> {
+        for t in tasks
+            .iter()
+            .filter(|t| task_state(t) == Some(TaskState::RUNNING) && t.desired_state == Some(TaskState::RUNNING))
+        {
+            let container = t.status.clone().and_then(|s| s.container_status).and_then(|c| c.container_id);
+            let (Some(task), Some(container)) = (t.id.clone(), container.filter(|c| !c.is_empty())) else { continue };
+            let Some((node, engine)) = self.task_node(t, nodes) else { continue };
+            // A task that dies at once is still "running" for a moment;
+            // its container then has no address.
+            if let Some(ip) = self.container_ip(&engine, &container).await.map_err(|e| on_node(&node, e))? {
+                return Ok(Some(Running { task, container, ip, node }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits for the service's task to run: the task, its container, its
+    /// address and node, or the error of the last try once the task has
+    /// failed more often than it is retried.
     async fn wait_running(
         &self,
         service_id: &str,
+        nodes: &[SwarmNode],
         progress: &ProgressTx,
-    ) -> Result<(String, String, String), SpawnError> {
+    ) -> Result<Running, SpawnError> {
         let mut last_state = None;
         loop {
             let tasks = self.tasks(service_id).await?;
@@ -540,9 +650,11 @@ impl SwarmSpawner {
             if failed.len() > self.cfg.restart_attempts as usize {
                 let tries = failed.len();
                 let container = failed[0].status.clone().and_then(|s| s.container_status).and_then(|c| c.container_id);
-                let output = match container.filter(|c| !c.is_empty()) {
-                    Some(c) => self.output_tail(&c, 3).await.map(|o| format!("; its last output: {o}")),
-                    None => None,
+                let output = match (container.filter(|c| !c.is_empty()), self.task_node(failed[0], nodes)) {
+                    (Some(c), Some((_, engine))) => {
+                        self.output_tail(&engine, &c, 3).await.map(|o| format!("; its last output: {o}"))
+                    }
+                    _ => None,
                 };
                 return Err(SpawnError::Failed(format!(
                     "the server's task failed {tries} time{}; the last time: {}{}",
@@ -551,23 +663,21 @@ impl SwarmSpawner {
                     output.unwrap_or_default()
                 )));
             }
-            if let Some(t) = tasks
-                .iter()
-                .find(|t| task_state(t) == Some(TaskState::RUNNING) && t.desired_state == Some(TaskState::RUNNING))
-            {
-                let container = t.status.clone().and_then(|s| s.container_status).and_then(|c| c.container_id);
-                if let (Some(task), Some(container)) = (t.id.clone(), container.filter(|c| !c.is_empty())) {
-                    // A task that dies at once is still "running" for a
-                    // moment; its container then has no address.
-                    if let Some(ip) = self.container_ip(&container).await? {
-                        return Ok((task, container, ip));
-                    }
-                }
+            if let Some(r) = self.running_task(&tasks, nodes).await? {
+                return Ok(r);
             }
             let state = tasks.first().and_then(task_state);
             if state != last_state {
                 if let Some(s) = state {
-                    let _ = progress.send(Progress { progress: 50, message: format!("The server's task is {s}") });
+                    let why = tasks.first().map(task_error).filter(|w| !w.is_empty());
+                    let message = match why {
+                        // "no suitable node", a pull that fails, …
+                        Some(w) if s == TaskState::PENDING || s == TaskState::REJECTED => {
+                            format!("The server's task is {s}: {w}")
+                        }
+                        _ => format!("The server's task is {s}"),
+                    };
+                    let _ = progress.send(Progress { progress: 50, message });
                 }
                 last_state = state;
             }
@@ -577,7 +687,6 @@ impl SwarmSpawner {
 
     async fn start_service(&self, spec: SpawnSpec, progress: ProgressTx) -> Result<Started, SpawnError> {
         let gateway = self.ensure_network().await?;
-        let node = self.node_facts().await?;
         let image = spec.image.clone().unwrap_or_else(|| self.docker.config().image.clone());
         if image.is_empty() {
             return Err(SpawnError::Failed(
@@ -586,41 +695,289 @@ impl SwarmSpawner {
                     .into(),
             ));
         }
-        if spec.build.is_empty() {
-            self.docker.ensure_image(&image, &progress).await?;
-        } else {
-            self.docker.ensure_built(&image, &spec.build, &progress).await?;
+        let home = self
+            .docker
+            .volume_plan(&spec)
+            .into_iter()
+            .find(|v| v.role == berth_spawner::DataRole::Home)
+            .map(|v| v.name)
+            .unwrap_or_default();
+        let nodes = self.nodes().await?;
+        let node = self.place(&spec.gpus, &home).await?;
+        // Where the image, the volumes and the node's part of the network
+        // must be: the node, or every usable node when Swarm picks.
+        let targets: Vec<SwarmNode> = match &node {
+            Some(n) => vec![n.clone()],
+            None => nodes.iter().filter(|n| self.may_use(n) && n.is_up()).cloned().collect(),
+        };
+        for n in &targets {
+            let engine = self.engine_of(n)?;
+            if !n.own {
+                let _ = progress.send(Progress { progress: 20, message: format!("Preparing node {}", n.hostname) });
+                self.ensure_node_network(n, &engine, &nodes).await?;
+            }
+            if spec.build.is_empty() {
+                engine.ensure_image(&image, &progress).await.map_err(|e| on_node(n, e))?;
+            } else {
+                engine.ensure_built(&image, &spec.build, &progress).await.map_err(|e| on_node(n, e))?;
+            }
         }
-        let _ = progress.send(Progress { progress: 40, message: "Preparing volumes…".into() });
-        self.docker.prepare_volumes(&spec).await?;
+        let shared_volumes = self.cfg.volumes == "shared";
+        if !shared_volumes {
+            let _ = progress.send(Progress { progress: 40, message: "Preparing volumes…".into() });
+            for n in &targets {
+                self.engine_of(n)?.prepare_volumes(&spec).await.map_err(|e| on_node(n, e))?;
+            }
+        }
         let name = service_name(&spec.user, &spec.server);
         self.remove_stale(&name).await?;
-        let body = self.service_spec(&spec, &self.docker.hub_api_url(&gateway), &node);
+        let own = nodes.iter().find(|n| n.own);
+        let (constraint, gpu_kind) = match (&node, own) {
+            (Some(n), _) => (format!("node.id=={}", n.id), n.gpu_kind.clone()),
+            (None, _) if self.cfg.nodes == "labelled" => {
+                (format!("node.labels.{}==true", crate::nodes::LABEL_SERVERS), None)
+            }
+            (None, Some(o)) => (format!("node.id=={}", o.id), o.gpu_kind.clone()),
+            (None, None) => return Err(SpawnError::Failed("berth's own node is not in the swarm's node list".into())),
+        };
+        // Servers on berth's node reach the hub at their bridge's gateway;
+        // on any other node (or wherever Swarm puts them), at the hub's
+        // address in the swarm.
+        let api_url = match &node {
+            Some(n) if n.own => self.docker.hub_api_url(&gateway),
+            _ => self.docker.hub_api_url(&self.hub_address().await?),
+        };
+        let body = self.service_spec(&spec, &api_url, &Placement { constraint, gpu_kind, shared_volumes });
         let docker = self.docker.client()?;
         let created = docker.create_service(body, None).await.map_err(engine_error)?;
         let service_id = created.id.filter(|i| !i.is_empty()).unwrap_or_else(|| name.clone());
         let mut guard = ServiceGuard { docker, service: Some(service_id.clone()) };
-        let _ = progress.send(Progress { progress: 45, message: format!("Starting the Swarm service {name}") });
-        let (task_id, container, ip) = self.wait_running(&service_id, &progress).await?;
-        let target = format!("http://{ip}:{}", spec.port.unwrap_or(CONTAINER_PORT));
+        let where_ = node.as_ref().map(|n| format!(" on node {}", n.hostname)).unwrap_or_default();
+        let _ = progress.send(Progress { progress: 45, message: format!("Starting the Swarm service {name}{where_}") });
+        let run = self.wait_running(&service_id, &nodes, &progress).await?;
+        let target = format!("http://{}:{}", run.ip, spec.port.unwrap_or(CONTAINER_PORT));
         guard.service = None;
         tracing::info!(
-            user = %spec.user, server = %spec.server, service = %name, task = %task_id, %target, gpus = ?spec.gpus,
-            "started Swarm service"
+            user = %spec.user, server = %spec.server, service = %name, task = %run.task, node = %run.node.hostname,
+            %target, gpus = ?spec.gpus, "started Swarm service"
         );
-        Ok(Started {
-            target: target.clone(),
-            state: json!({
-                "service_id": service_id,
-                "service_name": name,
-                "task_id": task_id,
-                "container_id": container,
-                "node_id": node.node_id,
-                "target": target,
-                "gpus": spec.gpus,
-            }),
-        })
+        Ok(Started { target: target.clone(), state: self.state_of(&service_id, &name, &run, &target, &spec.gpus) })
     }
+
+    /// A started server's saved state. `node` (a hostname) only for a node
+    /// other than berth's own, whose engine then answers for the container.
+    fn state_of(
+        &self,
+        service_id: &str,
+        name: &str,
+        run: &Running,
+        target: &str,
+        gpus: &[String],
+    ) -> serde_json::Value {
+        let mut state = json!({
+            "service_id": service_id,
+            "service_name": name,
+            "task_id": run.task,
+            "container_id": run.container,
+            "node_id": run.node.id,
+            "target": target,
+            "gpus": gpus,
+        });
+        if !run.node.own {
+            state["node"] = json!(run.node.hostname);
+        }
+        state
+    }
+
+    /// The engine of the node a saved state names (berth's own when none).
+    fn engine_for(&self, state: &serde_json::Value) -> Result<Arc<DockerSpawner>, SpawnError> {
+        match state.get("node").and_then(|n| n.as_str()) {
+            None => Ok(self.docker.clone()),
+            Some(host) => {
+                let node = SwarmNode {
+                    id: state.get("node_id").and_then(|n| n.as_str()).unwrap_or_default().to_string(),
+                    hostname: host.to_string(),
+                    addr: String::new(),
+                    own: false,
+                    state: String::new(),
+                    availability: String::new(),
+                    labels: Default::default(),
+                    gpu_kind: None,
+                    gpus: Vec::new(),
+                    gpu_model: None,
+                };
+                self.engine_of(&node)
+            }
+        }
+    }
+
+    /// Makes the node's config-only network (`<network>-config`), which its
+    /// part of the swarm network is made from, unless it has one: traffic
+    /// between containers off, and a `/24` of `swarm.node_subnets` that no
+    /// network on the node and no other node's part uses, so the hub can
+    /// route to each node's servers.
+    async fn ensure_node_network(
+        &self,
+        node: &SwarmNode,
+        engine: &DockerSpawner,
+        nodes: &[SwarmNode],
+    ) -> Result<(), SpawnError> {
+        if self.networks_ready.lock().map(|r| r.contains(&node.hostname)).unwrap_or(false) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.network_lock.lock().await;
+        let config_name = self.config_network();
+        let docker = engine.client().map_err(|e| on_node(node, e))?;
+        match docker.inspect_network(&config_name, None::<InspectNetworkOptions>).await {
+            Ok(net) => {
+                if crate::network::icc(&Network { driver: Some("bridge".into()), ..net }) != crate::network::Icc::Off {
+                    tracing::warn!(
+                        node = %node.hostname, network = %config_name,
+                        "the node's network configuration lets containers connect to each other; remove it when no \
+                         server runs there and berth re-creates it with that traffic off"
+                    );
+                }
+            }
+            Err(e) if is_not_found(&e) => {
+                let mut taken: Vec<String> = Vec::new();
+                let subnets = |nets: Vec<Network>| -> Vec<String> {
+                    nets.into_iter()
+                        .flat_map(|n| n.ipam.and_then(|i| i.config).unwrap_or_default())
+                        .filter_map(|c| c.subnet)
+                        .collect()
+                };
+                let here = docker
+                    .list_networks(None::<ListNetworksOptions>)
+                    .await
+                    .map_err(|e| on_node(node, engine_error(e)))?;
+                taken.extend(subnets(here));
+                for other in nodes.iter().filter(|n| n.hostname != node.hostname && self.may_use(n)) {
+                    let Ok(d) = self.engine_of(other).and_then(|e| e.client()) else { continue };
+                    if let Ok(n) = d.inspect_network(&config_name, None::<InspectNetworkOptions>).await {
+                        taken.extend(subnets(vec![n]));
+                    }
+                }
+                let (subnet, gateway) =
+                    crate::nodes::free_subnet_in(&self.cfg.node_subnets, &taken).ok_or_else(|| {
+                        SpawnError::Failed(format!(
+                            "no /24 of swarm.node_subnets ({}) is free for node {}'s part of the network",
+                            self.cfg.node_subnets, node.hostname
+                        ))
+                    })?;
+                let req = NetworkCreateRequest {
+                    name: config_name.clone(),
+                    config_only: Some(true),
+                    ipam: Some(Ipam {
+                        config: Some(vec![IpamConfig {
+                            subnet: Some(subnet.clone()),
+                            gateway: Some(gateway),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    options: Some(HashMap::from([(ICC_OPTION.to_string(), "false".to_string())])),
+                    labels: Some(HashMap::from([(LABEL_MANAGED.to_string(), "true".to_string())])),
+                    ..Default::default()
+                };
+                match docker.create_network(req).await {
+                    Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {}
+                    Err(e) => return Err(on_node(node, engine_error(e))),
+                }
+                tracing::info!(node = %node.hostname, %subnet, "made the node's part of the swarm network");
+            }
+            Err(e) => return Err(on_node(node, engine_error(e))),
+        }
+        if let Ok(mut r) = self.networks_ready.lock() {
+            r.insert(node.hostname.clone());
+        }
+        Ok(())
+    }
+
+    /// With `swarm.volumes = "shared"`: the user's own volumes carry the
+    /// driver and options every node creates them with on first use.
+    fn shared_volume_options(&self, spec: &SpawnSpec, mounts: &mut [Mount]) {
+        let own: Vec<String> = self
+            .docker
+            .volume_plan(spec)
+            .into_iter()
+            .filter(|v| v.role != berth_spawner::DataRole::Shared && !spec.volumes.iter().any(|a| a.role == v.role))
+            .map(|v| v.name)
+            .collect();
+        for m in mounts.iter_mut() {
+            let Some(src) = m.source.clone().filter(|s| own.contains(s)) else { continue };
+            let options: HashMap<String, String> = crate::config::parse_pairs(&self.cfg.volume_opts)
+                .into_iter()
+                .map(|(k, v)| (k, v.replace("{volume}", &src)))
+                .collect();
+            let mut vo = m.volume_options.clone().unwrap_or_default();
+            vo.driver_config = Some(MountVolumeOptionsDriverConfig {
+                name: Some(self.cfg.volume_driver.clone()),
+                options: Some(options),
+            });
+            m.volume_options = Some(vo);
+        }
+    }
+}
+
+impl SwarmSpawner {
+    /// Every few seconds: which task of each of berth's services runs; a
+    /// server whose task changed (ended, or another one runs) is sent to
+    /// `exits`, and the hub checks it.
+    async fn watch_tasks(&self, exits: tokio::sync::mpsc::UnboundedSender<(String, String)>) {
+        let mut running: HashMap<String, (String, String, Option<String>)> = HashMap::new();
+        loop {
+            tokio::time::sleep(TASK_WATCH_INTERVAL).await;
+            if exits.is_closed() {
+                return;
+            }
+            let Ok(docker) = self.docker.client() else { continue };
+            let Ok(tasks) = docker.list_tasks(None::<ListTasksOptions>).await else { continue };
+            let mut now: HashMap<String, (String, String, Option<String>)> = HashMap::new();
+            for t in tasks {
+                let labels = t.spec.as_ref().and_then(|s| s.container_spec.as_ref()).and_then(|c| c.labels.as_ref());
+                let Some(labels) = labels.filter(|l| l.contains_key(LABEL_SWARM)) else { continue };
+                let (Some(user), Some(server), Some(service)) =
+                    (labels.get(LABEL_USER), labels.get(LABEL_SERVER), t.service_id.clone())
+                else {
+                    continue;
+                };
+                let entry = now.entry(service).or_insert_with(|| (user.clone(), server.clone(), None));
+                if task_state(&t) == Some(TaskState::RUNNING) && t.desired_state == Some(TaskState::RUNNING) {
+                    entry.2 = t.id.clone();
+                }
+            }
+            for (service, (user, server, task)) in &running {
+                let changed = now.get(service).map(|(_, _, t)| t != task).unwrap_or(true);
+                if task.is_some() && changed && exits.send((user.clone(), server.clone())).is_err() {
+                    return;
+                }
+            }
+            running = now;
+        }
+    }
+}
+
+/// How often the Swarm spawner looks at its services' tasks.
+const TASK_WATCH_INTERVAL: Duration = Duration::from_secs(3);
+
+/// An error from a node's own engine, saying which node.
+fn on_node(node: &SwarmNode, e: SpawnError) -> SpawnError {
+    if node.own {
+        return e;
+    }
+    match e {
+        SpawnError::Failed(m) => SpawnError::Failed(format!("node {}: {m}", node.hostname)),
+        other => other,
+    }
+}
+
+/// A service's task once it runs.
+#[derive(Debug, Clone)]
+pub(crate) struct Running {
+    pub task: String,
+    pub container: String,
+    pub ip: String,
+    pub node: SwarmNode,
 }
 
 /// The kind a node advertises its GPUs as among its generic resources.
@@ -666,7 +1023,8 @@ impl Spawner for SwarmSpawner {
             // The task's container stops after the service is gone; wait so
             // the next start finds the volumes free and the name unused.
             if let Some(c) = container {
-                self.wait_gone(&c, grace.interrupt + grace.terminate + Duration::from_secs(10)).await;
+                let engine = self.engine_for(state)?;
+                self.wait_gone(&engine, &c, grace.interrupt + grace.terminate + Duration::from_secs(10)).await;
             }
             Ok(())
         })
@@ -682,22 +1040,61 @@ impl Spawner for SwarmSpawner {
                 Err(e) if is_not_found(&e) => return Ok(Status::Exited("the server's Swarm service is gone".into())),
                 Err(e) => return Err(engine_error(e)),
             }
-            match docker.inspect_task(task).await {
+            let saved = match docker.inspect_task(task).await {
                 Ok(t) => {
-                    let state = task_state(&t);
-                    if state == Some(TaskState::RUNNING) && t.desired_state == Some(TaskState::RUNNING) {
+                    if task_state(&t) == Some(TaskState::RUNNING) && t.desired_state == Some(TaskState::RUNNING) {
                         return Ok(Status::Running);
                     }
-                    let state = state.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into());
-                    let why = task_error(&t);
-                    Ok(Status::Exited(if why.is_empty() {
-                        format!("the server's task is {state}")
-                    } else {
-                        format!("the server's task is {state}: {why}")
-                    }))
+                    Some(t)
                 }
-                Err(e) if is_not_found(&e) => Ok(Status::Exited("the server's task is gone".into())),
-                Err(e) => Err(engine_error(e)),
+                Err(e) if is_not_found(&e) => None,
+                Err(e) => return Err(engine_error(e)),
+            };
+            let ended = match &saved {
+                Some(t) => {
+                    let st = task_state(t).map(|s| s.to_string()).unwrap_or_else(|| "unknown".into());
+                    let why = task_error(t);
+                    if why.is_empty() {
+                        format!("the server's task is {st}")
+                    } else {
+                        format!("the server's task is {st}: {why}")
+                    }
+                }
+                None => "the server's task is gone".to_string(),
+            };
+            // Swarm may have put a new task in its place (its node was
+            // drained or lost, and the service may run elsewhere).
+            let nodes = self.nodes().await?;
+            let tasks: Vec<Task> =
+                self.tasks(service).await?.into_iter().filter(|t| t.id.as_deref() != Some(task)).collect();
+            if let Some(run) = self.running_task(&tasks, &nodes).await? {
+                let port = self.target(state).and_then(|t| t.rsplit(':').next().map(str::to_string));
+                let target = format!("http://{}:{}", run.ip, port.unwrap_or_else(|| CONTAINER_PORT.to_string()));
+                let name = state_field(state, "service_name").unwrap_or(service).to_string();
+                let gpus: Vec<String> =
+                    state.get("gpus").and_then(|g| serde_json::from_value(g.clone()).ok()).unwrap_or_default();
+                let from = saved
+                    .as_ref()
+                    .and_then(|t| nodes.iter().find(|n| Some(&n.id) == t.node_id.as_ref()))
+                    .map(|n| format!(" on node {} ({}, {})", n.hostname, n.state, n.availability))
+                    .unwrap_or_default();
+                let why = format!("{ended}{from}; Swarm runs it on node {} now", run.node.hostname);
+                return Ok(Status::Moved {
+                    started: Started { state: self.state_of(service, &name, &run, &target, &gpus), target },
+                    why,
+                });
+            }
+            // A replacement no node can take ("no suitable node"): the
+            // server cannot come back by itself.
+            let waiting =
+                tasks.iter().find(|t| t.desired_state == Some(TaskState::RUNNING) && !is_failed(task_state(t)));
+            match waiting {
+                Some(t) if task_state(t) == Some(TaskState::PENDING) && !task_error(t).is_empty() => {
+                    Ok(Status::Exited(format!("{ended}; its replacement cannot run: {}", task_error(t))))
+                }
+                // Being scheduled or started elsewhere: the next check sees it.
+                Some(_) => Ok(Status::Running),
+                None => Ok(Status::Exited(ended)),
             }
         })
     }
@@ -708,8 +1105,8 @@ impl Spawner for SwarmSpawner {
         state: &'a serde_json::Value,
         req: berth_spawner::ExecRequest,
     ) -> BoxFuture<'a, Result<berth_spawner::ExecProcess, SpawnError>> {
-        // One node: the task's container is on the local engine.
-        Box::pin(async move { self.docker.exec_in(state_field(state, "container_id")?, req).await })
+        // Through the engine of the task's node.
+        Box::pin(async move { self.engine_for(state)?.exec_in(state_field(state, "container_id")?, req).await })
     }
 
     fn connect<'a>(
@@ -717,7 +1114,19 @@ impl Spawner for SwarmSpawner {
         state: &'a serde_json::Value,
         port: u16,
     ) -> BoxFuture<'a, Result<tokio::net::TcpStream, SpawnError>> {
-        Box::pin(async move { self.docker.connect_in(state_field(state, "container_id")?, port).await })
+        Box::pin(async move {
+            if state.get("node").is_none() {
+                return self.docker.connect_in(state_field(state, "container_id")?, port).await;
+            }
+            // On another node: the container's own address, which the hub
+            // reaches (docs/swarm.md, routes to the nodes' networks).
+            let target = self.target(state).ok_or_else(|| SpawnError::BadState(format!("no target in {state}")))?;
+            let host =
+                target.trim_start_matches("http://").rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default();
+            tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| SpawnError::Failed(format!("cannot connect to port {port} of the server at {host}: {e}")))
+        })
     }
 
     fn list_managed(&self) -> BoxFuture<'_, Vec<(String, String, String)>> {
@@ -727,7 +1136,25 @@ impl Spawner for SwarmSpawner {
     }
 
     fn watch_exits(&self, exits: tokio::sync::mpsc::UnboundedSender<(String, String)>) -> BoxFuture<'_, ()> {
-        Box::pin(self.docker.watch_container_exits(exits))
+        Box::pin(async move {
+            // Containers on berth's node as they exit; tasks on every node
+            // as they change (a node drained or lost, a task moved).
+            let local = self.docker.watch_container_exits(exits.clone());
+            let tasks = self.watch_tasks(exits);
+            futures_util::future::join(local, tasks).await;
+        })
+    }
+
+    fn data_node<'a>(&'a self, owner_id: &'a str) -> BoxFuture<'a, Option<Option<String>>> {
+        Box::pin(async move {
+            if self.cfg.volumes == "shared" || self.cfg.nodes != "labelled" {
+                return None;
+            }
+            let nodes = self.nodes().await.ok()?;
+            let home = crate::own_volume(owner_id, berth_spawner::DataRole::Home);
+            let node = self.node_with_volume(&nodes, &home).await?;
+            Some(node.gpu_key().map(str::to_string))
+        })
     }
 
     fn remove_user_data<'a>(&'a self, user: &'a str, owner_id: &'a str) -> BoxFuture<'a, Result<(), SpawnError>> {
@@ -765,19 +1192,33 @@ impl Spawner for SwarmSpawner {
 
     fn logs<'a>(&'a self, user: &'a str, server: &'a str) -> BoxFuture<'a, Option<String>> {
         Box::pin(async move {
-            // The newest of the server's task containers (a failed one is
-            // kept until its service goes).
-            let docker = self.docker.client().ok()?;
+            // The newest of the server's task containers on any node berth
+            // uses (a failed one is kept until its service goes).
+            let mut engines = vec![self.docker.clone()];
+            for n in self.nodes().await.unwrap_or_default().iter().filter(|n| !n.own && self.may_use(n)) {
+                engines.extend(self.engine_of(n).ok());
+            }
             let filters = HashMap::from([(
                 "label".to_string(),
                 vec![format!("{LABEL_USER}={user}"), format!("{LABEL_SWARM}=true")],
             )]);
-            let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
-            let mut list = docker.list_containers(Some(opts)).await.ok()?;
-            list.retain(|c| c.labels.as_ref().and_then(|l| l.get(LABEL_SERVER)).map(String::as_str) == Some(server));
-            list.sort_by_key(|c| std::cmp::Reverse(c.created));
-            let id = list.into_iter().next()?.id?;
-            self.output_tail(&id, 400).await
+            let mut newest: Option<(i64, Arc<DockerSpawner>, String)> = None;
+            for engine in engines {
+                let Ok(docker) = engine.client() else { continue };
+                let opts = ListContainersOptions { all: true, filters: Some(filters.clone()), ..Default::default() };
+                let Ok(list) = docker.list_containers(Some(opts)).await else { continue };
+                for c in list {
+                    if c.labels.as_ref().and_then(|l| l.get(LABEL_SERVER)).map(String::as_str) != Some(server) {
+                        continue;
+                    }
+                    let created = c.created.unwrap_or(0);
+                    if let Some(id) = c.id.filter(|_| newest.as_ref().is_none_or(|(t, _, _)| created > *t)) {
+                        newest = Some((created, engine.clone(), id));
+                    }
+                }
+            }
+            let (_, engine, id) = newest?;
+            self.output_tail(&engine, &id, 400).await
         })
     }
 }
@@ -789,6 +1230,30 @@ impl crate::HubNetwork for SwarmSpawner {
 
     fn gateway(&self) -> BoxFuture<'_, Result<String, SpawnError>> {
         Box::pin(self.ensure_network())
+    }
+
+    fn node_address(&self) -> BoxFuture<'_, Result<Option<String>, SpawnError>> {
+        Box::pin(async move {
+            if self.cfg.nodes != "labelled" || !self.docker.config().hub_connect_url.is_empty() {
+                return Ok(None);
+            }
+            self.hub_address().await.map(Some)
+        })
+    }
+
+    fn node_gpus(&self) -> BoxFuture<'_, Vec<(String, String)>> {
+        Box::pin(async move {
+            if self.cfg.nodes != "labelled" {
+                return Vec::new();
+            }
+            match SwarmSpawner::node_gpus(self).await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the swarm nodes' GPUs");
+                    Vec::new()
+                }
+            }
+        })
     }
 }
 
@@ -824,13 +1289,21 @@ mod tests {
         SwarmSpawner::new(d, SwarmConfig::default(), StopGrace::default())
     }
 
+    fn pinned(node: &str, gpu_kind: Option<&str>) -> Placement {
+        Placement {
+            constraint: format!("node.id=={node}"),
+            gpu_kind: gpu_kind.map(str::to_string),
+            shared_volumes: false,
+        }
+    }
+
     fn env(s: &ServiceSpec) -> Vec<String> {
         s.task_template.clone().unwrap().container_spec.unwrap().env.unwrap()
     }
 
     #[test]
     fn a_service_carries_the_containers_spec_pinned_to_berths_node() {
-        let node = NodeFacts { node_id: "n0de".into(), gpu_kind: None };
+        let node = pinned("n0de", None);
         let s = swarm().service_spec(&spec(&[]), "http://10.0.0.1:1/hub/api", &node);
         assert_eq!(s.name.as_deref(), Some("berth-alice--lab"));
         let labels = s.labels.clone().unwrap();
@@ -863,17 +1336,48 @@ mod tests {
 
     #[test]
     fn gpus_go_in_the_environment_and_as_generic_resources_where_advertised() {
-        let plain = NodeFacts { node_id: "n1".into(), gpu_kind: None };
+        let plain = pinned("n1", None);
         let s = swarm().service_spec(&spec(&["GPU-1", "GPU-3"]), "http://x/hub/api", &plain);
         let gpu_env: Vec<String> = env(&s).into_iter().filter(|e| e.starts_with("NVIDIA_VISIBLE_DEVICES=")).collect();
         assert_eq!(gpu_env, ["NVIDIA_VISIBLE_DEVICES=GPU-1,GPU-3"], "berth's ids, once, whatever the template said");
         assert_eq!(s.task_template.unwrap().resources.unwrap().reservations, None);
 
-        let advertised = NodeFacts { node_id: "n1".into(), gpu_kind: Some("NVIDIA-GPU".into()) };
+        let advertised = pinned("n1", Some("NVIDIA-GPU"));
         let s = swarm().service_spec(&spec(&["GPU-1", "GPU-3"]), "http://x/hub/api", &advertised);
         let generic = s.task_template.unwrap().resources.unwrap().reservations.unwrap().generic_resources.unwrap();
         let d = generic[0].discrete_resource_spec.clone().unwrap();
         assert_eq!((d.kind.as_deref(), d.value), (Some("NVIDIA-GPU"), Some(2)));
+
+        // Another node's GPUs: the hub's ids name the node, the runtime
+        // gets the device ids, the service the node's constraint.
+        let s = swarm().service_spec(&spec(&["w1:GPU-a", "w1:GPU-b"]), "http://x/hub/api", &pinned("w1id", None));
+        let gpu_env: Vec<String> = env(&s).into_iter().filter(|e| e.starts_with("NVIDIA_VISIBLE_DEVICES=")).collect();
+        assert_eq!(gpu_env, ["NVIDIA_VISIBLE_DEVICES=GPU-a,GPU-b"]);
+        assert_eq!(s.task_template.unwrap().placement.unwrap().constraints.unwrap(), ["node.id==w1id"]);
+    }
+
+    #[test]
+    fn shared_volumes_carry_the_driver_every_node_makes_them_with() {
+        let d = DockerSpawner::connect(Config::default(), "/").unwrap();
+        let cfg = SwarmConfig {
+            volumes: "shared".into(),
+            volume_driver: "local".into(),
+            volume_opts: "type=nfs;o=addr=10.0.0.5,rw;device=:/export/{volume}".into(),
+            ..SwarmConfig::default()
+        };
+        let sw = SwarmSpawner::new(d, cfg, StopGrace::default());
+        let place = Placement { shared_volumes: true, ..pinned("x", None) };
+        let s = sw.service_spec(&spec(&[]), "http://x/hub/api", &place);
+        let mounts = s.task_template.unwrap().container_spec.unwrap().mounts.unwrap();
+        let home = mounts.iter().find(|m| m.source.as_deref() == Some("berth-1abc-home")).unwrap();
+        let dc = home.volume_options.clone().unwrap().driver_config.unwrap();
+        assert_eq!(dc.name.as_deref(), Some("local"));
+        let o = dc.options.unwrap();
+        assert_eq!(o["device"], ":/export/berth-1abc-home");
+        assert_eq!(o["o"], "addr=10.0.0.5,rw");
+        // The one shared volume keeps its own driver ([docker] shared_volume_*).
+        let shared = mounts.iter().find(|m| m.source.as_deref() == Some("berth-shared")).unwrap();
+        assert!(shared.volume_options.as_ref().and_then(|v| v.driver_config.as_ref()).is_none());
     }
 
     #[test]

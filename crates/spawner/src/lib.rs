@@ -144,7 +144,7 @@ impl RegistryImage {
 }
 
 /// What a successful start returns.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {
     /// Where the server answers, e.g. `http://127.0.0.1:45241`.
     pub target: String,
@@ -156,6 +156,13 @@ pub struct Started {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
     Running,
+    /// Runs again somewhere else (Swarm moved its task off a node that was
+    /// drained or lost): where it answers now, its new saved state, and
+    /// what happened, for the event.
+    Moved {
+        started: Started,
+        why: String,
+    },
     /// Gone; with what is known about why.
     Exited(String),
 }
@@ -212,6 +219,14 @@ pub trait Spawner: Send + Sync + 'static {
     /// template's image when no image is configured).
     fn runs_images(&self) -> bool {
         false
+    }
+
+    /// For a spawner that places servers on several machines (Swarm): the
+    /// machine a user's volumes are on, named as GPU ids name their node
+    /// (`Some(None)`: berth's own, `Some(Some(node))`: that node), so a
+    /// server's GPUs are allocated where its data is. `None`: anywhere.
+    fn data_node<'a>(&'a self, _owner_id: &'a str) -> BoxFuture<'a, Option<Option<String>>> {
+        Box::pin(async { None })
     }
 
     /// Servers this spawner runs that it labelled as berth's: (user, server,

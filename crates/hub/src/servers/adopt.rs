@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use berth_core::{ServerId, ServerState, Transition};
-use berth_spawner::Status;
+use berth_spawner::{Started, Status};
 use berth_store::now_ms;
 use tracing::Instrument;
 
@@ -26,9 +26,27 @@ impl Servers {
             return;
         }
         let state = SpawnerState::from_record(&record.spawner_state);
-        if let Ok(Status::Exited(why)) = self.spawner.poll(state.value()).await {
-            self.teardown(id, record, Ending::Vanished, &why).await;
+        match self.spawner.poll(state.value()).await {
+            Ok(Status::Exited(why)) => self.teardown(id, record, Ending::Vanished, &why).await,
+            Ok(Status::Moved { started, why }) => self.moved(id, record, started, &why).await,
+            _ => {}
         }
+    }
+
+    /// A running server the spawner found running somewhere else (a Swarm
+    /// task moved to another node): its new state is saved, its route goes
+    /// to where it answers now, and an event says what happened.
+    async fn moved(self: &Arc<Self>, id: &ServerId, mut record: berth_store::Server, started: Started, why: &str) {
+        record.spawner_state = started.state.to_string();
+        if let Err(e) = self.store.put_server(&record).await {
+            tracing::error!(server = %id, error = %e, "could not record where the moved server runs");
+            return;
+        }
+        let mode = UserOptions::from_record(&record.user_options).routing_mode();
+        let (route, _) = self.route_for(id, mode, started.target.clone());
+        self.routes.insert(route);
+        let _ = self.store.add_event(id.user(), "server-moved", &id.to_string(), why).await;
+        tracing::warn!(server = %id, target = %started.target, why, "the server runs somewhere else now; its route follows");
     }
 
     /// [`Servers::check`] in the background, at most one at a time per
@@ -85,6 +103,18 @@ impl Servers {
             } else {
                 Status::Exited("it had not started when berth stopped".into())
             };
+            // Moved while berth was away: save where it runs now.
+            let (status, state) = match status {
+                Status::Moved { started, why } => {
+                    record.spawner_state = started.state.to_string();
+                    if let Err(e) = self.store.put_server(&record).await {
+                        tracing::error!(server = %id, error = %e, "could not record where the moved server runs");
+                    }
+                    let _ = self.store.add_event(id.user(), "server-moved", &id.to_string(), &why).await;
+                    (Status::Running, SpawnerState::from_record(&record.spawner_state))
+                }
+                other => (other, state),
+            };
             match (status, self.spawner.target(state.value())) {
                 (Status::Running, Some(target)) if record.state != ServerState::Stopping => {
                     let mode = UserOptions::from_record(&record.user_options).routing_mode();
@@ -97,7 +127,8 @@ impl Servers {
                     tracing::info!(server = %id, "re-adopted a running server");
                     adopted += 1;
                 }
-                (Status::Running, _) => {
+                // (A move was turned into running above.)
+                (Status::Running | Status::Moved { .. }, _) => {
                     // It was stopping: finish the job.
                     self.teardown(&id, record, Ending::Stop, "").await;
                     vanished += 1;

@@ -174,6 +174,7 @@ impl Servers {
         want: usize,
         mut record: Server,
         options: &UserOptions,
+        owner_id: &str,
     ) -> HubResult<Option<Vec<String>>> {
         if want == 0 {
             return Ok(Some(Vec::new()));
@@ -182,7 +183,8 @@ impl Servers {
         let mut announced = self.queue.lock().await;
         let queues = self.gpus.queues();
         if !queues || self.store.gpu_queue().await?.is_empty() {
-            match self.gpus.allocate(id, want).await {
+            let on = self.spawner.data_node(owner_id).await;
+            match self.gpus.allocate(id, want, on).await {
                 Ok(ids) => return Ok(Some(ids)),
                 Err(HubError::NoGpus { .. }) if queues => {}
                 Err(e) => return Err(e),
@@ -302,7 +304,8 @@ impl Servers {
             self.fail_waiting(&id, record, &e.to_string()).await;
             return Head::Gone;
         }
-        match self.gpus.allocate(&id, head.gpus as usize).await {
+        let on = self.spawner.data_node(&owner.account_id).await;
+        match self.gpus.allocate(&id, head.gpus as usize, on).await {
             Ok(gpus) => {
                 if let Err(e) = self.store.dequeue_gpus(user, server).await {
                     tracing::error!(server = %id, error = %e, "could not take an entry out of the GPU queue");

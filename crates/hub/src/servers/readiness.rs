@@ -82,6 +82,7 @@ impl Servers {
             // Nothing answers HTTP (an SSH-only environment): running is ready.
             return match self.spawner.poll(&started.state).await {
                 Ok(Status::Running) => Ok(started.target),
+                Ok(Status::Moved { why, .. }) => Err(format!("the server moved while it started: {why}")),
                 Ok(Status::Exited(why)) => Err(why),
                 Err(e) => Err(e.to_string()),
             };
@@ -101,6 +102,7 @@ impl Servers {
                     return Err(if tail.is_empty() { why } else { format!("{why}; its last output: {tail}") });
                 }
                 Ok(Status::Running) => {}
+                Ok(Status::Moved { why, .. }) => return Err(format!("the server moved while it started: {why}")),
                 Err(e) => return Err(e.to_string()),
             }
             if Instant::now() + delay > deadline {
