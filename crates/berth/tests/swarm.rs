@@ -7,22 +7,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::swarm::*;
 use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 const PW: &str = "swarm-pass-42x";
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker").args(args).stdin(Stdio::null()).output().expect("docker CLI")
-}
-
-fn docker_text(args: &[&str]) -> String {
-    String::from_utf8_lossy(&docker(args).stdout).trim().to_string()
-}
 
 /// The engine in swarm mode for the test; left on drop only if the test
 /// made it.
@@ -51,72 +44,6 @@ impl Drop for Swarm {
             let _ = docker(&["swarm", "leave", "--force"]);
         }
     }
-}
-
-/// The services and networks the test's berth made, removed on drop
-/// (before the containers and volumes `DockerScope` removes).
-struct Services {
-    users: Vec<String>,
-    network: String,
-}
-
-impl Drop for Services {
-    fn drop(&mut self) {
-        for u in &self.users {
-            for id in
-                docker_text(&["service", "ls", "-q", "--filter", &format!("label=berth.user={u}")]).split_whitespace()
-            {
-                let _ = docker(&["service", "rm", id]);
-            }
-        }
-        // The tasks' containers go with their services, a moment later.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline
-            && self
-                .users
-                .iter()
-                .any(|u| !docker_text(&["ps", "-aq", "--filter", &format!("label=berth.user={u}")]).is_empty())
-        {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        let _ = docker(&["network", "rm", &self.network]);
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = docker(&["network", "rm", &format!("{}-config", self.network)]);
-    }
-}
-
-/// The service as the engine describes it.
-fn service(name: &str) -> Option<Value> {
-    let o = docker(&["service", "inspect", name]);
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice::<Value>(&o.stdout).ok()?.get(0).cloned()
-}
-
-/// The running task's container of a service.
-fn task_container(service: &str) -> String {
-    docker_text(&["ps", "-q", "--no-trunc", "--filter", &format!("label=com.docker.swarm.service.name={service}")])
-}
-
-fn ssh(b: &Berth, key: &Key, login: &str, cmd: &str) -> Output {
-    let port = b.ssh_addr.as_ref().expect("the SSH gateway is on").rsplit(':').next().unwrap().to_string();
-    Command::new("timeout")
-        .arg("120")
-        .arg("ssh")
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
-        .args(["-o", "IdentityAgent=none", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
-        .args(["-o", "ConnectTimeout=20", "-p", &port, "-i"])
-        .arg(&key.private)
-        .arg(format!("{login}@127.0.0.1"))
-        .arg(cmd)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-async fn server_model(b: &Browser, user: &str) -> Value {
-    b.api(Method::GET, &format!("/hub/api/users/{user}")).send().await.unwrap().json().await.unwrap()
 }
 
 #[tokio::test]
@@ -394,9 +321,4 @@ async fn a_start_outside_a_swarm_is_refused_clearly(scope: &DockerScope, image: 
     for n in [network.clone(), format!("{network}-config")] {
         assert!(!docker(&["network", "inspect", &n]).status.success(), "{n} was not made");
     }
-}
-
-/// The admin's browser against the restarted berth.
-fn admin_after_restart(b: &Berth, admin: &Browser) -> Browser {
-    Browser { base: b.url.clone(), ..admin.clone() }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod nvidia;
+pub(crate) mod swarm;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
