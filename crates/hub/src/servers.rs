@@ -623,7 +623,7 @@ impl Servers {
             }
         }
         let state = SpawnerState::from_record(&record.spawner_state);
-        if ending != Ending::Vanished && state.is_started() {
+        if (ending != Ending::Vanished || self.spawner.stops_vanished()) && state.is_started() {
             if let Err(e) = self.spawner.stop(state.value(), self.grace()).await {
                 tracing::warn!(server = %id, error = %e, "stopping failed; marking it stopped anyway");
             }

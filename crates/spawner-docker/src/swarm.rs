@@ -947,8 +947,14 @@ impl SwarmSpawner {
                 }
             }
             for (service, (user, server, task)) in &running {
-                let changed = now.get(service).map(|(_, _, t)| t != task).unwrap_or(true);
-                if task.is_some() && changed && exits.send((user.clone(), server.clone())).is_err() {
+                // Its running task changed, or it has none (being moved, or
+                // waiting for a node): checked every round until settled.
+                let now_task = now.get(service).map(|(_, _, t)| t);
+                let unsettled = match now_task {
+                    Some(t) => t != task || t.is_none(),
+                    None => task.is_some(),
+                };
+                if unsettled && exits.send((user.clone(), server.clone())).is_err() {
                     return;
                 }
             }
@@ -998,6 +1004,10 @@ impl Spawner for SwarmSpawner {
     }
 
     fn runs_images(&self) -> bool {
+        true
+    }
+
+    fn stops_vanished(&self) -> bool {
         true
     }
 
@@ -1094,6 +1104,8 @@ impl Spawner for SwarmSpawner {
                 }
                 // Being scheduled or started elsewhere: the next check sees it.
                 Some(_) => Ok(Status::Running),
+                // Being shut down, its replacement not made yet.
+                None if saved.as_ref().and_then(task_state) == Some(TaskState::RUNNING) => Ok(Status::Running),
                 None => Ok(Status::Exited(ended)),
             }
         })

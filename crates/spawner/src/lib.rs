@@ -221,6 +221,13 @@ pub trait Spawner: Send + Sync + 'static {
         false
     }
 
+    /// Whether a server found gone is stopped all the same: a Swarm service
+    /// whose task cannot run anywhere is still there, and would run again
+    /// unseen once a node can take it.
+    fn stops_vanished(&self) -> bool {
+        false
+    }
+
     /// For a spawner that places servers on several machines (Swarm): the
     /// machine a user's volumes are on, named as GPU ids name their node
     /// (`Some(None)`: berth's own, `Some(Some(node))`: that node), so a
