@@ -127,12 +127,20 @@ async fn servers_are_placed_on_the_node_with_their_gpus_or_data_and_follow_a_dra
     Worker::down(&wname);
     let net = Worker::net(&wname);
     let manager = Manager::init_on(&net["host_addr"]);
-    let worker = Worker::up(&wname, &["GPU-w-a", "GPU-w-b"], &[&image]);
+    // berth speaks to the worker's engine over TLS, as to a real node's.
+    let tls = tempfile::tempdir().unwrap();
+    make_tls(tls.path(), &net["ns_addr"]);
+    let worker = Worker::up(&wname, &["GPU-w-a", "GPU-w-b"], &[&image], Some(tls.path()));
     let socket = worker.fact("socket").to_string();
+    let engine = worker.fact("tcp").to_string();
+    assert!(engine.starts_with("tcp://"), "{:?}", worker.facts);
     let worker_id = worker.fact("node_id").to_string();
     label(&manager.node_id);
     label(&worker_id);
 
+    let pool = worker.fact("address_pool").to_string();
+    let upper_half = pool.replace(".0.0/16", ".128.0/17");
+    assert_ne!(upper_half, pool, "a /16: {pool}");
     let tmp = tempfile::tempdir().unwrap();
     let names: Vec<String> = ["na", "nb", "nc", "nd", "ne"].iter().map(|n| scope.user(n)).collect();
     let [alice_name, bob_name, carol_name, dave_name, erin_name] = <[String; 5]>::try_from(names.clone()).unwrap();
@@ -143,8 +151,12 @@ async fn servers_are_placed_on_the_node_with_their_gpus_or_data_and_follow_a_dra
         [
             ("BERTH_SWARM_NETWORK", network.as_str()),
             ("BERTH_SWARM_NODES", "labelled"),
-            ("BERTH_SWARM_ENGINES", &format!("{wname}=unix://{socket}")),
-            ("BERTH_SWARM_NODE_SUBNETS", worker.fact("address_pool")),
+            ("BERTH_SWARM_ENGINES", &format!("{wname}={engine}")),
+            ("BERTH_SWARM_ENGINE_TLS_DIR", tls.path().to_str().unwrap()),
+            // The upper half of what the host routes to the worker: the
+            // worker's engine gives its own networks (docker_gwbridge, made
+            // with the first task) /24s from the bottom of it.
+            ("BERTH_SWARM_NODE_SUBNETS", &upper_half),
             ("BERTH_SSH_BIND", "127.0.0.1:0"),
             ("BERTH_SSH_HOST_KEY_TYPES", "ed25519"),
             // berth's own node has no GPU; the worker advertises two.
@@ -204,6 +216,29 @@ async fn servers_are_placed_on_the_node_with_their_gpus_or_data_and_follow_a_dra
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), b.log());
     let hostname = c["Config"]["Hostname"].as_str().unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{hostname}\non the worker"));
+
+    // `berth doctor` on the same configuration names each node.
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("doctor").arg("--data-dir").arg(&b.data_dir).env_remove("BERTH_CONFIG");
+    for (k, v) in &b.env {
+        cmd.env(k, v);
+    }
+    cmd.env("BERTH_SPAWNER", "swarm");
+    let o = cmd.output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = out.lines().find(|l| l.contains(&format!("Swarm node {wname}"))).unwrap_or_default().to_string();
+    assert!(line.contains("2 GPU(s) from its generic resource NVIDIA-GPU"), "{out}");
+    assert!(line.contains(&format!("engine at {engine} (TLS) answers")), "{out}");
+    assert!(
+        line.contains(&format!(
+            "its part of the network is {}",
+            upper_half.trim_end_matches(".128.0/17")
+        )),
+        "{out}"
+    );
+    assert!(line.contains("its default runtime is runc") && line.contains("services see no GPU"), "{out}");
+    assert!(out.lines().any(|l| l.contains("Swarm node") && l.contains("(berth's)")), "{out}");
+    assert_ne!(o.status.code(), Some(0), "a node with GPUs but no NVIDIA runtime is a problem: {out}");
 
     // None free: a GPU start waits in the queue; one without GPUs goes to
     // the node running fewest servers (berth's own).
@@ -309,13 +344,6 @@ async fn servers_are_placed_on_the_node_with_their_gpus_or_data_and_follow_a_dra
     // Only the worker can take it at first.
     availability(&manager.node_id, "drain");
     let erin_svc = format!("berth-{erin_name}");
-    struct KeepLog(std::path::PathBuf);
-    impl Drop for KeepLog {
-        fn drop(&mut self) {
-            let _ = std::fs::copy(&self.0, "/tmp/sn-berth.log");
-        }
-    }
-    let _keep = KeepLog(b.stderr_log.clone());
     assert!(start(&erin, &erin_name, json!({})).await.status().is_success());
     ready(&erin, &erin_name, || b.log()).await;
     let svc = service(&erin_svc).unwrap();

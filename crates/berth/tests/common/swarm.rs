@@ -135,9 +135,14 @@ impl Worker {
         key_values(&o.stdout)
     }
 
-    pub(crate) fn up(name: &str, gpus: &[&str], images: &[&str]) -> Worker {
+    /// `tls`: a directory as [`make_tls`] leaves it; the engine then also
+    /// listens on `tcp://<ns_addr>:2376` (the `tcp` fact) with TLS.
+    pub(crate) fn up(name: &str, gpus: &[&str], images: &[&str], tls: Option<&std::path::Path>) -> Worker {
         let mut cmd = Command::new(SCRIPT);
         cmd.args(["up", name]);
+        if let Some(dir) = tls {
+            cmd.arg("--tls").arg(dir);
+        }
         for g in gpus {
             cmd.args(["--gpu", g]);
         }
@@ -163,4 +168,23 @@ impl Drop for Worker {
     fn drop(&mut self) {
         Worker::down(&self.name);
     }
+}
+
+/// A CA, a server certificate for `server_ip` (`server-cert.pem`,
+/// `server-key.pem`) and a client certificate (`cert.pem`, `key.pem`) in
+/// `dir`, Docker's own TLS layout, made with the openssl command.
+pub(crate) fn make_tls(dir: &std::path::Path, server_ip: &str) {
+    let script = format!(
+        "set -e; cd '{}'
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 2 -subj /CN=berth-test-ca
+openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj /CN=worker
+printf 'subjectAltName=IP:{server_ip}\\nextendedKeyUsage=serverAuth\\n' > server.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out server-cert.pem -days 2 -extfile server.ext
+openssl req -newkey rsa:2048 -nodes -keyout key.pem -out client.csr -subj /CN=berth
+printf 'extendedKeyUsage=clientAuth\\n' > client.ext
+openssl x509 -req -in client.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out cert.pem -days 2 -extfile client.ext",
+        dir.display()
+    );
+    let o = Command::new("sh").arg("-c").arg(&script).stdin(Stdio::null()).output().expect("openssl");
+    assert!(o.status.success(), "making certificates: {}", String::from_utf8_lossy(&o.stderr));
 }
