@@ -230,10 +230,7 @@ async fn servers_are_placed_on_the_node_with_their_gpus_or_data_and_follow_a_dra
     assert!(line.contains("2 GPU(s) from its generic resource NVIDIA-GPU"), "{out}");
     assert!(line.contains(&format!("engine at {engine} (TLS) answers")), "{out}");
     assert!(
-        line.contains(&format!(
-            "its part of the network is {}",
-            upper_half.trim_end_matches(".128.0/17")
-        )),
+        line.contains(&format!("its part of the network is {}", upper_half.trim_end_matches(".128.0/17"))),
         "{out}"
     );
     assert!(line.contains("its default runtime is runc") && line.contains("services see no GPU"), "{out}");
@@ -313,11 +310,28 @@ async fn servers_are_placed_on_the_node_with_their_gpus_or_data_and_follow_a_dra
         r.text().await.unwrap_or_default()
     };
     assert!(message.contains(&format!("volumes are on node {wname}")) && message.contains("drain"), "{message}");
-    availability(&worker_id, "active");
     let deadline = Instant::now() + Duration::from_secs(60);
     while server_model(&bob, &bob_name).await["servers"].get("").is_some() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // A GPU start while the GPUs' node is drained fails saying so, holds
+    // nothing, and works once the node is back.
+    let dave = admin_after_restart(&b, &dave);
+    let r = start(&dave, &dave_name, json!({"gpus": 1})).await;
+    let message = if r.status().is_success() {
+        wait_progress(&dave, &format!("/hub/api/users/{dave_name}/server/progress")).await["message"].to_string()
+    } else {
+        r.text().await.unwrap_or_default()
+    };
+    assert!(message.contains(&format!("GPUs are on node {wname}, which is ready (drain)")), "{message}");
+    let report: Value = admin.api(Method::GET, "/hub/api/gpus").send().await.unwrap().json().await.unwrap();
+    assert_eq!(report["held"], 0, "nothing held after the failed start: {report}");
+    assert!(service(&format!("berth-{dave_name}")).is_none());
+    availability(&worker_id, "active");
+    assert!(start(&dave, &dave_name, json!({"gpus": 1})).await.status().is_success());
+    ready(&dave, &dave_name, || b.log()).await;
+    assert!(!container_at(&socket, &format!("berth-{dave_name}")).is_empty(), "dave runs on the worker");
+    stop_and_wait(&dave, &dave_name).await;
 
     let carol = admin_after_restart(&b, &carol);
     stop_and_wait(&carol, &carol_name).await;

@@ -644,8 +644,20 @@ impl SwarmSpawner {
         progress: &ProgressTx,
     ) -> Result<Running, SpawnError> {
         let mut last_state = None;
+        // Since when the newest task has waited for a node with an error
+        // ("no suitable node": its node drained or gone mid-start).
+        let mut unplaceable: Option<tokio::time::Instant> = None;
         loop {
             let tasks = self.tasks(service_id).await?;
+            match tasks.first().filter(|t| task_state(t) == Some(TaskState::PENDING)).map(task_error) {
+                Some(why) if !why.is_empty() => {
+                    let since = *unplaceable.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= UNPLACEABLE_FOR {
+                        return Err(SpawnError::Failed(format!("the server's task cannot run on any node: {why}")));
+                    }
+                }
+                _ => unplaceable = None,
+            }
             let failed: Vec<&Task> = tasks.iter().filter(|t| is_failed(task_state(t))).collect();
             if failed.len() > self.cfg.restart_attempts as usize {
                 let tries = failed.len();
@@ -962,6 +974,10 @@ impl SwarmSpawner {
         }
     }
 }
+
+/// How long a starting task may wait for a node that can take it before
+/// the start fails with Swarm's reason.
+const UNPLACEABLE_FOR: Duration = Duration::from_secs(15);
 
 /// How often the Swarm spawner looks at its services' tasks.
 const TASK_WATCH_INTERVAL: Duration = Duration::from_secs(3);
