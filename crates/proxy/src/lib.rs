@@ -1,6 +1,6 @@
 //! The one-port reverse proxy: a route table read without locks (snapshots
-//! swapped on change), an HTTP/1.1 forwarder with pooled upstream
-//! connections, streamed bodies and WebSocket upgrades, and TLS accept on
+//! swapped on change), an HTTP/1.1 forwarder (each downstream
+//! connection with an upstream connection of its own, driven in its task), streamed bodies and WebSocket upgrades, and TLS accept on
 //! the same port as plain HTTP.
 //!
 //! Must not know the store or the web framework: the server decides who may
@@ -12,5 +12,5 @@ mod forward;
 mod routes;
 pub mod tls;
 
-pub use forward::{strip_cookies, Forwarder, ForwarderConfig, Peer, ProxyError};
+pub use forward::{strip_cookies, Forwarder, ForwarderConfig, Peer, ProxyError, Upstream, UpstreamBody};
 pub use routes::{contains_dot_segments, Route, RouteTable};

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Redirect};
 use berth_core::ServerId;
 use berth_hub::templates::{APP_COOKIE, APP_SESSION_SECS, AUTH_PATH};
 use berth_hub::Caller;
-use berth_proxy::{contains_dot_segments, strip_cookies, Peer, ProxyError, Route};
+use berth_proxy::{contains_dot_segments, strip_cookies, Peer, ProxyError, Route, Upstream};
 use berth_web::cookies::{self, Cookies};
 use berth_web::extract::wants_html;
 use berth_web::html;
@@ -30,6 +30,7 @@ pub(crate) async fn handle(
     req: hyper::Request<Incoming>,
     peer: Peer,
     internal: bool,
+    upstream: &Arc<Upstream>,
 ) -> Response<Body> {
     if shared.tls.is_some() && !peer.tls {
         let api_call =
@@ -45,9 +46,9 @@ pub(crate) async fn handle(
         .flatten()
         .and_then(|h| templates.parse_host(h));
     let mut resp = if let Some(id) = app_host {
-        host_route(&shared, req, peer, id).await
+        host_route(&shared, req, peer, id, upstream).await
     } else if req.uri().path().starts_with(&shared.user_prefix) {
-        path_route(&shared, req, peer).await
+        path_route(&shared, req, peer, upstream).await
     } else {
         hub(&shared, req, peer).await
     };
@@ -132,7 +133,12 @@ pub(crate) fn admit(caller: &Caller, id: &ServerId) -> bool {
     caller.may_access(id)
 }
 
-async fn path_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: Peer) -> Response<Body> {
+async fn path_route(
+    shared: &Arc<Shared>,
+    req: hyper::Request<Incoming>,
+    peer: Peer,
+    upstream: &Arc<Upstream>,
+) -> Response<Body> {
     if contains_dot_segments(req.uri().path()) {
         return json_error(StatusCode::BAD_REQUEST, "paths with . or .. segments are not accepted");
     }
@@ -167,11 +173,17 @@ async fn path_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
             );
         }
     };
-    forward(shared, hyper::Request::from_parts(parts, body), &route, &id, &caller, peer).await
+    forward(shared, hyper::Request::from_parts(parts, body), &route, &id, &caller, peer, upstream).await
 }
 
 /// A request on an app's own host name (`host` routing).
-async fn host_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: Peer, id: ServerId) -> Response<Body> {
+async fn host_route(
+    shared: &Arc<Shared>,
+    req: hyper::Request<Incoming>,
+    peer: Peer,
+    id: ServerId,
+    upstream: &Arc<Upstream>,
+) -> Response<Body> {
     let templates = &shared.hub.servers.templates;
     let host = templates.host_for(&id);
     if contains_dot_segments(req.uri().path()) {
@@ -209,7 +221,7 @@ async fn host_route(shared: &Arc<Shared>, req: hyper::Request<Incoming>, peer: P
                 .into_response();
         }
     };
-    forward(shared, hyper::Request::from_parts(parts, body), &route, &id, &caller, peer).await
+    forward(shared, hyper::Request::from_parts(parts, body), &route, &id, &caller, peer, upstream).await
 }
 
 /// `<app host>/_berth/auth?code=…&next=…`: trades the hub's single-use code
@@ -246,6 +258,7 @@ async fn forward(
     id: &ServerId,
     caller: &Caller,
     peer: Peer,
+    upstream: &Arc<Upstream>,
 ) -> Response<Body> {
     shared.hub.servers.counters.proxied();
     let now = berth_store::now_ms();
@@ -263,7 +276,7 @@ async fn forward(
         berth_core::RoutingMode::Host => None,
         _ => Some(route.prefix.as_str()),
     };
-    match shared.forwarder.forward(req, route, peer).await {
+    match shared.forwarder.forward(req, route, peer, upstream).await {
         Ok(resp) => {
             let mut resp = resp.map(Body::new);
             guard_cookies(resp.headers_mut(), prefix);

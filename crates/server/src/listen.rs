@@ -146,9 +146,11 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let header_timeout = shared.client_timeout;
+    // This connection's own upstream connection, kept between its requests.
+    let upstream = Arc::new(berth_proxy::Upstream::default());
     let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(crate::edge::handle(shared, req, peer, internal).await) }
+        let (shared, upstream) = (shared.clone(), upstream.clone());
+        async move { Ok::<_, Infallible>(crate::edge::handle(shared, req, peer, internal, &upstream).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
