@@ -89,8 +89,15 @@ impl CullConfig {
     }
 }
 
-/// Statuses by (user, server name).
-pub type CullStatuses = HashMap<(String, String), CullStatus>;
+/// Statuses by user and server name, for lists.
+#[derive(Debug, Default)]
+pub struct CullStatuses(HashMap<String, HashMap<String, CullStatus>>);
+
+impl CullStatuses {
+    pub fn get(&self, user: &str, server: &str) -> Option<&CullStatus> {
+        self.0.get(user)?.get(server)
+    }
+}
 
 /// What the culler last found for one running server: shown to its owner
 /// and in the REST model as `berth.cull`.
@@ -245,16 +252,21 @@ impl Culler {
         self.watches.lock().ok()?.get(id)?.status.clone()
     }
 
-    /// Every watched server's status by (user, server), for lists.
-    pub fn statuses(&self) -> CullStatuses {
-        self.watches
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(id, w)| Some(((id.user().to_string(), id.server().to_string()), w.status.clone()?)))
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// The statuses of `users`' watched servers, for a list of them (only
+    /// theirs are copied: a page of 200 users out of thousands).
+    pub fn statuses_of<S: AsRef<str>>(&self, users: &[S]) -> CullStatuses {
+        let mut out = CullStatuses::default();
+        let Ok(m) = self.watches.lock() else { return out };
+        if m.is_empty() {
+            return out;
+        }
+        let wanted: std::collections::HashSet<&str> = users.iter().map(AsRef::as_ref).collect();
+        for (id, w) in m.iter().filter(|(id, _)| wanted.contains(id.user())) {
+            if let Some(st) = &w.status {
+                out.0.entry(id.user().to_string()).or_default().insert(id.server().to_string(), st.clone());
+            }
+        }
+        out
     }
 
     /// Warnings of `user`'s servers (by server name), for the banner on their pages.

@@ -43,22 +43,44 @@ pub fn progress_url(base: &str, user: &str, server: &str) -> String {
 
 /// berth's own part of a server model (`berth`, beside JupyterHub's fields):
 /// the culler's view, `null` when the server is not watched.
+#[derive(serde::Serialize)]
+pub struct BerthModel {
+    cull: Option<CullModel>,
+}
+
+#[derive(serde::Serialize)]
+struct CullModel {
+    idle_timeout_seconds: u64,
+    max_age_seconds: u64,
+    checked_at: String,
+    last_activity: String,
+    active: Vec<String>,
+    unknown: Vec<String>,
+    cull_at: Option<String>,
+    reason: Option<String>,
+    extendable: bool,
+    extend_url: String,
+}
+
+fn berth_model_typed(base: &str, s: &Server, cull: Option<&CullStatus>) -> BerthModel {
+    BerthModel {
+        cull: cull.map(|c| CullModel {
+            idle_timeout_seconds: c.idle_timeout_seconds,
+            max_age_seconds: c.max_age_seconds,
+            checked_at: iso(c.checked_at_ms),
+            last_activity: iso(c.last_activity_ms),
+            active: c.active.clone(),
+            unknown: c.unknown.clone(),
+            cull_at: c.cull_at_ms.map(iso),
+            reason: c.reason.clone(),
+            extendable: c.extendable,
+            extend_url: format!("{}/extend", server_api_path(base, &s.user, &s.name)),
+        }),
+    }
+}
+
 pub fn berth_model(base: &str, s: &Server, cull: Option<&CullStatus>) -> Value {
-    let cull = cull.map(|c| {
-        json!({
-            "idle_timeout_seconds": c.idle_timeout_seconds,
-            "max_age_seconds": c.max_age_seconds,
-            "checked_at": iso(c.checked_at_ms),
-            "last_activity": iso(c.last_activity_ms),
-            "active": c.active,
-            "unknown": c.unknown,
-            "cull_at": iso_opt(c.cull_at_ms),
-            "reason": c.reason,
-            "extendable": c.extendable,
-            "extend_url": format!("{}/extend", server_api_path(base, &s.user, &s.name)),
-        })
-    });
-    json!({ "cull": cull })
+    serde_json::to_value(berth_model_typed(base, s, cull)).unwrap_or(Value::Null)
 }
 
 /// `<base>hub/api/users/<u>/server` or `…/servers/<name>`.
@@ -70,37 +92,58 @@ pub fn server_api_path(base: &str, user: &str, server: &str) -> String {
     }
 }
 
-pub fn server_model(base: &str, s: &Server, with_state: bool, cull: Option<&CullStatus>) -> Value {
-    let mut m = json!({
-        "name": s.name,
-        "display_name": s.name,
-        "full_name": format!("{}/{}", s.user, s.name),
-        "last_activity": iso_opt(s.last_activity.or(s.started)),
-        "started": iso_opt(s.started),
-        "pending": s.state.pending(),
-        "ready": s.state == ServerState::Running,
-        "stopped": s.state == ServerState::Stopped,
-        "url": s.url.clone().filter(|u| u.starts_with("http")).unwrap_or_else(|| server_url(base, &s.user, &s.name)),
-        "user_options": serde_json::from_str::<Value>(&s.user_options).unwrap_or_else(|_| json!({})),
-        "progress_url": progress_url(base, &s.user, &s.name),
-        "full_url": Value::Null,
-        "full_progress_url": Value::Null,
-        "template": s.template,
-        "last_error": s.last_error,
-        "berth": berth_model(base, s, cull),
-    });
-    if with_state {
-        m["state"] = serde_json::from_str::<Value>(&s.spawner_state).unwrap_or_else(|_| json!({}));
+/// A server model in JupyterHub's shape, serialized as it is (no `Value`
+/// tree per server in a list of hundreds).
+#[derive(serde::Serialize)]
+pub struct ServerModel<'a> {
+    name: &'a str,
+    display_name: &'a str,
+    full_name: String,
+    last_activity: Option<String>,
+    started: Option<String>,
+    pending: Option<&'static str>,
+    ready: bool,
+    stopped: bool,
+    url: String,
+    user_options: Value,
+    progress_url: String,
+    full_url: Option<()>,
+    full_progress_url: Option<()>,
+    template: &'a str,
+    last_error: Option<&'a str>,
+    berth: BerthModel,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<Value>,
+}
+
+pub fn server_model<'a>(base: &str, s: &'a Server, with_state: bool, cull: Option<&CullStatus>) -> ServerModel<'a> {
+    ServerModel {
+        name: &s.name,
+        display_name: &s.name,
+        full_name: format!("{}/{}", s.user, s.name),
+        last_activity: s.last_activity.or(s.started).map(iso),
+        started: s.started.map(iso),
+        pending: s.state.pending(),
+        ready: s.state == ServerState::Running,
+        stopped: s.state == ServerState::Stopped,
+        url: s.url.clone().filter(|u| u.starts_with("http")).unwrap_or_else(|| server_url(base, &s.user, &s.name)),
+        user_options: serde_json::from_str::<Value>(&s.user_options).unwrap_or_else(|_| json!({})),
+        progress_url: progress_url(base, &s.user, &s.name),
+        full_url: None,
+        full_progress_url: None,
+        template: &s.template,
+        last_error: s.last_error.as_deref(),
+        berth: berth_model_typed(base, s, cull),
+        state: with_state.then(|| serde_json::from_str::<Value>(&s.spawner_state).unwrap_or_else(|_| json!({}))),
     }
-    m
 }
 
 /// The user model as a typed value, for lists (serialized without building
 /// a `Value` tree per user).
 #[derive(serde::Serialize)]
-pub struct UserModel {
+pub struct UserModel<'a> {
     kind: &'static str,
-    name: String,
+    name: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     admin: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -118,7 +161,7 @@ pub struct UserModel {
     #[serde(skip_serializing_if = "Skip::skip")]
     pending: Skip<Option<&'static str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    servers: Option<serde_json::Map<String, Value>>,
+    servers: Option<std::collections::BTreeMap<&'a str, ServerModel<'a>>>,
     #[serde(skip_serializing_if = "Skip::skip")]
     auth_state: Skip<Option<()>>,
     #[serde(skip_serializing_if = "Skip::skip")]
@@ -140,11 +183,19 @@ impl<T: serde::Serialize> serde::Serialize for Skip<T> {
     }
 }
 
-pub fn user_model_typed(base: &str, u: &User, servers: &[Server], scopes: &ScopeSet, cull: &CullStatuses) -> UserModel {
+/// `servers`: the user's servers (others' are passed over); a list groups
+/// them first ([`servers_by_user`]).
+pub fn user_model_typed<'a>(
+    base: &str,
+    u: &'a User,
+    servers: &'a [Server],
+    scopes: &ScopeSet,
+    cull: &CullStatuses,
+) -> UserModel<'a> {
     let target = Target::User(&u.name);
     let mut m = UserModel {
         kind: "user",
-        name: u.name.clone(),
+        name: &u.name,
         admin: None,
         authorized: None,
         groups: None,
@@ -164,10 +215,7 @@ pub fn user_model_typed(base: &str, u: &User, servers: &[Server], scopes: &Scope
         servers
             .iter()
             .filter(|s| s.user == u.name && s.state.is_active())
-            .map(|s| {
-                let c = cull.get(&(s.user.clone(), s.name.clone()));
-                (s.name.clone(), server_model(base, s, with_state, c))
-            })
+            .map(|s| (s.name.as_str(), server_model(base, s, with_state, cull.get(&s.user, &s.name))))
             .collect()
     };
     if !scopes.allows("read:users", target) {
@@ -194,6 +242,16 @@ pub fn user_model_typed(base: &str, u: &User, servers: &[Server], scopes: &Scope
         m.servers = Some(servers_of());
     }
     m
+}
+
+/// `servers` (sorted by user, as the store returns them) split by user, so a
+/// list of users looks up each one's without a scan of all.
+pub fn servers_by_user(servers: &[Server]) -> std::collections::HashMap<&str, &[Server]> {
+    let mut out = std::collections::HashMap::new();
+    for chunk in servers.chunk_by(|a, b| a.user == b.user) {
+        out.insert(chunk[0].user.as_str(), chunk);
+    }
+    out
 }
 
 /// The user model, filtered by what `scopes` may read.

@@ -15,12 +15,13 @@ use serde_json::{json, Value};
 use super::existing_user;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiCaller, JsonBody};
-use crate::model::{user_model, user_model_typed, UserModel};
+use crate::model::{servers_by_user, user_model, user_model_typed, UserModel};
 use crate::SharedHub;
 
 pub(super) async fn whoami(State(hub): State<SharedHub>, ApiCaller(c): ApiCaller) -> ApiResult<Json<Value>> {
     let servers = hub.store.servers_of(std::slice::from_ref(&c.user.name)).await?;
-    let mut m = user_model(&hub.cfg.base_url, &c.user, &servers, &c.scopes, &hub.servers.culler.statuses());
+    let cull = hub.servers.culler.statuses_of(std::slice::from_ref(&c.user.name));
+    let mut m = user_model(&hub.cfg.base_url, &c.user, &servers, &c.scopes, &cull);
     // Identity questions about oneself are always answered with the name.
     m["name"] = json!(c.user.name);
     m["kind"] = json!("user");
@@ -93,9 +94,15 @@ pub(super) async fn list_users(
     let (users, total) = hub.store.list_users(&q).await?;
     let names: Vec<String> = users.iter().map(|u| u.name.clone()).collect();
     let servers = hub.store.servers_of(&names).await?;
-    let cull = hub.servers.culler.statuses();
-    let items: Vec<UserModel> =
-        users.iter().map(|u| user_model_typed(&hub.cfg.base_url, u, &servers, &c.scopes, &cull)).collect();
+    let cull = hub.servers.culler.statuses_of(&names);
+    let by_user = servers_by_user(&servers);
+    let items: Vec<UserModel<'_>> = users
+        .iter()
+        .map(|u| {
+            let theirs = by_user.get(u.name.as_str()).copied().unwrap_or_default();
+            user_model_typed(&hub.cfg.base_url, u, theirs, &c.scopes, &cull)
+        })
+        .collect();
     if !paginated {
         return Ok(Json(items).into_response());
     }
@@ -118,8 +125,8 @@ pub(super) async fn list_users(
         json!({"offset": offset + limit, "limit": limit, "url": url})
     });
     #[derive(serde::Serialize)]
-    struct Page {
-        items: Vec<UserModel>,
+    struct Page<'a> {
+        items: Vec<UserModel<'a>>,
         _pagination: Value,
     }
     let page = Page { items, _pagination: json!({"offset": offset, "limit": limit, "total": total, "next": next}) };
@@ -144,7 +151,7 @@ async fn list_named_users(hub: &SharedHub, c: &Caller) -> ApiResult<Json<Value>>
     names.dedup();
     let mut items = Vec::new();
     let servers = hub.store.servers_of(&names).await?;
-    let cull = hub.servers.culler.statuses();
+    let cull = hub.servers.culler.statuses_of(&names);
     for n in &names {
         if let Some(u) = hub.store.get_user(n).await? {
             items.push(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes, &cull));
@@ -170,7 +177,8 @@ pub(super) async fn get_user(
 ) -> ApiResult<Json<Value>> {
     let u = visible_user(&hub, &c, &name, "read:users").await?;
     let servers = hub.store.servers_of(std::slice::from_ref(&u.name)).await?;
-    Ok(Json(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes, &hub.servers.culler.statuses())))
+    let cull = hub.servers.culler.statuses_of(std::slice::from_ref(&u.name));
+    Ok(Json(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes, &cull)))
 }
 
 #[derive(Deserialize)]
@@ -252,7 +260,8 @@ pub(super) async fn patch_user(
     }
     let u = hub.store.get_user(&current).await?.ok_or_else(|| ApiError::not_found("user vanished"))?;
     let servers = hub.store.servers_of(std::slice::from_ref(&u.name)).await?;
-    Ok(Json(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes, &hub.servers.culler.statuses())))
+    let cull = hub.servers.culler.statuses_of(std::slice::from_ref(&u.name));
+    Ok(Json(user_model(&hub.cfg.base_url, &u, &servers, &c.scopes, &cull)))
 }
 
 #[derive(Deserialize, Default)]
