@@ -4,9 +4,12 @@
 # each), WebSocket round trips (20,000 small messages), and each proxy's
 # resident memory. berth is measured twice: authenticated by an API token
 # (`berth`) and by a browser's session cookie (`berth-cookie`, the Cookie
-# header a logged-in browser sends). Prints a Markdown table.
-# Usage: bench/proxy.sh   (SECS=10 sets each wrk run's length, BODIES="1k 1m"
-# and CONNS="1 64" which cases run)
+# header a logged-in browser sends). Each case runs ROUNDS times (3 by
+# default) with the targets taking turns; the table has each target's median
+# round and the forwarding process's CPU time per request. Prints a Markdown
+# table.
+# Usage: bench/proxy.sh   (SECS=10 sets each wrk run's length, ROUNDS=3,
+# BODIES="1k 1m" and CONNS="1 64" which cases run)
 source "$(dirname "$0")/lib.sh"
 need_pkg wrk wrk
 need_pkg nginx nginx-light
@@ -82,17 +85,53 @@ for pair in "direct:" "nginx:" "berth:$auth" "berth_cookie:$cookie"; do
     [ "$code" = 200 ] || { echo "$base answers $code on /user/admin/1k" >&2; exit 1; }
 done
 
-echo "| target | body | connections | requests/s | p50 ms | p99 ms | errors |"
-echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+# CPU ticks of the process(es) doing the forwarding: none for direct.
+proxy_ticks() {
+    case $1 in
+        nginx) for p in $(pgrep -P "$(cat "$work/nginx.pid")"); do cpu_ticks "$p"; done | awk '{s+=$1} END {print s+0}' ;;
+        berth|berth-cookie) cpu_ticks "$BERTH_PID" ;;
+        *) echo 0 ;;
+    esac
+}
+
+# Each cell is measured ROUNDS times (default 3), the targets taking turns
+# within a round, so a slow spell of the machine falls on all of them; the
+# table has each target's median round and its CPU per request (the
+# forwarding process's utime+stime over its rounds / requests served).
+rounds=${ROUNDS:-3}
+echo "| target | body | connections | requests/s | p50 ms | p99 ms | errors | CPU µs per request |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for body in ${BODIES:-1k 1m}; do
     for c in ${CONNS:-1 64}; do
         t=$([ "$c" = 1 ] && echo 1 || echo 2)
-        for target in direct nginx berth berth-cookie; do
-            base=${target/-/_}; base=${!base}
-            hdr=(); [ "$target" = berth ] && hdr=(-H "$auth"); [ "$target" = berth-cookie ] && hdr=(-H "$cookie")
-            read -r rps p50 p99 err < <(wrk -t"$t" -c"$c" -d"${SECS:-10}s" --latency "${hdr[@]}" "$base/user/admin/$body" | wrk_summary)
-            echo "| $target | $body | $c | $rps | $p50 | $p99 | $err |"
+        : > "$work/cell"
+        for _ in $(seq 1 "$rounds"); do
+            for target in direct nginx berth berth-cookie; do
+                base=${target/-/_}; base=${!base}
+                hdr=(); [ "$target" = berth ] && hdr=(-H "$auth"); [ "$target" = berth-cookie ] && hdr=(-H "$cookie")
+                secs=${SECS:-10}
+                t0=$(proxy_ticks "$target")
+                read -r rps p50 p99 err < <(wrk -t"$t" -c"$c" -d"${secs}s" --latency "${hdr[@]}" "$base/user/admin/$body" | wrk_summary)
+                t1=$(proxy_ticks "$target")
+                echo "$target $rps $p50 $p99 $err $((t1 - t0)) $secs" >> "$work/cell"
+            done
         done
+        python3 - "$body" "$c" "$work/cell" <<'PY'
+import os, statistics, sys
+body, c, path = sys.argv[1], sys.argv[2], sys.argv[3]
+hz = os.sysconf("SC_CLK_TCK")
+rows = {}
+for line in open(path):
+    t, rps, p50, p99, err, ticks, secs = line.split()
+    rows.setdefault(t, []).append((float(rps), float(p50), float(p99), int(err), int(ticks), float(secs)))
+for t in ["direct", "nginx", "berth", "berth-cookie"]:
+    r = sorted(rows[t])
+    mid = r[len(r) // 2]
+    served = sum(x[0] * x[5] for x in r)
+    cpu = sum(x[4] for x in r) / hz / served * 1e6 if t != "direct" and served else float("nan")
+    cpu_s = "–" if t == "direct" else f"{cpu:.1f}"
+    print(f"| {t} | {body} | {c} | {mid[0]:.0f} | {mid[1]:.3f} | {mid[2]:.3f} | {sum(x[3] for x in r)} | {cpu_s} |")
+PY
     done
 done
 echo
