@@ -59,10 +59,14 @@ async fn swarm_services_run_the_hub_flow_survive_a_restart_and_fail_cleanly() {
     let alice_name = scope.user("sw");
     let gpu_name = scope.user("sg");
     let bad_name = scope.user("sb");
+    let away_name = scope.user("sa");
     let network = format!("berth-test-{}-swarm", scope.suffix);
     let failing = FailingImage::build(&image, &scope.suffix);
-    let _services =
-        Services { users: vec![alice_name.clone(), gpu_name.clone(), bad_name.clone()], network: network.clone() };
+    let _services = Services {
+        users: vec![alice_name.clone(), gpu_name.clone(), bad_name.clone(), away_name.clone()],
+        network: network.clone(),
+    };
+    a_manager_that_does_not_answer_fails_starts_clearly_until_it_does(&scope, &image, &network, &away_name).await;
     let mut env = scope.env(&image);
     env.extend(
         [
@@ -320,5 +324,78 @@ async fn a_start_outside_a_swarm_is_refused_clearly(scope: &DockerScope, image: 
     assert!(server_model(&u, &name).await["servers"].get("").is_none(), "the server is stopped");
     for n in [network.clone(), format!("{network}-config")] {
         assert!(!docker(&["network", "inspect", &n]).status.success(), "{n} was not made");
+    }
+}
+
+/// The manager's engine does not answer (berth's `DOCKER_HOST` is a socket
+/// no one serves yet): a start fails saying so, and nothing is left of it;
+/// once the engine answers (a relay to the real socket appears), the next
+/// start works without a restart of berth.
+async fn a_manager_that_does_not_answer_fails_starts_clearly_until_it_does(
+    scope: &DockerScope,
+    image: &str,
+    network: &str,
+    name: &str,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("docker.sock");
+    let host = format!("unix://{}", sock.display());
+    let mut env = scope.env(image);
+    env.push(("BERTH_SWARM_NETWORK".into(), network.to_string()));
+    env.push(("DOCKER_HOST".into(), host));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = Berth::start_with(&env, &["--spawner", "swarm"]);
+    let admin = b.first_admin().await;
+    let u = authorized_user(&b, &admin, name, PW).await;
+    let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).send().await.unwrap();
+    let message = if r.status().is_success() {
+        let last = wait_progress(&u, &format!("/hub/api/users/{name}/server/progress")).await;
+        assert_eq!(last["failed"], true, "{last}");
+        last["message"].as_str().unwrap_or_default().to_string()
+    } else {
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        r.json::<Value>().await.unwrap()["message"].as_str().unwrap_or_default().to_string()
+    };
+    assert!(
+        message.contains("Docker engine") && message.contains("does not answer") && message.contains("is it running"),
+        "{message}\n{}",
+        b.log()
+    );
+    assert!(server_model(&u, name).await["servers"].get("").is_none(), "the server is stopped");
+    assert!(service(&format!("berth-{name}")).is_none(), "no service was made");
+
+    // The engine answers again: a relay to the real socket.
+    struct Relay(std::process::Child);
+    impl Drop for Relay {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _relay = Relay(
+        Command::new("socat")
+            .arg(format!("UNIX-LISTEN:{},fork", sock.display()))
+            .arg("UNIX-CONNECT:/var/run/docker.sock")
+            .spawn()
+            .expect("socat is installed (scripts/test installs it)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "socat never made the relay socket {}", sock.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // berth is not restarted: the next start reaches the engine (and its
+    // listener on the swarm network's gateway opens once a task is there).
+    let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).send().await.unwrap();
+    assert!(r.status().is_success(), "start: {}\n{}", r.status(), b.log());
+    let ready = wait_progress(&u, &format!("/hub/api/users/{name}/server/progress")).await;
+    assert_eq!(ready["ready"], true, "the next start works: {ready}\n{}", b.log());
+    assert!(service(&format!("berth-{name}")).is_some(), "a service now");
+    let r = u.api(Method::DELETE, &format!("/hub/api/users/{name}/server")).send().await.unwrap();
+    assert!(r.status().is_success(), "stop: {}", r.status());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while service(&format!("berth-{name}")).is_some() {
+        assert!(Instant::now() < deadline, "the stopped server's service is still there\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

@@ -26,7 +26,8 @@ pub(crate) async fn gateway_listener(
     port: u16,
     node: bool,
 ) {
-    let mut warned = false;
+    // Said once per distinct reason: a reason that changes is news.
+    let mut last_error = String::new();
     loop {
         let attempt = async {
             let gw = if node {
@@ -52,9 +53,9 @@ pub(crate) async fn gateway_listener(
             // No such address (not placing servers on other nodes).
             Err(e) if e.is_empty() => return,
             Err(e) => {
-                if !warned {
+                if e != last_error {
                     tracing::warn!(error = %e, "containers cannot reach the hub yet; retrying every 5 s");
-                    warned = true;
+                    last_error = e;
                 }
             }
         }
