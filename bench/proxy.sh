@@ -9,7 +9,8 @@
 # round and the forwarding process's CPU time per request. Prints a Markdown
 # table.
 # Usage: bench/proxy.sh   (SECS=10 sets each wrk run's length, ROUNDS=3,
-# BODIES="1k 1m" and CONNS="1 64" which cases run)
+# BODIES="1k 1m" and CONNS="1 64" which cases run, SYSCALLS=1 adds system
+# calls and context switches per request, counted by perf)
 source "$(dirname "$0")/lib.sh"
 need_pkg wrk wrk
 need_pkg nginx nginx-light
@@ -94,13 +95,32 @@ proxy_ticks() {
     esac
 }
 
+# The forwarding processes' ids, for perf (SYSCALLS=1): nginx's workers,
+# berth's process (all its threads).
+proxy_pids() {
+    case $1 in
+        nginx) pgrep -P "$(cat "$work/nginx.pid")" | paste -sd, ;;
+        berth|berth-cookie) echo "$BERTH_PID" ;;
+    esac
+}
+# SYSCALLS=1: perf counts the forwarding processes' system calls and context
+# switches during each run (tracepoints, no sampling); the table gets them
+# per request.
+syscalls=${SYSCALLS:-0}
+[ "$syscalls" = 1 ] && { command -v perf >/dev/null || need_pkg perf linux-perf; }
+
 # Each cell is measured ROUNDS times (default 3), the targets taking turns
 # within a round, so a slow spell of the machine falls on all of them; the
 # table has each target's median round and its CPU per request (the
 # forwarding process's utime+stime over its rounds / requests served).
 rounds=${ROUNDS:-3}
-echo "| target | body | connections | requests/s | p50 ms | p99 ms | errors | CPU µs per request |"
-echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+if [ "$syscalls" = 1 ]; then
+    echo "| target | body | connections | requests/s | p50 ms | p99 ms | errors | CPU µs per request | system calls per request | context switches per request |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+else
+    echo "| target | body | connections | requests/s | p50 ms | p99 ms | errors | CPU µs per request |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+fi
 for body in ${BODIES:-1k 1m}; do
     for c in ${CONNS:-1 64}; do
         t=$([ "$c" = 1 ] && echo 1 || echo 2)
@@ -110,27 +130,41 @@ for body in ${BODIES:-1k 1m}; do
                 base=${target/-/_}; base=${!base}
                 hdr=(); [ "$target" = berth ] && hdr=(-H "$auth"); [ "$target" = berth-cookie ] && hdr=(-H "$cookie")
                 secs=${SECS:-10}
+                perf_pid=
+                if [ "$syscalls" = 1 ] && [ "$target" != direct ]; then
+                    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$(proxy_pids "$target")" \
+                        -o "$work/perf" 2>/dev/null &
+                    perf_pid=$!
+                    sleep 0.2
+                fi
                 t0=$(proxy_ticks "$target")
                 read -r rps p50 p99 err < <(wrk -t"$t" -c"$c" -d"${secs}s" --latency "${hdr[@]}" "$base/user/admin/$body" | wrk_summary)
                 t1=$(proxy_ticks "$target")
-                echo "$target $rps $p50 $p99 $err $((t1 - t0)) $secs" >> "$work/cell"
+                sc=0; cs=0
+                if [ -n "$perf_pid" ]; then
+                    kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+                    sc=$(awk -F, '/raw_syscalls:sys_enter/ {print $1}' "$work/perf"); cs=$(awk -F, '/context-switches/ {print $1}' "$work/perf")
+                fi
+                echo "$target $rps $p50 $p99 $err $((t1 - t0)) $secs ${sc:-0} ${cs:-0}" >> "$work/cell"
             done
         done
-        python3 - "$body" "$c" "$work/cell" <<'PY'
+        python3 - "$body" "$c" "$work/cell" "$syscalls" <<'PY'
 import os, statistics, sys
-body, c, path = sys.argv[1], sys.argv[2], sys.argv[3]
+body, c, path, syscalls = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 hz = os.sysconf("SC_CLK_TCK")
 rows = {}
 for line in open(path):
-    t, rps, p50, p99, err, ticks, secs = line.split()
-    rows.setdefault(t, []).append((float(rps), float(p50), float(p99), int(err), int(ticks), float(secs)))
+    t, rps, p50, p99, err, ticks, secs, sc, cs = line.split()
+    rows.setdefault(t, []).append((float(rps), float(p50), float(p99), int(err), int(ticks), float(secs), int(sc), int(cs)))
 for t in ["direct", "nginx", "berth", "berth-cookie"]:
     r = sorted(rows[t])
     mid = r[len(r) // 2]
     served = sum(x[0] * x[5] for x in r)
+    per = lambda i: "–" if t == "direct" or not served else f"{sum(x[i] for x in r) / served:.2f}"
     cpu = sum(x[4] for x in r) / hz / served * 1e6 if t != "direct" and served else float("nan")
     cpu_s = "–" if t == "direct" else f"{cpu:.1f}"
-    print(f"| {t} | {body} | {c} | {mid[0]:.0f} | {mid[1]:.3f} | {mid[2]:.3f} | {sum(x[3] for x in r)} | {cpu_s} |")
+    extra = f" {per(6)} | {per(7)} |" if syscalls else ""
+    print(f"| {t} | {body} | {c} | {mid[0]:.0f} | {mid[1]:.3f} | {mid[2]:.3f} | {sum(x[3] for x in r)} | {cpu_s} |{extra}")
 PY
     done
 done

@@ -53,6 +53,9 @@ pub struct ProxyConfig {
     /// for sending a request's headers; an idle request body the same.
     #[serde(with = "berth_core::serde_secs")]
     pub client_timeout_seconds: std::time::Duration,
+    /// Threads that serve connections on berth's port, each with its own
+    /// event loop (0: one per core).
+    pub threads: u32,
 }
 
 impl Default for ProxyConfig {
@@ -64,6 +67,7 @@ impl Default for ProxyConfig {
             max_connections: 10_000,
             max_connections_per_address: 256,
             client_timeout_seconds: std::time::Duration::from_secs(15),
+            threads: 0,
         }
     }
 }
@@ -187,6 +191,7 @@ pub const KEYS: &[(&str, &[&str], &str)] = &[
     ("proxy.max_connections", &["BERTH_MAX_CONNECTIONS"], "Connections berth serves at once; more are answered 503 with a message."),
     ("proxy.max_connections_per_address", &["BERTH_MAX_CONNECTIONS_PER_ADDRESS"], "Connections one source address may hold at once; more are answered 503 (loopback is not limited)."),
     ("proxy.client_timeout_seconds", &["BERTH_CLIENT_TIMEOUT"], "Time a client has for the TLS handshake and for a request's headers, and that a request body may stay idle."),
+    ("proxy.threads", &["BERTH_PROXY_THREADS"], "Threads serving connections on berth's port, each with its own event loop; a connection stays on the thread that accepted it (0: one per core)."),
     ("swarm.network", &["BERTH_SWARM_NETWORK"], "Swarm-scoped network the Swarm spawner's services join; created if missing (a bridge on berth's node, configured from `<network>-config` with traffic between containers off)."),
     ("swarm.restart_attempts", &["BERTH_SWARM_RESTART_ATTEMPTS"], "How often Swarm retries a server's task that fails while it starts before the start fails with the task's error."),
     ("swarm.nodes", &["BERTH_SWARM_NODES"], "Which nodes run servers: `self` (berth's own node) or `labelled` (every node labelled `berth.servers=true`; berth picks the node, docs/swarm.md)."),
@@ -421,6 +426,9 @@ impl Config {
         }
         if self.auth.argon2_memory_kib < 8 || self.auth.argon2_iterations == 0 {
             return Err(invalid("auth.argon2_memory_kib", "argon2 needs at least 8 KiB and 1 iteration".into()));
+        }
+        if self.proxy.threads > 256 {
+            return Err(invalid("proxy.threads", "must be between 0 (one per core) and 256".into()));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty".into()));

@@ -58,9 +58,28 @@ pub(crate) async fn handle(
     resp
 }
 
+/// Hub pages and the API, on the hub's runtime: what they start (a
+/// server's start, a build, a stream's producer) lives there, not on the
+/// connection's thread.
 async fn hub(shared: &Arc<Shared>, mut req: hyper::Request<Incoming>, peer: Peer) -> Response<Body> {
     req.extensions_mut().insert(ConnectInfo(peer.addr));
-    shared.router.clone().oneshot(req.map(Body::new)).await.unwrap_or_else(|e| match e {})
+    let answer = shared.router.clone().oneshot(req.map(Body::new));
+    // A client that goes away cancels its request, as if it ran here.
+    struct AbortOnDrop(tokio::task::JoinHandle<Result<Response<Body>, std::convert::Infallible>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = AbortOnDrop(shared.hub_runtime.spawn(answer));
+    match (&mut task.0).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => match e {},
+        Err(e) => {
+            tracing::error!(error = %e, "a hub request's task ended without an answer");
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, "the hub could not answer this request")
+        }
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {

@@ -214,6 +214,10 @@ pub(crate) struct Shared {
     conns: Arc<listen::Conns>,
     /// TLS handshake and request-header time-out.
     client_timeout: Duration,
+    /// The hub's own runtime: hub pages and the API run there (their
+    /// tasks outlive the connection thread's request), proxied requests on
+    /// the connection's thread.
+    hub_runtime: tokio::runtime::Handle,
 }
 
 impl App {
@@ -281,6 +285,7 @@ impl App {
             hsts,
             conns: listen::Conns::new(config.proxy.max_connections, config.proxy.max_connections_per_address),
             client_timeout: config.proxy.client_timeout_seconds,
+            hub_runtime: tokio::runtime::Handle::current(),
         });
         Ok(App { config, hub, shared, hub_network, ssh, own_gpus })
     }
@@ -387,7 +392,16 @@ impl App {
                 });
             }
         }
-        listen::accept_loop(listener, self.shared.clone(), shutdown.clone(), tasks.clone(), local.port(), false).await;
+        let mut threads = listen::ConnectionThreads::start(
+            listener,
+            self.config.proxy.threads,
+            self.shared.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+            local.port(),
+        )
+        .map_err(|e| StartError::Bind { addr: self.config.bind, message: e })?;
+        threads.accepting().await;
         tracing::info!("shutting down: draining connections");
         tasks.close();
         if tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await.is_err() {
@@ -404,6 +418,7 @@ impl App {
             tracing::warn!(error = %e, "could not write the last activity times");
         }
         hub.store.close().await;
+        threads.stop().await;
         tracing::info!("stopped");
         Ok(())
     }

@@ -172,6 +172,92 @@ where
     Ok(())
 }
 
+/// The threads that accept and serve connections on berth's port, each
+/// with an event loop of its own (a current-thread runtime), as nginx's
+/// workers: a connection, its requests and its upstream connection stay on
+/// the thread that accepted it, so nothing is handed between threads per
+/// request. Hub pages and the API still run on the hub's runtime
+/// (`edge::hub`). The threads share the one listening socket.
+pub(crate) struct ConnectionThreads {
+    accepting: Vec<tokio::sync::oneshot::Receiver<()>>,
+    finish: CancellationToken,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ConnectionThreads {
+    /// `count` threads (0: one per core) accepting on `listener` until `shutdown`.
+    pub(crate) fn start(
+        listener: TcpListener,
+        count: u32,
+        shared: Arc<Shared>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+        port: u16,
+    ) -> Result<ConnectionThreads, String> {
+        let count = match count {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n as usize,
+        };
+        let listener = listener.into_std().map_err(|e| format!("cannot share the listening socket: {e}"))?;
+        let finish = CancellationToken::new();
+        let mut accepting = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..count {
+            let l = listener.try_clone().map_err(|e| format!("cannot share the listening socket: {e}"))?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot make a connection thread's runtime: {e}"))?;
+            let (done, rx) = tokio::sync::oneshot::channel();
+            accepting.push(rx);
+            // A token of the thread's own: each connection checks it when
+            // polled, and a shared one would be one lock for all threads.
+            let shutdown = shutdown.child_token();
+            let (shared, tasks, finish) = (shared.clone(), tasks.clone(), finish.clone());
+            let span = tracing::Span::current();
+            let thread = std::thread::Builder::new()
+                .name(format!("berth-conn-{i}"))
+                .spawn(move || {
+                    let _span = span.entered();
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(l) {
+                            Ok(l) => accept_loop(l, shared, shutdown, tasks, port, false).await,
+                            Err(e) => tracing::error!(error = %e, "a connection thread cannot listen"),
+                        }
+                        let _ = done.send(());
+                        // What this thread's connections started (their
+                        // upstream connections, upgrades) runs until berth
+                        // has drained and stopped.
+                        finish.cancelled().await;
+                    });
+                })
+                .map_err(|e| format!("cannot start a connection thread: {e}"))?;
+            threads.push(thread);
+        }
+        tracing::debug!(threads = count, "connection threads accepting");
+        Ok(ConnectionThreads { accepting, finish, threads })
+    }
+
+    /// Until every thread has stopped accepting (shutdown).
+    pub(crate) async fn accepting(&mut self) {
+        for rx in self.accepting.drain(..) {
+            let _ = rx.await;
+        }
+    }
+
+    /// Ends the threads (after the connections have drained).
+    pub(crate) async fn stop(self) {
+        self.finish.cancel();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
 /// A connection over a cap: one plain answer, then closed.
 async fn refuse(mut stream: TcpStream, why: &'static str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
