@@ -292,25 +292,7 @@ async fn engine_away_then_back_without_restarting_berth() {
     assert!(msg.contains("Docker engine does not answer"), "{msg}");
 
     // The engine comes back (a relay to the real socket appears).
-    struct Relay(std::process::Child);
-    impl Drop for Relay {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _relay = Relay(
-        Command::new("socat")
-            .arg(format!("UNIX-LISTEN:{},fork", sock.display()))
-            .arg("UNIX-CONNECT:/var/run/docker.sock")
-            .spawn()
-            .expect("socat is installed (scripts/test installs it)"),
-    );
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "socat never created the relay socket {}", sock.display());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _relay = EngineRelay::start(&sock).await;
     // berth notices on its own: it listens on the network's gateway once it can.
     let start = std::time::Instant::now();
     while !b.log().contains("also listening on the Docker network's gateway") {

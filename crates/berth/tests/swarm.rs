@@ -241,16 +241,9 @@ async fn swarm_services_run_the_hub_flow_survive_a_restart_and_fail_cleanly() {
         .send()
         .await
         .unwrap();
-    // The REST start waits a while for the outcome: it reports the failure
-    // itself, or accepts and the progress stream ends with it.
-    let message = if r.status().is_success() {
-        let last = wait_progress(&bad, &format!("/hub/api/users/{bad_name}/servers/broken/progress")).await;
-        assert_eq!(last["failed"], true, "{last}\n{}", b.log());
-        last["message"].as_str().unwrap_or_default().to_string()
-    } else {
-        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        r.json::<Value>().await.unwrap()["message"].as_str().unwrap_or_default().to_string()
-    };
+    let (status, message) =
+        failed_start(&b, &bad, r, &format!("/hub/api/users/{bad_name}/servers/broken/progress")).await;
+    assert!(status.is_success() || status == StatusCode::INTERNAL_SERVER_ERROR, "{status}");
     assert!(
         message.contains("the server's task failed 3 times")
             && message.contains("exit (3)")
@@ -270,6 +263,21 @@ async fn swarm_services_run_the_hub_flow_survive_a_restart_and_fail_cleanly() {
     assert!(r.unwrap().status().is_success());
     let ready = wait_progress(&bad, &format!("/hub/api/users/{bad_name}/servers/broken/progress")).await;
     assert_eq!(ready["ready"], true, "the next start works: {ready}\n{}", b.log());
+}
+
+/// The outcome of a start that is to fail: the REST start waits a while
+/// for it, so it reports the failure itself (its status and message), or
+/// accepts and the progress stream at `progress` ends failed (the accepting
+/// status and the last event's message).
+async fn failed_start(b: &Berth, u: &Browser, r: reqwest::Response, progress: &str) -> (StatusCode, String) {
+    let status = r.status();
+    if status.is_success() {
+        let last = wait_progress(u, progress).await;
+        assert_eq!(last["failed"], true, "{last}\n{}", b.log());
+        (status, last["message"].as_str().unwrap_or_default().to_string())
+    } else {
+        (status, r.json::<Value>().await.unwrap()["message"].as_str().unwrap_or_default().to_string())
+    }
 }
 
 /// An image whose every container exits at once with an error, made here
@@ -313,13 +321,7 @@ async fn a_start_outside_a_swarm_is_refused_clearly(scope: &DockerScope, image: 
     let admin = b.first_admin().await;
     let u = authorized_user(&b, &admin, &name, PW).await;
     let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).send().await.unwrap();
-    let message = if r.status().is_success() {
-        let last = wait_progress(&u, &format!("/hub/api/users/{name}/server/progress")).await;
-        assert_eq!(last["failed"], true, "{last}");
-        last["message"].as_str().unwrap_or_default().to_string()
-    } else {
-        r.json::<Value>().await.unwrap()["message"].as_str().unwrap_or_default().to_string()
-    };
+    let (_, message) = failed_start(&b, &u, r, &format!("/hub/api/users/{name}/server/progress")).await;
     assert!(message.contains("not in a swarm") && message.contains("docker swarm init"), "{message}\n{}", b.log());
     assert!(server_model(&u, &name).await["servers"].get("").is_none(), "the server is stopped");
     for n in [network.clone(), format!("{network}-config")] {
@@ -348,14 +350,8 @@ async fn a_manager_that_does_not_answer_fails_starts_clearly_until_it_does(
     let admin = b.first_admin().await;
     let u = authorized_user(&b, &admin, name, PW).await;
     let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).send().await.unwrap();
-    let message = if r.status().is_success() {
-        let last = wait_progress(&u, &format!("/hub/api/users/{name}/server/progress")).await;
-        assert_eq!(last["failed"], true, "{last}");
-        last["message"].as_str().unwrap_or_default().to_string()
-    } else {
-        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        r.json::<Value>().await.unwrap()["message"].as_str().unwrap_or_default().to_string()
-    };
+    let (status, message) = failed_start(&b, &u, r, &format!("/hub/api/users/{name}/server/progress")).await;
+    assert!(status.is_success() || status == StatusCode::INTERNAL_SERVER_ERROR, "{status}");
     assert!(
         message.contains("Docker engine") && message.contains("does not answer") && message.contains("is it running"),
         "{message}\n{}",
@@ -365,25 +361,7 @@ async fn a_manager_that_does_not_answer_fails_starts_clearly_until_it_does(
     assert!(service(&format!("berth-{name}")).is_none(), "no service was made");
 
     // The engine answers again: a relay to the real socket.
-    struct Relay(std::process::Child);
-    impl Drop for Relay {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _relay = Relay(
-        Command::new("socat")
-            .arg(format!("UNIX-LISTEN:{},fork", sock.display()))
-            .arg("UNIX-CONNECT:/var/run/docker.sock")
-            .spawn()
-            .expect("socat is installed (scripts/test installs it)"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "socat never made the relay socket {}", sock.display());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _relay = EngineRelay::start(&sock).await;
     // berth is not restarted: the next start reaches the engine (and its
     // listener on the swarm network's gateway opens once a task is there).
     let r = u.api(Method::POST, &format!("/hub/api/users/{name}/server")).send().await.unwrap();

@@ -324,6 +324,40 @@ pub(crate) fn alert_text(html: &str) -> String {
     String::new()
 }
 
+/// A Docker engine that answers again: socat relays `sock` to the real
+/// engine's socket (tests point berth's `DOCKER_HOST` at `sock`, where
+/// nothing answers at first). Waits until the socket exists; ended on drop.
+pub(crate) struct EngineRelay(Child);
+
+impl EngineRelay {
+    pub(crate) async fn start(sock: &Path) -> EngineRelay {
+        let relay = EngineRelay(
+            Command::new("socat")
+                .arg(format!("UNIX-LISTEN:{},fork", sock.display()))
+                .arg("UNIX-CONNECT:/var/run/docker.sock")
+                .spawn()
+                .expect("socat is installed (scripts/test installs it)"),
+        );
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "socat never created the relay socket {}",
+                sock.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        relay
+    }
+}
+
+impl Drop for EngineRelay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Polls `f` until it returns true, or fails after `timeout`.
 pub(crate) async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where
