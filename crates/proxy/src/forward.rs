@@ -91,9 +91,6 @@ pub struct Forwarder {
 
 type Conn = http1::Connection<TokioIo<TcpStream>, Incoming>;
 const MAX_BUF: usize = 64 * 1024;
-/// Answers up to this size (by `Content-Length`) are relayed in the
-/// downstream connection's task.
-const IN_TASK_BODY: u64 = 64 * 1024;
 
 /// The upstream connection one downstream connection keeps between its
 /// requests (a browser tab's or an API client's requests go to one server),
@@ -139,43 +136,20 @@ fn drive(conn: &mut Option<Pin<Box<Conn>>>, cx: &mut Context<'_>) {
 type Back = (Arc<Upstream>, Authority, http1::SendRequest<Incoming>);
 
 /// An upstream answer's body. Over a downstream connection's own upstream
-/// connection, the connection is driven from here while a small body
-/// streams (or, for a large one, in a task of its own told through `done`),
+/// connection, the connection is driven from here while the body streams,
 /// and handed back for the connection's next request once the body has
 /// been read to its end (a body cut short closes it).
 pub struct UpstreamBody {
     body: Incoming,
     conn: Option<Pin<Box<Conn>>>,
     back: Option<Back>,
-    done: Option<tokio::sync::oneshot::Sender<()>>,
     ended: bool,
 }
 
 impl UpstreamBody {
     fn pooled(body: Incoming) -> UpstreamBody {
-        UpstreamBody { body, conn: None, back: None, done: None, ended: false }
+        UpstreamBody { body, conn: None, back: None, ended: false }
     }
-}
-
-/// Reads a large answer's connection in a task of its own until the body
-/// has been read to its end (then the connection goes back to its slot) or
-/// dropped before it (then it is closed).
-fn drive_apart(conn: Pin<Box<Conn>>, back: Back, mut done: tokio::sync::oneshot::Receiver<()>) {
-    tokio::spawn(async move {
-        let mut conn = Some(conn);
-        let read_to_end = std::future::poll_fn(|cx| {
-            drive(&mut conn, cx);
-            if conn.is_none() {
-                return Poll::Ready(false);
-            }
-            Pin::new(&mut done).poll(cx).map(|r| r.is_ok())
-        })
-        .await;
-        if let (true, Some(conn)) = (read_to_end, conn) {
-            let (slot, authority, sender) = back;
-            slot.put(Kept { authority, sender, conn });
-        }
-    });
 }
 
 impl Body for UpstreamBody {
@@ -207,9 +181,6 @@ impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if !(self.ended || self.body.is_end_stream()) {
             return;
-        }
-        if let Some(done) = self.done.take() {
-            let _ = done.send(());
         }
         if let (Some(conn), Some((slot, authority, sender))) = (self.conn.take(), self.back.take()) {
             slot.put(Kept { authority, sender, conn });
@@ -458,20 +429,11 @@ impl Forwarder {
             if route.mode == RoutingMode::Strip {
                 rewrite_for_prefix(resp.headers_mut(), &route.public_prefix, &route.target);
             }
-            let back = (upstream.clone(), authority, sender);
-            // A small answer is relayed in this task; a large or open-ended
-            // one has its connection read in a task of its own, so reading
-            // upstream and writing downstream overlap (on two cores, twice
-            // the throughput of one stream).
-            let small = resp.body().size_hint().exact().is_some_and(|n| n <= IN_TASK_BODY);
-            return Ok(match (small, conn) {
-                (false, Some(conn)) => {
-                    let (done, read) = tokio::sync::oneshot::channel();
-                    drive_apart(conn, back, read);
-                    resp.map(|body| UpstreamBody { body, conn: None, back: None, done: Some(done), ended: false })
-                }
-                (_, conn) => resp.map(|body| UpstreamBody { body, conn, back: Some(back), done: None, ended: false }),
-            });
+            // Relayed in this task, whatever its size: the connection threads
+            // run one task at a time each, so a task of its own for a large
+            // answer would overlap nothing.
+            let back = Some((upstream.clone(), authority, sender));
+            return Ok(resp.map(|body| UpstreamBody { body, conn, back, ended: false }));
         }
         let mut resp = match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
             Err(_) => return Err(ProxyError::Timeout { target: target(), secs }),
@@ -633,7 +595,7 @@ mod tests {
                                 .unwrap_or("-");
                             let mut body = format!("{name} conn={n} {line} host={host}");
                             if line.contains("/big") {
-                                // Larger than what is relayed in the connection's task.
+                                // Larger than the connection buffers (64 KiB): several frames.
                                 body.push_str(&"x".repeat(300 * 1024));
                             }
                             let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
